@@ -1,0 +1,68 @@
+# Every step of the project, from a fresh clone. `make help` lists the targets.
+#
+# MODEL: a hub id (gpt2, the default), `tiny` (built here, offline) or a checkpoint folder.
+# ENGINE: onnx (CPU, ONNX Runtime), onnx-int8, torch; trt on a GPU (see docs/GPU.md).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= gpt2
+ENGINE ?= onnx
+INT8 ?= 0
+RUN_DIR ?= runs/ft
+MAX_STEPS ?= -1
+TRAIN_FILE ?=
+VALIDATION_FILE ?=
+export GPT2_TRITON_ARTIFACTS ?= artifacts
+
+# MODEL=tiny is built on demand; its own corpus stands in for Wikitext when no files are given.
+TINY_DEP := $(if $(filter tiny,$(MODEL)),tiny)
+ifeq ($(MODEL)$(TRAIN_FILE),tiny)
+TRAIN_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/train.txt
+VALIDATION_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/validation.txt
+endif
+INT8_FLAG := $(if $(filter 1 yes true,$(INT8)),--int8)
+DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
+
+.PHONY: help setup tiny train export verify test test-fast lint clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+setup: $(VENV)/.installed ## create .venv with the pinned dependencies
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+tiny: setup ## build the tiny GPT-2 (2 layers, own BPE tokenizer and corpus) offline
+	$(PY) -m build_scripts.build_tiny
+
+train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATION_FILE) into RUN_DIR
+	$(PY) -m training.finetune --model $(MODEL) --output-dir $(RUN_DIR) \
+		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
+
+export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds the int8 model)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG)
+
+verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency report
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
+	$(PY) -m build_scripts.verify --model $(MODEL)
+
+test: setup ## the whole test suite (lint, unit, pipeline, real Triton server)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+test-fast: setup ## unit tests only
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+lint: setup ## ruff lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean: ## remove build outputs (artifacts/, runs/, rendered model repository files)
+	rm -rf $(GPT2_TRITON_ARTIFACTS) runs

@@ -1,0 +1,276 @@
+"""``make verify``: do PyTorch and the exported engines agree? Logits, tokens, latency.
+
+    python -m build_scripts.verify --model tiny
+
+The reference is the checkpoint in PyTorch (Hugging Face ``forward`` and ``generate``).
+Every engine present is run through ``StatefulEngine``, the code the server runs, over the
+same prompts of varied length: last-position logits (max abs difference, top-1 agreement),
+32-token greedy generations (alone, and all prompts batched together with left padding),
+and single-forward-pass latency. Writes ``report.json`` and ``report.md``; exits 1 when
+fp32 ONNX misses its bar (top-1 100%, every greedy sequence identical, max abs logit
+difference <= 1e-3). int8 is reported, never gated: quantization moves logits by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_triton import checkpoint, logs
+from gpt2_triton.atomic import atomic_dir, write_json
+from gpt2_triton.engines.factory import build_forward, read_shape
+from gpt2_triton.engines.stateful import StatefulEngine
+from gpt2_triton.errors import EngineError, Gpt2TritonError
+from gpt2_triton.prompts import varied_prompts
+
+log = logging.getLogger("build_scripts.verify")
+
+FP32_MAX_ABS_DIFF = 1e-3
+
+
+@dataclass
+class EngineReport:
+    engine: str
+    precision: str
+    gated: bool
+    prompt_latency_ms_p50: float = 0.0
+    decode_latency_ms_p50: float = 0.0
+    sample_top1_token: str = ""
+    top1_agreement: float = 0.0
+    max_abs_logit_diff: float = 0.0
+    greedy_identical: int = 0
+    greedy_identical_batched: int = 0
+    prompts: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Reference:
+    prompt_ids: list[list[int]]
+    last_logits: np.ndarray  # (prompts, vocab)
+    greedy: list[list[int]]
+    prompt_latency_ms_p50: float
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def reference(model, tokenizer, prompts: list[str], new_tokens: int, eos: int) -> Reference:
+    import torch
+
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    logits, greedy, times = [], [], []
+    with torch.inference_mode():
+        for p in ids:
+            x = torch.tensor([p])
+            started = time.perf_counter()
+            out = model(x, logits_to_keep=1).logits[0, -1]
+            times.append(time.perf_counter() - started)
+            logits.append(out.float().numpy())
+            gen = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=eos,
+            )
+            greedy.append(_until_eos(gen[0, len(p) :].tolist(), eos))
+    return Reference(ids, np.stack(logits), greedy, 1e3 * statistics.median(times))
+
+
+def greedy_batched(
+    engine: StatefulEngine, prompt_ids: list[list[int]], new_tokens: int, eos: int
+) -> list[list[int]]:
+    """Greedy decoding of all prompts in one batch (rows drop out at EOS)."""
+    ids = list(range(1, len(prompt_ids) + 1))
+    logits = engine.step(prompt_ids, ids, [True] * len(ids))
+    outputs = {s: [int(row.argmax())] for s, row in zip(ids, logits, strict=True)}
+    live = [s for s in ids if outputs[s][-1] != eos]
+    engine.release([s for s in ids if s not in live])
+    for _ in range(new_tokens - 1):
+        if not live:
+            break
+        logits = engine.step([[outputs[s][-1]] for s in live], live)
+        for s, row in zip(live, logits, strict=True):
+            outputs[s].append(int(row.argmax()))
+        done = [s for s in live if outputs[s][-1] == eos]
+        engine.release(done)
+        live = [s for s in live if s not in done]
+    engine.release(live)
+    return [outputs[s] for s in ids]
+
+
+def check_engine(
+    name: str,
+    precision: str,
+    gated: bool,
+    engine: StatefulEngine,
+    ref: Reference,
+    tokenizer,
+    new_tokens: int,
+    eos: int,
+) -> EngineReport:
+    report = EngineReport(name, precision, gated, prompts=len(ref.prompt_ids))
+    logits, prompt_times, decode_times, identical = [], [], [], 0
+    for i, p in enumerate(ref.prompt_ids):
+        started = time.perf_counter()
+        row = engine.step([p], [i + 1], [True])[0]
+        prompt_times.append(time.perf_counter() - started)
+        logits.append(row)
+        tokens = [int(row.argmax())]
+        while len(tokens) < new_tokens and tokens[-1] != eos:
+            started = time.perf_counter()
+            row = engine.step([[tokens[-1]]], [i + 1])[0]
+            decode_times.append(time.perf_counter() - started)
+            tokens.append(int(row.argmax()))
+        engine.release([i + 1])
+        identical += tokens == ref.greedy[i]
+    got = np.stack(logits)
+    report.max_abs_logit_diff = float(np.abs(got - ref.last_logits).max())
+    report.top1_agreement = float((got.argmax(-1) == ref.last_logits.argmax(-1)).mean())
+    report.greedy_identical = identical
+    batched = greedy_batched(engine, ref.prompt_ids, new_tokens, eos)
+    report.greedy_identical_batched = sum(a == b for a, b in zip(batched, ref.greedy, strict=True))
+    report.prompt_latency_ms_p50 = 1e3 * statistics.median(prompt_times)
+    report.decode_latency_ms_p50 = 1e3 * statistics.median(decode_times) if decode_times else 0
+    report.sample_top1_token = tokenizer.decode([int(got[0].argmax())])
+    if gated:
+        n = report.prompts
+        if report.top1_agreement < 1.0:
+            report.failures.append(f"top-1 agreement {report.top1_agreement:.1%} < 100%")
+        if report.greedy_identical < n or report.greedy_identical_batched < n:
+            report.failures.append(
+                f"greedy sequences identical: {report.greedy_identical}/{n} alone, "
+                f"{report.greedy_identical_batched}/{n} batched"
+            )
+        if report.max_abs_logit_diff > FP32_MAX_ABS_DIFF:
+            report.failures.append(
+                f"max abs logit diff {report.max_abs_logit_diff:.2e} > {FP32_MAX_ABS_DIFF:.0e}"
+            )
+    return report
+
+
+def markdown(model: str, ref: Reference, reports: list[EngineReport], tokenizer) -> str:
+    n = len(ref.prompt_ids)
+    lines = [
+        f"# Consistency report: {model}",
+        "",
+        f"{n} prompts ({min(map(len, ref.prompt_ids))}-{max(map(len, ref.prompt_ids))} "
+        "tokens); reference: PyTorch fp32 (Hugging Face forward / generate). Latency: one "
+        "forward pass at batch 1, median (prompt step; decode step with the KV cache).",
+        "",
+        "| engine | precision | prompt latency p50 | decode latency p50 | top-1 token | "
+        "top-1 agreement | max abs logit diff | greedy identical (alone / batched) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| pytorch (reference) | fp32 | {ref.prompt_latency_ms_p50:.2f} ms | - | "
+        f"{tokenizer.decode([int(ref.last_logits[0].argmax())])!r} | - | - | - | - |",
+    ]
+    for r in reports:
+        verdict = (
+            ("pass" if r.passed else "FAIL: " + "; ".join(r.failures))
+            if r.gated
+            else "reported, not gated"
+        )
+        lines.append(
+            f"| {r.engine} | {r.precision} | {r.prompt_latency_ms_p50:.2f} ms | "
+            f"{r.decode_latency_ms_p50:.2f} ms | {r.sample_top1_token!r} | "
+            f"{r.top1_agreement:.1%} | {r.max_abs_logit_diff:.2e} | "
+            f"{r.greedy_identical}/{n} / {r.greedy_identical_batched}/{n} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+ENGINES = [  # name, kind, precision, gated
+    ("onnxruntime", "onnx", "fp32", True),
+    ("onnxruntime", "onnx-int8", "int8 (dynamic)", False),
+    ("torch engine", "torch", "fp32", False),
+]
+
+
+def run(
+    model_spec: str,
+    export_dir: Path | None,
+    output: Path | None,
+    num_prompts: int,
+    new_tokens: int,
+    threads: int,
+) -> tuple[list[EngineReport], Path]:
+    spec = checkpoint.resolve(model_spec)
+    export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
+    output = output or checkpoint.artifacts_root() / "verify" / spec.slug
+    shape = read_shape(export_dir)
+    tokenizer = checkpoint.load_tokenizer(spec)
+    model = checkpoint.load_model(spec)
+    eos = shape.eos_token_id
+    prompts = varied_prompts(num_prompts)
+    ref = reference(model, tokenizer, prompts, new_tokens, eos)
+    reports = []
+    for name, kind, precision, gated in ENGINES:
+        try:
+            forward = build_forward(kind, export_dir, shape, threads=threads, model=model)
+        except EngineError as exc:
+            if gated:
+                raise
+            log.info("skipping %s (%s): %s", name, precision, exc)
+            continue
+        engine = StatefulEngine(forward, shape, max_sequences=len(prompts) + 1)
+        log.info("checking %s %s", name, precision)
+        reports.append(
+            check_engine(name, precision, gated, engine, ref, tokenizer, new_tokens, eos)
+        )
+    with atomic_dir(output) as tmp:
+        write_json(
+            tmp / "report.json",
+            {
+                "model": spec.source,
+                "export_dir": str(export_dir),
+                "prompts": prompts,
+                "new_tokens": new_tokens,
+                "reference_prompt_latency_ms_p50": ref.prompt_latency_ms_p50,
+                "engines": [asdict(r) | {"passed": r.passed} for r in reports],
+            },
+        )
+        (tmp / "report.md").write_text(markdown(spec.source, ref, reports, tokenizer))
+    return reports, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
+    parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument("--output", type=Path, help="default: artifacts/verify/<model>")
+    parser.add_argument("--prompts", type=int, default=32, help="number of prompts (>= 32)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all cores)")
+    args = parser.parse_args(argv)
+    if args.prompts < 32 or args.new_tokens < 1:
+        parser.error("--prompts must be >= 32 and --new-tokens >= 1")
+    logs.setup()
+    try:
+        reports, output = run(
+            args.model, args.export_dir, args.output, args.prompts, args.new_tokens, args.threads
+        )
+    except Gpt2TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((output / "report.md").read_text())
+    failed = [r for r in reports if r.gated and not r.passed]
+    for r in failed:
+        print(f"FAIL {r.engine} {r.precision}: {'; '.join(r.failures)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

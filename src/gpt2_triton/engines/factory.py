@@ -1,0 +1,68 @@
+"""Build an engine by name from an export folder: the one place that knows the kinds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.engines.stateful import StatefulEngine
+from gpt2_triton.errors import EngineError
+
+# kind -> what it runs; "torch" runs the checkpoint itself, the others an exported file.
+ENGINE_KINDS = ("onnx", "onnx-int8", "torch")
+SETTINGS_FILE = "export_settings.json"
+
+
+def read_shape(export_dir: Path) -> ModelShape:
+    path = Path(export_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise EngineError(f"no {SETTINGS_FILE} in {export_dir}: run 'make export' first")
+    return ModelShape.from_dict(json.loads(path.read_text())["shape"])
+
+
+def build_forward(
+    kind: str,
+    export_dir: Path,
+    shape: ModelShape,
+    *,
+    threads: int = 0,
+    device: str = "cpu",
+    model=None,
+):
+    """The forward function of engine ``kind``.
+
+    ``model`` (a loaded ``GPT2LMHeadModel``) is needed by ``torch`` only; ``device``
+    ``cuda`` runs it in fp16.
+    """
+    export_dir = Path(export_dir)
+    if kind == "onnx":
+        from gpt2_triton.engines.onnx_forward import OnnxForward
+
+        return OnnxForward(export_dir / "model.onnx", shape, threads)
+    if kind == "onnx-int8":
+        from gpt2_triton.engines.onnx_forward import OnnxForward
+
+        path = export_dir / "model.int8.onnx"
+        if not path.is_file():
+            raise EngineError(f"{path} not found: export with --int8 (make export INT8=1)")
+        return OnnxForward(path, shape, threads)
+    if kind == "torch":
+        import torch
+
+        from gpt2_triton.engines.torch_forward import TorchForward
+
+        if model is None:
+            raise EngineError("the torch engine needs the loaded checkpoint")
+        if threads:
+            torch.set_num_threads(threads)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        return TorchForward(model, shape, device=device, dtype=dtype)
+    raise EngineError(f"unknown engine kind {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+
+
+def build_engine(
+    kind: str, export_dir: Path, *, max_sequences: int = 64, **kwargs
+) -> StatefulEngine:
+    shape = read_shape(export_dir)
+    return StatefulEngine(build_forward(kind, export_dir, shape, **kwargs), shape, max_sequences)

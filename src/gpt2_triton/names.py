@@ -1,0 +1,46 @@
+"""Tensor names and request defaults: the one place that defines the serving contract.
+
+The text-generation names follow Triton's TensorRT-LLM ensemble (``text_input``,
+``max_tokens``, ``text_output``...), so clients written for it, genai-perf and perf_analyzer
+work unchanged. Templates, Triton adapters and the client all import from here.
+"""
+
+from __future__ import annotations
+
+# --- gpt2 (decoupled text generation) -------------------------------------------------
+TEXT_INPUT = "text_input"
+MAX_TOKENS = "max_tokens"
+STREAM = "stream"
+TEMPERATURE = "temperature"
+TOP_K = "top_k"
+TOP_P = "top_p"
+REPETITION_PENALTY = "repetition_penalty"
+SEED = "seed"
+STOP_WORDS = "stop_words"
+EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
+
+TEXT_OUTPUT = "text_output"
+FINISH_REASON = "finish_reason"
+NUM_INPUT_TOKENS = "num_input_tokens"
+NUM_OUTPUT_TOKENS = "num_output_tokens"
+
+# --- tokenizer / engine / sampler (one step) --------------------------------------------
+INPUT_IDS = "input_ids"
+INPUT_LENGTHS = "input_lengths"
+SEQUENCE_IDS = "sequence_ids"
+SEQUENCE_START = "sequence_start"
+RELEASE_IDS = "release_ids"
+LOGITS = "logits"
+OUTPUT_IDS = "output_ids"
+
+# --- defaults (documented in docs/API.md) -----------------------------------------------
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_K = 0  # 0 = no top-k cut
+DEFAULT_TOP_P = 1.0  # 1.0 = no nucleus cut
+DEFAULT_REPETITION_PENALTY = 1.0
+DEFAULT_SEED = 0  # 0 = draw a fresh seed for the request
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"

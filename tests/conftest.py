@@ -1,0 +1,61 @@
+"""Session fixtures: the tiny model and its ONNX export, built once into a temporary folder.
+
+Every test runs on the tiny GPT-2 (same architecture and code path as ``gpt2``), built
+offline by the project itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from gpt2_triton.checkpoint import ARTIFACTS_ENV
+
+# Chosen before any test module imports code that reads it; removed by the OS's tmp cleaning.
+_ARTIFACTS = Path(tempfile.mkdtemp(prefix="gpt2-triton-tests-"))
+os.environ[ARTIFACTS_ENV] = str(_ARTIFACTS)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here: fail fast
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    return _ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def tiny_model(artifacts) -> Path:
+    from build_scripts import build_tiny
+
+    return build_tiny.ensure()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_model) -> Path:
+    from build_scripts import build_tiny
+
+    return build_tiny.data_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model) -> Path:
+    from build_scripts import export_onnx
+
+    return export_onnx.run("tiny", int8=True, skip_existing=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()

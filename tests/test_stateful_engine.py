@@ -1,0 +1,93 @@
+"""The engine contract on the real ONNX Runtime session of the tiny export."""
+
+import numpy as np
+import pytest
+
+from gpt2_triton.engines.factory import build_engine
+from gpt2_triton.errors import EngineError
+
+
+@pytest.fixture()
+def engine(tiny_export):
+    return build_engine("onnx", tiny_export, max_sequences=8)
+
+
+def greedy(engine, sid, prompt, n):
+    logits = engine.step([prompt], [sid], [True])
+    out = [int(logits[0].argmax())]
+    for _ in range(n - 1):
+        out.append(int(engine.step([[out[-1]]], [sid])[0].argmax()))
+    engine.release([sid])
+    return out
+
+
+def test_in_flight_batching_equals_solo(engine, tiny_tokenizer):
+    prompts = [
+        tiny_tokenizer(p)["input_ids"]
+        for p in ["The cat", "A small bird looks at the old", "The chef at the café paints"]
+    ]
+    solo = [greedy(engine, 1, p, 12) for p in prompts]
+
+    # sequence 0 starts alone; 1 joins at step 3 and 2 at step 6, each with its prompt
+    out = {0: [int(engine.step([prompts[0]], [0], [True])[0].argmax())]}
+    for step in range(1, 20):
+        ids = [s for s in out if len(out[s]) < 12]
+        tokens = [[out[s][-1]] for s in ids]
+        starts = [False] * len(ids)
+        for joiner, at in ((1, 3), (2, 6)):
+            if step == at:
+                ids.append(joiner)
+                tokens.append(prompts[joiner])
+                starts.append(True)
+                out[joiner] = []
+        if not ids:
+            break
+        logits = engine.step(tokens, ids, starts)
+        for row, sid in enumerate(ids):
+            out[sid].append(int(logits[row].argmax()))
+        engine.release([s for s in ids if len(out[s]) == 12])
+    assert [out[i] for i in range(3)] == solo
+    assert engine.cached_sequences == 0 and engine.cached_tokens == 0
+
+
+def test_release_frees_the_cache_and_trims_padding(engine, tiny_tokenizer):
+    long = tiny_tokenizer("The old man walks to the river every morning because")["input_ids"]
+    engine.step([long, [5]], [1, 2], [True, True])
+    assert engine.cached_sequences == 2
+    assert engine.release([1, 99]) == 1  # unknown ids are ignored
+    assert engine.cached_sequences == 1
+    assert engine.cached_tokens == 1  # the short row's left padding went with the long row
+    assert engine.sequence_length(2) == 1
+
+
+def test_stateless_step_keeps_nothing(engine, tiny_tokenizer):
+    ids = tiny_tokenizer("The cat")["input_ids"]
+    a = engine.step([ids])
+    b = engine.step([ids], [7], [True])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert engine.cached_sequences == 1
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.step([[1]], [5]), "unknown sequence 5"),
+        (lambda e: e.step([[1], [2]], [3, 3], [True, True]), "appears twice"),
+        (lambda e: e.step([[]], [2], [True]), "empty"),
+        (lambda e: e.step([[10**6]], [2], [True]), "outside the vocabulary"),
+        (lambda e: e.step([[1] * 257], [2], [True]), "context window"),
+        (lambda e: e.step([[1] * 255], [1]), "context window"),
+        (lambda e: e.step([[1]] * 8, list(range(10, 18)), [True] * 8), "max_sequences"),
+    ],
+)
+def test_bad_steps_are_clear_errors_and_change_nothing(engine, call, message):
+    engine.step([[1, 2]], [1], [True])
+    with pytest.raises(EngineError, match=message):
+        call(engine)
+    assert engine.cached_sequences == 1 and engine.sequence_length(1) == 2
+
+
+def test_started_twice_is_an_error(engine):
+    engine.step([[1]], [1], [True])
+    with pytest.raises(EngineError, match="already active"):
+        engine.step([[1]], [1], [True])
