@@ -1,0 +1,111 @@
+"""A text-generation request, parsed and validated from named input arrays.
+
+The input names and defaults are the TensorRT-LLM ensemble's (see ``names``). Each input
+may arrive with any shape that holds the expected number of values (``[1]``, ``[1, 1]``),
+since HTTP ``/generate``, gRPC clients and perf tools shape them differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2_triton import names
+from gpt2_triton.errors import RequestValidationError
+from gpt2_triton.sampling import SamplingParams
+
+MAX_STOP_WORDS = 16
+MAX_STOP_WORD_CHARS = 256
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int | None = None  # None: DEFAULT_MAX_TOKENS, cut to the room left
+    stream: bool = False
+    sampling: SamplingParams = SamplingParams()
+    stop_words: tuple[str, ...] = ()
+    exclude_input_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise RequestValidationError(f"{names.MAX_TOKENS} must be >= 1, got {self.max_tokens}")
+        if len(self.stop_words) > MAX_STOP_WORDS:
+            raise RequestValidationError(
+                f"{names.STOP_WORDS}: at most {MAX_STOP_WORDS} words, got {len(self.stop_words)}"
+            )
+        for word in self.stop_words:
+            if len(word) > MAX_STOP_WORD_CHARS:
+                raise RequestValidationError(
+                    f"{names.STOP_WORDS}: each word at most {MAX_STOP_WORD_CHARS} characters"
+                )
+
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, np.ndarray]) -> GenerationRequest:
+        """Parse Triton-style inputs: name -> numpy array (BYTES as object arrays)."""
+        if names.TEXT_INPUT not in inputs:
+            raise RequestValidationError(f"{names.TEXT_INPUT} is required")
+        sampling = SamplingParams(
+            temperature=_scalar(inputs, names.TEMPERATURE, float, names.DEFAULT_TEMPERATURE),
+            top_k=_scalar(inputs, names.TOP_K, int, names.DEFAULT_TOP_K),
+            top_p=_scalar(inputs, names.TOP_P, float, names.DEFAULT_TOP_P),
+            repetition_penalty=_scalar(
+                inputs, names.REPETITION_PENALTY, float, names.DEFAULT_REPETITION_PENALTY
+            ),
+            seed=_scalar(inputs, names.SEED, int, names.DEFAULT_SEED),
+        )
+        return cls(
+            prompt=_text(inputs[names.TEXT_INPUT], names.TEXT_INPUT),
+            max_tokens=_scalar(inputs, names.MAX_TOKENS, int, None),
+            stream=_scalar(inputs, names.STREAM, bool, False),
+            sampling=sampling,
+            stop_words=_stop_words(inputs.get(names.STOP_WORDS)),
+            exclude_input_in_output=_scalar(inputs, names.EXCLUDE_INPUT_IN_OUTPUT, bool, False),
+        )
+
+
+def _one(array: np.ndarray, name: str):
+    values = np.asarray(array).reshape(-1)
+    if values.size != 1:
+        raise RequestValidationError(f"{name} must hold exactly one value, got {values.size}")
+    return values[0]
+
+
+def _text(array: np.ndarray, name: str) -> str:
+    value = _one(array, name)
+    if isinstance(value, bytes | np.bytes_):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestValidationError(f"{name} is not valid UTF-8: {exc.reason}") from None
+    if isinstance(value, str):
+        return value
+    raise RequestValidationError(f"{name} must be a string (BYTES), got {type(value).__name__}")
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], name: str, kind: type, default):
+    if name not in inputs:
+        return default
+    value = _one(inputs[name], name)
+    if isinstance(value, bytes | np.bytes_ | str):
+        raise RequestValidationError(f"{name} must be a {kind.__name__}, got a string")
+    if kind is bool:
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float | np.floating) and not float(value).is_integer():
+            raise RequestValidationError(f"{name} must be an integer, got {value}")
+        return int(value)
+    return float(value)
+
+
+def _stop_words(array: np.ndarray | None) -> tuple[str, ...]:
+    if array is None:
+        return ()
+    words = []
+    for value in np.asarray(array).reshape(-1):
+        word = _text(np.array([value], dtype=object), names.STOP_WORDS)
+        if word:  # "" means "none" (clients of the TensorRT-LLM ensemble send it)
+            words.append(word)
+    return tuple(dict.fromkeys(words))
