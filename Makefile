@@ -10,6 +10,11 @@ PY := $(VENV)/bin/python
 MODEL ?= gpt2
 ENGINE ?= onnx
 INT8 ?= 0
+MAX_SEQUENCES ?= 16
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
 RUN_DIR ?= runs/ft
 MAX_STEPS ?= -1
 TRAIN_FILE ?=
@@ -22,10 +27,12 @@ ifeq ($(MODEL)$(TRAIN_FILE),tiny)
 TRAIN_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/train.txt
 VALIDATION_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/validation.txt
 endif
-INT8_FLAG := $(if $(filter 1 yes true,$(INT8)),--int8)
+INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
+SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+	--metrics-port $(METRICS_PORT)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
 
-.PHONY: help setup tiny train export verify test test-fast lint clean
+.PHONY: help setup tiny train export verify repo serve demo chat test test-fast lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -51,6 +58,26 @@ export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds t
 verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency report
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
 	$(PY) -m build_scripts.verify --model $(MODEL)
+
+repo: setup $(TINY_DEP) ## render model_repository/ for MODEL and ENGINE (onnx, onnx-int8, torch)
+ifneq ($(ENGINE),torch)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
+endif
+	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
+		--max-sequences $(MAX_SEQUENCES)
+
+serve: setup ## run tritonserver on the rendered model_repository/ (Ctrl-C stops it)
+	$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS)
+
+demo: repo ## from nothing: set-up, build MODEL, serve it, chat in the terminal
+	@$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS) & server=$$!; \
+	trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+	until curl -sf -o /dev/null http://$(HOST):$(HTTP_PORT)/v2/health/ready; do \
+		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
+	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT)
+
+chat: setup ## chat in the terminal with a running server
+	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT) --wait 60
 
 test: setup ## the whole test suite (lint, unit, pipeline, real Triton server)
 	$(PY) -m ruff check .

@@ -59,3 +59,32 @@ def tiny_hf_model(tiny_model):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_export, artifacts):
+    """A real tritonserver serving the tiny model (ONNX Runtime engine) on free ports."""
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.triton_server import Ports, TritonServer
+
+    repository = build(
+        RepoSettings("tiny", "onnx", max_sequences=16), repository=artifacts / "model_repository"
+    )
+    server = TritonServer(
+        repository, Ports(*_free_ports(3)), log_file=artifacts / "logs" / "tritonserver.log"
+    )
+    with server:
+        yield server

@@ -156,13 +156,11 @@ class InflightBatcher:
             self._wake.notify()
 
     # -- the loop (one thread) --------------------------------------------------------------
-    def run(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
-        while not stop.is_set():
-            if not self.step():
-                with self._wake:
-                    if not self._waiting:
-                        self._wake.wait(idle_wait)
-        self.shutdown()
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until a request arrives (or ``timeout``): the loop's idle state."""
+        with self._wake:
+            if not self._waiting:
+                self._wake.wait(timeout)
 
     def wake(self) -> None:
         with self._wake:

@@ -47,23 +47,29 @@ class GenerationRequest:
         """Parse Triton-style inputs: name -> numpy array (BYTES as object arrays)."""
         if names.TEXT_INPUT not in inputs:
             raise RequestValidationError(f"{names.TEXT_INPUT} is required")
-        sampling = SamplingParams(
-            temperature=_scalar(inputs, names.TEMPERATURE, float, names.DEFAULT_TEMPERATURE),
-            top_k=_scalar(inputs, names.TOP_K, int, names.DEFAULT_TOP_K),
-            top_p=_scalar(inputs, names.TOP_P, float, names.DEFAULT_TOP_P),
-            repetition_penalty=_scalar(
-                inputs, names.REPETITION_PENALTY, float, names.DEFAULT_REPETITION_PENALTY
-            ),
-            seed=_scalar(inputs, names.SEED, int, names.DEFAULT_SEED),
-        )
         return cls(
-            prompt=_text(inputs[names.TEXT_INPUT], names.TEXT_INPUT),
-            max_tokens=_scalar(inputs, names.MAX_TOKENS, int, None),
-            stream=_scalar(inputs, names.STREAM, bool, False),
-            sampling=sampling,
-            stop_words=_stop_words(inputs.get(names.STOP_WORDS)),
-            exclude_input_in_output=_scalar(inputs, names.EXCLUDE_INPUT_IN_OUTPUT, bool, False),
+            prompt=text_value(inputs[names.TEXT_INPUT], names.TEXT_INPUT),
+            max_tokens=scalar_value(inputs, names.MAX_TOKENS, int, None),
+            stream=scalar_value(inputs, names.STREAM, bool, False),
+            sampling=sampling_from_inputs(inputs),
+            stop_words=stop_words_value(inputs.get(names.STOP_WORDS)),
+            exclude_input_in_output=scalar_value(
+                inputs, names.EXCLUDE_INPUT_IN_OUTPUT, bool, False
+            ),
         )
+
+
+def sampling_from_inputs(inputs: Mapping[str, np.ndarray]) -> SamplingParams:
+    """The sampling inputs shared by ``gpt2`` and the ``sampler`` model."""
+    return SamplingParams(
+        temperature=scalar_value(inputs, names.TEMPERATURE, float, names.DEFAULT_TEMPERATURE),
+        top_k=scalar_value(inputs, names.TOP_K, int, names.DEFAULT_TOP_K),
+        top_p=scalar_value(inputs, names.TOP_P, float, names.DEFAULT_TOP_P),
+        repetition_penalty=scalar_value(
+            inputs, names.REPETITION_PENALTY, float, names.DEFAULT_REPETITION_PENALTY
+        ),
+        seed=scalar_value(inputs, names.SEED, int, names.DEFAULT_SEED),
+    )
 
 
 def _one(array: np.ndarray, name: str):
@@ -73,8 +79,16 @@ def _one(array: np.ndarray, name: str):
     return values[0]
 
 
-def _text(array: np.ndarray, name: str) -> str:
-    value = _one(array, name)
+def text_value(array: np.ndarray, name: str) -> str:
+    return _decode(_one(array, name), name)
+
+
+def text_values(array: np.ndarray, name: str) -> list[str]:
+    """Every element of a BYTES array, decoded."""
+    return [_decode(value, name) for value in np.asarray(array).reshape(-1)]
+
+
+def _decode(value, name: str) -> str:
     if isinstance(value, bytes | np.bytes_):
         try:
             return bytes(value).decode("utf-8")
@@ -85,7 +99,7 @@ def _text(array: np.ndarray, name: str) -> str:
     raise RequestValidationError(f"{name} must be a string (BYTES), got {type(value).__name__}")
 
 
-def _scalar(inputs: Mapping[str, np.ndarray], name: str, kind: type, default):
+def scalar_value(inputs: Mapping[str, np.ndarray], name: str, kind: type, default):
     if name not in inputs:
         return default
     value = _one(inputs[name], name)
@@ -100,12 +114,9 @@ def _scalar(inputs: Mapping[str, np.ndarray], name: str, kind: type, default):
     return float(value)
 
 
-def _stop_words(array: np.ndarray | None) -> tuple[str, ...]:
+def stop_words_value(array: np.ndarray | None) -> tuple[str, ...]:
     if array is None:
         return ()
-    words = []
-    for value in np.asarray(array).reshape(-1):
-        word = _text(np.array([value], dtype=object), names.STOP_WORDS)
-        if word:  # "" means "none" (clients of the TensorRT-LLM ensemble send it)
-            words.append(word)
+    # "" means "none": clients of the TensorRT-LLM ensemble send it
+    words = [w for w in text_values(array, names.STOP_WORDS) if w]
     return tuple(dict.fromkeys(words))

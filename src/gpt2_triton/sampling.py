@@ -97,6 +97,17 @@ class TokenSampler:
         return int(candidates[min(index, candidates.size - 1)])
 
 
+def sample_rows(
+    logits: np.ndarray, params: SamplingParams, histories: Sequence[Sequence[int]] | None = None
+) -> np.ndarray:
+    """One token per row of ``logits`` (B, vocab) with shared parameters (one generator)."""
+    sampler = TokenSampler(params)
+    histories = histories if histories is not None else [()] * logits.shape[0]
+    return np.array(
+        [sampler(row, seen) for row, seen in zip(logits, histories, strict=True)], np.int64
+    )
+
+
 def apply_repetition_penalty(
     logits: np.ndarray, history: Sequence[int], penalty: float
 ) -> np.ndarray:

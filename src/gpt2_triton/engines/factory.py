@@ -52,8 +52,10 @@ def build_forward(
 
         from gpt2_triton.engines.torch_forward import TorchForward
 
-        if model is None:
-            raise EngineError("the torch engine needs the loaded checkpoint")
+        if model is None:  # in the model repository: engine/1/checkpoint
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(export_dir / "checkpoint").eval()
         if threads:
             torch.set_num_threads(threads)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -1,0 +1,207 @@
+"""``make repo``: render ``model_repository/`` for one model and engine, and copy artifacts in.
+
+    python -m build_scripts.build_repo --model tiny --engine onnx
+
+Each ``<model>/config.pbtxt`` is rendered from the committed ``config.pbtxt.in`` by the
+strict renderer (a missing or unused key fails); engine and tokenizer files go into the
+version folders (``<model>/1/``); the resolved settings are saved as
+``model_repository/build_settings.json``. Rendered files and artifacts are git-ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gpt2_triton import checkpoint, logs
+from gpt2_triton.atomic import write_json
+from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
+from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.errors import Gpt2TritonError
+from gpt2_triton.render import render
+
+log = logging.getLogger("build_scripts.build_repo")
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+MODELS = ("tokenizer", "engine", "sampler", "next_token", "gpt2")
+KEEP = {"model.py"}  # committed files inside version folders
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    model: str
+    engine: str = "onnx"
+    max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
+    max_queue: int = 1024  # requests waiting to join the running batch
+    engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
+    device: str = "cpu"  # torch engine only: cpu or cuda
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_KINDS:
+            raise Gpt2TritonError(
+                f"unknown ENGINE={self.engine}; choose one of {', '.join(ENGINE_KINDS)}"
+            )
+        if self.max_sequences < 1 or self.max_queue < 1 or self.engine_threads < 0:
+            raise Gpt2TritonError("max-sequences and max-queue must be >= 1, threads >= 0")
+        if self.device != "cpu" and self.engine != "torch":
+            raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
+
+
+def template_values(settings: RepoSettings, shape: ModelShape) -> dict[str, dict[str, object]]:
+    """The one place that says which setting goes into which config.pbtxt."""
+    return {
+        "tokenizer": {},
+        "engine": {
+            "engine_kind": settings.engine,
+            "engine_threads": settings.engine_threads,
+            "max_sequences": settings.max_sequences,
+            "device": settings.device,
+            "instance_kind": "KIND_GPU" if settings.device.startswith("cuda") else "KIND_CPU",
+        },
+        "sampler": {},
+        "next_token": {},
+        "gpt2": {
+            "context_window": shape.max_positions,
+            "max_sequences": settings.max_sequences,
+            "max_queue": settings.max_queue,
+        },
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link big artifacts when on the same file system; copy otherwise."""
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy_file)
+    else:
+        _link_or_copy_file(src, dst)
+
+
+def _link_or_copy_file(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _clean_version_dir(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        if item.name in KEEP:
+            continue
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
+def build(
+    settings: RepoSettings, export_dir: Path | None = None, repository: Path = REPOSITORY
+) -> Path:
+    """Render into ``repository``: the committed one, or another folder (tests, deployments),
+    which then receives copies of the committed ``model.py`` files too."""
+    spec = checkpoint.resolve(settings.model)
+    engine_files: dict[str, Path] = {}
+    if settings.engine == "torch":
+        tokenizer = checkpoint.load_tokenizer(spec)
+        model = checkpoint.load_model(spec)
+        shape = ModelShape.from_hf_config(model.config)
+        staging = checkpoint.artifacts_root() / "torch" / spec.slug
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging / "checkpoint")
+        tokenizer.save_pretrained(staging / "tokenizer")
+        engine_files["checkpoint"] = staging / "checkpoint"
+        tokenizer_dir = staging / "tokenizer"
+    else:
+        export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
+        settings_file = export_dir / SETTINGS_FILE
+        if not settings_file.is_file():
+            raise Gpt2TritonError(
+                f"no ONNX export in {export_dir}: run 'make export MODEL={settings.model}'"
+            )
+        exported = json.loads(settings_file.read_text())
+        shape = ModelShape.from_dict(exported["shape"])
+        name = "model.int8.onnx" if settings.engine == "onnx-int8" else "model.onnx"
+        if not (export_dir / name).is_file():
+            raise Gpt2TritonError(
+                f"{export_dir / name} not found"
+                + (": export with INT8=1" if "int8" in name else "")
+            )
+        engine_files[name] = export_dir / name
+        tokenizer_dir = export_dir / "tokenizer"
+
+    # Render every template first: a template error leaves the repository untouched.
+    values = template_values(settings, shape)
+    rendered = {}
+    for model_name in MODELS:
+        template = REPOSITORY / model_name / "config.pbtxt.in"
+        rendered[model_name] = render(template.read_text(), values[model_name], str(template))
+
+    for model_name in MODELS:
+        version_dir = repository / model_name / "1"
+        _clean_version_dir(version_dir)
+        source = REPOSITORY / model_name / "1" / "model.py"
+        if source.is_file() and repository.resolve() != REPOSITORY:
+            shutil.copy2(source, version_dir / "model.py")
+    for name, src in engine_files.items():
+        _link_or_copy(src, repository / "engine" / "1" / name)
+    write_json(repository / "engine" / "1" / SETTINGS_FILE, {"shape": shape.to_dict()})
+    for model_name in ("tokenizer", "gpt2"):
+        _link_or_copy(tokenizer_dir, repository / model_name / "1" / "tokenizer")
+    for model_name, text in rendered.items():
+        (repository / model_name / "config.pbtxt").write_text(text)
+    write_json(
+        repository / "build_settings.json",
+        {
+            **asdict(settings),
+            "model_source": spec.source,
+            "shape": shape.to_dict(),
+        },
+    )
+    log.info(
+        "model repository ready in %s (model %s, engine %s)",
+        repository,
+        spec.source,
+        settings.engine,
+    )
+    return repository
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
+    parser.add_argument("--engine", default="onnx", help=f"one of {', '.join(ENGINE_KINDS)}")
+    parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    parser.add_argument(
+        "--max-sequences",
+        type=int,
+        default=RepoSettings.max_sequences,
+        help="live sequences sharing one engine step",
+    )
+    parser.add_argument("--max-queue", type=int, default=RepoSettings.max_queue)
+    parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
+    parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
+    args = parser.parse_args(argv)
+    logs.setup()
+    try:
+        settings = RepoSettings(
+            args.model,
+            args.engine,
+            args.max_sequences,
+            args.max_queue,
+            args.engine_threads,
+            args.device,
+        )
+        out = build(settings, args.export_dir, args.repository)
+    except Gpt2TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"model repository ready in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""gRPC (tritonclient, the default) and HTTP (Triton's generate extension) transports."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpt2_triton import names
+
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+
+
+class ClientError(Exception):
+    """Anything that went wrong: bad parameters (``status`` INVALID_ARG), server down..."""
+
+    def __init__(self, message: str, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Unset fields take the server's documented defaults (docs/API.md)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_words: tuple[str, ...] = ()
+    exclude_input_in_output: bool = True  # the client returns the completion only
+
+    def as_json(self) -> dict:
+        fields = {
+            names.MAX_TOKENS: self.max_tokens,
+            names.TEMPERATURE: self.temperature,
+            names.TOP_K: self.top_k,
+            names.TOP_P: self.top_p,
+            names.REPETITION_PENALTY: self.repetition_penalty,
+            names.SEED: self.seed,
+        }
+        out = {k: v for k, v in fields.items() if v is not None}
+        if self.stop_words:
+            out[names.STOP_WORDS] = list(self.stop_words)
+        out[names.EXCLUDE_INPUT_IN_OUTPUT] = self.exclude_input_in_output
+        return out
+
+
+# numpy dtypes of the gpt2 inputs, by name (the model's config.pbtxt)
+_DTYPES = {
+    names.MAX_TOKENS: (np.int32, "INT32"),
+    names.TEMPERATURE: (np.float32, "FP32"),
+    names.TOP_K: (np.int32, "INT32"),
+    names.TOP_P: (np.float32, "FP32"),
+    names.REPETITION_PENALTY: (np.float32, "FP32"),
+    names.SEED: (np.uint64, "UINT64"),
+    names.EXCLUDE_INPUT_IN_OUTPUT: (np.bool_, "BOOL"),
+    names.STREAM: (np.bool_, "BOOL"),
+}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    time_to_first_token_s: float | None = None
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class _Chunk:
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+    final: bool
+
+
+class TextStream:
+    """Iterate to get text pieces as they arrive; ``result`` is set at the end;
+    ``cancel()`` stops the request on the server."""
+
+    def __init__(self, chunks: Iterator[_Chunk], cancel) -> None:
+        self._chunks = chunks
+        self._cancel = cancel
+        self.result: GenerationResult | None = None
+        self._pieces: list[str] = []
+        self._started = time.perf_counter()
+        self._first: float | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self._chunks:
+            if chunk.text:
+                if self._first is None:
+                    self._first = time.perf_counter() - self._started
+                self._pieces.append(chunk.text)
+                yield chunk.text
+            if chunk.final:
+                self.result = GenerationResult(
+                    "".join(self._pieces),
+                    chunk.finish_reason,
+                    chunk.num_input_tokens,
+                    chunk.num_output_tokens,
+                    self._first,
+                    time.perf_counter() - self._started,
+                )
+                return
+
+    def cancel(self) -> None:
+        self._cancel()
+
+
+@dataclass
+class Gpt2Client:
+    url: str | None = None
+    protocol: str = "grpc"
+    model: str = "gpt2"
+    timeout_s: float = 300.0
+    _grpc_clients: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in DEFAULT_URLS:
+            raise ClientError(f"protocol must be grpc or http, got {self.protocol!r}")
+        self.url = self.url or DEFAULT_URLS[self.protocol]
+
+    # -- public API -------------------------------------------------------------------------
+    def generate(
+        self, prompt: str, params: GenerationParams = GenerationParams()
+    ) -> GenerationResult:
+        """The whole completion in one response (``stream`` false)."""
+        started = time.perf_counter()
+        chunks = list(self._chunks(prompt, params, stream=False, on_cancel=[]))
+        final = chunks[-1]
+        text = "".join(c.text for c in chunks)
+        total = time.perf_counter() - started
+        return GenerationResult(
+            text, final.finish_reason, final.num_input_tokens, final.num_output_tokens, total, total
+        )
+
+    def stream(self, prompt: str, params: GenerationParams = GenerationParams()) -> TextStream:
+        """Text pieces as they are generated; see :class:`TextStream`."""
+        cancel_hooks: list = []
+        chunks = self._chunks(prompt, params, stream=True, on_cancel=cancel_hooks)
+        return TextStream(chunks, lambda: [hook() for hook in cancel_hooks])
+
+    def is_ready(self) -> bool:
+        try:
+            if self.protocol == "grpc":
+                client = self._grpc()
+                try:
+                    return client.is_server_ready() and client.is_model_ready(self.model)
+                finally:
+                    client.close()
+            with urllib.request.urlopen(
+                f"http://{self.url}/v2/models/{self.model}/ready", timeout=5
+            ) as response:
+                return response.status == 200
+        except Exception:
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    f"Triton at {self.url} is not ready after {timeout_s:.0f} s", "UNAVAILABLE"
+                )
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        for client in self._grpc_clients:
+            try:
+                client.close()
+            except Exception:
+                pass
+        self._grpc_clients.clear()
+
+    def __enter__(self) -> Gpt2Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transports -------------------------------------------------------------------------
+    def _chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+        if self.protocol == "grpc":
+            return self._grpc_chunks(prompt, params, stream, on_cancel)
+        return self._http_chunks(prompt, params, stream, on_cancel)
+
+    def _grpc(self):
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def _grpc_inputs(self, prompt: str, params: GenerationParams, stream: bool) -> list:
+        import tritonclient.grpc as grpcclient
+
+        def tensor(name, array, datatype):
+            t = grpcclient.InferInput(name, list(array.shape), datatype)
+            t.set_data_from_numpy(array)
+            return t
+
+        inputs = [tensor(names.TEXT_INPUT, np.array([[prompt.encode()]], dtype=object), "BYTES")]
+        values = params.as_json() | {names.STREAM: stream}
+        for name, value in values.items():
+            if name == names.STOP_WORDS:
+                words = np.array([[w.encode() for w in value]], dtype=object)
+                inputs.append(tensor(name, words, "BYTES"))
+            else:
+                dtype, datatype = _DTYPES[name]
+                inputs.append(tensor(name, np.array([[value]], dtype=dtype), datatype))
+        return inputs
+
+    def _grpc_chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+        from tritonclient.utils import InferenceServerException
+
+        inputs = self._grpc_inputs(prompt, params, stream)
+        responses: queue.Queue = queue.Queue()
+        client = self._grpc()
+
+        def callback(result, error):
+            responses.put((result, error))
+
+        try:
+            client.start_stream(callback=callback)
+            on_cancel.append(lambda: client.stop_stream(cancel_requests=True))
+            client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+        except InferenceServerException as exc:
+            client.close()
+            raise _client_error(exc) from None
+        try:
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise ClientError(
+                        f"no response for {self.timeout_s:.0f} s", "DEADLINE_EXCEEDED"
+                    ) from None
+                if error is not None:
+                    raise _client_error(error)
+                final = result.get_response().parameters["triton_final_response"].bool_param
+                if result.as_numpy(names.TEXT_OUTPUT) is None:  # empty final response
+                    if final:
+                        return
+                    continue
+                chunk = _Chunk(
+                    _first(result.as_numpy(names.TEXT_OUTPUT)).decode("utf-8"),
+                    _first(result.as_numpy(names.FINISH_REASON)).decode(),
+                    int(_first(result.as_numpy(names.NUM_INPUT_TOKENS))),
+                    int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS))),
+                    final or bool(_first(result.as_numpy(names.FINISH_REASON))),
+                )
+                yield chunk
+                if chunk.final:
+                    return
+        finally:
+            try:
+                client.stop_stream(cancel_requests=True)
+            finally:
+                client.close()
+
+    def _http_chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+        body = {names.TEXT_INPUT: prompt, names.STREAM: stream, **params.as_json()}
+        endpoint = "generate_stream" if stream else "generate"
+        request = urllib.request.Request(
+            f"http://{self.url}/v2/models/{self.model}/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise _http_error(exc) from None
+        except (urllib.error.URLError, ConnectionError) as exc:
+            raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
+        on_cancel.append(response.close)  # closing the connection cancels the request
+        with response:
+            if not stream:
+                yield _http_chunk(json.loads(response.read()), final=True)
+                return
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = json.loads(line[5:])
+                if "error" in data:
+                    raise ClientError(data["error"], "INVALID_ARG")
+                chunk = _http_chunk(data, final=bool(data.get(names.FINISH_REASON)))
+                yield chunk
+                if chunk.final:
+                    return
+
+
+def _first(array):
+    return np.asarray(array).reshape(-1)[0]
+
+
+def _http_chunk(data: dict, final: bool) -> _Chunk:
+    if "error" in data:
+        raise ClientError(data["error"], "INVALID_ARG")
+    return _Chunk(
+        data[names.TEXT_OUTPUT],
+        data[names.FINISH_REASON],
+        int(data[names.NUM_INPUT_TOKENS]),
+        int(data[names.NUM_OUTPUT_TOKENS]),
+        final,
+    )
+
+
+def _client_error(exc) -> ClientError:
+    status = exc.status() if hasattr(exc, "status") and exc.status() else ""
+    message = exc.message() if hasattr(exc, "message") else str(exc)
+    if "StatusCode.UNAVAILABLE" in str(status) or "failed to connect" in str(message).lower():
+        return ClientError(f"cannot reach Triton: {message}", "UNAVAILABLE")
+    return ClientError(message, str(status).replace("StatusCode.", ""))
+
+
+def _http_error(exc: urllib.error.HTTPError) -> ClientError:
+    try:
+        message = json.loads(exc.read()).get("error", str(exc))
+    except Exception:
+        message = str(exc)
+    status = {400: "INVALID_ARG", 404: "NOT_FOUND", 503: "UNAVAILABLE"}.get(exc.code, str(exc.code))
+    return ClientError(message, status)

@@ -1,0 +1,70 @@
+"""Triton adapter over gpt2_triton.engines: the stateful KV-cache engine.
+
+Runs requests one by one in this single instance, which holds every live sequence's cache.
+Exports gauges of the caches it holds on the metrics port.
+"""
+
+import json
+import traceback
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from gpt2_triton import model_config, names
+from gpt2_triton.engines import protocol
+from gpt2_triton.engines.factory import build_engine
+from gpt2_triton.errors import EngineError
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = model_config.parameters(config)
+        self.logger = pb_utils.Logger
+        kind = model_config.require(params, "engine_kind", "engine")
+        self.engine = build_engine(
+            kind,
+            Path(args["model_repository"]) / args["model_version"],
+            max_sequences=model_config.int_param(params, "max_sequences", "engine", minimum=1),
+            threads=model_config.int_param(params, "engine_threads", "engine"),
+            device=params.get("device") or "cpu",
+        )
+        # A MetricFamily must outlive its Metric objects: keep both.
+        self.cached_family = pb_utils.MetricFamily(
+            name="gpt2_engine_cached_sequences",
+            description="Sequences whose KV cache the engine holds",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.slots_family = pb_utils.MetricFamily(
+            name="gpt2_engine_cached_tokens",
+            description="KV-cache slots held (tokens x sequences, padding included)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self.cached_sequences = self.cached_family.Metric(labels={"engine": kind})
+        self.cached_tokens = self.slots_family.Metric(labels={"engine": kind})
+        self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            try:
+                logits = protocol.serve(self.engine, inputs)
+                responses.append(
+                    pb_utils.InferenceResponse([pb_utils.Tensor(names.LOGITS, logits)])
+                )
+            except EngineError as exc:
+                responses.append(_error(str(exc), pb_utils.TritonError.INVALID_ARG))
+            except Exception as exc:
+                self.logger.log_error(f"engine step failed: {traceback.format_exc()}")
+                responses.append(_error(f"engine failure: {exc}", pb_utils.TritonError.INTERNAL))
+        self.cached_sequences.set(self.engine.cached_sequences)
+        self.cached_tokens.set(self.engine.cached_tokens)
+        return responses
+
+    def finalize(self):
+        self.engine.release_all()
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

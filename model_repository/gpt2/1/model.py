@@ -1,0 +1,198 @@
+"""Triton adapter over gpt2_triton.batcher: streaming text generation, in-flight batching.
+
+``execute`` only parses and queues (it returns at once, as a decoupled model may); one
+background thread runs the generation loop, calls the ``engine`` model by BLS once per
+step for all live sequences, and answers through each request's response sender.
+"""
+
+import json
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from gpt2_triton import model_config, names
+from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError
+from gpt2_triton.engines.protocol import pack_tokens
+from gpt2_triton.errors import EngineError, RequestValidationError
+from gpt2_triton.request import GenerationRequest
+from gpt2_triton.text import TextCodec
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_EVERY_S = 0.5
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        if not model_config.is_decoupled(config):
+            raise pb_utils.TritonModelException(
+                "model 'gpt2' must be decoupled (model_transaction_policy { decoupled: true })"
+            )
+        params = model_config.parameters(config)
+        folder = Path(args["model_repository"]) / args["model_version"]
+        codec = TextCodec(folder / model_config.require(params, "tokenizer_dir", "gpt2"))
+        limits = BatcherLimits(
+            max_positions=model_config.int_param(params, "context_window", "gpt2", minimum=2),
+            eos_token_id=codec.eos_token_id,
+            max_active=model_config.int_param(params, "max_active", "gpt2", minimum=1),
+            max_queue=model_config.int_param(params, "max_queue", "gpt2", minimum=1),
+        )
+        engine = BlsEngine(model_config.require(params, "engine_model", "gpt2"))
+        self.batcher = InflightBatcher(engine, codec, limits)
+        self.metrics = Metrics(self.batcher.stats)
+        self.stop = threading.Event()
+        self.loop = threading.Thread(target=self._run, name="gpt2-generation", daemon=True)
+        self.loop.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sink = TritonSink(request.get_response_sender())
+            try:
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                self.batcher.submit(GenerationRequest.from_inputs(inputs), sink)
+            except RequestValidationError as exc:
+                sink.send_error(str(exc), pb_utils.TritonError.INVALID_ARG)
+            except QueueFullError as exc:
+                sink.send_error(str(exc), pb_utils.TritonError.UNAVAILABLE)
+            except Exception:
+                pb_utils.Logger.log_error(f"gpt2: cannot queue request: {traceback.format_exc()}")
+                sink.send_error("internal error while queueing the request")
+        return None
+
+    def _run(self):
+        last_metrics = 0.0
+        while not self.stop.is_set():
+            try:
+                worked = self.batcher.step()
+            except Exception:  # the loop must outlive any bug in one step
+                pb_utils.Logger.log_error(f"gpt2 loop: {traceback.format_exc()}")
+                worked = False
+            now = time.monotonic()
+            if now - last_metrics > METRICS_EVERY_S:
+                last_metrics = now
+                try:
+                    self.metrics.publish()
+                except Exception:
+                    pb_utils.Logger.log_error(f"gpt2 metrics: {traceback.format_exc()}")
+            if not worked:
+                self.batcher.wait_for_work(0.05)
+
+    def finalize(self):
+        self.stop.set()
+        self.batcher.wake()
+        self.loop.join(timeout=10)
+        self.batcher.shutdown()
+
+
+class TritonSink:
+    """A request's response sender, seen by the batcher as a ResponseSink."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, output, final):
+        tensors = [
+            pb_utils.Tensor(names.TEXT_OUTPUT, np.array([output.text.encode()], dtype=object)),
+            pb_utils.Tensor(
+                names.FINISH_REASON, np.array([output.finish_reason.encode()], dtype=object)
+            ),
+            pb_utils.Tensor(names.NUM_INPUT_TOKENS, np.array([output.num_input_tokens], np.int32)),
+            pb_utils.Tensor(
+                names.NUM_OUTPUT_TOKENS, np.array([output.num_output_tokens], np.int32)
+            ),
+        ]
+        self.sender.send(
+            pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0
+        )
+
+    def send_error(self, message, code=None):
+        # TritonError exists only once the stub runs the model, not at config auto-complete
+        error = pb_utils.TritonError(message, code or pb_utils.TritonError.INTERNAL)
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+class BlsEngine:
+    """The ``engine`` model called by BLS, seen by the batcher as an EngineClient."""
+
+    def __init__(self, model_name):
+        self.model_name = model_name
+
+    def step(self, tokens, sequence_ids, starts):
+        ids, lengths = pack_tokens(tokens)
+        return self._call(
+            [
+                pb_utils.Tensor(names.INPUT_IDS, ids),
+                pb_utils.Tensor(names.INPUT_LENGTHS, lengths),
+                pb_utils.Tensor(names.SEQUENCE_IDS, np.asarray(sequence_ids, np.uint64)),
+                pb_utils.Tensor(names.SEQUENCE_START, np.asarray(starts, np.bool_)),
+            ]
+        )
+
+    def release(self, sequence_ids):
+        self._call([pb_utils.Tensor(names.RELEASE_IDS, np.asarray(sequence_ids, np.uint64))])
+
+    def _call(self, tensors):
+        response = pb_utils.InferenceRequest(
+            model_name=self.model_name, inputs=tensors, requested_output_names=[names.LOGITS]
+        ).exec()
+        if response.has_error():
+            raise EngineError(response.error().message())
+        return pb_utils.get_output_tensor_by_name(response, names.LOGITS).as_numpy()
+
+
+class Metrics:
+    """Publishes the batcher's counters on Triton's metrics port (prefix gpt2_)."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        # A MetricFamily must outlive its Metric objects: keep both.
+        self.families = {}
+        self.requests = {}  # finish_reason -> Metric
+        self.tokens = self._metric("gpt2_output_tokens_total", "Tokens generated", counter=True)
+        self.steps = self._metric("gpt2_engine_steps_total", "Batched engine steps", counter=True)
+        self.ttft = self._metric(
+            "gpt2_time_to_first_token_seconds_total",
+            "Sum over requests of queue + prompt time to the first token",
+            counter=True,
+        )
+        self.active = self._metric("gpt2_active_sequences", "Sequences in the running batch")
+        self.waiting = self._metric("gpt2_waiting_requests", "Requests queued to join")
+        self.published = {}  # counter name -> value already published
+
+    def _metric(self, name, description, counter=False, labels=None):
+        family = self.families.get(name)
+        if family is None:
+            kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
+            family = self.families[name] = pb_utils.MetricFamily(
+                name=name, description=description, kind=kind
+            )
+        return family.Metric(labels=labels or {})
+
+    def _advance(self, key, metric, value):
+        if value > self.published.get(key, 0):
+            metric.increment(value - self.published.get(key, 0))
+            self.published[key] = value
+
+    def publish(self):
+        s = self.stats
+        for reason, count in list(s.requests.items()):
+            if reason not in self.requests:
+                self.requests[reason] = self._metric(
+                    "gpt2_requests_total",
+                    "Finished requests by finish reason",
+                    counter=True,
+                    labels={"finish_reason": reason},
+                )
+            self._advance(("requests", reason), self.requests[reason], count)
+        self._advance("tokens", self.tokens, s.output_tokens)
+        self._advance("steps", self.steps, s.steps)
+        self._advance("ttft", self.ttft, s.first_token_seconds_total)
+        self.active.set(s.active)
+        self.waiting.set(s.waiting)

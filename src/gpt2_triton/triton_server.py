@@ -1,0 +1,246 @@
+"""Start and stop a real ``tritonserver``: the binary from the ``nvidia-pytriton`` wheel.
+
+    python -m gpt2_triton.triton_server --model-repository model_repository
+
+Used by ``make serve`` and by the integration tests' session fixture. No Docker needed:
+the wheel carries Triton 2.51 with the Python backend; ``prepare()`` copies the backend
+stub for the running Python into place and sets up ``PATH`` so that the stub finds this
+virtualenv (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt2_triton import logs
+from gpt2_triton.errors import Gpt2TritonError
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(Gpt2TritonError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def triton_home() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerError("nvidia-pytriton is not installed: run 'make setup'") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def prepare() -> tuple[Path, Path, dict[str, str]]:
+    """The binary, the backends folder and the environment to start it with."""
+    home = triton_home()
+    binary = home / "bin" / "tritonserver"
+    backends = home / "backends"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+    target = backends / "python" / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"no Triton Python backend stub for Python {version} in {home}")
+    if not target.is_file() or target.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, target)
+    env = dict(os.environ)
+    # The stub runs the first python3 on PATH to find its packages: this virtualenv's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH")] if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return binary, backends, env
+
+
+class TritonServer:
+    """A ``tritonserver`` process: start, wait until ready, stop (terminate, then kill)."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: Ports = Ports(),
+        host: str = "127.0.0.1",
+        log_file: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.ports = ports
+        self.host = host
+        self.log_file = log_file
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        binary, backends, _ = prepare()
+        return [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        if not (self.model_repository / "gpt2" / "config.pbtxt").is_file():
+            raise ServerError(
+                f"{self.model_repository} is not rendered: run 'make repo' (MODEL=..., ENGINE=...)"
+            )
+        _, _, env = prepare()
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "wb")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            self.command(),
+            env=env,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop it in order
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise ServerError(
+                    f"tritonserver exited (code {code}) before it was ready" + self._log_tail()
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_tail())
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop in %.0f s: killing it", timeout)
+                self.process.kill()
+                self.process.wait()
+        if self._log_handle:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if not self.log_file or not self.log_file.is_file():
+            return ""
+        tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- tritonserver log (last lines) ---\n" + "\n".join(tail)
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve the model repository with tritonserver")
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("TRITON_HOST", "127.0.0.1"),
+        help="address to bind (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log-file", type=Path, default=Path("artifacts/logs/tritonserver.log"))
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
+    args = parser.parse_args(argv)
+    logs.setup()
+    server = TritonServer(
+        args.model_repository,
+        Ports(args.http_port, args.grpc_port, args.metrics_port),
+        args.host,
+        args.log_file,
+    )
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+        server.wait_ready(args.timeout)
+    except ServerError as exc:
+        server.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"Triton is ready (log: {args.log_file})\n"
+        f"  HTTP     http://{server.http_url}  (POST /v2/models/gpt2/generate, /generate_stream)\n"
+        f"  gRPC     {server.grpc_url}\n"
+        f"  metrics  {server.metrics_url}\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    while not stopping and server.process.poll() is None:
+        time.sleep(0.2)
+    code = server.process.poll()
+    server.stop()
+    if code is not None and not stopping:
+        print(f"error: tritonserver exited with code {code}; see {args.log_file}", file=sys.stderr)
+        return 1
+    print("Triton stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

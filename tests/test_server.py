@@ -1,0 +1,245 @@
+"""Integration: a real tritonserver process, real sockets, the tiny model.
+
+The server is started once for the session (tests/conftest.py). Nothing here mocks Triton,
+tritonclient, ONNX Runtime or the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import ClientError, GenerationParams, Gpt2Client
+
+pytestmark = pytest.mark.integration
+
+GREEDY = GenerationParams(temperature=0, max_tokens=24)
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture()
+def grpc(triton):
+    with Gpt2Client(triton.grpc_url) as client:
+        yield client
+
+
+@pytest.fixture()
+def http(triton):
+    with Gpt2Client(triton.http_url, protocol="http") as client:
+        yield client
+
+
+def hf_greedy(model, tokenizer, prompt, max_new_tokens):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    new = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new)
+
+
+def metrics(triton) -> dict[str, float]:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=5).read().decode()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("gpt2_")
+    }
+
+
+def post(triton, path, body):
+    request = urllib.request.Request(
+        f"http://{triton.http_url}{path}", data=json.dumps(body).encode()
+    )
+    return urllib.request.urlopen(request, timeout=60)
+
+
+PROMPTS = [
+    "The cat",
+    "A small bird looks at the old",
+    "The chef at the café paints",
+    "Hello, my name is",
+    "東京 is a city where",
+    "In 1998, the city council decided",
+    "The teacher",
+    "My sister dreams of",
+]
+
+
+def test_grpc_greedy_is_token_identical_to_hugging_face(grpc, tiny_hf_model, tiny_tokenizer):
+    for prompt in PROMPTS[:4]:
+        result = grpc.generate(prompt, GREEDY)
+        assert result.text == hf_greedy(tiny_hf_model, tiny_tokenizer, prompt, 24)
+        assert result.num_input_tokens == len(tiny_tokenizer(prompt)["input_ids"])
+
+
+def test_grpc_stream_pieces_join_to_the_non_streamed_text(grpc):
+    stream = grpc.stream("The old man", GREEDY)
+    pieces = list(stream)
+    assert len(pieces) > 5
+    assert "".join(pieces) == grpc.generate("The old man", GREEDY).text
+    assert stream.result.finish_reason in {"length", "stop"}
+
+
+def test_http_generate_and_generate_stream(triton, http, grpc):
+    expected = grpc.generate("The cat", GREEDY).text
+    body = {"text_input": "The cat", "max_tokens": 24, "temperature": 0}
+    full = json.loads(post(triton, "/v2/models/gpt2/generate", body).read())
+    assert full["text_output"] == "The cat" + expected  # input included by default
+    assert full["finish_reason"] in {"length", "stop"}
+
+    events = []
+    with post(triton, "/v2/models/gpt2/generate_stream", body | {"stream": True}) as response:
+        for line in response:
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+    assert len(events) > 5 and "".join(e["text_output"] for e in events) == expected
+    assert events[-1]["finish_reason"] and not events[0]["finish_reason"]
+    assert http.generate("The cat", GREEDY).text == expected
+
+
+def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    for prompt in PROMPTS:
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        temperature = grpcclient.InferInput("temperature", [1], "FP32")
+        temperature.set_data_from_numpy(np.array([0.0], np.float32))
+        got = client.infer("next_token", [text, temperature]).as_numpy("output_ids")
+        with torch.no_grad():
+            ids = tiny_tokenizer(prompt, return_tensors="pt")["input_ids"]
+            expected = int(tiny_hf_model(ids).logits[0, -1].argmax())
+        assert got.tolist() == [expected], prompt
+    client.close()
+
+
+def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
+    solo = {p: grpc.generate(p, GREEDY).text for p in PROMPTS}
+    results: dict[str, str] = {}
+    errors: list[Exception] = []
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(prompt):
+        try:
+            with Gpt2Client(triton.grpc_url) as client:
+                barrier.wait()
+                results[prompt] = "".join(client.stream(prompt, GREEDY))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+    before = metrics_after(triton, "gpt2_engine_steps_total", 0)  # the solo runs' steps
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results == solo
+    steps = metrics_after(triton, "gpt2_engine_steps_total", before)
+    # in-flight batching: the 8 streams shared steps instead of running one after another
+    assert steps < len(PROMPTS) * GREEDY.max_tokens * 0.6, steps
+
+
+def metrics_after(triton, name, before, wait_s=1.2):
+    time.sleep(wait_s)  # the model publishes its counters twice a second
+    return metrics(triton)[name] - before
+
+
+def test_seeded_sampling_is_reproducible(grpc):
+    def sample(seed):
+        params = GenerationParams(temperature=1.2, top_k=50, top_p=0.95, seed=seed, max_tokens=30)
+        return grpc.generate("The cat", params).text
+
+    assert sample(1234) == sample(1234)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
+    stream = grpc.stream("The cat", GenerationParams(temperature=0, max_tokens=250))
+    for i, _ in enumerate(stream):
+        if i == 3:
+            stream.cancel()
+            break
+    time.sleep(1.2)
+    first = metrics(triton)
+    assert first['gpt2_engine_cached_sequences{engine="onnx"}'] == 0
+    assert first["gpt2_active_sequences"] == 0
+    assert first['gpt2_requests_total{finish_reason="cancelled"}'] >= 1
+    time.sleep(1.2)
+    assert metrics(triton)["gpt2_output_tokens_total"] == first["gpt2_output_tokens_total"]
+
+
+def test_stop_words(grpc):
+    free = grpc.generate("The cat", GREEDY).text
+    assert "." in free
+    stopped = grpc.generate(
+        "The cat", GenerationParams(temperature=0, max_tokens=24, stop_words=(".",))
+    )
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free[: free.index(".")]
+    pieces = list(
+        grpc.stream("The cat", GenerationParams(temperature=0, max_tokens=24, stop_words=(".",)))
+    )
+    assert "".join(pieces) == stopped.text
+
+
+def test_multibyte_text_streams_whole_characters(grpc):
+    prompt = "The chef at the café in 東京"
+    stream = grpc.stream(prompt, GenerationParams(temperature=0.8, seed=7, max_tokens=40))
+    pieces = list(stream)
+    assert all("\ufffd" not in p for p in pieces)
+    again = grpc.generate(prompt, GenerationParams(temperature=0.8, seed=7, max_tokens=40))
+    assert "".join(pieces) == again.text
+    echo = grpc.generate(
+        prompt, GenerationParams(temperature=0, max_tokens=2, exclude_input_in_output=False)
+    )
+    assert echo.text.startswith(prompt)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"top_p": 5.0}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100000}, "context window"),
+    ],
+)
+def test_bad_parameter_is_invalid_arg_and_server_stays_healthy(triton, grpc, body, field):
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        post(triton, "/v2/models/gpt2/generate", {"text_input": "The cat"} | body)
+    assert http_error.value.code == 400
+    assert field in json.loads(http_error.value.read())["error"]
+    params = GenerationParams(**{k: v for k, v in body.items()})
+    with pytest.raises(ClientError, match=field):
+        grpc.generate("The cat", params)
+    assert grpc.is_ready()
+    assert grpc.generate("The cat", GenerationParams(max_tokens=3)).num_output_tokens == 3
+
+
+def test_readme_curl_examples_work_as_written(triton):
+    commands = re.findall(r"^(curl .+?)$", README.read_text(), flags=re.M)
+    assert len(commands) >= 2, "the README shows curl examples for /generate and /generate_stream"
+    for command in commands:
+        command = command.replace("localhost:8000", triton.http_url)
+        out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "text_output" in out.stdout, (command, out.stdout)
+        assert "error" not in out.stdout
