@@ -15,6 +15,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+UI_PORT ?= 7860
 RUN_DIR ?= runs/ft
 MAX_STEPS ?= -1
 TRAIN_FILE ?=
@@ -32,7 +33,10 @@ SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) 
 	--metrics-port $(METRICS_PORT)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
 
-.PHONY: help setup tiny train export verify repo serve demo chat test test-fast lint clean
+UI_FLAGS := --host $(HOST) --port $(UI_PORT) --triton-url $(HOST):$(GRPC_PORT)
+
+.PHONY: help setup tiny train export verify repo serve ui demo chat browser test test-fast \
+	lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -69,17 +73,25 @@ endif
 serve: setup ## run tritonserver on the rendered model_repository/ (Ctrl-C stops it)
 	$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS)
 
-demo: repo ## from nothing: set-up, build MODEL, serve it, chat in the terminal
+ui: setup ## the Gradio chat page for a running server (http://HOST:UI_PORT)
+	$(PY) -m ui $(UI_FLAGS)
+
+demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the chat page
 	@$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS) & server=$$!; \
 	trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
 	until curl -sf -o /dev/null http://$(HOST):$(HTTP_PORT)/v2/health/ready; do \
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
-	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT)
+	$(PY) -m ui $(UI_FLAGS)
 
-chat: setup ## chat in the terminal with a running server
+chat: setup ## chat in the terminal with a running server (no browser needed)
 	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT) --wait 60
 
-test: setup ## the whole test suite (lint, unit, pipeline, real Triton server)
+browser: ## Debian's chromium for the UI's browser test (test tools never download a browser)
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+		else echo "note: no chromium (sudo apt-get install chromium): the browser test will skip"; fi; }
+
+test: setup browser ## the whole test suite (lint, unit, pipeline, real Triton server)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q

@@ -53,7 +53,9 @@ class RepoSettings:
             raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
 
 
-def template_values(settings: RepoSettings, shape: ModelShape) -> dict[str, dict[str, object]]:
+def template_values(
+    settings: RepoSettings, shape: ModelShape, model_name: str
+) -> dict[str, dict[str, object]]:
     """The one place that says which setting goes into which config.pbtxt."""
     return {
         "tokenizer": {},
@@ -67,6 +69,7 @@ def template_values(settings: RepoSettings, shape: ModelShape) -> dict[str, dict
         "sampler": {},
         "next_token": {},
         "gpt2": {
+            "model_name": model_name,
             "context_window": shape.max_positions,
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
@@ -133,7 +136,7 @@ def build(
         tokenizer_dir = export_dir / "tokenizer"
 
     # Render every template first: a template error leaves the repository untouched.
-    values = template_values(settings, shape)
+    values = template_values(settings, shape, spec.slug)
     rendered = {}
     for model_name in MODELS:
         template = REPOSITORY / model_name / "config.pbtxt.in"

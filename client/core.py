@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,7 @@ class GenerationParams:
     seed: int | None = None
     stop_words: tuple[str, ...] = ()
     exclude_input_in_output: bool = True  # the client returns the completion only
+    min_length: int | None = None  # no EOS before this many tokens
 
     def as_json(self) -> dict:
         fields = {
@@ -46,6 +48,7 @@ class GenerationParams:
             names.TOP_P: self.top_p,
             names.REPETITION_PENALTY: self.repetition_penalty,
             names.SEED: self.seed,
+            names.MIN_LENGTH: self.min_length,
         }
         out = {k: v for k, v in fields.items() if v is not None}
         if self.stop_words:
@@ -63,6 +66,7 @@ _DTYPES = {
     names.REPETITION_PENALTY: (np.float32, "FP32"),
     names.SEED: (np.uint64, "UINT64"),
     names.EXCLUDE_INPUT_IN_OUTPUT: (np.bool_, "BOOL"),
+    names.MIN_LENGTH: (np.int32, "INT32"),
     names.STREAM: (np.bool_, "BOOL"),
 }
 
@@ -90,11 +94,27 @@ class _Chunk:
     final: bool
 
 
+class _Cancellation:
+    """What cancelling one request does; the transport adds its own hooks."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._hooks: list = []
+
+    def add(self, hook) -> None:
+        self._hooks.append(hook)
+
+    def __call__(self) -> None:
+        self.requested.set()
+        for hook in self._hooks:
+            hook()
+
+
 class TextStream:
     """Iterate to get text pieces as they arrive; ``result`` is set at the end;
     ``cancel()`` stops the request on the server."""
 
-    def __init__(self, chunks: Iterator[_Chunk], cancel) -> None:
+    def __init__(self, chunks: Iterator[_Chunk], cancel: _Cancellation) -> None:
         self._chunks = chunks
         self._cancel = cancel
         self.result: GenerationResult | None = None
@@ -143,7 +163,7 @@ class Gpt2Client:
     ) -> GenerationResult:
         """The whole completion in one response (``stream`` false)."""
         started = time.perf_counter()
-        chunks = list(self._chunks(prompt, params, stream=False, on_cancel=[]))
+        chunks = list(self._chunks(prompt, params, False, _Cancellation()))
         final = chunks[-1]
         text = "".join(c.text for c in chunks)
         total = time.perf_counter() - started
@@ -153,9 +173,58 @@ class Gpt2Client:
 
     def stream(self, prompt: str, params: GenerationParams = GenerationParams()) -> TextStream:
         """Text pieces as they are generated; see :class:`TextStream`."""
-        cancel_hooks: list = []
-        chunks = self._chunks(prompt, params, stream=True, on_cancel=cancel_hooks)
-        return TextStream(chunks, lambda: [hook() for hook in cancel_hooks])
+        cancel = _Cancellation()
+        return TextStream(self._chunks(prompt, params, True, cancel), cancel)
+
+    def model_info(self) -> dict[str, str | int]:
+        """What is being served: model name, engine kind and context window, read from
+        the models' configurations on the server."""
+        gpt2 = self._model_parameters(self.model)
+        engine = self._model_parameters(gpt2.get("engine_model", "engine"))
+        return {
+            "model": gpt2.get("model_name", self.model),
+            "engine": engine.get("engine_kind", "?"),
+            "context_window": int(gpt2.get("context_window", 0) or 0),
+        }
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts from the server's own ``tokenizer`` model."""
+        if not texts:
+            return []
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        module = grpcclient if self.protocol == "grpc" else httpclient
+        client = module.InferenceServerClient(self.url)
+        try:
+            data = np.array([t.encode() for t in texts], dtype=object)
+            tensor = module.InferInput(names.TEXT_INPUT, [len(texts)], "BYTES")
+            tensor.set_data_from_numpy(data)
+            result = client.infer("tokenizer", [tensor])
+            return [int(n) for n in result.as_numpy(names.INPUT_LENGTHS)]
+        except Exception as exc:
+            raise _client_error(exc) from None
+        finally:
+            client.close()
+
+    def _model_parameters(self, model: str) -> dict[str, str]:
+        try:
+            if self.protocol == "grpc":
+                client = self._grpc()
+                try:
+                    config = client.get_model_config(model, as_json=True)["config"]
+                finally:
+                    client.close()
+            else:
+                with urllib.request.urlopen(
+                    f"http://{self.url}/v2/models/{model}/config", timeout=10
+                ) as response:
+                    config = json.loads(response.read())
+        except urllib.error.URLError as exc:
+            raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
+        except Exception as exc:
+            raise _client_error(exc) from None
+        return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
     def is_ready(self) -> bool:
         try:
@@ -196,10 +265,10 @@ class Gpt2Client:
         self.close()
 
     # -- transports -------------------------------------------------------------------------
-    def _chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+    def _chunks(self, prompt, params, stream, cancel: _Cancellation) -> Iterator[_Chunk]:
         if self.protocol == "grpc":
-            return self._grpc_chunks(prompt, params, stream, on_cancel)
-        return self._http_chunks(prompt, params, stream, on_cancel)
+            return self._grpc_chunks(prompt, params, stream, cancel)
+        return self._http_chunks(prompt, params, stream, cancel)
 
     def _grpc(self):
         import tritonclient.grpc as grpcclient
@@ -225,7 +294,7 @@ class Gpt2Client:
                 inputs.append(tensor(name, np.array([[value]], dtype=dtype), datatype))
         return inputs
 
-    def _grpc_chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+    def _grpc_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         from tritonclient.utils import InferenceServerException
 
         inputs = self._grpc_inputs(prompt, params, stream)
@@ -237,9 +306,14 @@ class Gpt2Client:
 
         try:
             client.start_stream(callback=callback)
-            on_cancel.append(lambda: client.stop_stream(cancel_requests=True))
+            cancel.add(lambda: client.stop_stream(cancel_requests=True))
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
         except InferenceServerException as exc:
+            # When the stream broke at once (server down), its callback holds the cause.
+            try:
+                exc = responses.get(timeout=1.0)[1] or exc
+            except queue.Empty:
+                pass
             client.close()
             raise _client_error(exc) from None
         try:
@@ -251,6 +325,8 @@ class Gpt2Client:
                         f"no response for {self.timeout_s:.0f} s", "DEADLINE_EXCEEDED"
                     ) from None
                 if error is not None:
+                    if cancel.requested.is_set():
+                        return  # our own cancel: the stream just ends
                     raise _client_error(error)
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 if result.as_numpy(names.TEXT_OUTPUT) is None:  # empty final response
@@ -273,7 +349,7 @@ class Gpt2Client:
             finally:
                 client.close()
 
-    def _http_chunks(self, prompt, params, stream, on_cancel) -> Iterator[_Chunk]:
+    def _http_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         body = {names.TEXT_INPUT: prompt, names.STREAM: stream, **params.as_json()}
         endpoint = "generate_stream" if stream else "generate"
         request = urllib.request.Request(
@@ -287,12 +363,12 @@ class Gpt2Client:
             raise _http_error(exc) from None
         except (urllib.error.URLError, ConnectionError) as exc:
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
-        on_cancel.append(response.close)  # closing the connection cancels the request
+        cancel.add(response.close)  # closing the connection cancels the request
         with response:
             if not stream:
                 yield _http_chunk(json.loads(response.read()), final=True)
                 return
-            for raw in response:
+            for raw in _lines_until_closed(response, cancel):
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
@@ -303,6 +379,15 @@ class Gpt2Client:
                 yield chunk
                 if chunk.final:
                     return
+
+
+def _lines_until_closed(response, cancel: _Cancellation) -> Iterator[bytes]:
+    """The response's lines; a connection we closed ourselves (cancel) just ends them."""
+    try:
+        yield from response
+    except (OSError, ValueError, AttributeError) as exc:
+        if not cancel.requested.is_set():
+            raise ClientError(f"the connection to Triton broke: {exc}", "UNAVAILABLE") from None
 
 
 def _first(array):

@@ -74,6 +74,11 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+@pytest.fixture()
+def unused_port() -> int:
+    return _free_ports(1)[0]
+
+
 @pytest.fixture(scope="session")
 def triton(tiny_export, artifacts):
     """A real tritonserver serving the tiny model (ONNX Runtime engine) on free ports."""

@@ -243,3 +243,16 @@ def test_readme_curl_examples_work_as_written(triton):
         out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "text_output" in out.stdout, (command, out.stdout)
         assert "error" not in out.stdout
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_client_cancel_ends_the_stream_quietly(triton, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    with Gpt2Client(url, protocol=protocol) as client:
+        stream = client.stream("The cat", GenerationParams(max_tokens=500, min_length=500))
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                stream.cancel()
+        assert 3 <= len(pieces) < 50 and stream.result is None

@@ -75,8 +75,8 @@ def test_stateless_step_keeps_nothing(engine, tiny_tokenizer):
         (lambda e: e.step([[1], [2]], [3, 3], [True, True]), "appears twice"),
         (lambda e: e.step([[]], [2], [True]), "empty"),
         (lambda e: e.step([[10**6]], [2], [True]), "outside the vocabulary"),
-        (lambda e: e.step([[1] * 257], [2], [True]), "context window"),
-        (lambda e: e.step([[1] * 255], [1]), "context window"),
+        (lambda e: e.step([[1] * 1025], [2], [True]), "context window"),
+        (lambda e: e.step([[1] * 1023], [1]), "context window"),
         (lambda e: e.step([[1]] * 8, list(range(10, 18)), [True] * 8), "max_sequences"),
     ],
 )

@@ -135,6 +135,11 @@ class InflightBatcher:
             )
         else:
             max_tokens = request.max_tokens
+        if request.min_length > max_tokens:
+            raise RequestValidationError(
+                f"{names.MIN_LENGTH} ({request.min_length}) is more than {names.MAX_TOKENS} "
+                f"({max_tokens})"
+            )
         sequence = _Sequence(
             request=request,
             sink=sink,
@@ -226,6 +231,9 @@ class InflightBatcher:
 
     def _advance(self, sequence: _Sequence, logits: np.ndarray) -> bool:
         """Sample, detokenize, send; True when the sequence is done."""
+        if sequence.generated < sequence.request.min_length:
+            logits = logits.copy()
+            logits[self.limits.eos_token_id] = -np.inf
         token = sequence.sampler(logits, sequence.history)
         if token == self.limits.eos_token_id:
             self._finish(sequence, names.FINISH_STOP, "")

@@ -18,6 +18,7 @@ REPETITION_PENALTY = "repetition_penalty"
 SEED = "seed"
 STOP_WORDS = "stop_words"
 EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
+MIN_LENGTH = "min_length"  # tokens before EOS may end the text (genai-perf sets it)
 
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"

@@ -28,10 +28,17 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop_words: tuple[str, ...] = ()
     exclude_input_in_output: bool = False
+    min_length: int = 0  # EOS is not sampled before this many new tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise RequestValidationError(f"{names.MAX_TOKENS} must be >= 1, got {self.max_tokens}")
+        if self.min_length < 0 or (
+            self.max_tokens is not None and self.min_length > self.max_tokens
+        ):
+            raise RequestValidationError(
+                f"{names.MIN_LENGTH} must be in [0, {names.MAX_TOKENS}], got {self.min_length}"
+            )
         if len(self.stop_words) > MAX_STOP_WORDS:
             raise RequestValidationError(
                 f"{names.STOP_WORDS}: at most {MAX_STOP_WORDS} words, got {len(self.stop_words)}"
@@ -56,6 +63,7 @@ class GenerationRequest:
             exclude_input_in_output=scalar_value(
                 inputs, names.EXCLUDE_INPUT_IN_OUTPUT, bool, False
             ),
+            min_length=scalar_value(inputs, names.MIN_LENGTH, int, 0),
         )
 
 

@@ -24,7 +24,7 @@ class TinySettings:
     # Small enough to train on two CPU cores in well under a minute, big enough that the
     # BPE merges and a 2-layer attention stack learn the corpus' sentence structure.
     vocab_size: int = 1024
-    n_positions: int = 256  # short context so tests can hit the context-window limit
+    n_positions: int = 1024  # GPT-2's: long generations behave (and take time) as in gpt2
     n_embd: int = 64
     n_layer: int = 2
     n_head: int = 4

@@ -1,5 +1,7 @@
 """A small English corpus generated from templates, so the project needs no dataset download.
 
+Some paragraphs are short dialogues in the transcript form the chat page uses
+(``User: ...`` / ``Assistant: ...``), so the tiny model answers in chat mode too.
 The sentences are regular enough that a two-layer model learns them in a few hundred steps
 (its greedy output reads like the corpus, not like noise), and they include accented and
 CJK words so that byte-level BPE splits multi-byte characters across tokens, which the
@@ -77,7 +79,27 @@ def sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+QUESTIONS = [
+    "Where does {subject} go {time}?",
+    "What does {subject} do {time}?",
+    "Tell me about {subject}.",
+]
+
+
+def dialogue(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(1, 3)):
+        subject = rng.choice(SUBJECTS)
+        question = rng.choice(QUESTIONS).format(subject=subject, time=rng.choice(TIMES))
+        answer = f"{subject} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TIMES)}."
+        lines.append(f"User: {question}")
+        lines.append(f"Assistant: {answer[0].upper() + answer[1:]}")
+    return "\n".join(lines)
+
+
 def paragraph(rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return dialogue(rng)
     return " ".join(sentence(rng) for _ in range(rng.randint(3, 6)))
 
 

@@ -1,0 +1,129 @@
+"""End to end in a real headless Chromium (Debian's package, driven by Playwright):
+type a prompt, watch streamed text appear, press Stop, and check the server cancelled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def ui_url(triton, artifacts):
+    from conftest import _free_ports
+
+    port = _free_ports(1)[0]
+    log = open(artifacts / "logs" / "ui.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ui", "--port", str(port), "--triton-url", triton.grpc_url],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the UI exited (code {process.returncode}); see {log.name}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the UI did not answer within 60 s")
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(ui_url):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("no chromium: apt-get install chromium (CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(ui_url)
+        page.wait_for_selector("#chat-input textarea", timeout=30_000)
+        yield page
+        browser.close()
+
+
+def cancelled_requests(triton) -> float:
+    text = urllib.request.urlopen(triton.metrics_url).read().decode()
+    for line in text.splitlines():
+        if line.startswith('gpt2_requests_total{finish_reason="cancelled"}'):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_chat_reply_streams_into_the_page(page, artifacts):
+    page.fill("#chat-input textarea", "Where does the cat go?")
+    page.keyboard.press("Enter")
+    bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
+    bot.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelector('#status').innerText.includes('tokens/s')",
+        timeout=30_000,
+    )
+    assert bot.inner_text().strip()
+    assert "model tiny" in page.inner_text("#status")
+    page.screenshot(path=str(artifacts / "ui-chat.png"), full_page=True)
+
+
+def test_stop_cancels_generation_on_the_server(page, triton):
+    page.click("#sampling")  # open the sampling panel
+    # 1000 tokens with no early end-of-text: still running when Stop is pressed
+    for control, value in (("#max-tokens", "1000"), ("#min-tokens", "1000")):
+        box = page.locator(f"{control} input[type='number']")
+        box.wait_for(state="visible")
+        for _ in range(20):  # the panel is still opening: set until the value sticks
+            box.fill(value)
+            box.press("Tab")
+            if box.input_value() == value:
+                break
+            time.sleep(0.1)
+        assert box.input_value() == value
+    page.get_by_role("tab", name="Completion").click()
+    before = cancelled_requests(triton)
+    page.fill("#completion-input textarea", "The cat")
+    page.click("#complete")
+    output = page.locator("#completion-output textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#completion-output textarea').value.length > 12",
+        timeout=30_000,
+    )
+    # a click event straight away: no waiting for the streaming page to settle
+    page.locator("#stop-completion").dispatch_event("click")
+    time.sleep(1.5)
+    stopped = output.input_value()
+    time.sleep(1.0)
+    assert output.input_value() == stopped  # nothing more arrives
+    assert len(stopped.split()) < 900  # it did not run to max_tokens
+
+    assert cancelled_requests(triton) >= before + 1

@@ -1,0 +1,1 @@
+"""A Gradio chat page for the gpt2 model; it talks to Triton only through ``client``."""

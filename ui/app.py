@@ -1,0 +1,141 @@
+"""The Gradio page: chat and completion tabs, sampling controls, Stop, a status line."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ui.chat import ChatService, Settings
+
+STATUS_EVERY_S = 3.0
+
+
+def build(service: ChatService) -> gr.Blocks:
+    with gr.Blocks(title="GPT-2 on Triton") as page:
+        gr.Markdown(
+            "## GPT-2 on Triton\nStreaming from Triton Inference Server. GPT-2 is "
+            "not a chat model: chat mode writes the conversation as a transcript "
+            "for it to continue."
+        )
+        status = gr.Markdown("connecting…", elem_id="status")
+
+        with gr.Accordion("Sampling", open=False, elem_id="sampling"):
+            with gr.Row():
+                max_tokens = gr.Slider(
+                    1,
+                    1024,
+                    value=Settings.max_tokens,
+                    step=1,
+                    label="max tokens",
+                    elem_id="max-tokens",
+                )
+                temperature = gr.Slider(
+                    0,
+                    2,
+                    value=Settings.temperature,
+                    step=0.05,
+                    label="temperature (0 = greedy)",
+                    elem_id="temperature",
+                )
+                top_k = gr.Slider(0, 200, value=Settings.top_k, step=1, label="top-k (0 = off)")
+            with gr.Row():
+                top_p = gr.Slider(0.05, 1, value=Settings.top_p, step=0.01, label="top-p")
+                repetition_penalty = gr.Slider(
+                    1, 2, value=Settings.repetition_penalty, step=0.01, label="repetition penalty"
+                )
+                seed = gr.Number(value=0, precision=0, label="seed (0 = random)")
+                min_tokens = gr.Slider(
+                    0,
+                    1024,
+                    value=0,
+                    step=1,
+                    elem_id="min-tokens",
+                    label="min tokens (no end-of-text before)",
+                )
+        controls = [max_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_tokens]
+
+        with gr.Tab("Chat"):
+            chatbot = gr.Chatbot(elem_id="chatbot", height=380, label="conversation")
+            with gr.Row():
+                message = gr.Textbox(
+                    placeholder="Say something and press Enter",
+                    show_label=False,
+                    scale=6,
+                    elem_id="chat-input",
+                )
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            clear = gr.Button("Clear conversation", size="sm")
+
+        with gr.Tab("Completion"):
+            prompt = gr.Textbox(lines=3, label="prompt", elem_id="completion-input")
+            # Buttons above the output: a growing text must not move the Stop button away.
+            with gr.Row():
+                complete = gr.Button("Complete", variant="primary", elem_id="complete")
+                stop_completion = gr.Button("Stop", variant="stop", elem_id="stop-completion")
+            output = gr.Textbox(
+                lines=8,
+                max_lines=14,
+                label="prompt + completion",
+                interactive=False,
+                autoscroll=True,
+                elem_id="completion-output",
+            )
+
+        # Gradio passes gr.Request only to a parameter declared with its type, positionally.
+        def chat(
+            text,
+            history,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            min_tokens,
+            request: gr.Request,
+        ):
+            settings = Settings(
+                max_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_tokens
+            )
+            history = list(history or [])
+            if not text.strip():
+                yield history, text
+                return
+            history.append({"role": "user", "content": text})
+            reply = {"role": "assistant", "content": ""}
+            history.append(reply)
+            for so_far in service.chat(text, history[:-2], settings, request.session_hash):
+                reply["content"] = so_far
+                yield history, ""
+
+        def completion(
+            text,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            min_tokens,
+            request: gr.Request,
+        ):
+            settings = Settings(
+                max_tokens, temperature, top_k, top_p, repetition_penalty, seed, min_tokens
+            )
+            yield from service.complete(text, settings, request.session_hash)
+
+        def halt(request: gr.Request):
+            service.stop(request.session_hash)
+
+        chat_events = [
+            trigger(chat, [message, chatbot, *controls], [chatbot, message])
+            for trigger in (message.submit, send.click)
+        ]
+        stop.click(halt, None, None, cancels=chat_events)
+        complete_event = complete.click(completion, [prompt, *controls], output)
+        stop_completion.click(halt, None, None, cancels=[complete_event])
+        clear.click(lambda: [], None, chatbot)
+
+        page.load(service.status_line, None, status)
+        gr.Timer(STATUS_EVERY_S).tick(service.status_line, None, status)
+    return page
