@@ -173,7 +173,10 @@ def test_seeded_sampling_is_reproducible(grpc):
 
 
 def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
-    stream = grpc.stream("The cat", GenerationParams(temperature=0, max_tokens=250))
+    # no end-of-text before 1000 tokens: the stream is surely running when it is cancelled
+    stream = grpc.stream(
+        "The cat", GenerationParams(temperature=0, max_tokens=1000, min_length=1000)
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             stream.cancel()

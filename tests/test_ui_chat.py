@@ -67,7 +67,8 @@ def test_stop_cancels_the_request_on_the_server(service, triton):
         return float(lines[0].split()[1]) if lines else 0.0
 
     before = cancelled()
-    replies = service.complete("The cat", Settings(max_tokens=250, temperature=0), "s3")
+    settings = Settings(max_tokens=1000, temperature=0, min_tokens=1000)  # surely running
+    replies = service.complete("The cat", settings, "s3")
     next(replies)
     next(replies)
     service.stop("s3")
