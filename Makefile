@@ -35,8 +35,12 @@ DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(
 
 UI_FLAGS := --host $(HOST) --port $(UI_PORT) --triton-url $(HOST):$(GRPC_PORT)
 
-.PHONY: help setup tiny train export verify repo serve ui demo chat browser test test-fast \
-	lint clean
+COMPOSE ?= docker compose
+COMPOSE_PROFILE ?= gpu
+PRECISION ?= fp16
+
+.PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
+	compose-down gpu-check test-tools test test-fast lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -63,8 +67,13 @@ verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency r
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
 	$(PY) -m build_scripts.verify --model $(MODEL)
 
+engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan (needs TensorRT and a GPU: see docs/GPU.md)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) --skip-existing
+	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
+		--max-batch $(MAX_SEQUENCES)
+
 repo: setup $(TINY_DEP) ## render model_repository/ for MODEL and ENGINE (onnx, onnx-int8, torch)
-ifneq ($(ENGINE),torch)
+ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
 endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
@@ -83,15 +92,27 @@ demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the cha
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
 	$(PY) -m ui $(UI_FLAGS)
 
+compose-up: ## docker compose: Triton (TensorRT) + the chat page; COMPOSE_PROFILE=cpu: ONNX
+	MODEL=$(MODEL) MAX_SEQUENCES=$(MAX_SEQUENCES) $(COMPOSE) --profile $(COMPOSE_PROFILE) up -d --build
+
+compose-down: ## stop the compose deployment
+	$(COMPOSE) --profile gpu --profile cpu down
+
+gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
+	bash benchmarks/gpu_check.sh
+
 chat: setup ## chat in the terminal with a running server (no browser needed)
 	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT) --wait 60
 
-browser: ## Debian's chromium for the UI's browser test (test tools never download a browser)
-	@command -v chromium >/dev/null || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
-		else echo "note: no chromium (sudo apt-get install chromium): the browser test will skip"; fi; }
+test-tools: ## Debian's chromium (browser test) and docker-compose (compose file check)
+	@missing=""; command -v chromium >/dev/null || missing="chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+		else echo "note: missing $$missing (sudo apt-get install $$missing): those tests skip"; fi; \
+	fi
 
-test: setup browser ## the whole test suite (lint, unit, pipeline, real Triton server)
+test: setup test-tools ## the whole test suite (lint, unit, pipeline, real Triton server)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q

@@ -63,8 +63,7 @@ def template_values(
             "engine_kind": settings.engine,
             "engine_threads": settings.engine_threads,
             "max_sequences": settings.max_sequences,
-            "device": settings.device,
-            "instance_kind": "KIND_GPU" if settings.device.startswith("cuda") else "KIND_CPU",
+            "device": "cuda" if settings.engine == "trt" else settings.device,
         },
         "sampler": {},
         "next_token": {},
@@ -126,13 +125,15 @@ def build(
             )
         exported = json.loads(settings_file.read_text())
         shape = ModelShape.from_dict(exported["shape"])
-        name = "model.int8.onnx" if settings.engine == "onnx-int8" else "model.onnx"
-        if not (export_dir / name).is_file():
-            raise Gpt2TritonError(
-                f"{export_dir / name} not found"
-                + (": export with INT8=1" if "int8" in name else "")
-            )
-        engine_files[name] = export_dir / name
+        needed = {
+            "onnx": {"model.onnx": "make export"},
+            "onnx-int8": {"model.int8.onnx": "make export INT8=1"},
+            "trt": {"model.plan": "make engine", "engine_settings.json": "make engine"},
+        }[settings.engine]
+        for name, how in needed.items():
+            if not (export_dir / name).is_file():
+                raise Gpt2TritonError(f"{export_dir / name} not found: run '{how}'")
+            engine_files[name] = export_dir / name
         tokenizer_dir = export_dir / "tokenizer"
 
     # Render every template first: a template error leaves the repository untouched.

@@ -14,6 +14,8 @@ difference <= 1e-3). int8 is reported, never gated: quantization moves logits by
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import statistics
 import sys
@@ -192,10 +194,12 @@ def markdown(model: str, ref: Reference, reports: list[EngineReport], tokenizer)
     return "\n".join(lines) + "\n"
 
 
-ENGINES = [  # name, kind, precision, gated
-    ("onnxruntime", "onnx", "fp32", True),
-    ("onnxruntime", "onnx-int8", "int8 (dynamic)", False),
-    ("torch engine", "torch", "fp32", False),
+ENGINES = [  # name, kind, precision, device, gated
+    ("onnxruntime", "onnx", "fp32", "cpu", True),
+    ("onnxruntime", "onnx-int8", "int8 (dynamic)", "cpu", False),
+    ("torch engine", "torch", "fp32", "cpu", False),
+    ("torch engine", "torch", "fp16 (cuda)", "cuda", False),
+    ("tensorrt", "trt", "see engine_settings.json", "cuda", False),
 ]
 
 
@@ -217,14 +221,24 @@ def run(
     prompts = varied_prompts(num_prompts)
     ref = reference(model, tokenizer, prompts, new_tokens, eos)
     reports = []
-    for name, kind, precision, gated in ENGINES:
+    for name, kind, precision, device, gated in ENGINES:
         try:
-            forward = build_forward(kind, export_dir, shape, threads=threads, model=model)
+            # the torch engine moves (and casts) its model: give it a copy of the reference
+            forward = build_forward(
+                kind,
+                export_dir,
+                shape,
+                threads=threads,
+                device=device,
+                model=copy.deepcopy(model) if kind == "torch" else None,
+            )
         except EngineError as exc:
             if gated:
                 raise
             log.info("skipping %s (%s): %s", name, precision, exc)
             continue
+        if kind == "trt":
+            precision = json.loads((export_dir / "engine_settings.json").read_text())["precision"]
         engine = StatefulEngine(forward, shape, max_sequences=len(prompts) + 1)
         log.info("checking %s %s", name, precision)
         reports.append(

@@ -11,6 +11,7 @@ virtualenv (see docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -42,11 +43,12 @@ class Ports:
 
 
 def triton_home() -> Path:
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise ServerError("nvidia-pytriton is not installed: run 'make setup'") from exc
-    return Path(pytriton.__file__).parent / "tritonserver"
+    # find_spec locates the package without importing it: pytriton's own Python API (and
+    # its dependencies) is not needed, only the server it carries.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: run 'make setup'")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
 
 
 def prepare() -> tuple[Path, Path, dict[str, str]]:

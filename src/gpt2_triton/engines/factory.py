@@ -10,7 +10,7 @@ from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError
 
 # kind -> what it runs; "torch" runs the checkpoint itself, the others an exported file.
-ENGINE_KINDS = ("onnx", "onnx-int8", "torch")
+ENGINE_KINDS = ("onnx", "onnx-int8", "torch", "trt")
 SETTINGS_FILE = "export_settings.json"
 
 
@@ -58,8 +58,14 @@ def build_forward(
             model = AutoModelForCausalLM.from_pretrained(export_dir / "checkpoint").eval()
         if threads:
             torch.set_num_threads(threads)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"device {device} asked for, but PyTorch sees no CUDA GPU")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         return TorchForward(model, shape, device=device, dtype=dtype)
+    if kind == "trt":
+        from gpt2_triton.engines.trt_forward import TrtForward
+
+        return TrtForward(export_dir / "model.plan", shape)
     raise EngineError(f"unknown engine kind {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2_triton.engines.kv_ops import KVOps, NumpyKV
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
@@ -27,66 +28,51 @@ ForwardFn = Callable[
 @dataclass
 class _Batch:
     ids: list[int]  # row -> sequence id
-    past: list[np.ndarray]  # 2 * layers arrays, (B, heads, P, head_dim)
+    past: list  # 2 * layers caches (B, heads, P, head_dim), numpy or torch (see kv_ops)
     mask: np.ndarray  # (B, P) int64, 0 = padding
     lengths: np.ndarray  # (B,) int64, real tokens per row = next position id
 
     @classmethod
-    def empty(cls, shape: ModelShape, rows: int = 0) -> _Batch:
+    def empty(cls, shape: ModelShape, ops: KVOps, rows: int = 0) -> _Batch:
         past = [
-            np.zeros((rows, shape.num_heads, 0, shape.head_dim), np.float32)
-            for _ in range(2 * shape.num_layers)
+            ops.empty(rows, shape.num_heads, shape.head_dim) for _ in range(2 * shape.num_layers)
         ]
         return cls([], past, np.zeros((rows, 0), np.int64), np.zeros(rows, np.int64))
 
-    def select(self, rows: np.ndarray) -> _Batch:
+    def select(self, rows: np.ndarray, ops: KVOps) -> _Batch:
         return _Batch(
             [self.ids[r] for r in rows],
-            [p[rows] for p in self.past],
+            [ops.take(p, rows) for p in self.past],
             self.mask[rows],
             self.lengths[rows],
         )
 
-    def trim_left(self) -> _Batch:
+    def trim_left(self, ops: KVOps) -> _Batch:
         """Drop leading columns that are padding in every row."""
-        if self.mask.shape[0] == 0:
-            return _Batch(
-                self.ids, [p[:, :, :0] for p in self.past], self.mask[:, :0], self.lengths
-            )
         used = np.flatnonzero(self.mask.any(axis=0))
         first = int(used[0]) if used.size else self.mask.shape[1]
         if first == 0:
             return self
         return _Batch(
             self.ids,
-            [np.ascontiguousarray(p[:, :, first:]) for p in self.past],
+            [ops.trim(p, first) for p in self.past],
             np.ascontiguousarray(self.mask[:, first:]),
             self.lengths,
         )
 
 
-def _merge(a: _Batch, b: _Batch) -> _Batch:
+def _merge(a: _Batch, b: _Batch, ops: KVOps) -> _Batch:
     """Stack two batches, left-padding the narrower one to the common width."""
     if not a.ids:
         return b
     width = max(a.mask.shape[1], b.mask.shape[1])
-
-    def stack(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
-        shape = list(x.shape)
-        shape[0] = x.shape[0] + y.shape[0]
-        shape[axis] = width
-        out = np.zeros(shape, x.dtype)
-        index = [slice(None)] * len(shape)
-        index[0], index[axis] = slice(0, x.shape[0]), slice(width - x.shape[axis], width)
-        out[tuple(index)] = x
-        index[0], index[axis] = slice(x.shape[0], None), slice(width - y.shape[axis], width)
-        out[tuple(index)] = y
-        return out
-
+    mask = np.zeros((len(a.ids) + len(b.ids), width), np.int64)
+    mask[: len(a.ids), width - a.mask.shape[1] :] = a.mask
+    mask[len(a.ids) :, width - b.mask.shape[1] :] = b.mask
     return _Batch(
         a.ids + b.ids,
-        [stack(x, y, 2) for x, y in zip(a.past, b.past, strict=True)],
-        stack(a.mask, b.mask, 1),
+        [ops.pad_stack(x, y, width) for x, y in zip(a.past, b.past, strict=True)],
+        mask,
         np.concatenate([a.lengths, b.lengths]),
     )
 
@@ -103,7 +89,9 @@ class StatefulEngine:
         self.forward = forward
         self.shape = shape
         self.max_sequences = max_sequences
-        self._batch = _Batch.empty(shape)
+        # The forward says where its cache lives (``kv_ops``); host numpy by default.
+        self.ops: KVOps = getattr(forward, "kv_ops", None) or NumpyKV()
+        self._batch = _Batch.empty(shape, self.ops)
         self._row_of: dict[int, int] = {}
 
     @property
@@ -137,7 +125,7 @@ class StatefulEngine:
                     f"{self.shape.vocab_size})"
                 )
         if sequence_ids is None:
-            fresh = _Batch.empty(self.shape, rows=len(tokens))
+            fresh = _Batch.empty(self.shape, self.ops, rows=len(tokens))
             fresh.ids = [-1] * len(tokens)
             self._check_length(fresh, tokens)
             logits, _ = self._run(fresh, tokens)
@@ -174,12 +162,12 @@ class StatefulEngine:
                 old_rows,
             )
         if new_rows:
-            fresh = _Batch.empty(self.shape, rows=len(new_rows))
+            fresh = _Batch.empty(self.shape, self.ops, rows=len(new_rows))
             fresh.ids = [sequence_ids[r] for r in new_rows]
             new_tokens = [tokens[r] for r in new_rows]
             self._check_length(fresh, new_tokens)
             logits[new_rows], fresh = self._run(fresh, new_tokens)
-            self._set_batch(_merge(self._batch, fresh))
+            self._set_batch(_merge(self._batch, fresh, self.ops))
         return logits
 
     def release(self, sequence_ids: Sequence[int]) -> int:
@@ -187,7 +175,7 @@ class StatefulEngine:
         gone = {s for s in sequence_ids if s in self._row_of}
         if gone:
             keep = np.array([r for r, s in enumerate(self._batch.ids) if s not in gone], np.int64)
-            self._set_batch(self._batch.select(keep).trim_left())
+            self._set_batch(self._batch.select(keep, self.ops).trim_left(self.ops))
         return len(gone)
 
     def release_all(self) -> int:
@@ -201,11 +189,13 @@ class StatefulEngine:
             logits[out_rows], self._batch = self._run(batch, tokens)
             return
         rows = np.array([self._row_of[s] for s in ids], np.int64)
-        sub = batch.select(rows)
+        sub = batch.select(rows, self.ops)
         self._check_length(sub, tokens)
         logits[out_rows], stepped = self._run(sub, tokens)
         others = np.array([r for r in range(len(batch.ids)) if r not in set(rows)], np.int64)
-        self._set_batch(_merge(batch.select(others), stepped).trim_left())
+        self._set_batch(
+            _merge(batch.select(others, self.ops), stepped, self.ops).trim_left(self.ops)
+        )
 
     def _check_length(self, batch: _Batch, tokens) -> None:
         for sid, length, toks in zip(batch.ids, batch.lengths, tokens, strict=True):

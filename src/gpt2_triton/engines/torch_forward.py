@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from gpt2_triton.engines.shape import ModelShape
@@ -19,6 +21,10 @@ def kv_cache_module(model):
     from transformers import DynamicCache
 
     num_layers = model.config.n_layer
+    # transformers renamed past_key_values -> cache (in and out) during 5.x; accept both.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
 
     class KVCacheModule(torch.nn.Module):
         def __init__(self) -> None:
@@ -33,12 +39,13 @@ def kv_cache_module(model):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_arg: cache},
             )
+            returned = out.cache if hasattr(out, "cache") else out.past_key_values
             present = []
-            for layer in out.cache.layers:
+            for layer in returned.layers:
                 present += [layer.keys, layer.values]
             return (out.logits[:, -1, :], *present)
 
@@ -46,36 +53,34 @@ def kv_cache_module(model):
 
 
 class TorchForward:
-    """PyTorch eager: the baseline engine (CPU fp32; CUDA fp16 when asked for)."""
+    """PyTorch eager: the baseline engine (CPU fp32; CUDA fp16 when asked for).
+
+    The KV cache stays a torch tensor on the model's device between steps (``kv_ops``);
+    only token ids, the mask and positions go in, and last-position logits come out.
+    """
 
     name = "torch"
 
     def __init__(self, model, shape: ModelShape, device: str = "cpu", dtype=None) -> None:
         import torch
 
+        from gpt2_triton.engines.kv_ops import TorchKV
+
         self._torch = torch
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.module = kv_cache_module(model.to(self.device, self.dtype))
         self.shape = shape
+        self.kv_ops = TorchKV(self.device, self.dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         torch = self._torch
 
-        def to_dev(a, dtype=None):
-            t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-            return t.to(dtype) if dtype is not None else t
+        def to_device(array):
+            return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
         with torch.inference_mode():
-            out = self.module(
-                to_dev(input_ids),
-                to_dev(attention_mask),
-                to_dev(position_ids),
-                *[to_dev(p, self.dtype) for p in past],
+            logits, *present = self.module(
+                to_device(input_ids), to_device(attention_mask), to_device(position_ids), *past
             )
-        logits = out[0].float().cpu().numpy()
-        present = [
-            t.float().cpu().numpy() if self.dtype != torch.float32 else t.cpu().numpy()
-            for t in out[1:]
-        ]
-        return logits, present
+        return logits.float().cpu().numpy(), present

@@ -1,0 +1,162 @@
+"""``make engine``: ONNX -> TensorRT plan, FP16 with GPT-2's overflow-prone layers in FP32.
+
+    python -m build_scripts.build_engine --model gpt2 [--precision fp16|fp32]
+
+Run it inside the image that serves the plan (docker compose --profile build run --rm
+build-engine): a plan only runs on the TensorRT version that built it, which is stamped
+into ``engine_settings.json`` next to ``model.plan`` and checked at load time. Without
+TensorRT: one clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt2_triton import checkpoint, logs
+from gpt2_triton.atomic import write_json
+from gpt2_triton.engines.factory import read_shape
+from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS, import_tensorrt
+from gpt2_triton.engines.trt_profiles import optimization_profiles
+from gpt2_triton.errors import EngineError, Gpt2TritonError
+
+log = logging.getLogger("build_scripts.build_engine")
+
+PLAN = "model.plan"
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    precision: str = "fp16"  # fp16 (overflow-prone layers kept fp32) or fp32
+    max_batch: int = 16  # = MAX_SEQUENCES of the model repository
+    workspace_gib: int = 4
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp16", "fp32"):
+            raise EngineError(f"--precision must be fp16 or fp32, got {self.precision}")
+        if self.max_batch < 1 or self.workspace_gib < 1:
+            raise EngineError("--max-batch and --workspace-gib must be >= 1")
+
+
+def keep_in_fp32(network, trt) -> int:
+    """Pin the layers that overflow in FP16 in GPT-2 to FP32: LayerNorm (and its
+    pow / reduce / sqrt when it arrives decomposed) and softmax. Returns how many."""
+    pinned = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        kind = layer.type
+        risky = kind in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
+        if kind == trt.LayerType.ELEMENTWISE:
+            layer.__class__ = trt.IElementWiseLayer  # the Python API's down-cast
+            risky = layer.op == trt.ElementWiseOperation.POW
+        elif kind == trt.LayerType.UNARY:
+            layer.__class__ = trt.IUnaryLayer
+            risky = layer.op == trt.UnaryOperation.SQRT
+        if not risky:
+            continue
+        layer.precision = trt.float32
+        for output in range(layer.num_outputs):
+            if layer.get_output(output).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(output, trt.float32)
+        pinned += 1
+    return pinned
+
+
+def build(export_dir: Path, settings: EngineSettings) -> Path:
+    trt = import_tensorrt()
+    shape = read_shape(export_dir)
+    onnx_path = export_dir / "model.onnx"
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_gib << 30)
+    pinned = 0
+    if settings.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = keep_in_fp32(network, trt)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    profiles = optimization_profiles(shape, settings.max_batch)
+    for ranges in profiles.values():
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in ranges.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+
+    cache_path = export_dir / TIMING_CACHE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    log.info("building %s plan (%d layers pinned to fp32)", settings.precision, pinned)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineError("TensorRT could not build the plan (see the log above)")
+    tmp = export_dir / f".{PLAN}.partial"
+    tmp.write_bytes(bytes(plan))
+    tmp.replace(export_dir / PLAN)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_json(
+        export_dir / ENGINE_SETTINGS,
+        {
+            "tensorrt_version": trt.__version__,
+            "precision": settings.precision,
+            "layers_pinned_fp32": pinned,
+            "max_batch": settings.max_batch,
+            "profiles": list(profiles),  # order = profile index
+            "profile_ranges": {
+                k: {n: list(map(list, r)) for n, r in v.items()} for k, v in profiles.items()
+            },
+            "gpu": _gpu_name(),
+        },
+    )
+    return export_dir / PLAN
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    except Exception:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
+    parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=EngineSettings.max_batch,
+        help="largest batch (the repository's MAX_SEQUENCES)",
+    )
+    parser.add_argument("--workspace-gib", type=int, default=EngineSettings.workspace_gib)
+    args = parser.parse_args(argv)
+    logs.setup()
+    try:
+        import_tensorrt()  # first: without TensorRT nothing else matters
+        settings = EngineSettings(args.precision, args.max_batch, args.workspace_gib)
+        export_dir = args.export_dir or (
+            checkpoint.artifacts_root() / "onnx" / checkpoint.resolve(args.model).slug
+        )
+        plan = build(export_dir, settings)
+    except Gpt2TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"TensorRT plan in {plan}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
