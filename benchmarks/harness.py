@@ -1,0 +1,315 @@
+"""``make bench``: the same GPT-2-small architecture measured three ways, in one run.
+
+    python -m benchmarks.harness --model artifacts/models/gpt2-small-random
+
+(a) Hugging Face ``generate()`` in PyTorch eager, in process (what a user tries first);
+(b) the raw ONNX Runtime KV-cache loop on the same ONNX file, in process (the engine's
+    limit: no server, no Python loop around it beyond argmax);
+(c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch).
+
+For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
+output tokens/s at each concurrency and prompt length, with exactly ``--new-tokens``
+tokens per request (``min_length`` = ``max_tokens``; greedy). Ratios of (c) to (a) and
+(b) are taken within the run. Writes ``results.json`` and the report with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_triton import checkpoint, logs
+
+log = logging.getLogger("benchmarks.harness")
+
+
+@dataclass
+class Row:
+    system: str  # hf-generate | onnxruntime-loop | triton:<engine>
+    concurrency: int
+    prompt_tokens: int
+    new_tokens: int
+    ttft_ms: list[float] = field(default_factory=list)  # per request
+    # per request: (last token - first token) / (tokens - 1), as genai-perf defines it
+    itl_ms: list[float] = field(default_factory=list)
+    gap_ms: list[float] = field(default_factory=list)  # every gap between two tokens
+    latency_ms: list[float] = field(default_factory=list)  # per request
+    wall_s: float = 0.0
+    tokens: int = 0
+    server_rss_mb: float | None = None
+
+    def summary(self) -> dict:
+        def pct(values, q):
+            return float(np.percentile(values, q)) if values else None
+
+        return {
+            "system": self.system,
+            "concurrency": self.concurrency,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "ttft_ms_p50": pct(self.ttft_ms, 50),
+            "ttft_ms_p99": pct(self.ttft_ms, 99),
+            "itl_ms_p50": pct(self.itl_ms, 50),
+            "itl_ms_p90": pct(self.itl_ms, 90),
+            "itl_ms_p99": pct(self.itl_ms, 99),
+            "gap_ms_p99": pct(self.gap_ms, 99),
+            "latency_ms_p50": pct(self.latency_ms, 50),
+            "latency_ms_p90": pct(self.latency_ms, 90),
+            "latency_ms_p99": pct(self.latency_ms, 99),
+            "tokens_per_s": self.tokens / self.wall_s if self.wall_s else None,
+            "server_rss_mb": self.server_rss_mb,
+        }
+
+
+def prompt_ids(tokenizer, n: int, seed: int) -> list[int]:
+    """A prompt of exactly ``n`` tokens: English text, cut at ``n`` tokens."""
+    from gpt2_triton.prompts import varied_prompts
+
+    text = " ".join(varied_prompts(32)[seed % 32 :] + varied_prompts(32))
+    ids = tokenizer(text)["input_ids"]
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+# -- (a) Hugging Face generate ------------------------------------------------------------
+class _Stamps:
+    """A generate() streamer that only notes when each step's tokens come out."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _record(row: Row, started: float, stamps: list[float], rows: int) -> None:
+    """One batch that produced a token per row at each of ``stamps``."""
+    gaps = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
+    for _ in range(rows):
+        row.ttft_ms.append(1e3 * (stamps[0] - started))
+        row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1))
+        row.gap_ms.extend(gaps)
+        row.latency_ms.append(1e3 * (stamps[-1] - started))
+    row.wall_s += stamps[-1] - started
+    row.tokens += rows * len(stamps)
+
+
+def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int) -> Row:
+    import torch
+
+    row = Row("hf-generate", concurrency, prompt_tokens, new_tokens)
+    batch = torch.tensor([prompt_ids(tokenizer, prompt_tokens, i) for i in range(concurrency)])
+    mask = torch.ones_like(batch)
+
+    def generate(n: int, record: bool) -> None:
+        stamps = _Stamps()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                batch,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+                streamer=stamps,
+            )
+        if record:  # the streamer's first put() is the prompt itself
+            _record(row, started, stamps.times[1:], concurrency)
+
+    generate(4, record=False)  # warm-up
+    generate(new_tokens, record=True)
+    return row
+
+
+# -- (b) the raw ONNX Runtime loop ---------------------------------------------------------
+def bench_ort_loop(engine, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int) -> Row:
+    row = Row("onnxruntime-loop", concurrency, prompt_tokens, new_tokens)
+    prompts = [prompt_ids(tokenizer, prompt_tokens, i) for i in range(concurrency)]
+    ids = list(range(1, concurrency + 1))
+
+    def run(record: bool) -> None:
+        started = time.perf_counter()
+        logits = engine.step(prompts, ids, [True] * concurrency)
+        stamps = [time.perf_counter()]
+        for _ in range(new_tokens - 1):
+            tokens = [[int(t)] for t in logits.argmax(-1)]
+            logits = engine.step(tokens, ids)
+            stamps.append(time.perf_counter())
+        engine.release(ids)
+        if record:
+            _record(row, started, stamps, concurrency)
+
+    run(record=False)  # warm-up
+    run(record=True)
+    return row
+
+
+# -- (c) the service through Triton --------------------------------------------------------
+def bench_triton(
+    url: str,
+    engine: str,
+    tokenizer,
+    concurrency: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    server_pid: int,
+) -> Row:
+    from client import GenerationParams, Gpt2Client
+
+    row = Row(f"triton:{engine}", concurrency, prompt_tokens, new_tokens)
+    params = GenerationParams(max_tokens=new_tokens, min_length=new_tokens, temperature=0)
+    prompts = [
+        tokenizer.decode(prompt_ids(tokenizer, prompt_tokens, i)) for i in range(concurrency)
+    ]
+    lock = threading.Lock()
+
+    def one(prompt: str, barrier: threading.Barrier, record: bool) -> None:
+        with Gpt2Client(url) as client:
+            barrier.wait()
+            started = time.perf_counter()
+            stream = client.stream(prompt, params)
+            stamps = [time.perf_counter() for _ in stream]
+            end = time.perf_counter()
+        if record:
+            with lock:
+                row.ttft_ms.append(1e3 * (stamps[0] - started))
+                # pieces can merge tokens (a held-back multi-byte character): count tokens
+                tokens = stream.result.num_output_tokens
+                row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(tokens - 1, 1))
+                row.gap_ms.extend(1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
+                row.latency_ms.append(1e3 * (end - started))
+                row.tokens += stream.result.num_output_tokens
+
+    def wave(record: bool) -> float:
+        barrier = threading.Barrier(concurrency)
+        threads = [threading.Thread(target=one, args=(p, barrier, record)) for p in prompts]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - started
+
+    wave(False)  # warm-up
+    rounds = 3 if concurrency == 1 else 1
+    row.wall_s = sum(wave(True) for _ in range(rounds))
+    row.server_rss_mb = server_rss_mb(server_pid)
+    return row
+
+
+def server_rss_mb(pid: int) -> float:
+    """tritonserver and its Python backend stubs (one process per model instance)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    processes = [process, *process.children(recursive=True)]
+    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+
+
+# -- the run --------------------------------------------------------------------------------
+def run(args) -> dict:
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.engines.factory import build_engine
+    from gpt2_triton.triton_server import Ports, TritonServer
+
+    spec = checkpoint.resolve(args.model)
+    tokenizer = checkpoint.load_tokenizer(spec)
+    export_dir = checkpoint.artifacts_root() / "onnx" / spec.slug
+    rows: list[Row] = []
+    grid = [(c, p) for p in args.prompt_tokens for c in args.concurrency]
+
+    if not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        model = checkpoint.load_model(spec)
+        for c, p in grid:
+            log.info("hf-generate c=%d prompt=%d", c, p)
+            rows.append(bench_hf(model, tokenizer, c, p, args.new_tokens))
+        del model
+    engine = build_engine(
+        "onnx", export_dir, max_sequences=max(args.concurrency), threads=args.threads
+    )
+    for c, p in grid:
+        log.info("onnxruntime-loop c=%d prompt=%d", c, p)
+        rows.append(bench_ort_loop(engine, tokenizer, c, p, args.new_tokens))
+    del engine
+
+    for kind in args.engines:
+        repo = checkpoint.artifacts_root() / "bench" / f"repo-{kind}"
+        build(
+            RepoSettings(
+                args.model, kind, max_sequences=max(args.concurrency), engine_threads=args.threads
+            ),
+            repository=repo,
+        )
+        server = TritonServer(
+            repo,
+            Ports(args.port, args.port + 1, args.port + 2),
+            log_file=checkpoint.artifacts_root() / "bench" / f"{kind}.log",
+        )
+        with server:
+            for c, p in grid:
+                log.info("triton:%s c=%d prompt=%d", kind, c, p)
+                rows.append(
+                    bench_triton(
+                        server.grpc_url, kind, tokenizer, c, p, args.new_tokens, server.process.pid
+                    )
+                )
+    return {
+        "model": spec.source,
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [r.summary() for r in rows],
+        "raw": [asdict(r) for r in rows] if args.raw else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.report import write_report
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="artifacts/models/gpt2-small-random")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--engines", nargs="+", default=["onnx", "onnx-int8", "torch"])
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--raw", action="store_true", help="keep every sample in the JSON")
+    parser.add_argument("--port", type=int, default=18000)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    parser.add_argument("--report", type=Path, default=Path("docs/BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    logs.setup()
+    started = time.perf_counter()
+    results = run(args)
+    results["duration_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, args.report, args.report.parent / "bench")
+    print(f"results in {args.out / 'results.json'}; report in {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Turn the harness's results into docs/BENCHMARKS.md tables, ratios and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _index(rows):
+    return {(r["system"], r["concurrency"], r["prompt_tokens"]): r for r in rows}
+
+
+def ratio_rows(results: dict) -> list[str]:
+    """(c) over (a) and (b), per engine, concurrency and prompt length."""
+    rows = results["rows"]
+    by = _index(rows)
+    lines = [
+        "| service | concurrency | prompt | ITL vs ONNX loop | TTFT vs ONNX loop | "
+        "tokens/s vs ONNX loop | tokens/s vs HF generate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["system"].startswith("triton:"):
+            continue
+        key = (r["concurrency"], r["prompt_tokens"])
+        loop = by.get(("onnxruntime-loop", *key))
+        hf = by.get(("hf-generate", *key))
+
+        def ratio(a, b):
+            return None if a is None or b is None or b == 0 else a / b
+
+        lines.append(
+            f"| {r['system']} | {key[0]} | {key[1]} | "
+            f"{_fmt(ratio(r['itl_ms_p50'], loop and loop['itl_ms_p50']), '.2f')}x | "
+            f"{_fmt(ratio(r['ttft_ms_p50'], loop and loop['ttft_ms_p50']), '.2f')}x | "
+            f"{_fmt(ratio(r['tokens_per_s'], loop and loop['tokens_per_s']), '.2f')}x | "
+            f"{_fmt(ratio(r['tokens_per_s'], hf and hf['tokens_per_s']), '.2f')}x |"
+        )
+    return lines
+
+
+def table(results: dict) -> list[str]:
+    lines = [
+        "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
+        "latency p50 | latency p90 | latency p99 | tokens/s | server RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        rss = _fmt(r["server_rss_mb"], ".0f") + " MB" if r["server_rss_mb"] else "-"
+        lines.append(
+            f"| {r['system']} | {r['concurrency']} | {r['prompt_tokens']} | "
+            f"{_fmt(r['ttft_ms_p50'])} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms | "
+            f"{_fmt(r['itl_ms_p90'], '.2f')} ms | {_fmt(r['itl_ms_p99'], '.2f')} ms | "
+            f"{_fmt(r['gap_ms_p99'], '.2f')} ms | {_fmt(r['latency_ms_p50'], '.0f')} ms | "
+            f"{_fmt(r['latency_ms_p90'], '.0f')} ms | {_fmt(r['latency_ms_p99'], '.0f')} ms | "
+            f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} |"
+        )
+    return lines
+
+
+def plots(results: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    systems = sorted({r["system"] for r in results["rows"]})
+    for prompt in sorted({r["prompt_tokens"] for r in results["rows"]}):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for system in systems:
+            rows = sorted(
+                (
+                    r
+                    for r in results["rows"]
+                    if r["system"] == system and r["prompt_tokens"] == prompt
+                ),
+                key=lambda r: r["concurrency"],
+            )
+            xs = [r["concurrency"] for r in rows]
+            left.plot(xs, [r["itl_ms_p50"] for r in rows], marker="o", label=system)
+            right.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=system)
+        for axis, title in ((left, "inter-token latency p50 (ms)"), (right, "output tokens/s")):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks([r for r in sorted({r["concurrency"] for r in results["rows"]})])
+            axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_xlabel("concurrency")
+            axis.set_title(title)
+            axis.grid(alpha=0.3)
+        right.legend(fontsize=8)
+        fig.suptitle(
+            f"GPT-2 small architecture, prompt {prompt} tokens, {results['new_tokens']} new tokens"
+        )
+        fig.tight_layout()
+        name = f"concurrency_prompt{prompt}.png"
+        fig.savefig(folder / name, dpi=90)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def write_report(results: dict, path: Path, plot_folder: Path) -> None:
+    pictures = plots(results, plot_folder)
+    rel = (
+        plot_folder.relative_to(path.parent)
+        if plot_folder.is_relative_to(path.parent)
+        else plot_folder
+    )
+    text = [
+        "# Benchmarks",
+        "",
+        f"Produced by `make bench` ({results['started']}, {results['duration_s']:.0f} s) on "
+        f"{results['machine']['cpus']} CPUs ({results['machine']['platform']}); model "
+        f"`{results['model']}`, {results['new_tokens']} new tokens per request, greedy, "
+        "exactly that many tokens (min_length = max_tokens). One sitting: compare ratios "
+        "within this run, not absolute times across runs (this machine drifts by up to "
+        "~30% over tens of minutes).",
+        "",
+        "Systems: `hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, "
+        "one batch of `concurrency` prompts; `onnxruntime-loop` = the in-process ONNX "
+        "Runtime KV-cache loop on the same ONNX file (`StatefulEngine`, argmax); "
+        "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
+        "at once, each timing its own tokens.",
+        "",
+        *table(results),
+        "",
+        "## The service against the baselines (same run)",
+        "",
+        *ratio_rows(results),
+        "",
+        *[f"![{p}]({rel}/{p})" for p in pictures],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))

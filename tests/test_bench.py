@@ -1,0 +1,70 @@
+"""The benchmark harness's plumbing, on the tiny model with a small grid."""
+
+import json
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.report import ratio_rows
+
+
+@pytest.mark.integration
+def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_path, unused_port):
+    code = harness.main(
+        [
+            "--model",
+            "tiny",
+            "--concurrency",
+            "1",
+            "2",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "6",
+            "--engines",
+            "onnx",
+            "--port",
+            str(unused_port),
+            "--out",
+            str(tmp_path / "out"),
+            "--report",
+            str(tmp_path / "docs" / "BENCH.md"),
+        ]
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    systems = {(r["system"], r["concurrency"]) for r in results["rows"]}
+    assert systems == {
+        (s, c) for s in ("hf-generate", "onnxruntime-loop", "triton:onnx") for c in (1, 2)
+    }
+    for row in results["rows"]:
+        assert row["tokens_per_s"] > 0 and row["ttft_ms_p50"] > 0
+        assert row["latency_ms_p50"] >= row["ttft_ms_p50"]
+        if row["system"].startswith("triton"):
+            assert row["server_rss_mb"] > 0
+    report = (tmp_path / "docs" / "BENCH.md").read_text()
+    assert "| triton:onnx | 2 | 8 |" in report
+    assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
+
+
+def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
+    def row(system, c, itl, ttft, tps):
+        return {
+            "system": system,
+            "concurrency": c,
+            "prompt_tokens": 32,
+            "itl_ms_p50": itl,
+            "ttft_ms_p50": ttft,
+            "tokens_per_s": tps,
+        }
+
+    results = {
+        "rows": [
+            row("onnxruntime-loop", 1, 10.0, 20.0, 100.0),
+            row("hf-generate", 1, 40.0, 80.0, 25.0),
+            row("onnxruntime-loop", 4, 20.0, 40.0, 200.0),
+            row("triton:onnx", 1, 11.0, 25.0, 90.0),
+        ]
+    }
+    lines = ratio_rows(results)
+    assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
