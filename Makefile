@@ -42,7 +42,7 @@ PRECISION ?= fp16
 BENCH_MODEL := $(GPT2_TRITON_ARTIFACTS)/models/gpt2-small-random
 
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down gpu-check bench-model bench test-tools test test-fast lint clean
+	compose-down gpu-check bench-model bench bench-pa test-tools test test-fast lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -106,6 +106,14 @@ bench-model: setup ## GPT-2 small architecture, random weights, GPT-2's tokenize
 bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minutes; idle machine)
 	$(PY) -m build_scripts.export_onnx --model $(BENCH_MODEL) --int8 --skip-existing
 	$(PY) -m benchmarks.harness --model $(BENCH_MODEL)
+
+bench-pa: setup ## perf_analyzer on next_token and streaming gpt2 (against a running server)
+	@command -v ldconfig >/dev/null && ldconfig -p | grep -q libb64.so.0d || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
+		else echo "perf_analyzer needs libb64-0d: sudo apt-get install libb64-0d"; exit 1; fi; }
+	$(PY) -c "import nvidia.cuda_runtime" 2>/dev/null || \
+		$(PY) -m pip install --quiet "nvidia-cuda-runtime-cu12==12.6.77"
+	GRPC_URL=$(HOST):$(GRPC_PORT) PY=$(PY) bash benchmarks/perf_analyzer.sh
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
 	bash benchmarks/gpu_check.sh
