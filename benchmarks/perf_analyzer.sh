@@ -11,6 +11,7 @@ URL=${GRPC_URL:-127.0.0.1:8001}
 OUT=${PA_OUT:-artifacts/bench/pa}
 PA=$(dirname "$PY")/perf_analyzer
 mkdir -p "$OUT"
+$PY -c "from client import Gpt2Client; Gpt2Client('$URL').wait_until_ready(180)"
 cudart=$($PY -c "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}"
 
@@ -25,10 +26,11 @@ JSON
 
 echo "== next_token (ensemble: tokenizer -> engine -> sampler), one forward pass"
 "$PA" -m next_token -u "$URL" -i grpc --input-data "$OUT/next_token.json" \
-  --concurrency-range 1:4:3 --measurement-interval 4000 -f "$OUT/next_token.csv" \
+  --concurrency-range 1:4:3 --measurement-interval 5000 -f "$OUT/next_token.csv" \
   | tee "$OUT/next_token.log"
 
 echo "== gpt2, streaming, 64 tokens per request"
 "$PA" -m gpt2 -u "$URL" -i grpc --streaming --input-data "$OUT/gpt2.json" \
-  --concurrency-range 1:4:3 --measurement-interval 8000 -f "$OUT/gpt2.csv" \
+  --concurrency-range 1:4:3 --measurement-mode count_windows \
+  --measurement-request-count 8 --stability-percentage 25 --max-trials 6 -f "$OUT/gpt2.csv" \
   | tee "$OUT/gpt2.log"
