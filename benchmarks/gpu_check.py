@@ -17,30 +17,15 @@ from pathlib import Path
 
 from client import GenerationParams, Gpt2Client
 from gpt2_triton.prompts import varied_prompts
+from gpt2_triton.reference import greedy_text
 
 
 def hf_greedy(model_dir: str, prompts: list[str], new_tokens: int) -> list[str]:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-            new = gen[0, ids.shape[1] :].tolist()
-            if tokenizer.eos_token_id in new:
-                new = new[: new.index(tokenizer.eos_token_id)]
-            out.append(tokenizer.decode(new))
-    return out
+    return [greedy_text(model, tokenizer, p, new_tokens) for p in prompts]
 
 
 def load(url: str, concurrency: int, new_tokens: int) -> dict:

@@ -31,6 +31,7 @@ from gpt2_triton.engines.factory import build_forward, read_shape
 from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError, Gpt2TritonError
 from gpt2_triton.prompts import varied_prompts
+from gpt2_triton.reference import greedy_ids
 
 log = logging.getLogger("build_scripts.verify")
 
@@ -65,10 +66,6 @@ class Reference:
     prompt_latency_ms_p50: float
 
 
-def _until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
 def reference(model, tokenizer, prompts: list[str], new_tokens: int, eos: int) -> Reference:
     import torch
 
@@ -81,14 +78,7 @@ def reference(model, tokenizer, prompts: list[str], new_tokens: int, eos: int) -
             out = model(x, logits_to_keep=1).logits[0, -1]
             times.append(time.perf_counter() - started)
             logits.append(out.float().numpy())
-            gen = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=eos,
-            )
-            greedy.append(_until_eos(gen[0, len(p) :].tolist(), eos))
+            greedy.append(greedy_ids(model, p, new_tokens, eos))
     return Reference(ids, np.stack(logits), greedy, 1e3 * statistics.median(times))
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from client import ClientError, GenerationParams, Gpt2Client
+from gpt2_triton.reference import greedy_text
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +38,6 @@ def grpc(triton):
 def http(triton):
     with Gpt2Client(triton.http_url, protocol="http") as client:
         yield client
-
-
-def hf_greedy(model, tokenizer, prompt, max_new_tokens):
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    new = out[0, ids.shape[1] :].tolist()
-    if tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new)
 
 
 def metrics(triton) -> dict[str, float]:
@@ -85,7 +71,7 @@ PROMPTS = [
 def test_grpc_greedy_is_token_identical_to_hugging_face(grpc, tiny_hf_model, tiny_tokenizer):
     for prompt in PROMPTS[:4]:
         result = grpc.generate(prompt, GREEDY)
-        assert result.text == hf_greedy(tiny_hf_model, tiny_tokenizer, prompt, 24)
+        assert result.text == greedy_text(tiny_hf_model, tiny_tokenizer, prompt, 24)
         assert result.num_input_tokens == len(tiny_tokenizer(prompt)["input_ids"])
 
 
