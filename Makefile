@@ -1,7 +1,8 @@
 # Every step of the project, from a fresh clone. `make help` lists the targets.
 #
 # MODEL: a hub id (gpt2, the default), `tiny` (built here, offline) or a checkpoint folder.
-# ENGINE: onnx (CPU, ONNX Runtime), onnx-int8, torch; trt on a GPU (see docs/GPU.md).
+# ENGINE: onnx (CPU, ONNX Runtime), onnx-int8, torch (DEVICE=cpu|cuda); trt on a GPU
+# (see docs/GPU.md).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,6 +12,7 @@ MODEL ?= gpt2
 ENGINE ?= onnx
 INT8 ?= 0
 MAX_SEQUENCES ?= 16
+DEVICE ?= cpu
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -79,7 +81,7 @@ ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
 endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
-		--max-sequences $(MAX_SEQUENCES)
+		--max-sequences $(MAX_SEQUENCES) $(if $(filter torch,$(ENGINE)),--device $(DEVICE))
 
 serve: setup ## run tritonserver on the rendered model_repository/ (Ctrl-C stops it)
 	$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS)
