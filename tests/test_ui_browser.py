@@ -7,10 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
+
+from client import GenerationParams, Gpt2Client
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +114,19 @@ def test_stop_cancels_generation_on_the_server(page, triton):
         assert box.input_value() == value
     page.get_by_role("tab", name="Completion").click()
     before = cancelled_requests(triton)
+    # Other clients keep the server busy, so the page's request is still generating when
+    # the page shows its first words: the tiny model alone is faster than a busy page.
+    background = [
+        Gpt2Client(triton.grpc_url).stream(
+            "The dog", GenerationParams(max_tokens=1000, min_length=1000)
+        )
+        for _ in range(6)
+    ]
+    consumers = [
+        threading.Thread(target=lambda s=s: [None for _ in s], daemon=True) for s in background
+    ]
+    for consumer in consumers:
+        consumer.start()
     page.fill("#completion-input textarea", "The cat")
     page.click("#complete")
     output = page.locator("#completion-output textarea")
@@ -135,3 +151,5 @@ def test_stop_cancels_generation_on_the_server(page, triton):
         time.sleep(1.0)
     assert output.input_value() == stopped, "the text kept growing after Stop"
     assert len(stopped.split()) < 900  # it did not run to max_tokens
+    for stream in background:
+        stream.cancel()
