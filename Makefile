@@ -76,7 +76,7 @@ engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan (needs TensorRT and a GPU: se
 	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
 		--max-batch $(MAX_SEQUENCES)
 
-repo: setup $(TINY_DEP) ## render model_repository/ for MODEL and ENGINE (onnx, onnx-int8, torch)
+repo: setup $(TINY_DEP) ## render model_repository/ for MODEL and ENGINE (onnx, onnx-int8, torch, trt)
 ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
 endif
@@ -145,3 +145,4 @@ lint: setup ## ruff lint and format check
 
 clean: ## remove build outputs (artifacts/, runs/, rendered model repository files)
 	rm -rf $(GPT2_TRITON_ARTIFACTS) runs
+	git clean -fdXq model_repository
