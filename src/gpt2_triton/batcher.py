@@ -82,6 +82,8 @@ class BatcherStats:
     waiting: int = 0
     first_token_seconds_total: float = 0.0
     first_tokens: int = 0
+    step_seconds_total: float = 0.0  # whole steps, engine call included
+    engine_seconds_total: float = 0.0  # the engine call alone (BLS in Triton)
 
 
 @dataclass
@@ -179,6 +181,7 @@ class InflightBatcher:
             return False
         batch = list(self._active)
         tokens = [s.history[-1:] if s.started else s.prompt_ids for s in batch]
+        step_started = time.perf_counter()
         try:
             logits = self.engine.step(
                 tokens, [s.sequence_id for s in batch], [not s.started for s in batch]
@@ -190,6 +193,7 @@ class InflightBatcher:
         self.stats.steps += 1
         finished = []
         now = time.perf_counter()
+        self.stats.engine_seconds_total += now - step_started
         for row, sequence in enumerate(batch):
             first = not sequence.started
             sequence.started = True
@@ -204,6 +208,7 @@ class InflightBatcher:
                 self._send_error(sequence, "internal error while generating")
                 finished.append(sequence)
         self._retire(finished)
+        self.stats.step_seconds_total += time.perf_counter() - step_started
         return True
 
     def shutdown(self) -> None:

@@ -162,6 +162,14 @@ class Metrics:
             "Sum over requests of queue + prompt time to the first token",
             counter=True,
         )
+        self.step_time = self._metric(
+            "gpt2_step_seconds_total", "Time in batched steps (engine call included)", counter=True
+        )
+        self.engine_time = self._metric(
+            "gpt2_engine_call_seconds_total",
+            "Time in the engine call (BLS) of each step",
+            counter=True,
+        )
         self.active = self._metric("gpt2_active_sequences", "Sequences in the running batch")
         self.waiting = self._metric("gpt2_waiting_requests", "Requests queued to join")
         self.published = {}  # counter name -> value already published
@@ -194,5 +202,7 @@ class Metrics:
         self._advance("tokens", self.tokens, s.output_tokens)
         self._advance("steps", self.steps, s.steps)
         self._advance("ttft", self.ttft, s.first_token_seconds_total)
+        self._advance("step_time", self.step_time, s.step_seconds_total)
+        self._advance("engine_time", self.engine_time, s.engine_seconds_total)
         self.active.set(s.active)
         self.waiting.set(s.waiting)
