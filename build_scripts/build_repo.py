@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import write_json
+from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import Gpt2TritonError
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
     args = parser.parse_args(argv)
     logs.setup()
-    try:
+
+    def step() -> str:
         settings = RepoSettings(
             args.model,
             args.engine,
@@ -199,12 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             args.engine_threads,
             args.device,
         )
-        out = build(settings, args.export_dir, args.repository)
-    except Gpt2TritonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"model repository ready in {out}")
-    return 0
+        return f"model repository ready in {build(settings, args.export_dir, args.repository)}"
+
+    return run_step(step)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import atomic_dir, write_json
+from gpt2_triton.cli import run_step
+from gpt2_triton.engines.factory import SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import Gpt2TritonError
 
 log = logging.getLogger("build_scripts.export_onnx")
-
-SETTINGS_FILE = "export_settings.json"
 
 
 def onnx_dir(slug: str) -> Path:
@@ -114,13 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logs.setup()
-    try:
-        out = run(args.model, args.output, args.int8, args.skip_existing)
-    except Gpt2TritonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"ONNX export in {out}")
-    return 0
+    return run_step(
+        lambda: f"ONNX export in {run(args.model, args.output, args.int8, args.skip_existing)}"
+    )
 
 
 if __name__ == "__main__":
