@@ -40,6 +40,10 @@ UI_FLAGS := --host $(HOST) --port $(UI_PORT) --triton-url $(HOST):$(GRPC_PORT)
 COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
 PRECISION ?= fp16
+# ONNX opset: 23 writes fused Attention nodes (fast on ONNX Runtime). TensorRT parses them
+# from 10.14 on; the 24.10 image carries 10.5, so the plan is built from an opset-18 export.
+OPSET ?= 23
+ENGINE_OPSET ?= 18
 
 BENCH_MODEL := $(GPT2_TRITON_ARTIFACTS)/models/gpt2-small-random
 
@@ -65,20 +69,22 @@ train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATIO
 		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
 
 export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds the int8 model)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET)
 
 verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency report
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET) \
+		--skip-existing
 	$(PY) -m build_scripts.verify --model $(MODEL)
 
 engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan (needs TensorRT and a GPU: see docs/GPU.md)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) --skip-existing
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) --opset $(ENGINE_OPSET) --skip-existing
 	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
 		--max-batch $(MAX_SEQUENCES)
 
 repo: setup $(TINY_DEP) ## render model_repository/ for MODEL and ENGINE (onnx, onnx-int8, torch, trt)
 ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --skip-existing
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET) \
+		--skip-existing
 endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
 		--max-sequences $(MAX_SEQUENCES) $(if $(filter torch,$(ENGINE)),--device $(DEVICE))

@@ -67,8 +67,29 @@ def keep_in_fp32(network, trt) -> int:
     return pinned
 
 
+# The first TensorRT whose ONNX parser reads the opset-23 Attention node.
+TRT_FUSED_ATTENTION = (10, 14)
+
+
+def check_opset(export_dir: Path, tensorrt_version: str) -> None:
+    """Fail before parsing when the export holds Attention nodes this TensorRT cannot read."""
+    from build_scripts.export_onnx import load_settings
+    from gpt2_triton.export import FUSED_ATTENTION_OPSET
+
+    opset = int(load_settings(export_dir).get("opset", 0))
+    version = tuple(int(part) for part in tensorrt_version.split(".")[:2])
+    if opset >= FUSED_ATTENTION_OPSET and version < TRT_FUSED_ATTENTION:
+        raise EngineError(
+            f"{export_dir} is an opset-{opset} export (fused Attention nodes), which TensorRT "
+            f"{tensorrt_version} cannot parse (needs "
+            f"{'.'.join(map(str, TRT_FUSED_ATTENTION))}+): re-export with --opset 18 "
+            "(make engine does: ENGINE_OPSET=18)"
+        )
+
+
 def build(export_dir: Path, settings: EngineSettings) -> Path:
     trt = import_tensorrt()
+    check_opset(export_dir, trt.__version__)
     shape = read_shape(export_dir)
     onnx_path = export_dir / "model.onnx"
     logger = trt.Logger(trt.Logger.WARNING)

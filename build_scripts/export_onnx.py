@@ -21,7 +21,7 @@ from gpt2_triton.atomic import atomic_dir, write_json
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
-from gpt2_triton.errors import Gpt2TritonError
+from gpt2_triton.errors import ExportError, Gpt2TritonError
 
 log = logging.getLogger("build_scripts.export_onnx")
 
@@ -30,28 +30,40 @@ def onnx_dir(slug: str) -> Path:
     return checkpoint.artifacts_root() / "onnx" / slug
 
 
-def is_current(folder: Path, source: str, int8: bool) -> bool:
-    """True when ``folder`` already holds an export of ``source`` (with int8 if asked)."""
+def is_current(folder: Path, source: str, int8: bool, opset: int) -> bool:
+    """True when ``folder`` already holds an export of ``source`` at ``opset`` (with int8
+    if asked)."""
     try:
         settings = load_settings(folder)
     except Gpt2TritonError:
         return False
-    return settings.get("model") == source and (not int8 or "int8" in settings["files"])
+    return (
+        settings.get("model") == source
+        and settings.get("opset") == opset
+        and (not int8 or "int8" in settings["files"])
+    )
 
 
 def run(
-    model_spec: str, output: Path | None = None, int8: bool = False, skip_existing: bool = False
+    model_spec: str,
+    output: Path | None = None,
+    int8: bool = False,
+    skip_existing: bool = False,
+    opset: int | None = None,
 ) -> Path:
     import onnx
     import onnxruntime
     import torch
     import transformers
 
-    from gpt2_triton.export import OPSET, export_onnx, quantize_int8
+    from gpt2_triton.export import MIN_OPSET, OPSET, export_onnx, quantize_int8
 
+    opset = opset or OPSET
+    if not MIN_OPSET <= opset <= OPSET:  # before minutes of loading
+        raise ExportError(f"opset {opset} not supported: choose {MIN_OPSET} to {OPSET}")
     spec = checkpoint.resolve(model_spec)
     output = output or onnx_dir(spec.slug)
-    if skip_existing and is_current(output, spec.source, int8):
+    if skip_existing and is_current(output, spec.source, int8, opset):
         log.info("%s already exported to %s", spec.source, output)
         return output
     tokenizer = checkpoint.load_tokenizer(spec)
@@ -59,11 +71,11 @@ def run(
     shape = ModelShape.from_hf_config(model.config)
     started = time.perf_counter()
     with atomic_dir(output) as tmp:
-        export_onnx(copy.deepcopy(model) if int8 else model, shape, tmp / "model.onnx")
+        export_onnx(copy.deepcopy(model) if int8 else model, shape, tmp / "model.onnx", opset=opset)
         files = {"fp32": "model.onnx"}
         if int8:
             untied = tmp / "model.fp32-untied.onnx"
-            export_onnx(model, shape, untied, untie_lm_head=True)
+            export_onnx(model, shape, untied, untie_lm_head=True, opset=opset)
             quantize_int8(untied, tmp / "model.int8.onnx")
             untied.unlink()
             files["int8"] = "model.int8.onnx"
@@ -75,7 +87,7 @@ def run(
                 "slug": spec.slug,
                 "shape": shape.to_dict(),
                 "files": files,
-                "opset": OPSET,
+                "opset": opset,
                 "logits": "last position only, (batch, vocab)",
                 "versions": {
                     "torch": torch.__version__,
@@ -105,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also write model.int8.onnx (dynamic quantization, lm_head too)",
+        help="also write model.int8.onnx (8-bit weights, int8 compute, lm_head too)",
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        help="ONNX opset (default 23: fused Attention nodes; 18 for TensorRT before 10.14)",
     )
     parser.add_argument(
         "--skip-existing",
@@ -115,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup()
     return run_step(
-        lambda: f"ONNX export in {run(args.model, args.output, args.int8, args.skip_existing)}"
+        lambda: (
+            "ONNX export in "
+            f"{run(args.model, args.output, args.int8, args.skip_existing, args.opset)}"
+        )
     )
 
 

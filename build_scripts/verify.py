@@ -186,7 +186,7 @@ def markdown(model: str, ref: Reference, reports: list[EngineReport], tokenizer)
 
 ENGINES = [  # name, kind, precision, device, gated
     ("onnxruntime", "onnx", "fp32", "cpu", True),
-    ("onnxruntime", "onnx-int8", "int8 (dynamic)", "cpu", False),
+    ("onnxruntime", "onnx-int8", "int8 weights, int8 compute", "cpu", False),
     ("torch engine", "torch", "fp32", "cpu", False),
     ("torch engine", "torch", "fp16 (cuda)", "cuda", False),
     ("tensorrt", "trt", "see engine_settings.json", "cuda", False),

@@ -132,3 +132,12 @@ def test_gpu_check_script_parses():
         ["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_engine_build_refuses_an_export_its_tensorrt_cannot_parse(tiny_export):
+    from build_scripts.build_engine import check_opset
+    from gpt2_triton.errors import EngineError
+
+    check_opset(tiny_export, "10.14.1")  # reads Attention: no error
+    with pytest.raises(EngineError, match="--opset 18"):
+        check_opset(tiny_export, "10.5.0")

@@ -22,3 +22,7 @@ class DataError(Gpt2TritonError):
 
 class EngineError(Gpt2TritonError):
     """An engine cannot be built or run (missing runtime, bad artifact, unknown sequence)."""
+
+
+class ExportError(Gpt2TritonError):
+    """An export or quantization that cannot be done as asked."""

@@ -5,6 +5,11 @@ Inputs: ``input_ids`` / ``position_ids`` ``(batch, sequence)``, ``attention_mask
 ``(batch, heads, past_sequence, head_dim)``; outputs ``logits`` ``(batch, vocab)`` for the
 last position and ``present.{i}.key|value``. A prompt step passes an empty past
 (``past_sequence`` = 0).
+
+Opset 23 by default: the exporter then writes each attention as one ``Attention`` node
+(ONNX Runtime runs it as one kernel) instead of ~15 small ops, which is what makes a
+decode step cheap on CPU. TensorRT parses ``Attention`` from 10.14 on; for older
+TensorRT export with ``opset=18``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from pathlib import Path
 
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.engines.torch_forward import kv_cache_module
+from gpt2_triton.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
+OPSET = 23  # the default: fused Attention nodes
+MIN_OPSET = 18  # the exporter's floor for this model (LayerNormalization, Split with sizes)
+FUSED_ATTENTION_OPSET = 23
 
 # Readable names for the symbolic dims torch.export invents ("s10"...), by input position.
 _AXES = {
@@ -44,7 +52,9 @@ def _example_inputs(shape: ModelShape):
     )
 
 
-def export_onnx(model, shape: ModelShape, path: Path, untie_lm_head: bool = False) -> None:
+def export_onnx(
+    model, shape: ModelShape, path: Path, untie_lm_head: bool = False, opset: int = OPSET
+) -> None:
     """Write ``path`` (and nothing else) from a loaded ``GPT2LMHeadModel``.
 
     ``untie_lm_head`` gives the lm_head its own copy of the embedding matrix, so that int8
@@ -53,6 +63,8 @@ def export_onnx(model, shape: ModelShape, path: Path, untie_lm_head: bool = Fals
     import onnx
     import torch
 
+    if not MIN_OPSET <= opset <= OPSET:
+        raise ExportError(f"opset {opset} not supported: choose {MIN_OPSET} to {OPSET}")
     if untie_lm_head:
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     module = kv_cache_module(model)
@@ -71,7 +83,7 @@ def export_onnx(model, shape: ModelShape, path: Path, untie_lm_head: bool = Fals
             dynamic_shapes=dynamic_shapes,
             input_names=["input_ids", "attention_mask", "position_ids", *shape.past_names()],
             output_names=["logits", *shape.present_names()],
-            opset_version=OPSET,
+            opset_version=opset,
             dynamo=True,
             verbose=False,
         )
@@ -97,14 +109,76 @@ def _rename_axes(proto, shape: ModelShape) -> None:
                 dim.dim_param = name
 
 
-def quantize_int8(fp32_untied: Path, out: Path) -> None:
-    """ONNX Runtime dynamic quantization: int8 weights, activations quantized per call."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+# MatMulNBits: ONNX Runtime's weight-only quantized MatMul. 8-bit weights in blocks of
+# 256 along K (the largest block it supports: fewest scales to apply), symmetric, and
+# accuracy level 4: activations are quantized to int8 per block at run time, so the
+# inner products run as int8 dot products (AVX512-VNNI / AVX-VNNI where present).
+INT8_BLOCK = 256
+INT8_ACCURACY_LEVEL = 4
 
-    quantize_dynamic(
-        str(fp32_untied),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm"],
+
+def quantize_int8(fp32_untied: Path, out: Path) -> None:
+    """int8 weights for every MatMul/Gemm with a constant weight, the lm_head included.
+
+    Measured on the GPT-2 small architecture, 2 cores (decode step, batch 1 / 16):
+    ``quantize_dynamic`` (MatMulInteger, per-channel) 8.0 ms / 43 ms; this 6.2 ms / 29 ms
+    (both on the opset-18 graph; with fused attention, opset 23: 5.8 ms / 20 ms).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(fp32_untied))
+    gemms_to_matmuls(model.graph)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=8,
+        block_size=INT8_BLOCK,
+        is_symmetric=True,
+        accuracy_level=INT8_ACCURACY_LEVEL,
     )
+    quantizer.process()
+    quantized = quantizer.model.model
+    constants = {init.name for init in quantized.graph.initializer}
+    left = [
+        n.name
+        for n in quantized.graph.node
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in constants
+    ]
+    if left:
+        raise ExportError(f"int8 quantization left {len(left)} weight MatMuls in fp32: {left[:3]}")
+    onnx.save(quantized, str(out))
+
+
+def gemms_to_matmuls(graph) -> int:
+    """Rewrite ``Gemm(A, W[, C])`` with a constant ``W`` and default attributes as
+    ``MatMul(A, W)`` (+ ``Add(C)``): the weight-only quantizer takes MatMuls only.
+    GPT-2's Conv1D layers export as such Gemms. Returns how many were rewritten."""
+    from onnx import helper
+
+    constants = {init.name for init in graph.initializer}
+    nodes, rewritten = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            attrs.get("transA", 0) == 0
+            and attrs.get("transB", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0
+            and attrs.get("beta", 1.0) == 1.0
+        )
+        if node.op_type != "Gemm" or node.input[1] not in constants or not plain:
+            nodes.append(node)
+            continue
+        rewritten += 1
+        if len(node.input) > 2 and node.input[2]:
+            product = f"{node.output[0]}_matmul"
+            nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=node.name))
+            nodes.append(
+                helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"
+                )
+            )
+        else:
+            nodes.append(helper.make_node("MatMul", node.input[:2], node.output, name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
