@@ -123,22 +123,27 @@ class TextStream:
         self._first: float | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for chunk in self._chunks:
-            if chunk.text:
-                if self._first is None:
-                    self._first = time.perf_counter() - self._started
-                self._pieces.append(chunk.text)
-                yield chunk.text
-            if chunk.final:
-                self.result = GenerationResult(
-                    "".join(self._pieces),
-                    chunk.finish_reason,
-                    chunk.num_input_tokens,
-                    chunk.num_output_tokens,
-                    self._first,
-                    time.perf_counter() - self._started,
-                )
-                return
+        try:
+            for chunk in self._chunks:
+                if chunk.text:
+                    if self._first is None:
+                        self._first = time.perf_counter() - self._started
+                    self._pieces.append(chunk.text)
+                    yield chunk.text
+                if chunk.final:
+                    self.result = GenerationResult(
+                        "".join(self._pieces),
+                        chunk.finish_reason,
+                        chunk.num_input_tokens,
+                        chunk.num_output_tokens,
+                        self._first,
+                        time.perf_counter() - self._started,
+                    )
+                    return
+        finally:
+            # Close the transport now, not whenever this stream is garbage-collected: an
+            # open gRPC stream counts as in flight, and the server waits for it on exit.
+            self._chunks.close()
 
     def cancel(self) -> None:
         self._cancel()
@@ -316,6 +321,7 @@ class Gpt2Client:
                 pass
             client.close()
             raise _client_error(exc) from None
+        finished = False  # the final response arrived: nothing left to cancel
         try:
             while True:
                 try:
@@ -331,6 +337,7 @@ class Gpt2Client:
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 if result.as_numpy(names.TEXT_OUTPUT) is None:  # empty final response
                     if final:
+                        finished = True
                         return
                     continue
                 chunk = _Chunk(
@@ -340,12 +347,13 @@ class Gpt2Client:
                     int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS))),
                     final or bool(_first(result.as_numpy(names.FINISH_REASON))),
                 )
+                finished = finished or final
                 yield chunk
                 if chunk.final:
                     return
         finally:
             try:
-                client.stop_stream(cancel_requests=True)
+                client.stop_stream(cancel_requests=not finished)
             finally:
                 client.close()
 
