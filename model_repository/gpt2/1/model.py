@@ -2,7 +2,9 @@
 
 ``execute`` only parses and queues (it returns at once, as a decoupled model may); one
 background thread runs the generation loop, calls the ``engine`` model by BLS once per
-step for all live sequences, and answers through each request's response sender.
+step for all live sequences, and answers through each request's response sender. The
+responses go out from a second thread (``ResponseWorker``) while the loop waits on the
+next engine step.
 """
 
 import json
@@ -19,6 +21,7 @@ from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError
 from gpt2_triton.engines.protocol import pack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
+from gpt2_triton.sending import ResponseWorker
 from gpt2_triton.text import TextCodec
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -43,6 +46,7 @@ class TritonPythonModel:
         )
         engine = BlsEngine(model_config.require(params, "engine_model", "gpt2"))
         self.batcher = InflightBatcher(engine, codec, limits)
+        self.responses = ResponseWorker(max_pending=8 * limits.max_active)
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self._run, name="gpt2-generation", daemon=True)
@@ -53,7 +57,8 @@ class TritonPythonModel:
             sink = TritonSink(request.get_response_sender())
             try:
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-                self.batcher.submit(GenerationRequest.from_inputs(inputs), sink)
+                generation = GenerationRequest.from_inputs(inputs)
+                self.batcher.submit(generation, self.responses.wrap(sink))
             except RequestValidationError as exc:
                 sink.send_error(str(exc), pb_utils.TritonError.INVALID_ARG)
             except QueueFullError as exc:
@@ -86,6 +91,7 @@ class TritonPythonModel:
         self.batcher.wake()
         self.loop.join(timeout=10)
         self.batcher.shutdown()
+        self.responses.close()
 
 
 class TritonSink:
