@@ -127,8 +127,11 @@ def build(
         exported = json.loads(settings_file.read_text())
         shape = ModelShape.from_dict(exported["shape"])
         needed = {
-            "onnx": {"model.onnx": "make export"},
-            "onnx-int8": {"model.int8.onnx": "make export INT8=1"},
+            "onnx": {"model.onnx": "make export", "model.onnx.data": "make export"},
+            "onnx-int8": {
+                "model.int8.onnx": "make export INT8=1",
+                "model.int8.onnx.data": "make export INT8=1",
+            },
             "trt": {"model.plan": "make engine", "engine_settings.json": "make engine"},
         }[settings.engine]
         for name, how in needed.items():

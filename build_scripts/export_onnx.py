@@ -2,7 +2,8 @@
 
     python -m build_scripts.export_onnx --model tiny [--int8]
 
-The folder is written all at once; it holds ``model.onnx``, optionally ``model.int8.onnx``,
+The folder is written all at once; it holds ``model.onnx`` (its weights in
+``model.onnx.data``), optionally ``model.int8.onnx`` (``model.int8.onnx.data``),
 ``export_settings.json`` (what was built, from what, with which versions) and
 ``tokenizer/``. Later steps (verify, make repo) read only this folder.
 """
@@ -37,10 +38,14 @@ def is_current(folder: Path, source: str, int8: bool, opset: int) -> bool:
         settings = load_settings(folder)
     except Gpt2TritonError:
         return False
+    from gpt2_triton.export import weights_file
+
+    files = [folder / name for name in settings.get("files", {}).values()]
     return (
         settings.get("model") == source
         and settings.get("opset") == opset
         and (not int8 or "int8" in settings["files"])
+        and all(f.is_file() and weights_file(f).is_file() for f in files)
     )
 
 
@@ -56,7 +61,13 @@ def run(
     import torch
     import transformers
 
-    from gpt2_triton.export import MIN_OPSET, OPSET, export_onnx, quantize_int8
+    from gpt2_triton.export import (
+        MIN_OPSET,
+        OPSET,
+        export_onnx,
+        quantize_int8,
+        weights_file,
+    )
 
     opset = opset or OPSET
     if not MIN_OPSET <= opset <= OPSET:  # before minutes of loading
@@ -78,6 +89,7 @@ def run(
             export_onnx(model, shape, untied, untie_lm_head=True, opset=opset)
             quantize_int8(untied, tmp / "model.int8.onnx")
             untied.unlink()
+            weights_file(untied).unlink()
             files["int8"] = "model.int8.onnx"
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(

@@ -32,6 +32,9 @@ def test_export_contract(tiny_export):
     assert set(shape.present_names()) <= set(outputs)
     assert (tiny_export / "tokenizer" / "tokenizer.json").is_file()
     assert settings["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    for name in settings["files"].values():  # weights beside the graph, not inside it
+        graph, weights = tiny_export / name, tiny_export / f"{name}.data"
+        assert weights.stat().st_size > 10 * graph.stat().st_size
 
 
 def test_prompt_and_decode_steps_use_the_same_file(tiny_export, tiny_hf_model, tiny_tokenizer):
