@@ -13,6 +13,8 @@ ENGINE ?= onnx
 INT8 ?= 0
 MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
+# in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
+PLACEMENT ?= in_process
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -87,7 +89,8 @@ ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
 		--skip-existing
 endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
-		--max-sequences $(MAX_SEQUENCES) $(if $(filter torch,$(ENGINE)),--device $(DEVICE))
+		--max-sequences $(MAX_SEQUENCES) --engine-placement $(PLACEMENT) \
+		$(if $(filter torch,$(ENGINE)),--device $(DEVICE))
 
 serve: setup ## run tritonserver on the rendered model_repository/ (Ctrl-C stops it)
 	$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS)

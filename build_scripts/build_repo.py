@@ -32,6 +32,7 @@ log = logging.getLogger("build_scripts.build_repo")
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODELS = ("tokenizer", "engine", "sampler", "next_token", "gpt2")
 KEEP = {"model.py"}  # committed files inside version folders
+PLACEMENTS = ("in_process", "bls")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class RepoSettings:
     max_queue: int = 1024  # requests waiting to join the running batch
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     device: str = "cpu"  # torch engine only: cpu or cuda
+    # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
+    engine_placement: str = "in_process"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_KINDS:
@@ -50,6 +53,11 @@ class RepoSettings:
             )
         if self.max_sequences < 1 or self.max_queue < 1 or self.engine_threads < 0:
             raise Gpt2TritonError("max-sequences and max-queue must be >= 1, threads >= 0")
+        if self.engine_placement not in PLACEMENTS:
+            raise Gpt2TritonError(
+                f"unknown engine placement {self.engine_placement!r}; choose one of "
+                f"{', '.join(PLACEMENTS)}"
+            )
         if self.device != "cpu" and self.engine != "torch":
             raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
 
@@ -73,6 +81,10 @@ def template_values(
             "context_window": shape.max_positions,
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
+            "engine_placement": settings.engine_placement,
+            "engine_kind": settings.engine,
+            "engine_threads": settings.engine_threads,
+            "device": "cuda" if settings.engine == "trt" else settings.device,
         },
     }
 
@@ -153,9 +165,14 @@ def build(
         source = REPOSITORY / model_name / "1" / "model.py"
         if source.is_file() and repository.resolve() != REPOSITORY:
             shutil.copy2(source, version_dir / "model.py")
-    for name, src in engine_files.items():
-        _link_or_copy(src, repository / "engine" / "1" / name)
-    write_json(repository / "engine" / "1" / SETTINGS_FILE, {"shape": shape.to_dict()})
+    engine_dirs = [repository / "engine" / "1"]
+    if settings.engine_placement == "in_process":
+        engine_dirs.append(repository / "gpt2" / "1" / "engine")
+    for folder in engine_dirs:  # hard links: the weights take disk space once
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, src in engine_files.items():
+            _link_or_copy(src, folder / name)
+        write_json(folder / SETTINGS_FILE, {"shape": shape.to_dict()})
     for model_name in ("tokenizer", "gpt2"):
         _link_or_copy(tokenizer_dir, repository / model_name / "1" / "tokenizer")
     for model_name, text in rendered.items():
@@ -192,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=RepoSettings.max_queue)
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
+    parser.add_argument(
+        "--engine-placement",
+        default=RepoSettings.engine_placement,
+        choices=PLACEMENTS,
+        help="gpt2 runs its own engine (in_process) or calls the engine model (bls)",
+    )
     args = parser.parse_args(argv)
     logs.setup()
 
@@ -203,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_queue,
             args.engine_threads,
             args.device,
+            args.engine_placement,
         )
         return f"model repository ready in {build(settings, args.export_dir, args.repository)}"
 

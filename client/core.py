@@ -323,7 +323,7 @@ class Gpt2Client:
             raise _client_error(exc) from None
         finished = False  # the final response arrived: nothing left to cancel
         try:
-            while True:
+            while not cancel.requested.is_set():  # what arrives after a cancel is dropped
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
                 except queue.Empty:

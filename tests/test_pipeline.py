@@ -54,7 +54,7 @@ def test_verify_fails_when_fp32_onnx_disagrees(tiny_export, tmp_path, monkeypatc
     from build_scripts import verify
 
     bad = tmp_path / "bad"
-    shutil.copytree(tiny_export, bad)
+    shutil.copytree(tiny_export, bad)  # copies: onnx.load reads no hard-linked weights
     model = onnx.load(str(bad / "model.onnx"))
     biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     weights = numpy_helper.to_array(biggest).copy()

@@ -169,7 +169,7 @@ def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
             break
     time.sleep(1.2)
     first = metrics(triton)
-    assert first['gpt2_engine_cached_sequences{engine="onnx"}'] == 0
+    assert first['gpt2_engine_cached_sequences{engine="onnx",model="gpt2"}'] == 0
     assert first["gpt2_active_sequences"] == 0
     assert first['gpt2_requests_total{finish_reason="cancelled"}'] >= 1
     time.sleep(1.2)
@@ -245,3 +245,34 @@ def test_client_cancel_ends_the_stream_quietly(triton, protocol):
             if len(pieces) == 3:
                 stream.cancel()
         assert 3 <= len(pieces) < 50 and stream.result is None
+
+
+def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_export, artifacts, grpc):
+    """engine_placement bls: the loop calls the `engine` model, whose caches it frees."""
+    from conftest import _free_ports
+
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.triton_server import Ports, TritonServer
+
+    repository = build(
+        RepoSettings("tiny", "onnx", engine_placement="bls"),
+        repository=artifacts / "model_repository_bls",
+    )
+    assert not (repository / "gpt2" / "1" / "engine").exists()  # no second copy
+    server = TritonServer(
+        repository, Ports(*_free_ports(3)), log_file=artifacts / "logs" / "tritonserver_bls.log"
+    )
+    expected = grpc.generate("The old man", GREEDY).text  # in process, the session server
+    with server, Gpt2Client(server.grpc_url) as bls:
+        assert bls.generate("The old man", GREEDY).text == expected
+        stream = bls.stream(
+            "The cat", GenerationParams(temperature=0, max_tokens=1000, min_length=1000)
+        )
+        for i, _ in enumerate(stream):
+            if i == 3:
+                stream.cancel()
+                break
+        time.sleep(1.2)
+        after = metrics(server)
+        assert after['gpt2_engine_cached_sequences{engine="onnx",model="engine"}'] == 0
+        assert after['gpt2_requests_total{finish_reason="cancelled"}'] == 1

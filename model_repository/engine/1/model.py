@@ -11,6 +11,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from gpt2_triton import model_config, names
+from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError
@@ -29,19 +30,7 @@ class TritonPythonModel:
             threads=model_config.int_param(params, "engine_threads", "engine"),
             device=params.get("device") or "cpu",
         )
-        # A MetricFamily must outlive its Metric objects: keep both.
-        self.cached_family = pb_utils.MetricFamily(
-            name="gpt2_engine_cached_sequences",
-            description="Sequences whose KV cache the engine holds",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self.slots_family = pb_utils.MetricFamily(
-            name="gpt2_engine_cached_tokens",
-            description="KV-cache slots held (tokens x sequences, padding included)",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self.cached_sequences = self.cached_family.Metric(labels={"engine": kind})
-        self.cached_tokens = self.slots_family.Metric(labels={"engine": kind})
+        self.gauges = EngineGauges(pb_utils, kind, "engine")
         self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
 
     def execute(self, requests):
@@ -58,8 +47,7 @@ class TritonPythonModel:
             except Exception as exc:
                 self.logger.log_error(f"engine step failed: {traceback.format_exc()}")
                 responses.append(_error(f"engine failure: {exc}", pb_utils.TritonError.INTERNAL))
-        self.cached_sequences.set(self.engine.cached_sequences)
-        self.cached_tokens.set(self.engine.cached_tokens)
+        self.gauges.publish(self.engine)
         return responses
 
     def finalize(self):

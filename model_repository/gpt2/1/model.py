@@ -1,10 +1,10 @@
 """Triton adapter over gpt2_triton.batcher: streaming text generation, in-flight batching.
 
 ``execute`` only parses and queues (it returns at once, as a decoupled model may); one
-background thread runs the generation loop, calls the ``engine`` model by BLS once per
-step for all live sequences, and answers through each request's response sender. The
-responses go out from a second thread (``ResponseWorker``) while the loop waits on the
-next engine step.
+background thread runs the generation loop: one engine step per iteration for all live
+sequences, on this model's own engine (``engine_placement`` in_process) or on the
+``engine`` model by BLS (bls). Responses go out from a second thread (``ResponseWorker``)
+while the loop waits on the next engine step.
 """
 
 import json
@@ -18,6 +18,8 @@ import triton_python_backend_utils as pb_utils
 
 from gpt2_triton import model_config, names
 from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError
+from gpt2_triton.engine_gauges import EngineGauges
+from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.engines.protocol import pack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
@@ -44,13 +46,33 @@ class TritonPythonModel:
             max_active=model_config.int_param(params, "max_active", "gpt2", minimum=1),
             max_queue=model_config.int_param(params, "max_queue", "gpt2", minimum=1),
         )
-        engine = BlsEngine(model_config.require(params, "engine_model", "gpt2"))
-        self.batcher = InflightBatcher(engine, codec, limits)
+        self.engine, self.gauges = self._engine(params, folder, limits.max_active)
+        self.batcher = InflightBatcher(self.engine, codec, limits)
         self.responses = ResponseWorker(max_pending=8 * limits.max_active)
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self._run, name="gpt2-generation", daemon=True)
         self.loop.start()
+
+    @staticmethod
+    def _engine(params, folder, max_active):
+        placement = model_config.require(params, "engine_placement", "gpt2")
+        if placement == "bls":
+            return BlsEngine(model_config.require(params, "engine_model", "gpt2")), None
+        if placement != "in_process":
+            raise pb_utils.TritonModelException(
+                f"model 'gpt2': engine_placement must be in_process or bls, got {placement!r}"
+            )
+        kind = model_config.require(params, "engine_kind", "gpt2")
+        engine = build_engine(
+            kind,
+            folder / model_config.require(params, "engine_dir", "gpt2"),
+            max_sequences=max_active,
+            threads=model_config.int_param(params, "engine_threads", "gpt2"),
+            device=params.get("device") or "cpu",
+        )
+        pb_utils.Logger.log_info(f"gpt2: engine '{kind}' in process: {engine.shape}")
+        return engine, EngineGauges(pb_utils, kind, "gpt2")
 
     def execute(self, requests):
         for request in requests:
@@ -81,6 +103,8 @@ class TritonPythonModel:
                 last_metrics = now
                 try:
                     self.metrics.publish()
+                    if self.gauges:
+                        self.gauges.publish(self.engine)
                 except Exception:
                     pb_utils.Logger.log_error(f"gpt2 metrics: {traceback.format_exc()}")
             if not worked:
