@@ -4,7 +4,8 @@
 
 (a) Hugging Face ``generate()`` in PyTorch eager, in process (what a user tries first);
 (b) the raw ONNX Runtime KV-cache loop on the same ONNX file, in process (the engine's
-    limit: no server, no Python loop around it beyond argmax);
+    limit: no server, no Python loop around it beyond argmax), fp32 and, when the int8
+    engine is served, int8;
 (c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch).
 
 For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
@@ -135,8 +136,15 @@ def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens:
 
 
 # -- (b) the raw ONNX Runtime loop ---------------------------------------------------------
-def bench_ort_loop(engine, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int) -> Row:
-    row = Row("onnxruntime-loop", concurrency, prompt_tokens, new_tokens)
+def loop_system(kind: str) -> str:
+    """The raw loop's name in the results: ``onnxruntime-loop`` (fp32), ``...:int8``."""
+    return "onnxruntime-loop" if kind == "onnx" else "onnxruntime-loop:int8"
+
+
+def bench_ort_loop(
+    engine, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int, kind: str = "onnx"
+) -> Row:
+    row = Row(loop_system(kind), concurrency, prompt_tokens, new_tokens)
     prompts = [prompt_ids(tokenizer, prompt_tokens, i) for i in range(concurrency)]
     ids = list(range(1, concurrency + 1))
 
@@ -240,13 +248,15 @@ def run(args) -> dict:
             log.info("hf-generate c=%d prompt=%d", c, p)
             rows.append(bench_hf(model, tokenizer, c, p, args.new_tokens))
         del model
-    engine = build_engine(
-        "onnx", export_dir, max_sequences=max(args.concurrency), threads=args.threads
-    )
-    for c, p in grid:
-        log.info("onnxruntime-loop c=%d prompt=%d", c, p)
-        rows.append(bench_ort_loop(engine, tokenizer, c, p, args.new_tokens))
-    del engine
+    # (b) on the same file as each ONNX engine served: fp32, and int8 when it is served
+    for kind in ["onnx"] + [k for k in args.engines if k == "onnx-int8"]:
+        engine = build_engine(
+            kind, export_dir, max_sequences=max(args.concurrency), threads=args.threads
+        )
+        for c, p in grid:
+            log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
+            rows.append(bench_ort_loop(engine, tokenizer, c, p, args.new_tokens, kind))
+        del engine
 
     for kind in args.engines:
         repo = checkpoint.artifacts_root() / "bench" / f"repo-{kind}"

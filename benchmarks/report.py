@@ -26,7 +26,9 @@ def ratio_rows(results: dict) -> list[str]:
         if not r["system"].startswith("triton:"):
             continue
         key = (r["concurrency"], r["prompt_tokens"])
-        loop = by.get(("onnxruntime-loop", *key))
+        # the raw loop on the same file: int8 for the int8 engine, fp32 otherwise
+        int8 = r["system"] == "triton:onnx-int8" and ("onnxruntime-loop:int8", *key) in by
+        loop = by.get(("onnxruntime-loop:int8" if int8 else "onnxruntime-loop", *key))
         hf = by.get(("hf-generate", *key))
 
         def ratio(a, b):
@@ -123,8 +125,10 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "Systems: `hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, "
         "one batch of `concurrency` prompts; `onnxruntime-loop` = the in-process ONNX "
         "Runtime KV-cache loop on the same ONNX file (`StatefulEngine`, argmax); "
+        "`onnxruntime-loop:int8` = the same loop on the int8 file; "
         "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
-        "at once, each timing its own tokens.",
+        "at once, each timing its own tokens. In the ratios, `triton:onnx-int8` is taken "
+        "against the int8 loop, the other engines against the fp32 loop.",
         "",
         *table(results),
         "",

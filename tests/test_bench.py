@@ -23,6 +23,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "6",
             "--engines",
             "onnx",
+            "onnx-int8",
             "--port",
             str(unused_port),
             "--out",
@@ -35,7 +36,15 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     systems = {(r["system"], r["concurrency"]) for r in results["rows"]}
     assert systems == {
-        (s, c) for s in ("hf-generate", "onnxruntime-loop", "triton:onnx") for c in (1, 2)
+        (s, c)
+        for s in (
+            "hf-generate",
+            "onnxruntime-loop",
+            "onnxruntime-loop:int8",
+            "triton:onnx",
+            "triton:onnx-int8",
+        )
+        for c in (1, 2)
     }
     for row in results["rows"]:
         assert row["tokens_per_s"] > 0 and row["ttft_ms_p50"] > 0
@@ -64,7 +73,11 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
             row("hf-generate", 1, 40.0, 80.0, 25.0),
             row("onnxruntime-loop", 4, 20.0, 40.0, 200.0),
             row("triton:onnx", 1, 11.0, 25.0, 90.0),
+            row("onnxruntime-loop:int8", 1, 5.0, 10.0, 200.0),
+            row("triton:onnx-int8", 1, 5.5, 12.0, 180.0),
         ]
     }
     lines = ratio_rows(results)
     assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
+    # the int8 service against the int8 loop (the same file), not the fp32 one
+    assert lines[3] == "| triton:onnx-int8 | 1 | 32 | 1.10x | 1.20x | 0.90x | 7.20x |"
