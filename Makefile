@@ -48,9 +48,13 @@ OPSET ?= 23
 ENGINE_OPSET ?= 18
 
 BENCH_MODEL := $(GPT2_TRITON_ARTIFACTS)/models/gpt2-small-random
+GENAI_VENV ?= .venv-genai
+# the served model's tokenizer (genai-perf counts tokens with it)
+TOKENIZER ?= model_repository/gpt2/1/tokenizer
 
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down gpu-check bench-model bench bench-pa test-tools test test-fast lint clean
+	compose-down gpu-check bench-model bench bench-pa bench-genai perf-analyzer-deps test-tools \
+	test test-fast lint clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -118,13 +122,25 @@ bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minut
 	$(PY) -m build_scripts.export_onnx --model $(BENCH_MODEL) --int8 --skip-existing
 	$(PY) -m benchmarks.harness --model $(BENCH_MODEL)
 
-bench-pa: setup ## perf_analyzer on next_token and streaming gpt2 (against a running server)
+perf-analyzer-deps: setup
 	@command -v ldconfig >/dev/null && ldconfig -p | grep -q libb64.so.0d || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
 		else echo "perf_analyzer needs libb64-0d: sudo apt-get install libb64-0d"; exit 1; fi; }
 	$(PY) -c "import nvidia.cuda_runtime" 2>/dev/null || \
 		$(PY) -m pip install --quiet "nvidia-cuda-runtime-cu12==12.6.77"
+
+bench-pa: perf-analyzer-deps ## perf_analyzer on next_token and streaming gpt2 (against a running server)
 	GRPC_URL=$(HOST):$(GRPC_PORT) PY=$(PY) bash benchmarks/perf_analyzer.sh
+
+# genai-perf wants numpy 2 and its own transformers: its own virtualenv.
+$(GENAI_VENV)/.installed:
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install --quiet "genai-perf==0.0.16"
+	touch $@
+
+bench-genai: perf-analyzer-deps $(GENAI_VENV)/.installed ## genai-perf (tensorrtllm, streaming) against a running server
+	GRPC_URL=$(HOST):$(GRPC_PORT) PY=$(PY) GENAI=$(GENAI_VENV)/bin/genai-perf \
+		TOKENIZER=$(TOKENIZER) bash benchmarks/genai_perf.sh
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
 	bash benchmarks/gpu_check.sh
