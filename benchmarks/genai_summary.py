@@ -1,4 +1,6 @@
-"""One table from genai-perf's exports: ``python -m benchmarks.genai_summary artifacts/bench/genai``.
+"""One table from genai-perf's exports (``make bench-genai`` prints it).
+
+    python -m benchmarks.genai_summary artifacts/bench/genai
 
 Reads each ``profile_export_genai_perf.json`` under the folder (one per concurrency) and
 prints a Markdown table of the numbers genai-perf reports for a streaming LLM endpoint.
