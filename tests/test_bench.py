@@ -81,3 +81,28 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
     assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
     # the int8 service against the int8 loop (the same file), not the fp32 one
     assert lines[3] == "| triton:onnx-int8 | 1 | 32 | 1.10x | 1.20x | 0.90x | 7.20x |"
+
+
+def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
+    from benchmarks import genai_summary
+
+    def stats(p50):
+        return {"avg": p50, "p50": p50, "p99": 2 * p50}
+
+    for c in (16, 1):
+        folder = tmp_path / f"c{c}" / f"gpt2-triton-tensorrtllm-concurrency{c}"
+        folder.mkdir(parents=True)
+        export = {
+            "request_count": {"avg": 4 * c},
+            "time_to_first_token": stats(10.0 * c),
+            "inter_token_latency": stats(5.0),
+            "request_latency": stats(300.0),
+            "output_token_throughput": {"avg": 100.0 * c},
+            "output_sequence_length": {"avg": 64.0},
+        }
+        (folder / "profile_export_genai_perf.json").write_text(json.dumps(export))
+    assert genai_summary.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| 1 | 4 | 10.0 ms | 20.0 ms | 5.00 ms | 10.00 ms |")
+    assert lines[3].startswith("| 16 | 64 | 160.0 ms |") and "| 1600 |" in lines[3]
+    assert genai_summary.main([str(tmp_path / "none")]) == 2
