@@ -17,6 +17,7 @@ tokens per request (``min_length`` = ``max_tokens``; greedy). Ratios of (c) to (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -136,6 +137,9 @@ def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens:
 
 
 # -- (b) the raw ONNX Runtime loop ---------------------------------------------------------
+LOOP_KINDS = ("onnx", "onnx-int8")  # engines with a raw ONNX Runtime loop on their file
+
+
 def loop_system(kind: str) -> str:
     """The raw loop's name in the results: ``onnxruntime-loop`` (fp32), ``...:int8``."""
     return "onnxruntime-loop" if kind == "onnx" else "onnxruntime-loop:int8"
@@ -248,37 +252,56 @@ def run(args) -> dict:
             log.info("hf-generate c=%d prompt=%d", c, p)
             rows.append(bench_hf(model, tokenizer, c, p, args.new_tokens))
         del model
-    # (b) on the same file as each ONNX engine served: fp32, and int8 when it is served
-    for kind in ["onnx"] + [k for k in args.engines if k == "onnx-int8"]:
-        engine = build_engine(
-            kind, export_dir, max_sequences=max(args.concurrency), threads=args.threads
-        )
-        for c, p in grid:
-            log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
-            rows.append(bench_ort_loop(engine, tokenizer, c, p, args.new_tokens, kind))
-        del engine
-
-    for kind in args.engines:
-        repo = checkpoint.artifacts_root() / "bench" / f"repo-{kind}"
-        build(
-            RepoSettings(
-                args.model, kind, max_sequences=max(args.concurrency), engine_threads=args.threads
-            ),
-            repository=repo,
-        )
-        server = TritonServer(
-            repo,
-            Ports(args.port, args.port + 1, args.port + 2),
-            log_file=checkpoint.artifacts_root() / "bench" / f"{kind}.log",
-        )
-        with server:
+    # (b) and (c) side by side: the raw loop on the same file is measured right before
+    # the service at each grid point, so that the machine's drift over minutes does not
+    # land between the two numbers of a ratio. The torch engine is taken against fp32.
+    loop_kinds = [k for k in args.engines if k in LOOP_KINDS]
+    if "onnx" not in loop_kinds:
+        loop_kinds.insert(0, "onnx")
+    for kind in dict.fromkeys(["onnx", *args.engines]):
+        loop = None
+        if kind in loop_kinds:
+            loop = build_engine(
+                kind, export_dir, max_sequences=max(args.concurrency), threads=args.threads
+            )
+        server = None
+        if kind in args.engines:
+            repo = checkpoint.artifacts_root() / "bench" / f"repo-{kind}"
+            build(
+                RepoSettings(
+                    args.model,
+                    kind,
+                    max_sequences=max(args.concurrency),
+                    engine_threads=args.threads,
+                ),
+                repository=repo,
+            )
+            server = TritonServer(
+                repo,
+                Ports(args.port, args.port + 1, args.port + 2),
+                log_file=checkpoint.artifacts_root() / "bench" / f"{kind}.log",
+            )
+        with server or contextlib.nullcontext():
             for c, p in grid:
-                log.info("triton:%s c=%d prompt=%d", kind, c, p)
-                rows.append(
-                    bench_triton(
-                        server.grpc_url, kind, tokenizer, c, p, args.new_tokens, server.process.pid
+                if loop is not None:
+                    log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
+                    rows.append(bench_ort_loop(loop, tokenizer, c, p, args.new_tokens, kind))
+                if server is not None:
+                    log.info("triton:%s c=%d prompt=%d", kind, c, p)
+                    rows.append(
+                        bench_triton(
+                            server.grpc_url,
+                            kind,
+                            tokenizer,
+                            c,
+                            p,
+                            args.new_tokens,
+                            server.process.pid,
+                        )
                     )
-                )
+        del loop
+    order = {"hf-generate": 0, "onnxruntime-loop": 1, "onnxruntime-loop:int8": 2}
+    rows.sort(key=lambda r: (order.get(r.system, 3), r.system))  # stable: grid order kept
     return {
         "model": spec.source,
         "machine": {
