@@ -41,6 +41,7 @@ class RepoSettings:
     engine: str = "onnx"
     max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
     max_queue: int = 1024  # requests waiting to join the running batch
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (a burst joins over steps)
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     device: str = "cpu"  # torch engine only: cpu or cuda
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
@@ -51,8 +52,10 @@ class RepoSettings:
             raise Gpt2TritonError(
                 f"unknown ENGINE={self.engine}; choose one of {', '.join(ENGINE_KINDS)}"
             )
-        if self.max_sequences < 1 or self.max_queue < 1 or self.engine_threads < 0:
-            raise Gpt2TritonError("max-sequences and max-queue must be >= 1, threads >= 0")
+        if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
+            raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
+        if self.engine_threads < 0:
+            raise Gpt2TritonError("engine-threads must be >= 0")
         if self.engine_placement not in PLACEMENTS:
             raise Gpt2TritonError(
                 f"unknown engine placement {self.engine_placement!r}; choose one of "
@@ -81,6 +84,7 @@ def template_values(
             "context_window": shape.max_positions,
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
+            "max_prefill_tokens": settings.max_prefill_tokens,
             "engine_placement": settings.engine_placement,
             "engine_kind": settings.engine,
             "engine_threads": settings.engine_threads,
@@ -207,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         help="live sequences sharing one engine step",
     )
     parser.add_argument("--max-queue", type=int, default=RepoSettings.max_queue)
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=RepoSettings.max_prefill_tokens,
+        help="prompt tokens prefilled in one step (a longer prompt still goes alone)",
+    )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
     parser.add_argument(
@@ -222,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = RepoSettings(
             args.model,
             args.engine,
-            args.max_sequences,
-            args.max_queue,
-            args.engine_threads,
-            args.device,
-            args.engine_placement,
+            max_sequences=args.max_sequences,
+            max_queue=args.max_queue,
+            max_prefill_tokens=args.max_prefill_tokens,
+            engine_threads=args.engine_threads,
+            device=args.device,
+            engine_placement=args.engine_placement,
         )
         return f"model repository ready in {build(settings, args.export_dir, args.repository)}"
 

@@ -159,3 +159,40 @@ def test_engine_failure_fails_its_rows_and_the_loop_goes_on(batcher, engine):
     batcher.submit(GenerationRequest("The cat", max_tokens=3, sampling=GREEDY), ok)
     run_all(batcher, [ok])
     assert ok.outputs[-1].finish_reason == "length"
+
+
+def test_a_burst_of_prompts_joins_within_the_prefill_budget(engine, tiny_export):
+    codec = TextCodec(tiny_export / "tokenizer")
+    prompt = "The old man walks to the river"  # the same length for every request
+    size = len(codec.encode(prompt))
+    limits = BatcherLimits(
+        engine.shape.max_positions,
+        engine.shape.eos_token_id,
+        max_active=8,
+        max_queue=8,
+        max_prefill_tokens=2 * size + 1,  # room for two prompts per step
+    )
+    batcher = InflightBatcher(engine, codec, limits)
+    sinks = [ListSink() for _ in range(5)]
+    for sink in sinks:
+        request = GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True)
+        batcher.submit(request, sink)
+    joined = []
+    for _ in range(3):
+        batcher.step()
+        joined.append(batcher.active)
+    assert joined == [2, 4, 5]  # two prompts per step, then the last one
+    run_all(batcher, sinks)
+    texts = {s.text for s in sinks}
+    assert len(texts) == 1 and all(s.outputs[-1].num_output_tokens == 6 for s in sinks)
+
+    # a prompt longer than the budget still runs, alone
+    alone = InflightBatcher(
+        engine,
+        codec,
+        BatcherLimits(engine.shape.max_positions, engine.shape.eos_token_id, max_prefill_tokens=2),
+    )
+    sink = ListSink()
+    alone.submit(GenerationRequest(prompt, max_tokens=3, sampling=GREEDY), sink)
+    run_all(alone, [sink])
+    assert sink.outputs[-1].num_output_tokens == 3

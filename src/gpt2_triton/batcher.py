@@ -1,14 +1,16 @@
 """The generation loop with in-flight batching: the one place that knows the step order.
 
 Per step, for all live sequences at once:
-    admit new requests -> drop cancelled ones -> engine step (prompts of new sequences,
-    last token of the others) -> sample each row -> detokenize the new suffix -> send it
-    -> retire finished sequences (EOS, stop word, max_tokens) and free their KV caches.
+    admit new requests (within a prompt-token budget) -> drop cancelled ones -> engine
+    step (prompts of new sequences, last token of the others) -> sample each row ->
+    detokenize the new suffix -> send it -> retire finished sequences (EOS, stop word,
+    max_tokens) and free their KV caches.
 
 A new request joins at the next step without waiting for the others to finish; a finished
 or cancelled one leaves at once. The engine and the response channel are interfaces
-(``EngineClient``, ``ResponseSink``), so the loop runs the same in Triton (BLS, decoupled
-response senders) and in tests (an in-process engine, a list that collects responses).
+(``EngineClient``, ``ResponseSink``), so the loop runs the same in Triton (an engine in
+process or by BLS, decoupled response senders) and in tests (an in-process engine, a list
+that collects responses).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class BatcherLimits:
     eos_token_id: int
     max_active: int = 16  # sequences sharing one engine step
     max_queue: int = 1024  # requests waiting to join
+    # Prompt tokens prefilled in one step (a longer prompt still goes alone): a burst of
+    # new requests joins over several steps, so running streams stall for one budget's
+    # prefill at a time, and the engine's activation memory stays bounded.
+    max_prefill_tokens: int = 512
 
 
 @dataclass
@@ -222,8 +228,13 @@ class InflightBatcher:
 
     # -- internals --------------------------------------------------------------------------
     def _admit(self) -> None:
+        prefill = 0
         with self._wake:
             while self._waiting and len(self._active) < self.limits.max_active:
+                cost = len(self._waiting[0].prompt_ids)
+                if prefill and prefill + cost > self.limits.max_prefill_tokens:
+                    break  # the next step takes it
+                prefill += cost
                 self._active.append(self._waiting.popleft())
             self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._active)

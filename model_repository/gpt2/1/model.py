@@ -45,6 +45,9 @@ class TritonPythonModel:
             eos_token_id=codec.eos_token_id,
             max_active=model_config.int_param(params, "max_active", "gpt2", minimum=1),
             max_queue=model_config.int_param(params, "max_queue", "gpt2", minimum=1),
+            max_prefill_tokens=model_config.int_param(
+                params, "max_prefill_tokens", "gpt2", minimum=1
+            ),
         )
         self.engine, self.gauges = self._engine(params, folder, limits.max_active)
         self.batcher = InflightBatcher(self.engine, codec, limits)

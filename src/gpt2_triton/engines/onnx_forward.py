@@ -25,6 +25,11 @@ class OnnxForward:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        # No arena: the KV caches and a burst's prefill activations go back to the system
+        # when freed instead of staying reserved at their peak. Measured on the GPT-2
+        # small architecture (2 cores): the server held 2084 MB after 16 concurrent
+        # 128-token prompts with the arena, 1428 MB without; step times did not change.
+        options.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(
                 str(model_path), options, providers=["CPUExecutionProvider"]
