@@ -340,12 +340,15 @@ class Gpt2Client:
                         finished = True
                         return
                     continue
+                # Only text_output is sure to be in every response; the counts and the
+                # finish reason may come on the last one only.
+                reason = _first(result.as_numpy(names.FINISH_REASON), b"").decode()
                 chunk = _Chunk(
                     _first(result.as_numpy(names.TEXT_OUTPUT)).decode("utf-8"),
-                    _first(result.as_numpy(names.FINISH_REASON)).decode(),
-                    int(_first(result.as_numpy(names.NUM_INPUT_TOKENS))),
-                    int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS))),
-                    final or bool(_first(result.as_numpy(names.FINISH_REASON))),
+                    reason,
+                    int(_first(result.as_numpy(names.NUM_INPUT_TOKENS), 0)),
+                    int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS), 0)),
+                    final or bool(reason),
                 )
                 finished = finished or final
                 yield chunk
@@ -398,7 +401,9 @@ def _lines_until_closed(response, cancel: _Cancellation) -> Iterator[bytes]:
             raise ClientError(f"the connection to Triton broke: {exc}", "UNAVAILABLE") from None
 
 
-def _first(array):
+def _first(array, default=None):
+    if array is None:
+        return default
     return np.asarray(array).reshape(-1)[0]
 
 
@@ -407,9 +412,9 @@ def _http_chunk(data: dict, final: bool) -> _Chunk:
         raise ClientError(data["error"], "INVALID_ARG")
     return _Chunk(
         data[names.TEXT_OUTPUT],
-        data[names.FINISH_REASON],
-        int(data[names.NUM_INPUT_TOKENS]),
-        int(data[names.NUM_OUTPUT_TOKENS]),
+        data.get(names.FINISH_REASON, ""),
+        int(data.get(names.NUM_INPUT_TOKENS, 0)),
+        int(data.get(names.NUM_OUTPUT_TOKENS, 0)),
         final,
     )
 
