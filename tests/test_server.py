@@ -158,9 +158,11 @@ def test_seeded_sampling_is_reproducible(grpc):
     assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
 
 
-def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
+def cancel_a_long_stream(client) -> None:
+    """Start a stream that cannot end by itself soon, cancel it after a few pieces, and
+    give the server time to publish its counters."""
     # no end-of-text before 1000 tokens: the stream is surely running when it is cancelled
-    stream = grpc.stream(
+    stream = client.stream(
         "The cat", GenerationParams(temperature=0, max_tokens=1000, min_length=1000)
     )
     for i, _ in enumerate(stream):
@@ -168,6 +170,10 @@ def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
             stream.cancel()
             break
     time.sleep(1.2)
+
+
+def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
+    cancel_a_long_stream(grpc)
     first = metrics(triton)
     assert first['gpt2_engine_cached_sequences{engine="onnx",model="gpt2"}'] == 0
     assert first["gpt2_active_sequences"] == 0
@@ -265,14 +271,7 @@ def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_expor
     expected = grpc.generate("The old man", GREEDY).text  # in process, the session server
     with server, Gpt2Client(server.grpc_url) as bls:
         assert bls.generate("The old man", GREEDY).text == expected
-        stream = bls.stream(
-            "The cat", GenerationParams(temperature=0, max_tokens=1000, min_length=1000)
-        )
-        for i, _ in enumerate(stream):
-            if i == 3:
-                stream.cancel()
-                break
-        time.sleep(1.2)
+        cancel_a_long_stream(bls)
         after = metrics(server)
         assert after['gpt2_engine_cached_sequences{engine="onnx",model="engine"}'] == 0
         assert after['gpt2_requests_total{finish_reason="cancelled"}'] == 1
