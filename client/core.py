@@ -333,6 +333,7 @@ class Gpt2Client:
                 if error is not None:
                     if cancel.requested.is_set():
                         return  # our own cancel: the stream just ends
+                    finished = True  # an error ends the request: nothing left to cancel
                     raise _client_error(error)
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 if result.as_numpy(names.TEXT_OUTPUT) is None:  # empty final response
