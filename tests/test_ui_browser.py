@@ -116,11 +116,13 @@ def test_stop_cancels_generation_on_the_server(page, triton):
     before = cancelled_requests(triton)
     # Other clients keep the server busy, so the page's request is still generating when
     # the page shows its first words: the tiny model alone is faster than a busy page.
+    # 12 streams (of the server's 16 slots): each step then sends 13 responses, which
+    # makes 1000 tokens take seconds, not the fraction of a second they take alone.
     background = [
         Gpt2Client(triton.grpc_url).stream(
             "The dog", GenerationParams(max_tokens=1000, min_length=1000)
         )
-        for _ in range(6)
+        for _ in range(12)
     ]
     consumers = [
         threading.Thread(target=lambda s=s: [None for _ in s], daemon=True) for s in background
