@@ -237,6 +237,7 @@ def run(args) -> dict:
     from gpt2_triton.engines.factory import build_engine
     from gpt2_triton.triton_server import Ports, TritonServer
 
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     spec = checkpoint.resolve(args.model)
     tokenizer = checkpoint.load_tokenizer(spec)
     export_dir = checkpoint.artifacts_root() / "onnx" / spec.slug
@@ -311,7 +312,7 @@ def run(args) -> dict:
         },
         "new_tokens": args.new_tokens,
         "threads": args.threads,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "started": started_at,
         "rows": [r.summary() for r in rows],
         "raw": [asdict(r) for r in rows] if args.raw else None,
     }
