@@ -255,13 +255,11 @@ def run(args) -> dict:
         del model
     # (b) and (c) side by side: the raw loop on the same file is measured right before
     # the service at each grid point, so that the machine's drift over minutes does not
-    # land between the two numbers of a ratio. The torch engine is taken against fp32.
-    loop_kinds = [k for k in args.engines if k in LOOP_KINDS]
-    if "onnx" not in loop_kinds:
-        loop_kinds.insert(0, "onnx")
+    # land between the two numbers of a ratio. The fp32 loop always runs (the torch
+    # engine is taken against it), served or not.
     for kind in dict.fromkeys(["onnx", *args.engines]):
         loop = None
-        if kind in loop_kinds:
+        if kind in LOOP_KINDS:
             loop = build_engine(
                 kind, export_dir, max_sequences=max(args.concurrency), threads=args.threads
             )

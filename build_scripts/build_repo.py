@@ -69,14 +69,14 @@ def template_values(
     settings: RepoSettings, shape: ModelShape, model_name: str
 ) -> dict[str, dict[str, object]]:
     """The one place that says which setting goes into which config.pbtxt."""
+    engine = {  # read by every model that holds an engine (factory.build_engine_from_params)
+        "engine_kind": settings.engine,
+        "engine_threads": settings.engine_threads,
+        "device": "cuda" if settings.engine == "trt" else settings.device,
+    }
     return {
         "tokenizer": {},
-        "engine": {
-            "engine_kind": settings.engine,
-            "engine_threads": settings.engine_threads,
-            "max_sequences": settings.max_sequences,
-            "device": "cuda" if settings.engine == "trt" else settings.device,
-        },
+        "engine": {**engine, "max_sequences": settings.max_sequences},
         "sampler": {},
         "next_token": {},
         "gpt2": {
@@ -86,9 +86,7 @@ def template_values(
             "max_queue": settings.max_queue,
             "max_prefill_tokens": settings.max_prefill_tokens,
             "engine_placement": settings.engine_placement,
-            "engine_kind": settings.engine,
-            "engine_threads": settings.engine_threads,
-            "device": "cuda" if settings.engine == "trt" else settings.device,
+            **engine,
         },
     }
 

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 from gpt2_triton import model_config, names
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
-from gpt2_triton.engines.factory import build_engine
+from gpt2_triton.engines.factory import build_engine_from_params
 from gpt2_triton.errors import EngineError
 
 
@@ -23,12 +23,11 @@ class TritonPythonModel:
         params = model_config.parameters(config)
         self.logger = pb_utils.Logger
         kind = model_config.require(params, "engine_kind", "engine")
-        self.engine = build_engine(
-            kind,
+        self.engine = build_engine_from_params(
+            params,
             Path(args["model_repository"]) / args["model_version"],
+            "engine",
             max_sequences=model_config.int_param(params, "max_sequences", "engine", minimum=1),
-            threads=model_config.int_param(params, "engine_threads", "engine"),
-            device=params.get("device") or "cpu",
         )
         self.gauges = EngineGauges(pb_utils, kind, "engine")
         self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 from gpt2_triton import model_config, names
 from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError
 from gpt2_triton.engine_gauges import EngineGauges
-from gpt2_triton.engines.factory import build_engine
+from gpt2_triton.engines.factory import build_engine_from_params
 from gpt2_triton.engines.protocol import pack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
@@ -67,12 +67,11 @@ class TritonPythonModel:
                 f"model 'gpt2': engine_placement must be in_process or bls, got {placement!r}"
             )
         kind = model_config.require(params, "engine_kind", "gpt2")
-        engine = build_engine(
-            kind,
+        engine = build_engine_from_params(
+            params,
             folder / model_config.require(params, "engine_dir", "gpt2"),
+            "gpt2",
             max_sequences=max_active,
-            threads=model_config.int_param(params, "engine_threads", "gpt2"),
-            device=params.get("device") or "cpu",
         )
         pb_utils.Logger.log_info(f"gpt2: engine '{kind}' in process: {engine.shape}")
         return engine, EngineGauges(pb_utils, kind, "gpt2")

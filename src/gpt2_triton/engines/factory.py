@@ -74,3 +74,19 @@ def build_engine(
 ) -> StatefulEngine:
     shape = read_shape(export_dir)
     return StatefulEngine(build_forward(kind, export_dir, shape, **kwargs), shape, max_sequences)
+
+
+def build_engine_from_params(
+    params, export_dir: Path, model: str, max_sequences: int
+) -> StatefulEngine:
+    """The engine a Triton model's ``config.pbtxt`` asks for (``engine_kind``,
+    ``engine_threads``, ``device``): the same reading for every model that holds one."""
+    from gpt2_triton import model_config
+
+    return build_engine(
+        model_config.require(params, "engine_kind", model),
+        export_dir,
+        max_sequences=max_sequences,
+        threads=model_config.int_param(params, "engine_threads", model),
+        device=params.get("device") or "cpu",
+    )
