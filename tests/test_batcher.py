@@ -1,14 +1,24 @@
 """The generation loop on the real tiny engine (ONNX Runtime) with in-memory sinks."""
 
+import threading
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
-from gpt2_triton.batcher import BatcherLimits, GenerationOutput, InflightBatcher, QueueFullError
+from gpt2_triton.batcher import (
+    BatcherLimits,
+    GenerationOutput,
+    InflightBatcher,
+    QueueFullError,
+    ShuttingDownError,
+)
 from gpt2_triton.engines.factory import build_engine
-from gpt2_triton.errors import RequestValidationError
+from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
 from gpt2_triton.sampling import SamplingParams
+from gpt2_triton.sending import ResponseWorker
 from gpt2_triton.text import TextCodec
 
 GREEDY = SamplingParams(temperature=0)
@@ -20,17 +30,30 @@ class ListSink:
     errors: list = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
+    finals: int = 0  # final responses, errors and bare closes included: must end at 1
+    broken_cancel_check: bool = False  # is_cancelled() raises
+    broken_final: bool = False  # a final send raises
 
     def send(self, output: GenerationOutput, final: bool) -> None:
+        if final and self.broken_final:
+            raise RuntimeError("response could not be sent")
         self.outputs.append(output)
         self.done = final
+        self.finals += final
 
     def send_error(self, message: str) -> None:
         self.errors.append(message)
         self.done = True
+        self.finals += 1
 
     def is_cancelled(self) -> bool:
+        if self.broken_cancel_check:
+            raise RuntimeError("cannot tell")
         return self.cancelled
+
+    def close(self) -> None:
+        self.done = True
+        self.finals += 1
 
     @property
     def text(self) -> str:
@@ -43,12 +66,17 @@ def engine(tiny_export):
 
 
 @pytest.fixture()
-def batcher(engine, tiny_export):
-    codec = TextCodec(tiny_export / "tokenizer")
-    limits = BatcherLimits(
-        engine.shape.max_positions, engine.shape.eos_token_id, max_active=4, max_queue=8
-    )
-    return InflightBatcher(engine, codec, limits)
+def codec(tiny_export):
+    return TextCodec(tiny_export / "tokenizer")
+
+
+def limits(engine, **kwargs):
+    return BatcherLimits(engine.shape.max_positions, engine.shape.eos_token_id, **kwargs)
+
+
+@pytest.fixture()
+def batcher(engine, codec):
+    return InflightBatcher(engine, codec, limits(engine, max_active=4, max_queue=8))
 
 
 def run_all(batcher, sinks, limit=500):
@@ -196,3 +224,229 @@ def test_a_burst_of_prompts_joins_within_the_prefill_budget(engine, tiny_export)
     alone.submit(GenerationRequest(prompt, max_tokens=3, sampling=GREEDY), sink)
     run_all(alone, [sink])
     assert sink.outputs[-1].num_output_tokens == 3
+
+
+# -- failure isolation: every admitted request ends exactly once ------------------------------
+class EngineWrapper:
+    """The real engine; the subclasses below inject one fault each."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def step(self, tokens, sequence_ids, starts):
+        return self.engine.step(tokens, sequence_ids, starts)
+
+    def release(self, sequence_ids):
+        self.engine.release(sequence_ids)
+
+
+class FlakyRelease(EngineWrapper):
+    """The first ``failures`` releases fail (a BLS call that did not go through)."""
+
+    def __init__(self, engine, failures):
+        super().__init__(engine)
+        self.failures = failures
+
+    def release(self, sequence_ids):
+        if self.failures:
+            self.failures -= 1
+            raise EngineError("release failed")
+        super().release(sequence_ids)
+
+
+class LostResponse(EngineWrapper):
+    """The first step with a new row runs, then its answer is lost: the engine holds the row."""
+
+    def step(self, tokens, sequence_ids, starts):
+        logits = super().step(tokens, sequence_ids, starts)
+        if any(starts) and not getattr(self, "lost", False):
+            self.lost = True
+            raise EngineError("response lost")
+        return logits
+
+
+class RejectLongPrompts:
+    """The real forward, failing any prefill wider than ``longest`` tokens (out of memory)."""
+
+    def __init__(self, forward, longest):
+        self.forward = forward
+        self.longest = longest
+
+    def __call__(self, input_ids, mask, positions, past):
+        if input_ids.shape[1] > self.longest:
+            raise EngineError(f"prefill of {input_ids.shape[1]} tokens")
+        return self.forward(input_ids, mask, positions, past)
+
+
+class ScriptedEngine:
+    """Greedy decoding from it yields ``script``, whatever the prompt."""
+
+    def __init__(self, script, vocab_size):
+        self.script = script
+        self.vocab_size = vocab_size
+        self.position = {}
+
+    def step(self, tokens, sequence_ids, starts):
+        logits = np.zeros((len(tokens), self.vocab_size), np.float32)
+        for row, sid in enumerate(sequence_ids):
+            n = self.position.get(sid, 0)
+            logits[row, self.script[n]] = 1.0
+            self.position[sid] = n + 1
+        return logits
+
+    def release(self, sequence_ids):
+        pass
+
+
+def test_a_failing_prefill_fails_only_its_request(engine, codec):
+    batcher = InflightBatcher(engine, codec, limits(engine, max_active=8))
+    prompts = ["The cat", "A small bird", "Our neighbour", "The teacher writes"]
+
+    def request(prompt):
+        return GenerationRequest(prompt, max_tokens=10, sampling=GREEDY, stream=True)
+
+    solo = []
+    for prompt in prompts:
+        sink = ListSink()
+        batcher.submit(request(prompt), sink)
+        run_all(batcher, [sink])
+        solo.append(sink.text)
+    engine.forward = RejectLongPrompts(engine.forward, longest=100)
+    running = [ListSink() for _ in prompts[:3]]
+    for prompt, sink in zip(prompts, running, strict=False):
+        batcher.submit(request(prompt), sink)
+    batcher.step()
+    batcher.step()
+    poison, joiner = ListSink(), ListSink()
+    batcher.submit(GenerationRequest("cat " * 200, max_tokens=5), poison)
+    batcher.submit(request(prompts[3]), joiner)  # joins in the same step as the poison
+    run_all(batcher, [*running, poison, joiner])
+    assert poison.errors == ["engine error: prefill of 202 tokens"] and poison.finals == 1
+    assert [s.text for s in [*running, joiner]] == solo
+    assert all(s.finals == 1 and not s.errors for s in [*running, joiner])
+    assert engine.cached_sequences == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_word_completed_by_a_half_character_at_the_end_never_leaks(engine, codec, stream):
+    script = codec.encode("Fine. Q: 東")[:-1]  # ends in " " + the first bytes of 東
+    assert codec.decode(script).endswith("Q: \ufffd")
+    batcher = InflightBatcher(
+        ScriptedEngine(script, engine.shape.vocab_size), codec, limits(engine)
+    )
+    sink = ListSink()
+    request = GenerationRequest(
+        "Hi",
+        max_tokens=len(script),
+        sampling=GREEDY,
+        stop_words=("Q: ",),
+        stream=stream,
+        exclude_input_in_output=True,
+    )
+    batcher.submit(request, sink)
+    run_all(batcher, [sink])
+    assert (sink.text if stream else sink.outputs[-1].text) == "Fine. "
+    assert sink.outputs[-1].finish_reason == "stop" and sink.finals == 1
+
+
+def test_a_failed_release_is_retried_so_no_cache_leaks(tiny_export, codec):
+    engine = build_engine("onnx", tiny_export, max_sequences=2)
+    batcher = InflightBatcher(FlakyRelease(engine, failures=2), codec, limits(engine))
+    for _ in range(4):  # without the retries, the third fills max_sequences and fails
+        sink = ListSink()
+        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+        run_all(batcher, [sink])
+        assert not sink.errors and sink.outputs[-1].finish_reason == "length"
+    assert engine.cached_sequences == 0
+
+
+def test_a_new_row_cached_by_a_step_that_then_failed_is_released(engine, codec):
+    batcher = InflightBatcher(LostResponse(engine), codec, limits(engine))
+    sink = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=3, sampling=GREEDY), sink)
+    batcher.step()
+    assert sink.errors == ["engine error: response lost"] and sink.finals == 1
+    assert engine.cached_sequences == 0
+
+
+def test_stopping_the_loop_fails_what_is_left_once_then_refuses_requests(batcher, engine):
+    worker = ResponseWorker()
+    sinks = [ListSink() for _ in range(6)]  # four run, two wait
+    for sink in sinks:
+        request = GenerationRequest(
+            "The cat", max_tokens=1000, min_length=1000, sampling=GREEDY, stream=True
+        )
+        batcher.submit(request, worker.wrap(sink))
+    stop = threading.Event()
+    loop = threading.Thread(target=batcher.run, args=(stop,))
+    loop.start()
+    deadline = time.monotonic() + 60
+    while not sinks[0].outputs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    batcher.wake()
+    loop.join(60)
+    assert not loop.is_alive()
+    worker.close()  # after the loop: the finals it queued all go out
+    assert all(s.errors == ["the server is shutting down"] and s.finals == 1 for s in sinks)
+    assert engine.cached_sequences == 0
+    with pytest.raises(ShuttingDownError):
+        batcher.submit(GenerationRequest("The cat"), ListSink())
+
+
+def test_a_final_that_cannot_be_sent_ends_the_request_bare(batcher, engine):
+    sink = ListSink(broken_final=True)
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    run_all(batcher, [sink])
+    assert sink.finals == 1 and not sink.outputs and batcher.active == 0
+    assert engine.cached_sequences == 0
+
+
+def test_a_sink_that_cannot_tell_if_cancelled_drops_only_its_row(batcher, engine):
+    ok, broken = ListSink(), ListSink()
+    for sink in (ok, broken):
+        batcher.submit(GenerationRequest("The cat", max_tokens=8, sampling=GREEDY), sink)
+    batcher.step()
+    broken.broken_cancel_check = True
+    run_all(batcher, [ok, broken])
+    assert broken.outputs[-1].finish_reason == "cancelled" and broken.finals == 1
+    assert ok.outputs[-1].finish_reason == "length" and ok.finals == 1
+    assert engine.cached_sequences == 0
+
+
+def test_an_unexpected_failure_in_a_step_fails_its_rows_once(batcher, engine, monkeypatch):
+    done, running = ListSink(), ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=1, sampling=GREEDY), done)
+    batcher.submit(GenerationRequest("The cat", max_tokens=50, sampling=GREEDY), running)
+    advance_rows = batcher._advance_rows
+
+    def advance_then_fail(*args):  # a bug after the rows were sampled and sent
+        advance_rows(*args)
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(batcher, "_advance_rows", advance_then_fail)
+    assert batcher.step()
+    assert done.outputs[-1].finish_reason == "length" and done.finals == 1
+    assert running.errors == ["internal error while generating"] and running.finals == 1
+    assert batcher.active == 0 and engine.cached_sequences == 0
+    monkeypatch.undo()
+    ok = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=3, sampling=GREEDY), ok)
+    run_all(batcher, [ok])
+    assert ok.outputs[-1].finish_reason == "length"
+
+
+def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
+    prompt = "The old man walks to the river"
+    budget = len(codec.encode(prompt))  # one prompt per step
+    batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=budget))
+    sinks = [ListSink() for _ in range(3)]
+    for sink in sinks:
+        batcher.submit(GenerationRequest(prompt, max_tokens=5, sampling=GREEDY), sink)
+    sinks[0].cancelled = True
+    batcher.step()
+    assert sinks[0].outputs[-1].finish_reason == "cancelled" and sinks[0].finals == 1
+    assert batcher.stats.requests["cancelled"] == 1
+    assert batcher.active == 1  # the next request took the budget in this same step
+    run_all(batcher, sinks)
+    assert [s.outputs[-1].finish_reason for s in sinks[1:]] == ["length", "length"]

@@ -46,3 +46,17 @@ def test_stop_word_is_cut_and_never_half_emitted(codec):
 def test_text_that_only_looks_like_a_stop_word_prefix_is_released(codec):
     pieces, detok = stream(codec, "The Us army", stop_words=["User:"])
     assert "".join(pieces) == "The Us army" and not detok.stopped
+
+
+def test_a_stop_word_completed_by_a_half_character_is_cut_at_flush(codec):
+    ids = codec.encode("Fine. Q: 東")[:-1]  # the last token is " " + the first bytes of 東
+    detok = IncrementalDetokenizer(codec.decode, ["Q: "])
+    pieces = [detok.add(t) for t in ids]
+    assert not detok.stopped  # the stop word is not whole before the end
+    pieces.append(detok.flush())
+    assert "".join(pieces) == "Fine. " == detok.text and detok.stopped
+
+
+def test_flush_releases_a_held_stop_word_start(codec):
+    pieces, detok = stream(codec, "The cat. Us", stop_words=["User:"])
+    assert "".join(pieces) == "The cat. Us" == detok.text and not detok.stopped

@@ -5,11 +5,13 @@ from gpt2_triton.sending import ResponseWorker
 
 
 class RecordingSink:
-    def __init__(self, fail_after=None):
+    def __init__(self, fail_after=None, fail_errors=False):
         self.sent = []
         self.errors = []
         self.threads = set()
         self.fail_after = fail_after
+        self.fail_errors = fail_errors
+        self.closed = 0
 
     def send(self, output, final):
         self.threads.add(threading.current_thread().name)
@@ -18,10 +20,15 @@ class RecordingSink:
         self.sent.append((output.text, final))
 
     def send_error(self, message):
+        if self.fail_errors:
+            raise RuntimeError("client gone")
         self.errors.append(message)
 
     def is_cancelled(self):
         return False
+
+    def close(self):
+        self.closed += 1
 
 
 def _out(text):
@@ -66,3 +73,17 @@ def test_close_sends_what_is_queued():
         queued.send(_out(str(i)), final=i == 49)
     worker.close()
     assert len(sink.sent) == 50 and sink.sent[-1] == ("49", True)
+
+
+def test_a_final_or_error_that_cannot_be_sent_ends_the_request_with_a_bare_final_flag():
+    worker = ResponseWorker()
+    streamed, final, error = RecordingSink(0), RecordingSink(1), RecordingSink(fail_errors=True)
+    queued = [worker.wrap(s) for s in (streamed, final, error)]
+    queued[0].send(_out("a"), final=False)  # not the end: the loop will cancel it
+    queued[1].send(_out("b"), final=False)
+    queued[1].send(_out("c"), final=True)
+    queued[2].send_error("boom")
+    assert worker.flush(timeout=5)
+    assert [s.closed for s in (streamed, final, error)] == [0, 1, 1]
+    assert all(q.is_cancelled() for q in queued)
+    worker.close()

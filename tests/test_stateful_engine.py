@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from gpt2_triton import names
+from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError
 
@@ -91,3 +93,48 @@ def test_started_twice_is_an_error(engine):
     engine.step([[1]], [1], [True])
     with pytest.raises(EngineError, match="already active"):
         engine.step([[1]], [1], [True])
+
+
+class FailingForward:
+    """The real forward, except that prompts (``prefill``) or single tokens (``decode``) fail."""
+
+    def __init__(self, forward, fail_on):
+        self.forward = forward
+        self.fail_on = fail_on
+
+    def __call__(self, input_ids, mask, positions, past):
+        if ("prefill" if input_ids.shape[1] > 1 else "decode") == self.fail_on:
+            raise RuntimeError(f"{self.fail_on} failed")
+        return self.forward(input_ids, mask, positions, past)
+
+
+@pytest.mark.parametrize("fail_on", ["prefill", "decode"])
+def test_a_step_that_fails_part_way_changes_no_cache(engine, fail_on):
+    engine.step([[1, 2], [3, 4, 5]], [1, 2], [True, True])
+    engine.forward = FailingForward(engine.forward, fail_on)
+    with pytest.raises(RuntimeError, match=fail_on):
+        engine.step([[6], [7, 8, 9]], [1, 3], [False, True])  # 2 stays put: a gathered decode
+    assert engine.cached_sequences == 2
+    assert (engine.sequence_length(1), engine.sequence_length(2)) == (2, 3)
+    engine.forward = engine.forward.forward
+    engine.step([[6], [7, 8, 9]], [1, 3], [False, True])
+    assert (engine.sequence_length(1), engine.sequence_length(3)) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ({names.INPUT_IDS: np.array([[1]]), names.SEQUENCE_IDS: np.array([9], np.uint64)}, "9"),
+        (
+            {names.INPUT_IDS: np.array([[1]]), names.INPUT_LENGTHS: np.array([2], np.int32)},
+            names.INPUT_LENGTHS,
+        ),
+    ],
+)
+def test_a_request_that_fails_does_not_release(engine, step, message):
+    engine.step([[1, 2]], [1], [True])
+    with pytest.raises(EngineError, match=message):
+        protocol.serve(engine, {names.RELEASE_IDS: np.array([1], np.uint64), **step})
+    assert engine.cached_sequences == 1 and engine.sequence_length(1) == 2
+    protocol.serve(engine, {names.RELEASE_IDS: np.array([1], np.uint64)})
+    assert engine.cached_sequences == 0

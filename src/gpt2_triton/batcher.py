@@ -1,16 +1,20 @@
 """The generation loop with in-flight batching: the one place that knows the step order.
 
 Per step, for all live sequences at once:
-    admit new requests (within a prompt-token budget) -> drop cancelled ones -> engine
-    step (prompts of new sequences, last token of the others) -> sample each row ->
-    detokenize the new suffix -> send it -> retire finished sequences (EOS, stop word,
-    max_tokens) and free their KV caches.
+    admit new requests (within a prompt-token budget; those cancelled while waiting leave
+    uncharged) -> drop cancelled ones -> free the caches still to release -> engine step
+    (prompts of new sequences, last token of the others; if it fails with new rows in it,
+    the running rows again alone and each new row alone, to fail only the rows that cause
+    the error) -> sample each row -> detokenize the new suffix -> send it -> retire
+    finished sequences (EOS, stop word, max_tokens, error) and free their KV caches.
 
 A new request joins at the next step without waiting for the others to finish; a finished
-or cancelled one leaves at once. The engine and the response channel are interfaces
-(``EngineClient``, ``ResponseSink``), so the loop runs the same in Triton (an engine in
-process or by BLS, decoupled response senders) and in tests (an in-process engine, a list
-that collects responses).
+or cancelled one leaves at once. Every admitted request gets exactly one final response:
+a step never raises (a failure it did not expect fails that step's rows), and the loop's
+own thread fails what is left when it stops (``run``). The engine and the response channel
+are interfaces (``EngineClient``, ``ResponseSink``), so the loop runs the same in Triton
+(an engine in process or by BLS, decoupled response senders) and in tests (an in-process
+engine, a list that collects responses).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +33,7 @@ import numpy as np
 
 from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
-from gpt2_triton.errors import Gpt2TritonError, RequestValidationError
+from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
 from gpt2_triton.sampling import TokenSampler
 from gpt2_triton.text import TextCodec
@@ -52,17 +56,26 @@ class ResponseSink(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
+    def close(self) -> None:
+        """End the request with a bare final flag: its final response could not be sent."""
+
 
 class EngineClient(Protocol):
     def step(
         self, tokens: Sequence[Sequence[int]], sequence_ids: Sequence[int], starts: Sequence[bool]
-    ) -> np.ndarray: ...
+    ) -> np.ndarray:
+        """Each row's next-token logits. A step that raises must change no cache."""
 
-    def release(self, sequence_ids: Sequence[int]) -> None: ...
+    def release(self, sequence_ids: Sequence[int]) -> None:
+        """Free these caches; ids the engine does not hold are ignored."""
 
 
 class QueueFullError(Gpt2TritonError):
     """More requests wait than the queue holds: the client should retry later."""
+
+
+class ShuttingDownError(Gpt2TritonError):
+    """The server is shutting down and takes no new request."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,7 @@ class _Sequence:
     history: list[int] = field(default_factory=list)  # prompt + generated ids
     generated: int = 0
     started: bool = False  # the engine holds its KV cache
+    ended: bool = False  # its final response was sent: nothing more goes out
 
     def output(self, text: str, reason: str = "") -> GenerationOutput:
         return GenerationOutput(text, reason, len(self.prompt_ids), self.generated)
@@ -118,13 +132,20 @@ class InflightBatcher:
         self.stats = BatcherStats()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
+        self._closed = False  # shut down: submit() refuses
         self._active: list[_Sequence] = []
+        # Ids of ended sequences whose caches the engine may still hold: kept until a release
+        # succeeds (a BLS call can fail), so leaked rows never fill the engine's max_sequences.
+        self._to_release: set[int] = set()
         # Random high bits: ids stay unique if this model reloads while the engine lives on.
         self._ids = itertools.count((secrets.randbits(31) << 32) + 1)
 
     # -- called from the server's request threads ---------------------------------------------
     def submit(self, request: GenerationRequest, sink: ResponseSink) -> None:
-        """Tokenize and queue a request; raises RequestValidationError / QueueFullError."""
+        """Tokenize and queue a request.
+
+        Raises RequestValidationError, QueueFullError, or ShuttingDownError after shutdown.
+        """
         prompt_ids = self.codec.encode(request.prompt)
         window = self.limits.max_positions
         room = window - len(prompt_ids)
@@ -160,6 +181,8 @@ class InflightBatcher:
             history=list(prompt_ids),
         )
         with self._wake:
+            if self._closed:  # nothing would ever step it: refuse now rather than hang
+                raise ShuttingDownError("the server is shutting down; retry on another one")
             if len(self._waiting) >= self.limits.max_queue:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are already waiting; retry later"
@@ -169,6 +192,24 @@ class InflightBatcher:
             self._wake.notify()
 
     # -- the loop (one thread) --------------------------------------------------------------
+    def run(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> None:
+        """Run the loop in this thread until ``stop`` is set (set it, then call ``wake()``).
+
+        Then shut down here, in the one thread that touches the sequences, so the shutdown
+        never races a step. ``tick`` runs after every step (metrics).
+        """
+        try:
+            while not stop.is_set():
+                worked = self.step()
+                try:
+                    tick()
+                except Exception:
+                    log.exception("the loop's tick failed")
+                if not worked:
+                    self.wait_for_work(0.05)
+        finally:
+            self.shutdown()
+
     def wait_for_work(self, timeout: float) -> None:
         """Block until a request arrives (or ``timeout``): the loop's idle state."""
         with self._wake:
@@ -180,57 +221,66 @@ class InflightBatcher:
             self._wake.notify()
 
     def step(self) -> bool:
-        """One batched step for every live sequence. Returns False when there was none."""
-        self._admit()
-        self._drop_cancelled()
-        if not self._active:
-            return False
-        batch = list(self._active)
-        tokens = [s.history[-1:] if s.started else s.prompt_ids for s in batch]
-        step_started = time.perf_counter()
+        """One batched step for every live sequence. Returns False when there was none.
+
+        Never raises: a failure no other path handles fails the rows of this step, each
+        with one error response, and frees their caches; the loop goes on.
+        """
         try:
-            logits = self.engine.step(
-                tokens, [s.sequence_id for s in batch], [not s.started for s in batch]
-            )
-        except Exception as exc:  # the engine failed this step: fail its rows, keep serving
-            log.exception("engine step failed for %d sequences", len(batch))
-            self._fail(batch, f"engine error: {exc}")
+            return self._step()
+        except Exception:
+            log.exception("step failed unexpectedly for %d sequences", len(self._active))
+            self._abort(list(self._active), "internal error while generating")
             return True
-        self.stats.steps += 1
-        finished = []
-        now = time.perf_counter()
-        self.stats.engine_seconds_total += now - step_started
-        for row, sequence in enumerate(batch):
-            first = not sequence.started
-            sequence.started = True
-            if first:
-                self.stats.first_tokens += 1
-                self.stats.first_token_seconds_total += now - sequence.submitted_at
-            try:
-                if self._advance(sequence, logits[row]):
-                    finished.append(sequence)
-            except Exception:
-                log.exception("sequence %d failed", sequence.sequence_id)
-                self._send_error(sequence, "internal error while generating")
-                finished.append(sequence)
-        self._retire(finished)
-        self.stats.step_seconds_total += time.perf_counter() - step_started
-        return True
 
     def shutdown(self) -> None:
+        """Fail every request still active or waiting; later submits raise ShuttingDownError.
+
+        Only from the loop's thread, between steps (``run`` calls it).
+        """
+        message = "the server is shutting down"
         with self._wake:
+            self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-        self._fail(self._active + waiting, "the server is shutting down")
+            self.stats.waiting = 0
+        for sequence in waiting:
+            self._end_with_error(sequence, message)
+        self._abort(list(self._active), message)
 
     @property
     def active(self) -> int:
         return len(self._active)
 
-    # -- internals --------------------------------------------------------------------------
+    # -- the step, in order -----------------------------------------------------------------
+    def _step(self) -> bool:
+        self._admit()
+        self._drop_cancelled()
+        if not self._active:
+            return False
+        self._release_pending()
+        step_started = time.perf_counter()
+        outcomes = self._engine_step(list(self._active))
+        now = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.engine_seconds_total += now - step_started
+        finished = []
+        for rows, logits in outcomes:
+            if isinstance(logits, Exception):
+                finished += self._fail_rows(rows, f"engine error: {logits}")
+            else:
+                finished += self._advance_rows(rows, logits, now)
+        self._retire(finished)
+        self.stats.step_seconds_total += time.perf_counter() - step_started
+        return True
+
     def _admit(self) -> None:
         prefill = 0
+        gone = []
         with self._wake:
             while self._waiting and len(self._active) < self.limits.max_active:
+                if _is_gone(self._waiting[0]):  # cancelled while waiting: costs no budget
+                    gone.append(self._waiting.popleft())
+                    continue
                 cost = len(self._waiting[0].prompt_ids)
                 if prefill and prefill + cost > self.limits.max_prefill_tokens:
                     break  # the next step takes it
@@ -238,12 +288,68 @@ class InflightBatcher:
                 self._active.append(self._waiting.popleft())
             self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._active)
+        for sequence in gone:
+            self._finish(sequence, names.FINISH_CANCELLED, "")
 
     def _drop_cancelled(self) -> None:
-        cancelled = [s for s in self._active if s.sink.is_cancelled()]
+        cancelled = [s for s in self._active if _is_gone(s)]
         for sequence in cancelled:
             self._finish(sequence, names.FINISH_CANCELLED, "")
         self._retire(cancelled)
+
+    def _engine_step(
+        self, batch: list[_Sequence]
+    ) -> list[tuple[list[_Sequence], np.ndarray | Exception]]:
+        """``[(rows, their logits or the exception that failed them)]`` covering ``batch``.
+
+        One engine call for the whole batch. When it fails with new rows in it, the running
+        rows go again alone and each new row alone (a failed step changes no cache), so a
+        prompt the engine rejects fails alone and the running streams carry on.
+        """
+        try:
+            return [(batch, self._call_engine(batch))]
+        except Exception as exc:
+            log.exception("engine step failed for %d sequences", len(batch))
+            error = exc
+        running = [s for s in batch if s.started]
+        groups = ([running] if running else []) + [[s] for s in batch if not s.started]
+        if len(groups) == 1:
+            return [(batch, error)]
+        outcomes = []
+        for rows in groups:
+            try:
+                outcomes.append((rows, self._call_engine(rows)))
+            except Exception as exc:
+                log.exception("engine step failed again for %d of them", len(rows))
+                outcomes.append((rows, exc))
+        return outcomes
+
+    def _call_engine(self, rows: list[_Sequence]) -> np.ndarray:
+        tokens = [s.history[-1:] if s.started else s.prompt_ids for s in rows]
+        logits = self.engine.step(
+            tokens, [s.sequence_id for s in rows], [not s.started for s in rows]
+        )
+        if len(logits) != len(rows):
+            raise EngineError(f"the engine returned {len(logits)} rows of logits for {len(rows)}")
+        return logits
+
+    def _advance_rows(
+        self, rows: list[_Sequence], logits: np.ndarray, now: float
+    ) -> list[_Sequence]:
+        finished = []
+        for row, sequence in enumerate(rows):
+            if not sequence.started:
+                sequence.started = True
+                self.stats.first_tokens += 1
+                self.stats.first_token_seconds_total += now - sequence.submitted_at
+            try:
+                if self._advance(sequence, logits[row]):
+                    finished.append(sequence)
+            except Exception:
+                log.exception("sequence %d failed", sequence.sequence_id)
+                self._end_with_error(sequence, "internal error while generating")
+                finished.append(sequence)
+        return finished
 
     def _advance(self, sequence: _Sequence, logits: np.ndarray) -> bool:
         """Sample, detokenize, send; True when the sequence is done."""
@@ -269,9 +375,14 @@ class InflightBatcher:
         return False
 
     def _finish(self, sequence: _Sequence, reason: str, piece: str) -> None:
+        if sequence.ended:
+            return
+        sequence.ended = True
         detokenizer = sequence.detokenizer
         if reason != names.FINISH_CANCELLED:
             piece += detokenizer.flush()
+            if detokenizer.stopped:  # the stop word was only complete with the last token
+                reason = names.FINISH_STOP
         if sequence.request.stream:
             text = piece
         elif sequence.request.exclude_input_in_output:
@@ -281,8 +392,31 @@ class InflightBatcher:
         self.stats.requests[reason] += 1
         try:
             sequence.sink.send(sequence.output(text, reason), final=True)
-        except Exception:  # the client may be gone (cancelled); nothing else to do
+        except Exception:  # the client may be gone (cancelled): end the request bare
             log.debug("final response for %d not delivered", sequence.sequence_id)
+            _close(sequence)
+
+    # -- failures and freeing caches ----------------------------------------------------------
+    def _fail_rows(self, rows: list[_Sequence], message: str) -> list[_Sequence]:
+        """Rows an engine step failed: each gets the error, and their caches are freed.
+
+        The engine may hold a new row's cache all the same (a BLS call that failed after the
+        step ran), so new rows are released too.
+        """
+        for sequence in rows:
+            self._end_with_error(sequence, message)
+        self._to_release.update(s.sequence_id for s in rows if not s.started)
+        return rows
+
+    def _abort(self, sequences: list[_Sequence], message: str) -> None:
+        """End active ``sequences`` with an error (those without a final yet), free caches.
+
+        Whatever state an unexpected failure left them in: started or not, all are released.
+        """
+        for sequence in sequences:
+            self._end_with_error(sequence, message)
+        self._to_release.update(s.sequence_id for s in sequences)
+        self._retire(sequences)
 
     def _retire(self, finished: list[_Sequence]) -> None:
         if not finished:
@@ -290,22 +424,47 @@ class InflightBatcher:
         done = {id(s) for s in finished}
         self._active = [s for s in self._active if id(s) not in done]
         self.stats.active = len(self._active)
-        started = [s.sequence_id for s in finished if s.started]
-        if started:
-            try:
-                self.engine.release(started)
-            except Exception:
-                log.exception("could not release %d sequences", len(started))
+        self._to_release.update(s.sequence_id for s in finished if s.started)
+        self._release_pending()
 
-    def _fail(self, sequences: list[_Sequence], message: str) -> None:
-        for sequence in sequences:
-            self._send_error(sequence, message)
-            self.stats.requests["error"] += 1
-        self._retire(list(sequences))
+    def _release_pending(self) -> None:
+        """Free the caches of ended sequences; a release that fails is tried again.
 
-    @staticmethod
-    def _send_error(sequence: _Sequence, message: str) -> None:
+        At the next step (the engine ignores ids it does not hold), so no cache leaks.
+        """
+        if not self._to_release:
+            return
+        ids = sorted(self._to_release)
+        try:
+            self.engine.release(ids)
+        except Exception:
+            log.exception("could not release %d sequences; will retry", len(ids))
+            return
+        self._to_release.difference_update(ids)
+
+    def _end_with_error(self, sequence: _Sequence, message: str) -> None:
+        if sequence.ended:
+            return
+        sequence.ended = True
+        self.stats.requests["error"] += 1
         try:
             sequence.sink.send_error(message)
         except Exception:
             log.debug("error response for %d not delivered", sequence.sequence_id)
+            _close(sequence)
+
+
+def _is_gone(sequence: _Sequence) -> bool:
+    """Cancelled by its client; a sink that cannot even tell is treated as gone."""
+    try:
+        return bool(sequence.sink.is_cancelled())
+    except Exception:
+        log.warning("is_cancelled failed for %d: dropping it", sequence.sequence_id, exc_info=True)
+        return True
+
+
+def _close(sequence: _Sequence) -> None:
+    try:
+        sequence.sink.close()
+    except Exception:  # nothing more can be done for this request
+        log.warning("request %d could not be closed", sequence.sequence_id, exc_info=True)

@@ -39,7 +39,11 @@ class IncrementalDetokenizer:
         return self._release(delta)
 
     def flush(self) -> str:
-        """At the end: whatever is still held back (an incomplete tail decodes as U+FFFD)."""
+        """At the end: whatever is still held back (an incomplete tail decodes as U+FFFD).
+
+        Checked for stop words too: a stop word completed by a last token that ends in half a
+        character is only whole here; ``stopped`` then says so.
+        """
         if self.stopped:
             return ""
         tail = ""
@@ -47,10 +51,11 @@ class IncrementalDetokenizer:
             window = self._decode(self._ids[self._prefix :])
             tail = window[len(self._decode(self._ids[self._prefix : self._read])) :]
             self._read = len(self._ids)
-        out = self._pending + tail
+        out, held = self._release(tail), self._pending
+        # No more text comes: what is held as a stop word's start is plain text.
         self._pending = ""
-        self.text += out
-        return out
+        self.text += held
+        return out + held
 
     def _release(self, delta: str) -> str:
         buffer = self._pending + delta

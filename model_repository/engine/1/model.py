@@ -10,7 +10,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from gpt2_triton import model_config, names
+from gpt2_triton import lifeline, model_config, names
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine_from_params
@@ -19,6 +19,7 @@ from gpt2_triton.errors import EngineError
 
 class TritonPythonModel:
     def initialize(self, args):
+        lifeline.exit_with_parent()  # a stub left behind by a crashed server holds the caches
         config = json.loads(args["model_config"])
         params = model_config.parameters(config)
         self.logger = pb_utils.Logger

@@ -4,7 +4,8 @@
 background thread runs the generation loop: one engine step per iteration for all live
 sequences, on this model's own engine (``engine_placement`` in_process) or on the
 ``engine`` model by BLS (bls). Responses go out from a second thread (``ResponseWorker``)
-while the loop waits on the next engine step.
+while the loop waits on the next engine step. At unload the loop fails what is left itself,
+then the response thread sends every final still queued.
 """
 
 import json
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gpt2_triton import model_config, names
-from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError
+from gpt2_triton import lifeline, model_config, names
+from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, ShuttingDownError
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params
 from gpt2_triton.engines.protocol import pack_tokens
@@ -28,10 +29,12 @@ from gpt2_triton.text import TextCodec
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_EVERY_S = 0.5
+STOP_TIMEOUT_S = 30  # a step in progress ends first; an engine step takes well under a second
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        lifeline.exit_with_parent()  # this stub runs its own threads: it must die with the server
         config = json.loads(args["model_config"])
         if not model_config.is_decoupled(config):
             raise pb_utils.TritonModelException(
@@ -54,6 +57,7 @@ class TritonPythonModel:
         self.responses = ResponseWorker(max_pending=8 * limits.max_active)
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
+        self.last_metrics = 0.0
         self.loop = threading.Thread(target=self._run, name="gpt2-generation", daemon=True)
         self.loop.start()
 
@@ -85,7 +89,7 @@ class TritonPythonModel:
                 self.batcher.submit(generation, self.responses.wrap(sink))
             except RequestValidationError as exc:
                 sink.send_error(str(exc), pb_utils.TritonError.INVALID_ARG)
-            except QueueFullError as exc:
+            except (QueueFullError, ShuttingDownError) as exc:
                 sink.send_error(str(exc), pb_utils.TritonError.UNAVAILABLE)
             except Exception:
                 pb_utils.Logger.log_error(f"gpt2: cannot queue request: {traceback.format_exc()}")
@@ -93,31 +97,32 @@ class TritonPythonModel:
         return None
 
     def _run(self):
-        last_metrics = 0.0
-        while not self.stop.is_set():
+        try:
+            self.batcher.run(self.stop, self._publish_metrics)
+        except Exception:
+            pb_utils.Logger.log_error(f"gpt2 loop stopped: {traceback.format_exc()}")
+
+    def _publish_metrics(self):
+        now = time.monotonic()
+        if now - self.last_metrics > METRICS_EVERY_S:
+            self.last_metrics = now
             try:
-                worked = self.batcher.step()
-            except Exception:  # the loop must outlive any bug in one step
-                pb_utils.Logger.log_error(f"gpt2 loop: {traceback.format_exc()}")
-                worked = False
-            now = time.monotonic()
-            if now - last_metrics > METRICS_EVERY_S:
-                last_metrics = now
-                try:
-                    self.metrics.publish()
-                    if self.gauges:
-                        self.gauges.publish(self.engine)
-                except Exception:
-                    pb_utils.Logger.log_error(f"gpt2 metrics: {traceback.format_exc()}")
-            if not worked:
-                self.batcher.wait_for_work(0.05)
+                self.metrics.publish()
+                if self.gauges:
+                    self.gauges.publish(self.engine)
+            except Exception:
+                pb_utils.Logger.log_error(f"gpt2 metrics: {traceback.format_exc()}")
 
     def finalize(self):
         self.stop.set()
         self.batcher.wake()
-        self.loop.join(timeout=10)
-        self.batcher.shutdown()
-        self.responses.close()
+        self.loop.join(timeout=STOP_TIMEOUT_S)  # the loop fails what is left, then returns
+        if self.loop.is_alive():
+            pb_utils.Logger.log_error(
+                f"gpt2: the generation loop did not stop in {STOP_TIMEOUT_S} s; requests it "
+                "still holds may get no final response"
+            )
+        self.responses.close()  # after the loop: every final it queued goes out
 
 
 class TritonSink:
@@ -148,6 +153,9 @@ class TritonSink:
 
     def is_cancelled(self):
         return self.sender.is_cancelled()
+
+    def close(self):
+        self.sender.send(flags=FINAL)
 
 
 class BlsEngine:

@@ -44,23 +44,34 @@ def unpack_tokens(ids: np.ndarray, lengths: np.ndarray | None) -> list[list[int]
 
 
 def serve(engine: StatefulEngine, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Run one ``engine`` request; raises EngineError for a request that breaks the contract."""
+    """Run one ``engine`` request; raises EngineError for a request that breaks the contract.
+
+    All or nothing: the whole request is checked before it runs, and a step that fails undoes
+    the release that came with it, so a failed request changes no cache.
+    """
     release = inputs.get(names.RELEASE_IDS)
-    if release is not None:
-        engine.release(release.reshape(-1).tolist())
     ids = inputs.get(names.INPUT_IDS)
-    if ids is None:
-        if release is None:
-            raise EngineError(f"send {names.INPUT_IDS} (a step) or {names.RELEASE_IDS}")
-        return np.zeros((0, engine.shape.vocab_size), np.float32)
+    if ids is None and release is None:
+        raise EngineError(f"send {names.INPUT_IDS} (a step) or {names.RELEASE_IDS}")
+    step = None if ids is None else _step_args(ids, inputs)
+    with engine.atomic():
+        if release is not None:
+            engine.release(release.reshape(-1).tolist())
+        if step is None:
+            return np.zeros((0, engine.shape.vocab_size), np.float32)
+        return engine.step(*step)
+
+
+def _step_args(ids: np.ndarray, inputs: Mapping[str, np.ndarray]) -> tuple:
+    """``(tokens, sequence_ids, starts)`` for ``StatefulEngine.step``."""
     tokens = unpack_tokens(ids, inputs.get(names.INPUT_LENGTHS))
     sequence_ids = inputs.get(names.SEQUENCE_IDS)
     starts = inputs.get(names.SEQUENCE_START)
     if sequence_ids is None:
         if starts is not None:
             raise EngineError(f"{names.SEQUENCE_START} needs {names.SEQUENCE_IDS}")
-        return engine.step(tokens)
-    return engine.step(
+        return tokens, None, None
+    return (
         tokens,
         sequence_ids.reshape(-1).tolist(),
         starts.reshape(-1).tolist() if starts is not None else None,

@@ -10,7 +10,8 @@ all-padding columns on the left are trimmed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,8 @@ class StatefulEngine:
 
     ``step(tokens, sequence_ids, starts)`` appends ``tokens[i]`` to sequence
     ``sequence_ids[i]`` (a new one when ``starts[i]``) and returns each row's next-token
-    logits. Without ``sequence_ids`` the step is stateless: it runs and keeps nothing.
+    logits. Without ``sequence_ids`` the step is stateless: it runs and keeps nothing. A step
+    that raises changes no cache, so the caller may retry it, or a part of it.
     """
 
     def __init__(self, forward: ForwardFn, shape: ModelShape, max_sequences: int = 64) -> None:
@@ -127,7 +129,7 @@ class StatefulEngine:
         if sequence_ids is None:
             fresh = _Batch.empty(self.shape, self.ops, rows=len(tokens))
             fresh.ids = [-1] * len(tokens)
-            self._check_length(fresh, tokens)
+            self._check_length(fresh.ids, fresh.lengths, tokens)
             logits, _ = self._run(fresh, tokens)
             return logits
 
@@ -153,21 +155,24 @@ class StatefulEngine:
                 f"new > max_sequences {self.max_sequences}"
             )
 
+        # Validated whole, then computed on a copy: the new state is committed only when every
+        # row succeeded, so a step that raises (a prefill that fails) changes no cache.
+        old_ids = [sequence_ids[r] for r in old_rows]
+        old_lengths = self._batch.lengths[self._rows(old_ids)]
+        self._check_length(old_ids, old_lengths, [tokens[r] for r in old_rows])
+        fresh = _Batch.empty(self.shape, self.ops, rows=len(new_rows))
+        fresh.ids = [sequence_ids[r] for r in new_rows]
+        self._check_length(fresh.ids, fresh.lengths, [tokens[r] for r in new_rows])
+
         logits = np.empty((len(tokens), self.shape.vocab_size), np.float32)
+        batch = self._batch
+        if new_rows:  # first: the likelier to fail, and then no decode work is wasted
+            logits[new_rows], fresh = self._run(fresh, [tokens[r] for r in new_rows])
         if old_rows:
-            self._step_cached(
-                [sequence_ids[r] for r in old_rows],
-                [tokens[r] for r in old_rows],
-                logits,
-                old_rows,
-            )
+            logits[old_rows], batch = self._stepped(old_ids, [tokens[r] for r in old_rows])
         if new_rows:
-            fresh = _Batch.empty(self.shape, self.ops, rows=len(new_rows))
-            fresh.ids = [sequence_ids[r] for r in new_rows]
-            new_tokens = [tokens[r] for r in new_rows]
-            self._check_length(fresh, new_tokens)
-            logits[new_rows], fresh = self._run(fresh, new_tokens)
-            self._set_batch(_merge(self._batch, fresh, self.ops))
+            batch = _merge(batch, fresh, self.ops)
+        self._set_batch(batch)
         return logits
 
     def release(self, sequence_ids: Sequence[int]) -> int:
@@ -181,24 +186,35 @@ class StatefulEngine:
     def release_all(self) -> int:
         return self.release(list(self._batch.ids))
 
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Undo every cache change made inside if it raises: several calls fail as one.
+
+        Cheap, because a batch is never changed in place: each step or release makes a new one.
+        """
+        saved = self._batch
+        try:
+            yield
+        except BaseException:
+            self._set_batch(saved)
+            raise
+
     # -- internals -------------------------------------------------------------------------
-    def _step_cached(self, ids, tokens, logits, out_rows) -> None:
+    def _rows(self, ids: Sequence[int]) -> np.ndarray:
+        return np.array([self._row_of[s] for s in ids], np.int64)
+
+    def _stepped(self, ids: list[int], tokens) -> tuple[np.ndarray, _Batch]:
+        """Decode ``ids``: their logits and the batch that results, not yet committed."""
         batch = self._batch
         if ids == batch.ids:  # every live sequence steps, in cache order: no gather
-            self._check_length(batch, tokens)
-            logits[out_rows], self._batch = self._run(batch, tokens)
-            return
-        rows = np.array([self._row_of[s] for s in ids], np.int64)
-        sub = batch.select(rows, self.ops)
-        self._check_length(sub, tokens)
-        logits[out_rows], stepped = self._run(sub, tokens)
-        others = np.array([r for r in range(len(batch.ids)) if r not in set(rows)], np.int64)
-        self._set_batch(
-            _merge(batch.select(others, self.ops), stepped, self.ops).trim_left(self.ops)
-        )
+            return self._run(batch, tokens)
+        rows = self._rows(ids)
+        logits, stepped = self._run(batch.select(rows, self.ops), tokens)
+        others = np.setdiff1d(np.arange(len(batch.ids)), rows)
+        return logits, _merge(batch.select(others, self.ops), stepped, self.ops).trim_left(self.ops)
 
-    def _check_length(self, batch: _Batch, tokens) -> None:
-        for sid, length, toks in zip(batch.ids, batch.lengths, tokens, strict=True):
+    def _check_length(self, ids, lengths, tokens) -> None:
+        for sid, length, toks in zip(ids, lengths, tokens, strict=True):
             if length + len(toks) > self.shape.max_positions:
                 raise EngineError(
                     f"sequence {sid}: {int(length)} + {len(toks)} tokens exceed the context "
