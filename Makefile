@@ -15,10 +15,22 @@ MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
 # in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
 PLACEMENT ?= in_process
+# The front door (Envoy) listens on HOST:HTTP_PORT/GRPC_PORT; Triton behind it on loopback
+# TRITON_HTTP_PORT/TRITON_GRPC_PORT; METRICS_PORT is Triton's own (loopback).
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+TRITON_HTTP_PORT ?= 8100
+TRITON_GRPC_PORT ?= 8101
+ENVOY_ADMIN_PORT ?= 8090
+MAX_REQUEST_BYTES ?= 1048576
+# API_KEY: clients send "Authorization: Bearer <key>" (required when HOST is not loopback);
+# ADMIN_KEY opens the admin APIs to requests with "x-admin-key: <key>". Read from the
+# environment by the server, never put on its command line.
+API_KEY ?=
+ADMIN_KEY ?=
+export API_KEY ADMIN_KEY
 UI_PORT ?= 7860
 RUN_DIR ?= runs/ft
 MAX_STEPS ?= -1
@@ -34,10 +46,16 @@ VALIDATION_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/validation.txt
 endif
 INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-	--metrics-port $(METRICS_PORT)
+	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
+	--triton-grpc-port $(TRITON_GRPC_PORT) --envoy-admin-port $(ENVOY_ADMIN_PORT) \
+	--max-request-bytes $(MAX_REQUEST_BYTES)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
 
-UI_FLAGS := --host $(HOST) --port $(UI_PORT) --triton-url $(HOST):$(GRPC_PORT)
+# The chat page has no key of its own: it stays on loopback unless UI_HOST says otherwise.
+UI_HOST ?= 127.0.0.1
+# where clients on this machine reach the front door (a wildcard HOST listens on loopback too)
+CLIENT_HOST := $(if $(filter 0.0.0.0 ::,$(HOST)),127.0.0.1,$(HOST))
+UI_FLAGS := --host $(UI_HOST) --port $(UI_PORT) --triton-url $(CLIENT_HOST):$(GRPC_PORT)
 
 COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
@@ -96,16 +114,16 @@ endif
 		--max-sequences $(MAX_SEQUENCES) --engine-placement $(PLACEMENT) \
 		$(if $(filter torch,$(ENGINE)),--device $(DEVICE))
 
-serve: setup ## run tritonserver on the rendered model_repository/ (Ctrl-C stops it)
-	$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS)
+serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)
+	$(PY) -m gpt2_triton.serve $(SERVE_FLAGS)
 
 ui: setup ## the Gradio chat page for a running server (http://HOST:UI_PORT)
 	$(PY) -m ui $(UI_FLAGS)
 
 demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the chat page
-	@$(PY) -m gpt2_triton.triton_server $(SERVE_FLAGS) & server=$$!; \
+	@$(PY) -m gpt2_triton.serve $(SERVE_FLAGS) & server=$$!; \
 	trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
-	until curl -sf -o /dev/null http://$(HOST):$(HTTP_PORT)/v2/health/ready; do \
+	until curl -sf -o /dev/null http://$(CLIENT_HOST):$(HTTP_PORT)/v2/health/ready; do \
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
 	$(PY) -m ui $(UI_FLAGS)
 
@@ -129,8 +147,10 @@ perf-analyzer-deps: setup
 	$(PY) -c "import nvidia.cuda_runtime" 2>/dev/null || \
 		$(PY) -m pip install --quiet "nvidia-cuda-runtime-cu12==12.6.77"
 
+# perf_analyzer and genai-perf read Triton's statistics API, which the front door keeps
+# closed: they measure Triton on its loopback port (the front door's cost: `make bench`).
 bench-pa: perf-analyzer-deps ## perf_analyzer on next_token and streaming gpt2 (against a running server)
-	GRPC_URL=$(HOST):$(GRPC_PORT) PY=$(PY) bash benchmarks/perf_analyzer.sh
+	GRPC_URL=$(CLIENT_HOST):$(TRITON_GRPC_PORT) PY=$(PY) bash benchmarks/perf_analyzer.sh
 
 # genai-perf wants numpy 2 and its own transformers: its own virtualenv.
 $(GENAI_VENV)/.installed:
@@ -139,14 +159,14 @@ $(GENAI_VENV)/.installed:
 	touch $@
 
 bench-genai: perf-analyzer-deps $(GENAI_VENV)/.installed ## genai-perf (tensorrtllm, streaming) against a running server
-	GRPC_URL=$(HOST):$(GRPC_PORT) PY=$(PY) GENAI=$(GENAI_VENV)/bin/genai-perf \
+	GRPC_URL=$(CLIENT_HOST):$(TRITON_GRPC_PORT) PY=$(PY) GENAI=$(GENAI_VENV)/bin/genai-perf \
 		TOKENIZER=$(TOKENIZER) bash benchmarks/genai_perf.sh
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
 	bash benchmarks/gpu_check.sh
 
 chat: setup ## chat in the terminal with a running server (no browser needed)
-	$(PY) -m client --chat --url $(HOST):$(GRPC_PORT) --wait 60
+	$(PY) -m client --chat --url $(CLIENT_HOST):$(GRPC_PORT) --wait 60
 
 test-tools: ## Debian's chromium (browser test) and docker-compose (compose file check)
 	@missing=""; command -v chromium >/dev/null || missing="chromium"; \

@@ -6,7 +6,9 @@
 (b) the raw ONNX Runtime KV-cache loop on the same ONNX file, in process (the engine's
     limit: no server, no Python loop around it beyond argmax), fp32 and, when the int8
     engine is served, int8;
-(c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch).
+(c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch),
+    straight to Triton (``triton:<engine>``) and, for ``--front-door-engines``, through the
+    Envoy front door of ``make serve`` (``front-door:<engine>``), interleaved per grid point.
 
 For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
 output tokens/s at each concurrency and prompt length, with exactly ``--new-tokens``
@@ -235,7 +237,8 @@ def server_rss_mb(pid: int) -> float:
 def run(args) -> dict:
     from build_scripts.build_repo import RepoSettings, build
     from gpt2_triton.engines.factory import build_engine
-    from gpt2_triton.triton_server import Ports, TritonServer
+    from gpt2_triton.front_door import FrontDoorSettings
+    from gpt2_triton.serve import Service
 
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     spec = checkpoint.resolve(args.model)
@@ -275,29 +278,39 @@ def run(args) -> dict:
                 ),
                 repository=repo,
             )
-            server = TritonServer(
+            # The service as `make serve` runs it: Triton behind the front door. Its own
+            # loopback ports are measured too ("direct"), so the front door's cost is a
+            # difference within one run.
+            front = FrontDoorSettings(
+                http_port=args.port,
+                grpc_port=args.port + 1,
+                admin_port=args.port + 2,
+                triton_http_port=args.port + 3,
+                triton_grpc_port=args.port + 4,
+            )
+            server = Service(
                 repo,
-                Ports(args.port, args.port + 1, args.port + 2),
-                log_file=checkpoint.artifacts_root() / "bench" / f"{kind}.log",
+                front,
+                metrics_port=args.port + 5,
+                log_dir=checkpoint.artifacts_root() / "bench" / f"logs-{kind}",
             )
         with server or contextlib.nullcontext():
             for c, p in grid:
                 if loop is not None:
                     log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
                     rows.append(bench_ort_loop(loop, tokenizer, c, p, args.new_tokens, kind))
-                if server is not None:
-                    log.info("triton:%s c=%d prompt=%d", kind, c, p)
-                    rows.append(
-                        bench_triton(
-                            server.grpc_url,
-                            kind,
-                            tokenizer,
-                            c,
-                            p,
-                            args.new_tokens,
-                            server.process.pid,
-                        )
+                if server is None:
+                    continue
+                paths = {"triton": server.triton.grpc_url}
+                if kind in args.front_door_engines:
+                    paths["front-door"] = server.grpc_url
+                for path, url in paths.items():
+                    log.info("%s:%s c=%d prompt=%d", path, kind, c, p)
+                    row = bench_triton(
+                        url, kind, tokenizer, c, p, args.new_tokens, server.triton.process.pid
                     )
+                    row.system = f"{path}:{kind}"
+                    rows.append(row)
         del loop
     order = {"hf-generate": 0, "onnxruntime-loop": 1, "onnxruntime-loop:int8": 2}
     rows.sort(key=lambda r: (order.get(r.system, 3), r.system))  # stable: grid order kept
@@ -325,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--engines", nargs="+", default=["onnx", "onnx-int8", "torch"])
+    parser.add_argument(
+        "--front-door-engines",
+        nargs="*",
+        default=["onnx"],
+        help="engines also measured through the Envoy front door (its cost, same run)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--raw", action="store_true", help="keep every sample in the JSON")

@@ -44,6 +44,32 @@ def ratio_rows(results: dict) -> list[str]:
     return lines
 
 
+def front_door_rows(results: dict) -> list[str]:
+    """The front door's cost: through Envoy against straight to Triton, same run."""
+    by = _index(results["rows"])
+    lines = [
+        "| engine | concurrency | prompt | ITL p50 direct | ITL p50 front door | difference | "
+        "TTFT p50 difference | tokens/s front door / direct |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        if not r["system"].startswith("front-door:"):
+            continue
+        engine = r["system"].split(":", 1)[1]
+        key = (r["concurrency"], r["prompt_tokens"])
+        direct = by.get((f"triton:{engine}", *key))
+        if direct is None:
+            continue
+        lines.append(
+            f"| {engine} | {key[0]} | {key[1]} | {_fmt(direct['itl_ms_p50'], '.2f')} ms | "
+            f"{_fmt(r['itl_ms_p50'], '.2f')} ms | "
+            f"{r['itl_ms_p50'] - direct['itl_ms_p50']:+.2f} ms | "
+            f"{r['ttft_ms_p50'] - direct['ttft_ms_p50']:+.1f} ms | "
+            f"{r['tokens_per_s'] / direct['tokens_per_s']:.3f} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def table(results: dict) -> list[str]:
     lines = [
         "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
@@ -127,11 +153,18 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "Runtime KV-cache loop on the same ONNX file (`StatefulEngine`, argmax); "
         "`onnxruntime-loop:int8` = the same loop on the int8 file; "
         "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
-        "at once, each timing its own tokens. In the ratios, `triton:onnx-int8` is taken "
-        "against the int8 loop, the other engines against the fp32 loop.",
+        "at once, each timing its own tokens, straight to Triton's loopback port; "
+        "`front-door:<engine>` = the same through the Envoy front door (`make serve`), "
+        "measured right after it at each grid point. In the ratios, `triton:onnx-int8` is "
+        "taken against the int8 loop, the other engines against the fp32 loop.",
         "",
         *table(results),
         "",
+        *(
+            ["## The front door's cost (same run)", "", *front_door_rows(results), ""]
+            if front_door_rows(results)
+            else []
+        ),
         "## The service against the baselines (same run)",
         "",
         *ratio_rows(results),

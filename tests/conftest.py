@@ -79,17 +79,33 @@ def unused_port() -> int:
     return _free_ports(1)[0]
 
 
+ADMIN_KEY = "test-admin-key"
+
+
+def service(repository: Path, log_dir: Path, **front_door):
+    """The service as users run it: Triton behind the Envoy front door, on free ports."""
+    from gpt2_triton.front_door import FrontDoorSettings
+    from gpt2_triton.serve import Service
+
+    http, grpc, admin, triton_http, triton_grpc, metrics = _free_ports(6)
+    settings = FrontDoorSettings(
+        http_port=http,
+        grpc_port=grpc,
+        admin_port=admin,
+        triton_http_port=triton_http,
+        triton_grpc_port=triton_grpc,
+        **{"admin_key": ADMIN_KEY, **front_door},
+    )
+    return Service(repository, settings, metrics_port=metrics, log_dir=log_dir)
+
+
 @pytest.fixture(scope="session")
 def triton(tiny_export, artifacts):
-    """A real tritonserver serving the tiny model (ONNX Runtime engine) on free ports."""
+    """The tiny model (ONNX Runtime engine) served by a real tritonserver behind Envoy."""
     from build_scripts.build_repo import RepoSettings, build
-    from gpt2_triton.triton_server import Ports, TritonServer
 
     repository = build(
         RepoSettings("tiny", "onnx", max_sequences=16), repository=artifacts / "model_repository"
     )
-    server = TritonServer(
-        repository, Ports(*_free_ports(3)), log_file=artifacts / "logs" / "tritonserver.log"
-    )
-    with server:
+    with service(repository, artifacts / "logs") as server:
         yield server

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import harness
-from benchmarks.report import ratio_rows
+from benchmarks.report import front_door_rows, ratio_rows
 
 
 @pytest.mark.integration
@@ -42,6 +42,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "onnxruntime-loop",
             "onnxruntime-loop:int8",
             "triton:onnx",
+            "front-door:onnx",
             "triton:onnx-int8",
         )
         for c in (1, 2)
@@ -53,6 +54,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             assert row["server_rss_mb"] > 0
     report = (tmp_path / "docs" / "BENCH.md").read_text()
     assert "| triton:onnx | 2 | 8 |" in report
+    assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
@@ -81,6 +83,31 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
     assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
     # the int8 service against the int8 loop (the same file), not the fp32 one
     assert lines[3] == "| triton:onnx-int8 | 1 | 32 | 1.10x | 1.20x | 0.90x | 7.20x |"
+
+
+def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
+    def row(system, c, itl, ttft, tps):
+        return {
+            "system": system,
+            "concurrency": c,
+            "prompt_tokens": 32,
+            "itl_ms_p50": itl,
+            "ttft_ms_p50": ttft,
+            "tokens_per_s": tps,
+        }
+
+    results = {
+        "rows": [
+            row("triton:onnx", 1, 10.0, 20.0, 100.0),
+            row("front-door:onnx", 1, 10.1, 20.5, 99.0),
+            row("triton:onnx", 16, 30.0, 60.0, 400.0),
+            row("front-door:onnx", 16, 31.0, 61.0, 392.0),
+        ]
+    }
+    lines = front_door_rows(results)
+    assert lines[2] == "| onnx | 1 | 32 | 10.00 ms | 10.10 ms | +0.10 ms | +0.5 ms | 0.990 |"
+    assert lines[3].endswith("| +1.00 ms | +1.0 ms | 0.980 |")
+    assert front_door_rows({"rows": results["rows"][:1]}) == []
 
 
 def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):

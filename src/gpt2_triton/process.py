@@ -1,0 +1,74 @@
+"""Child processes that never outlive the service: their own process group, ended whole.
+
+Triton's Python backend stubs are children of ``tritonserver`` in its process group; when
+the server dies by a signal, a stub that runs its own threads (``gpt2``) stays behind with
+parent pid 1. Ending the whole group ends them too; ``die_with_parent`` makes the kernel
+end a child when the launcher itself is killed (SIGKILL leaves it no time to clean up).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: SIGKILL this child when the thread that started it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:  # not Linux: the supervisor's own clean-up still applies
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of the group exists (zombies excluded)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the name: state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(process: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 10.0):
+    """Ask the process to stop, wait, then kill whatever of its group is left.
+
+    The process was started with ``start_new_session=True``, so its pid is its group id.
+    Only the leader gets ``signum``: Triton unloads its models (and ends their stubs) in
+    order. Returns the process's exit code.
+    """
+    pgid = process.pid
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(pgid, signal.SIGKILL)
+    code = process.wait()
+    deadline = time.monotonic() + 5
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return code

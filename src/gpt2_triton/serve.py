@@ -1,0 +1,307 @@
+"""The service: Triton behind the Envoy front door, restarted when it dies.
+
+    python -m gpt2_triton.serve --model-repository model_repository
+
+Used by ``make serve``, ``make demo`` and the integration tests' session fixture. Clients
+reach Envoy only (HTTP 8000, gRPC 8001); Triton listens on loopback ports behind it, and
+its metrics port (8002) stays its own. A supervisor thread restarts a Triton that exits
+(with a backoff, logged) and ends its whole process group first, so no backend stub
+outlives it; Envoy answers 503 with a plain reason meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+from gpt2_triton import logs
+from gpt2_triton.front_door import EnvoyProxy, FrontDoorError, FrontDoorSettings
+from gpt2_triton.triton_server import Ports, ServerError, TritonServer
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
+
+
+def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+class Service:
+    """Envoy + a supervised ``tritonserver``; ``http_url`` / ``grpc_url`` are the front door."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        front: FrontDoorSettings | None = None,
+        metrics_port: int = 8002,
+        log_dir: Path = Path("artifacts/logs"),
+        extra_triton_args: tuple[str, ...] = (),
+    ) -> None:
+        self.front = front = front or FrontDoorSettings()
+        self.log_dir = Path(log_dir)
+        self.triton = TritonServer(
+            model_repository,
+            Ports(front.triton_http_port, front.triton_grpc_port, metrics_port),
+            log_file=self.log_dir / "tritonserver.log",
+            extra_args=(*front.triton_restrictions(), *extra_triton_args),
+        )
+        self.envoy = EnvoyProxy(front, self.log_dir / "envoy.yaml", self.log_dir / "envoy.log")
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._started = threading.Event()  # the first Triton start was attempted
+        self._supervisor: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+
+    # -- addresses ----------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.front.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.front.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.triton.metrics_url
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.front.host in ("0.0.0.0", "::") else self.front.host
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> Service:
+        ports = [
+            self.front.http_port,
+            self.front.grpc_port,
+            self.front.admin_port,
+            self.front.triton_http_port,
+            self.front.triton_grpc_port,
+            self.triton.ports.metrics,
+        ]
+        busy = ports_in_use(ports)
+        if busy:
+            raise ServerError(
+                f"port(s) {', '.join(map(str, busy))} already in use (another server still "
+                "running?): stop it or choose other ports"
+            )
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.envoy.start()
+        self.envoy.wait_live()
+        # Triton is started (and restarted) by the supervisor thread: a child started with
+        # die_with_parent ends with the thread that started it, and this one lives as long
+        # as the service does.
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        self._started.wait()
+        if self._start_error:
+            self.envoy.stop()
+            raise self._start_error
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until a request through the front door finds Triton ready."""
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if not self.restarts and not self.triton_alive():
+                raise ServerError(
+                    f"tritonserver exited (code {self.triton.process.returncode}) before it "
+                    "was ready" + self.triton.log_tail()
+                )
+            if not self.envoy.alive():
+                raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise ServerError(
+            f"the service is not ready after {timeout:.0f} s" + self.triton.log_tail()
+        )
+
+    def triton_alive(self) -> bool:
+        return self.triton.process is not None and self.triton.process.poll() is None
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+        self.envoy.stop()
+
+    def __enter__(self) -> Service:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- the supervisor thread ----------------------------------------------------------
+    def _supervise(self) -> None:
+        try:
+            self.triton.start()
+        except BaseException as exc:  # handed to start(), which raises it
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
+        backoff, up_since, ever_ready = BACKOFF_FIRST_S, time.monotonic(), False
+        while not self._stopping.wait(0.2):
+            if self.triton_alive():
+                if not ever_ready:
+                    ever_ready = self._triton_ready()
+                continue
+            code = self.triton.process.returncode
+            self.triton.stop()  # whatever of its process group is left (stubs)
+            if not ever_ready:
+                log.error("tritonserver exited (code %s) before it was ready: not restarting", code)
+                return
+            if time.monotonic() - up_since > STABLE_AFTER_S:
+                backoff = BACKOFF_FIRST_S
+            log.warning(
+                "tritonserver exited (%s); restarting in %.0f s (log: %s)",
+                _describe_exit(code),
+                backoff,
+                self.triton.log_file,
+            )
+            if self._stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            try:
+                self.triton.start()
+            except Exception:
+                log.exception("could not restart tritonserver")
+                continue
+            self.restarts += 1
+            up_since = time.monotonic()
+        self.triton.stop()
+
+    def _triton_ready(self) -> bool:
+        try:
+            url = f"http://{self.triton.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def _settings_from_args(args: argparse.Namespace) -> FrontDoorSettings:
+    return replace(
+        FrontDoorSettings(
+            host=args.host,
+            api_key=os.environ.get("API_KEY", ""),
+            admin_key=os.environ.get("ADMIN_KEY", ""),
+        ),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        admin_port=args.envoy_admin_port,
+        triton_http_port=args.triton_http_port,
+        triton_grpc_port=args.triton_grpc_port,
+        max_request_bytes=args.max_request_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        requests_per_second=args.requests_per_second,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve the model repository: Triton behind the Envoy front door",
+        epilog="API_KEY and ADMIN_KEY come from the environment (never the command line).",
+    )
+    defaults = FrontDoorSettings()
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("HOST", "127.0.0.1"),
+        help="address the front door binds (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's, on loopback")
+    parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
+    parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
+    parser.add_argument("--envoy-admin-port", type=int, default=defaults.admin_port)
+    parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
+    parser.add_argument(
+        "--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests
+    )
+    parser.add_argument("--requests-per-second", type=int, default=defaults.requests_per_second)
+    parser.add_argument("--log-dir", type=Path, default=Path("artifacts/logs"))
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
+    args = parser.parse_args(argv)
+    logs.setup()
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        service = Service(
+            args.model_repository, _settings_from_args(args), args.metrics_port, args.log_dir
+        )
+        service.start()
+    except (ServerError, FrontDoorError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        service.wait_ready(args.timeout)
+    except (ServerError, FrontDoorError) as exc:
+        service.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"The service is ready (logs: {args.log_dir})\n"
+        f"  HTTP     http://{service.http_url}  (POST /v2/models/gpt2/generate, /generate_stream)\n"
+        f"  gRPC     {service.grpc_url}\n"
+        f"  metrics  {service.metrics_url}\n"
+        f"  (Triton itself: {service.triton.http_url} / {service.triton.grpc_url}, loopback)\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
+    while not stopping.wait(0.5):
+        if not service.envoy.alive():
+            print(f"error: envoy exited; see {service.envoy.log_file}", file=sys.stderr)
+            service.stop()
+            return 1
+    service.stop()
+    print("The service stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

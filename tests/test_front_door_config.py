@@ -1,0 +1,92 @@
+"""The front door's configuration: one template, rendered for every deployment, accepted by
+the real envoy binary (``--mode validate``). No server runs here; test_front_door.py sends
+traffic through it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpt2_triton.front_door import (
+    FrontDoorError,
+    FrontDoorSettings,
+    envoy_binary,
+    main,
+    render_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def validate(config_file: Path) -> None:
+    out = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        FrontDoorSettings(),
+        FrontDoorSettings(api_key="k1", admin_key="a1", host="0.0.0.0"),
+        FrontDoorSettings(triton_address="triton", host="0.0.0.0", public_without_key=True),
+    ],
+    ids=["loopback", "keys", "container"],
+)
+def test_every_rendering_is_a_config_envoy_accepts(settings, tmp_path):
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_config(settings))
+    validate(config)
+    clusters = yaml.safe_load(config.read_text())["static_resources"]["clusters"]
+    kinds = {c["type"] for c in clusters}
+    assert kinds == ({"STRICT_DNS"} if settings.triton_address == "triton" else {"STATIC"})
+
+
+def test_a_public_address_needs_an_api_key():
+    with pytest.raises(FrontDoorError, match="API_KEY"):
+        FrontDoorSettings(host="0.0.0.0")
+    FrontDoorSettings(host="::1")  # loopback: no key needed
+
+
+def test_keys_cannot_break_out_of_the_config():
+    with pytest.raises(FrontDoorError, match="quotes"):
+        FrontDoorSettings(api_key='k" }')
+
+
+def test_without_an_admin_key_the_admin_apis_are_closed_at_both_layers():
+    closed, other = FrontDoorSettings(), FrontDoorSettings()
+    # an unguessable key per server, the same one for Envoy and Triton
+    assert closed.effective_admin_key != other.effective_admin_key
+    assert len(closed.effective_admin_key) >= 32
+    assert closed.effective_admin_key in render_config(closed)
+    assert all(closed.effective_admin_key in flag for flag in closed.triton_restrictions())
+    assert "closed on this server" in render_config(closed)
+
+
+def test_the_compose_front_door_renders_the_same_template(tmp_path):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["front-door"]
+    command = service["command"]
+    assert command[:3] == ["python3", "-m", "gpt2_triton.front_door"]
+    args = [a for a in command[3:] if a != "--run"]  # render only; do not become envoy
+    out = tmp_path / "envoy.yaml"
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 0
+    validate(out)
+    assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"]
+    for name in ("triton", "triton-cpu"):  # Triton is reached through the front door only
+        ports = compose["services"][name].get("ports", [])
+        assert all(":8000" not in p and ":8001" not in p for p in ports), ports
+        assert compose["services"][name]["restart"] == "unless-stopped"
+
+
+def test_envoy_is_installed():
+    assert envoy_binary().is_file() or shutil.which("envoy")
