@@ -6,17 +6,23 @@ Run it inside the image that serves the plan (docker compose --profile build run
 build-engine): a plan only runs on the TensorRT version that built it, which is stamped
 into ``engine_settings.json`` next to ``model.plan`` and checked at load time. Without
 TensorRT: one clear message and exit code 2.
+
+``engine_settings.json`` also records the sha256 of the ``model.onnx`` (and its weights
+file) the plan was parsed from: ``check_plan`` refuses a plan whose ONNX files have changed
+since (``make repo ENGINE=trt`` and ``make verify`` call it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2_triton import checkpoint, logs
+from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
+from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import read_shape
@@ -28,6 +34,9 @@ log = logging.getLogger("build_scripts.build_engine")
 
 PLAN = "model.plan"
 TIMING_CACHE = "timing.cache"
+ONNX_FILES = ("model.onnx", "model.onnx.data")  # the graph and its external weights
+# Keys in engine_settings.json: what the plan was built from.
+ONNX_FINGERPRINT = "onnx_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -87,11 +96,47 @@ def check_opset(export_dir: Path, tensorrt_version: str) -> None:
         )
 
 
+def onnx_fingerprint(export_dir: Path) -> dict:
+    return fingerprint.of_files(export_dir, ONNX_FILES)
+
+
+def plan_stale_reason(export_dir: Path) -> str | None:
+    """Why ``model.plan`` in ``export_dir`` is not a build of the ONNX files beside it:
+    ``""`` when it is, ``None`` when its settings record no ONNX fingerprint (a plan from
+    before fingerprints were kept: cannot tell)."""
+    settings_path = export_dir / ENGINE_SETTINGS
+    if not (export_dir / PLAN).is_file() or not settings_path.is_file():
+        return f"no {PLAN} in {export_dir}"
+    recorded = json.loads(settings_path.read_text()).get(ONNX_FINGERPRINT)
+    if recorded is None:
+        return None
+    return fingerprint.difference(recorded, onnx_fingerprint(export_dir))
+
+
+def check_plan(export_dir: Path) -> None:
+    """Refuse a plan built from other ONNX files than those in ``export_dir`` now."""
+    reason = plan_stale_reason(export_dir)
+    if reason is None:
+        log.warning(
+            "%s records no fingerprint of the ONNX it was built from: to be sure, run "
+            "'make engine'",
+            export_dir / PLAN,
+        )
+    elif reason:
+        raise EngineError(
+            f"{export_dir / PLAN} was built from another model.onnx ({reason}): "
+            "rebuild it with 'make engine'"
+        )
+
+
 def build(export_dir: Path, settings: EngineSettings) -> Path:
     trt = import_tensorrt()
     check_opset(export_dir, trt.__version__)
+    exported = check_current(export_dir, "re-export it first ('make engine' does)")
     shape = read_shape(export_dir)
     onnx_path = export_dir / "model.onnx"
+    # Hashed before parsing: what the record says is what TensorRT read.
+    parsed = onnx_fingerprint(export_dir)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -130,6 +175,8 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
         export_dir / ENGINE_SETTINGS,
         {
             "tensorrt_version": trt.__version__,
+            ONNX_FINGERPRINT: parsed,
+            SOURCE_FINGERPRINT: exported.get(SOURCE_FINGERPRINT),  # the checkpoint's
             "precision": settings.precision,
             "layers_pinned_fp32": pinned,
             "max_batch": settings.max_batch,

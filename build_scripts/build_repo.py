@@ -5,7 +5,9 @@
 Each ``<model>/config.pbtxt`` is rendered from the committed ``config.pbtxt.in`` by the
 strict renderer (a missing or unused key fails); engine and tokenizer files go into the
 version folders (``<model>/1/``); the resolved settings are saved as
-``model_repository/build_settings.json``. Rendered files and artifacts are git-ignored.
+``model_repository/build_settings.json``, with the sha256 fingerprint of the checkpoint
+the served weights came from. An export (or TensorRT plan) made from other weights than the
+checkpoint holds now is refused. Rendered files and artifacts are git-ignored.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpt2_triton import checkpoint, logs
+from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
+from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
+from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS
 from gpt2_triton.errors import Gpt2TritonError
 from gpt2_triton.render import render
 
@@ -121,9 +126,11 @@ def build(
     which then receives copies of the committed ``model.py`` files too."""
     spec = checkpoint.resolve(settings.model)
     engine_files: dict[str, Path] = {}
+    fingerprints: dict[str, dict | None] = {}  # what the served files were built from
     if settings.engine == "torch":
         tokenizer = checkpoint.load_tokenizer(spec)
         model = checkpoint.load_model(spec)
+        fingerprints[SOURCE_FINGERPRINT] = checkpoint.fingerprint(spec)  # a hub id: cached now
         shape = ModelShape.from_hf_config(model.config)
         staging = checkpoint.artifacts_root() / "torch" / spec.slug
         shutil.rmtree(staging, ignore_errors=True)
@@ -138,7 +145,13 @@ def build(
             raise Gpt2TritonError(
                 f"no ONNX export in {export_dir}: run 'make export MODEL={settings.model}'"
             )
-        exported = json.loads(settings_file.read_text())
+        refresh = (
+            f"run 'make engine MODEL={settings.model}'"
+            if settings.engine == "trt"
+            else f"run 'make export MODEL={settings.model}' (make repo does)"
+        )
+        exported = check_current(export_dir, refresh)
+        fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
         shape = ModelShape.from_dict(exported["shape"])
         needed = {
             "onnx": {"model.onnx": "make export", "model.onnx.data": "make export"},
@@ -152,6 +165,10 @@ def build(
             if not (export_dir / name).is_file():
                 raise Gpt2TritonError(f"{export_dir / name} not found: run '{how}'")
             engine_files[name] = export_dir / name
+        if settings.engine == "trt":
+            check_plan(export_dir)
+            plan = json.loads((export_dir / ENGINE_SETTINGS).read_text())
+            fingerprints[ONNX_FINGERPRINT] = plan.get(ONNX_FINGERPRINT)
         tokenizer_dir = export_dir / "tokenizer"
 
     # Render every template first: a template error leaves the repository untouched.
@@ -170,6 +187,8 @@ def build(
     engine_dirs = [repository / "engine" / "1"]
     if settings.engine_placement == "in_process":
         engine_dirs.append(repository / "gpt2" / "1" / "engine")
+    # The version folders were emptied above, so these are fresh links to (or copies of)
+    # today's files: a re-export (new files, new inodes) is never served through old links.
     for folder in engine_dirs:  # hard links: the weights take disk space once
         folder.mkdir(parents=True, exist_ok=True)
         for name, src in engine_files.items():
@@ -185,12 +204,14 @@ def build(
             **asdict(settings),
             "model_source": spec.source,
             "shape": shape.to_dict(),
+            **fingerprints,
         },
     )
     log.info(
-        "model repository ready in %s (model %s, engine %s)",
+        "model repository ready in %s (model %s, weights sha256 %s, engine %s)",
         repository,
         spec.source,
+        fingerprint.short(fingerprints[SOURCE_FINGERPRINT]),
         settings.engine,
     )
     return repository

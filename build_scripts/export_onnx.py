@@ -4,7 +4,8 @@
 
 The folder is written all at once; it holds ``model.onnx`` (its weights in
 ``model.onnx.data``), optionally ``model.int8.onnx`` (``model.int8.onnx.data``),
-``export_settings.json`` (what was built, from what, with which versions) and
+``export_settings.json`` (what was built, from what, with which versions, and the
+sha256 of the checkpoint files it was built from) and
 ``tokenizer/``. Later steps (verify, make repo) read only this folder.
 """
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt2_triton import checkpoint, logs
+from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import atomic_dir, write_json
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import SETTINGS_FILE
@@ -26,27 +27,64 @@ from gpt2_triton.errors import ExportError, Gpt2TritonError
 
 log = logging.getLogger("build_scripts.export_onnx")
 
+# The key in export_settings.json holding the checkpoint's content fingerprint.
+SOURCE_FINGERPRINT = "source_fingerprint"
+
 
 def onnx_dir(slug: str) -> Path:
     return checkpoint.artifacts_root() / "onnx" / slug
 
 
-def is_current(folder: Path, source: str, int8: bool, opset: int) -> bool:
-    """True when ``folder`` already holds an export of ``source`` at ``opset`` (with int8
-    if asked)."""
+def stale_reason(folder: Path, source: str, int8: bool, opset: int, weights: dict | None) -> str:
+    """Why ``folder`` is not an export of ``source`` as it is now (``""`` when it is).
+
+    ``weights`` is the checkpoint's content fingerprint today: the same path may hold other
+    weights since the export (a second training run into the same folder).
+    """
+    from gpt2_triton.export import weights_file
+
     try:
         settings = load_settings(folder)
     except Gpt2TritonError:
-        return False
-    from gpt2_triton.export import weights_file
-
+        return "no export yet"
     files = [folder / name for name in settings.get("files", {}).values()]
-    return (
-        settings.get("model") == source
-        and settings.get("opset") == opset
-        and (not int8 or "int8" in settings["files"])
-        and all(f.is_file() and weights_file(f).is_file() for f in files)
-    )
+    if settings.get("model") != source:
+        return f"it was exported from {settings.get('model')}"
+    if settings.get("opset") != opset:
+        return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
+    if int8 and "int8" not in settings.get("files", {}):
+        return "it has no int8 model"
+    if not all(f.is_file() and weights_file(f).is_file() for f in files):
+        return "some of its files are missing"
+    if weights is None:
+        return "the checkpoint is not in the local cache: cannot tell whether it changed"
+    changed = fingerprint.difference(settings.get(SOURCE_FINGERPRINT), weights)
+    return f"the checkpoint's {changed}" if changed else ""
+
+
+def check_current(export_dir: Path, how: str) -> dict:
+    """Fail when the checkpoint ``export_dir`` was made from now holds other content (it was
+    trained again, or rebuilt), naming the changed files and ``how`` to re-export. Returns
+    the export's settings.
+
+    An export from before fingerprints were kept, or whose checkpoint is not here (gone, a
+    hub id not cached), cannot be checked: that is logged, not fatal.
+    """
+    settings = load_settings(export_dir)
+    recorded = settings.get(SOURCE_FINGERPRINT)
+    source = settings.get("model", "?")
+    if recorded is None:
+        log.warning("%s records no fingerprint of %s: to be sure, %s", export_dir, source, how)
+        return settings
+    try:
+        current = checkpoint.fingerprint(checkpoint.resolve(source))
+    except Gpt2TritonError as exc:
+        log.info("cannot check %s against its checkpoint: %s", export_dir, exc)
+        return settings
+    changed = fingerprint.difference(recorded, current) if current else ""
+    if changed:
+        raise ExportError(f"{export_dir} is out of date: {source}'s {changed}; {how}")
+    return settings
 
 
 def run(
@@ -74,11 +112,21 @@ def run(
         raise ExportError(f"opset {opset} not supported: choose {MIN_OPSET} to {OPSET}")
     spec = checkpoint.resolve(model_spec)
     output = output or onnx_dir(spec.slug)
-    if skip_existing and is_current(output, spec.source, int8, opset):
-        log.info("%s already exported to %s", spec.source, output)
-        return output
+    weights = checkpoint.fingerprint(spec)  # before loading: a change meanwhile re-exports
+    if skip_existing:
+        reason = stale_reason(output, spec.source, int8, opset, weights)
+        if not reason:
+            log.info(
+                "%s already exported to %s (weights sha256 %s)",
+                spec.source,
+                output,
+                fingerprint.short(weights),
+            )
+            return output
+        log.info("exporting %s to %s: %s", spec.source, output, reason)
     tokenizer = checkpoint.load_tokenizer(spec)
     model = checkpoint.load_model(spec)
+    weights = weights or checkpoint.fingerprint(spec)  # a hub id is cached once loaded
     shape = ModelShape.from_hf_config(model.config)
     started = time.perf_counter()
     with atomic_dir(output) as tmp:
@@ -96,6 +144,7 @@ def run(
             tmp / SETTINGS_FILE,
             {
                 "model": spec.source,
+                SOURCE_FINGERPRINT: weights,
                 "slug": spec.slug,
                 "shape": shape.to_dict(),
                 "files": files,
@@ -139,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-existing",
         action="store_true",
-        help="do nothing when this model is already exported",
+        help="do nothing when the export is current: same source, opset and weights "
+        "(sha256 of the checkpoint's weight, config and tokenizer files)",
     )
     args = parser.parse_args(argv)
     logs.setup()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from build_scripts.build_engine import check_plan
+from build_scripts.export_onnx import check_current
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import atomic_dir, write_json
 from gpt2_triton.engines.factory import build_forward, read_shape
@@ -205,6 +207,8 @@ def run(
     export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
     output = output or checkpoint.artifacts_root() / "verify" / spec.slug
     shape = read_shape(export_dir)
+    # A stale export would show up as a failed comparison; say what is wrong instead.
+    check_current(export_dir, "re-export it ('make verify' does)")
     tokenizer = checkpoint.load_tokenizer(spec)
     model = checkpoint.load_model(spec)
     eos = shape.eos_token_id
@@ -228,6 +232,7 @@ def run(
             log.info("skipping %s (%s): %s", name, precision, exc)
             continue
         if kind == "trt":
+            check_plan(export_dir)  # only where TensorRT runs: elsewhere it was skipped
             precision = json.loads((export_dir / "engine_settings.json").read_text())["precision"]
         engine = StatefulEngine(forward, shape, max_sequences=len(prompts) + 1)
         log.info("checking %s %s", name, precision)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -155,12 +158,23 @@ class Gpt2Client:
     protocol: str = "grpc"
     model: str = "gpt2"
     timeout_s: float = 300.0
+    # The front door's API key (sent as "Authorization: Bearer <key>"); default $API_KEY
+    api_key: str | None = field(default_factory=lambda: os.environ.get("API_KEY") or None)
     _grpc_clients: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in DEFAULT_URLS:
             raise ClientError(f"protocol must be grpc or http, got {self.protocol!r}")
         self.url = self.url or DEFAULT_URLS[self.protocol]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Sent with every request: gRPC metadata or HTTP headers."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _get(self, path: str, timeout: float):
+        request = urllib.request.Request(f"http://{self.url}{path}", headers=self.headers)
+        return urllib.request.urlopen(request, timeout=timeout)
 
     # -- public API -------------------------------------------------------------------------
     def generate(
@@ -205,7 +219,7 @@ class Gpt2Client:
             data = np.array([t.encode() for t in texts], dtype=object)
             tensor = module.InferInput(names.TEXT_INPUT, [len(texts)], "BYTES")
             tensor.set_data_from_numpy(data)
-            result = client.infer("tokenizer", [tensor])
+            result = client.infer("tokenizer", [tensor], headers=self.headers)
             return [int(n) for n in result.as_numpy(names.INPUT_LENGTHS)]
         except Exception as exc:
             raise _client_error(exc) from None
@@ -217,13 +231,12 @@ class Gpt2Client:
             if self.protocol == "grpc":
                 client = self._grpc()
                 try:
-                    config = client.get_model_config(model, as_json=True)["config"]
+                    config = client.get_model_config(model, as_json=True, headers=self.headers)
+                    config = config["config"]
                 finally:
                     client.close()
             else:
-                with urllib.request.urlopen(
-                    f"http://{self.url}/v2/models/{model}/config", timeout=10
-                ) as response:
+                with self._get(f"/v2/models/{model}/config", timeout=10) as response:
                     config = json.loads(response.read())
         except urllib.error.URLError as exc:
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
@@ -236,12 +249,12 @@ class Gpt2Client:
             if self.protocol == "grpc":
                 client = self._grpc()
                 try:
-                    return client.is_server_ready() and client.is_model_ready(self.model)
+                    return client.is_server_ready(headers=self.headers) and client.is_model_ready(
+                        self.model, headers=self.headers
+                    )
                 finally:
                     client.close()
-            with urllib.request.urlopen(
-                f"http://{self.url}/v2/models/{self.model}/ready", timeout=5
-            ) as response:
+            with self._get(f"/v2/models/{self.model}/ready", timeout=5) as response:
                 return response.status == 200
         except Exception:
             return False
@@ -310,7 +323,7 @@ class Gpt2Client:
             responses.put((result, error))
 
         try:
-            client.start_stream(callback=callback)
+            client.start_stream(callback=callback, headers=self.headers)
             cancel.add(lambda: client.stop_stream(cancel_requests=True))
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
         except InferenceServerException as exc:
@@ -367,7 +380,7 @@ class Gpt2Client:
         request = urllib.request.Request(
             f"http://{self.url}/v2/models/{self.model}/{endpoint}",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.headers},
         )
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
@@ -386,18 +399,27 @@ class Gpt2Client:
                     continue
                 data = json.loads(line[5:])
                 if "error" in data:
-                    raise ClientError(data["error"], "INVALID_ARG")
+                    raise _stream_error(data)
                 chunk = _http_chunk(data, final=bool(data.get(names.FINISH_REASON)))
                 yield chunk
                 if chunk.final:
                     return
+            # Every request ends with an event that has a finish_reason: without it the
+            # text is cut short (server or proxy gone), which must not pass as a result.
+            if not cancel.requested.is_set():
+                raise ClientError(
+                    "the stream from Triton ended before its final response: the text is "
+                    "incomplete (server stopped or connection lost)",
+                    "UNAVAILABLE",
+                )
 
 
 def _lines_until_closed(response, cancel: _Cancellation) -> Iterator[bytes]:
     """The response's lines; a connection we closed ourselves (cancel) just ends them."""
     try:
         yield from response
-    except (OSError, ValueError, AttributeError) as exc:
+    # HTTPException: a chunked body cut off before its last chunk (IncompleteRead)
+    except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
         if not cancel.requested.is_set():
             raise ClientError(f"the connection to Triton broke: {exc}", "UNAVAILABLE") from None
 
@@ -420,6 +442,36 @@ def _http_chunk(data: dict, final: bool) -> _Chunk:
     )
 
 
+# The gpt2 inputs: the server's validation messages start with the one at fault
+# (gpt2_triton.request / sampling / batcher: "max_tokens must be >= 1, got 0").
+_REQUEST_INPUTS = (
+    names.TEXT_INPUT,
+    names.MAX_TOKENS,
+    names.STREAM,
+    names.TEMPERATURE,
+    names.TOP_K,
+    names.TOP_P,
+    names.REPETITION_PENALTY,
+    names.SEED,
+    names.STOP_WORDS,
+    names.EXCLUDE_INPUT_IN_OUTPUT,
+    names.MIN_LENGTH,
+)
+_VALIDATION_MESSAGE = re.compile(rf"({'|'.join(_REQUEST_INPUTS)})[ :(]")
+
+
+def _stream_error(data: dict) -> ClientError:
+    """An SSE error event. Triton's is ``{"error": "<message>"}`` with no code (the HTTP
+    status was sent with the first event, 200 once text has streamed), so the code is a
+    status the event carries, if any (a proxy's), else INVALID_ARG for the server's
+    validation messages and INTERNAL for anything else."""
+    message = str(data["error"])
+    status = data.get("status") or data.get("code")
+    if isinstance(status, str) and status:
+        return ClientError(message, status)
+    return ClientError(message, "INVALID_ARG" if _VALIDATION_MESSAGE.match(message) else "INTERNAL")
+
+
 def _client_error(exc) -> ClientError:
     status = exc.status() if hasattr(exc, "status") and exc.status() else ""
     message = exc.message() if hasattr(exc, "message") else str(exc)
@@ -430,8 +482,19 @@ def _client_error(exc) -> ClientError:
 
 def _http_error(exc: urllib.error.HTTPError) -> ClientError:
     try:
-        message = json.loads(exc.read()).get("error", str(exc))
+        body = exc.read().decode("utf-8").strip()
+        # generate_stream sends an error in its first event as SSE: "data: {...}"
+        body = body.removeprefix("data:")
+        message = json.loads(body).get("error", str(exc))
     except Exception:
         message = str(exc)
-    status = {400: "INVALID_ARG", 404: "NOT_FOUND", 503: "UNAVAILABLE"}.get(exc.code, str(exc.code))
+    status = {
+        400: "INVALID_ARG",
+        401: "UNAUTHENTICATED",
+        403: "PERMISSION_DENIED",
+        404: "NOT_FOUND",
+        413: "RESOURCE_EXHAUSTED",  # the front door's size limit
+        429: "RESOURCE_EXHAUSTED",  # its concurrency or rate limit
+        503: "UNAVAILABLE",
+    }.get(exc.code, str(exc.code))
     return ClientError(message, status)

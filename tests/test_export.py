@@ -1,8 +1,14 @@
+import contextlib
 import json
+import logging
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import pytest
 
+from gpt2_triton import fingerprint
 from gpt2_triton.engines.shape import ModelShape
 
 
@@ -128,3 +134,137 @@ def test_unsupported_opset_is_refused(tiny_model, tmp_path, capsys):
     assert export_onnx.main(["--model", "tiny", "--opset", "12", "--output", str(out)]) == 2
     assert "opset 12 not supported" in capsys.readouterr().err
     assert not out.exists()
+
+
+# -- an export is tied to the exact weights it came from ----------------------------------
+ONNX_FILES = ["model.onnx", "model.onnx.data"]  # the graph (small tensors in it) + weights
+
+
+def perturb(folder, name="transformer.h.0.mlp.c_fc.weight", by=0.5):
+    """A second training run into the same folder, in miniature: one tensor changes."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = tensors[name] + by
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def onnx_last_logits(export_dir, tokenizer, prompt="The old man walks to"):
+    """Last-position logits of one prompt, run by ONNX Runtime (the server's engine)."""
+    from gpt2_triton.engines.factory import build_engine
+
+    ids = tokenizer(prompt)["input_ids"]
+    return build_engine("onnx", export_dir).step([ids], [1], [True])[0]
+
+
+def torch_last_logits(folder, tokenizer, prompt="The old man walks to"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1].numpy()
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def export_log():
+    """The export step's log lines (a module-scoped fixture cannot use caplog)."""
+    logger = logging.getLogger("build_scripts.export_onnx")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def retrained(tiny_model, tiny_tokenizer, tmp_path_factory):
+    """`make repo MODEL=<folder>` (export --skip-existing, render), then the checkpoint is
+    trained again into the same folder and `make repo` runs again."""
+    from build_scripts import export_onnx
+    from build_scripts.build_repo import RepoSettings, build
+
+    root = tmp_path_factory.mktemp("retrained")
+    ckpt, export, repo = root / "ft", root / "onnx", root / "repo"
+    shutil.copytree(tiny_model, ckpt)
+    export_onnx.run(str(ckpt), export, skip_existing=True)
+    first = {
+        "logits": onnx_last_logits(export, tiny_tokenizer),
+        "settings": json.loads((export / "export_settings.json").read_text()),
+        "onnx": fingerprint.of_files(export, ONNX_FILES),
+    }
+    build(RepoSettings(str(ckpt), "onnx"), export, repo)
+    perturb(ckpt)
+    with export_log() as lines:
+        export_onnx.run(str(ckpt), export, skip_existing=True)
+    return SimpleNamespace(ckpt=ckpt, export=export, repo=repo, first=first, log=lines)
+
+
+def test_changed_weights_are_exported_again_and_served_logits_change(retrained, tiny_tokenizer):
+    assert any(
+        "exporting" in line and "model.safetensors" in line and "changed" in line
+        for line in retrained.log
+    ), retrained.log
+    settings = json.loads((retrained.export / "export_settings.json").read_text())
+    recorded = settings["source_fingerprint"]
+    assert recorded == fingerprint.of_checkpoint(retrained.ckpt)
+    assert recorded["sha256"] != retrained.first["settings"]["source_fingerprint"]["sha256"]
+    assert set(recorded["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+
+    logits = onnx_last_logits(retrained.export, tiny_tokenizer)
+    assert np.abs(logits - retrained.first["logits"]).max() > 1e-2  # not the old weights
+    expected = torch_last_logits(retrained.ckpt, tiny_tokenizer)  # but the new ones
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_unchanged_checkpoint_is_not_exported_again(retrained):
+    from build_scripts import export_onnx
+
+    graph = retrained.export / "model.onnx"
+    before = graph.stat().st_ino
+    with export_log() as lines:
+        export_onnx.run(str(retrained.ckpt), retrained.export, skip_existing=True)
+    assert graph.stat().st_ino == before  # the same file: nothing was written
+    assert any("already exported" in line for line in lines), lines
+
+
+def test_rendering_again_serves_the_new_export(retrained):
+    from build_scripts.build_repo import RepoSettings, build
+
+    build(RepoSettings(str(retrained.ckpt), "onnx"), retrained.export, retrained.repo)
+    new = fingerprint.of_files(retrained.export, ONNX_FILES)
+    assert new["files"]["model.onnx.data"] != retrained.first["onnx"]["files"]["model.onnx.data"]
+    for folder in ("engine/1", "gpt2/1/engine"):  # hard links or copies: today's files
+        assert fingerprint.of_files(retrained.repo / folder, ONNX_FILES) == new
+    build_settings = json.loads((retrained.repo / "build_settings.json").read_text())
+    assert build_settings["source_fingerprint"] == fingerprint.of_checkpoint(retrained.ckpt)
+
+
+def test_an_export_older_than_its_checkpoint_is_refused(retrained, tmp_path):
+    """Trained again but not exported again: make repo and make verify say so."""
+    from build_scripts import verify
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    weights = retrained.ckpt / "model.safetensors"
+    saved = weights.read_bytes()
+    perturb(retrained.ckpt, "transformer.h.0.ln_1.bias")
+    try:
+        with pytest.raises(Gpt2TritonError, match="out of date.*changed: model.safetensors"):
+            build(RepoSettings(str(retrained.ckpt), "onnx"), retrained.export, tmp_path / "r")
+        with pytest.raises(Gpt2TritonError, match="out of date"):
+            verify.run(str(retrained.ckpt), retrained.export, tmp_path / "v", 32, 2, 1)
+    finally:
+        weights.write_bytes(saved)

@@ -92,3 +92,57 @@ def test_too_little_text_for_one_block(tiny_model, tmp_path, capsys):
         ]
     )
     assert code == 2 and "shorter than one block" in capsys.readouterr().err
+
+
+def hand_perplexity(model_dir, text_file, block_size: int) -> float:
+    """exp(summed NLL of every predicted token / their number), blocks as finetune cuts
+    them (the lines' tokens concatenated, the tail shorter than a block dropped)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lines = text_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    ids = [t for line in lines for t in tokenizer(line)["input_ids"]]
+    blocks = torch.tensor(ids[: len(ids) // block_size * block_size]).view(-1, block_size)
+    nll, predicted = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(block[None]).logits[0, :-1].double()  # position t predicts t + 1
+            logp = torch.log_softmax(logits, -1)
+            nll -= logp.gather(1, block[1:, None]).sum().item()
+            predicted += block_size - 1
+    return math.exp(nll / predicted)
+
+
+def test_reported_perplexity_is_token_weighted(tiny_model, tiny_data, tmp_path):
+    # The Trainer's eval_loss divides by B x L tokens where B x (L - 1) are predicted: its
+    # perplexity read 2.8826 here instead of 2.9314 (= 2.8826 ** (64 / 63)).
+    out = tmp_path / "ft"
+    args = ["--model", "tiny", "--output-dir", str(out), "--max-steps", "1"]
+    args += ["--train-file", str(tiny_data / "train.txt")]
+    args += ["--validation-file", str(tiny_data / "validation.txt"), "--block-size", "64"]
+    assert finetune.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    before = hand_perplexity(tiny_model, tiny_data / "validation.txt", 64)
+    after = hand_perplexity(out, tiny_data / "validation.txt", 64)
+    assert metrics["perplexity_before"] == pytest.approx(before, rel=1e-4)
+    assert metrics["perplexity_after"] == pytest.approx(after, rel=1e-4)
+    assert metrics["validation_tokens_predicted"] == metrics["validation_blocks"] * 63
+
+
+@pytest.mark.parametrize(
+    "cuda, capability, expected",
+    [
+        (False, None, "none"),
+        (True, (7, 0), "fp16"),  # V100: bf16 only emulated
+        (True, (7, 5), "fp16"),  # T4: idem, though torch.cuda.is_bf16_supported() says yes
+        (True, (8, 0), "bf16"),  # A100
+        (True, (8, 9), "bf16"),  # L4
+        (True, (9, 0), "bf16"),  # H100
+    ],
+)
+def test_bf16_only_where_the_gpu_runs_it_natively(cuda, capability, expected):
+    assert finetune.mixed_precision(cuda, capability) == expected

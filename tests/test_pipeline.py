@@ -11,8 +11,9 @@ def test_tiny_finetune_export_verify(tiny_data, tmp_path, capsys):
     from training import finetune
 
     ft = tmp_path / "ft"
-    assert (
-        finetune.main(
+
+    def train(seed: int) -> int:  # always into the same folder, as `make train` does
+        return finetune.main(
             [
                 "--model",
                 "tiny",
@@ -26,11 +27,14 @@ def test_tiny_finetune_export_verify(tiny_data, tmp_path, capsys):
                 "10",
                 "--block-size",
                 "64",
+                "--seed",
+                str(seed),
             ]
         )
-        == 0
-    )
-    assert export_onnx.main(["--model", str(ft), "--int8"]) == 0
+
+    assert train(42) == 0
+    # as `make verify` runs it
+    assert export_onnx.main(["--model", str(ft), "--int8", "--skip-existing"]) == 0
     code = verify.main(["--model", str(ft), "--output", str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -41,6 +45,13 @@ def test_tiny_finetune_export_verify(tiny_data, tmp_path, capsys):
     assert fp32["greedy_identical"] == fp32["greedy_identical_batched"] == 32
     assert any(e["precision"].startswith("int8") for e in report["engines"])
     assert "| onnxruntime | fp32 |" in (tmp_path / "report" / "report.md").read_text()
+
+    # Trained again into the same folder: the export must follow the new weights (it
+    # used to be kept, being "already exported", and verify compared against old weights).
+    assert train(7) == 0
+    assert export_onnx.main(["--model", str(ft), "--skip-existing"]) == 0
+    code = verify.main(["--model", str(ft), "--output", str(tmp_path / "report2")])
+    assert code == 0, capsys.readouterr().out
 
 
 def test_verify_fails_when_fp32_onnx_disagrees(tiny_export, tmp_path, monkeypatch):

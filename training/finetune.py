@@ -6,7 +6,8 @@
 
 Writes the checkpoint (``save_pretrained``: loads like ``gpt2``) and ``metrics.json`` with
 ``perplexity_before`` and ``perplexity_after`` into ``--output-dir``, all at once: a failed
-run leaves no half-written folder behind.
+run leaves no half-written folder behind. Perplexity is token-weighted: exp of the summed
+per-token loss over the predicted tokens (L - 1 per block of L) divided by their number.
 """
 
 from __future__ import annotations
@@ -116,9 +117,65 @@ def group_into_blocks(texts, tokenizer, block_size: int):
     return grouped
 
 
-def perplexity(trainer) -> float:
-    loss = trainer.evaluate()["eval_loss"]
-    return math.exp(loss) if loss < 50 else float("inf")
+def mixed_precision(cuda: bool, capability: tuple[int, int] | None) -> str:
+    """``bf16``, ``fp16`` or ``none`` for a device: CUDA or not, and its compute capability.
+
+    bf16 only from compute capability 8.0 (Ampere) on, where it runs natively:
+    ``torch.cuda.is_bf16_supported()`` also says yes on a T4 (7.5) or V100 (7.0), where
+    bf16 is emulated and slower than fp16.
+    """
+    if not cuda:
+        return "none"
+    if capability is not None and capability[0] >= 8:
+        return "bf16"
+    return "fp16"
+
+
+def device_precision() -> str:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return mixed_precision(cuda, torch.cuda.get_device_capability() if cuda else None)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    loss: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens: every block position but the first
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 50 else float("inf")
+
+
+def evaluate(trainer) -> HeldOut:
+    """Token-weighted held-out loss: summed per-token NLL / number of predicted tokens.
+
+    Not the Trainer's ``eval_loss``: it divides by every label position, B x L per batch,
+    though a block of L tokens predicts only L - 1 of them (the first has no context), so
+    its perplexity reads low (e^(loss x (L-1)/L)). No autocast here: the metric does not
+    depend on the GPU's mixed precision.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    model = trainer.model
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            ids = batch["input_ids"].to(model.device)  # (B, L)
+            targets = batch["labels"].to(model.device)[:, 1:]  # (B, L-1): token t+1 for t
+            logits = model(input_ids=ids).logits[:, :-1].float()  # (B, L-1, V)
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-100,  # the label the Trainer's collators use for padding
+                reduction="sum",
+            )
+            total += nll.item()
+            tokens += int((targets != -100).sum())
+    return HeldOut(total / tokens, tokens)
 
 
 def run(args: FinetuneArgs) -> dict:
@@ -134,7 +191,7 @@ def run(args: FinetuneArgs) -> dict:
 
     blocks = group_into_blocks(load_texts(args), tokenizer, block_size)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = device_precision()
     output_dir = Path(args.output_dir)
     with atomic_dir(output_dir) as tmp:
         training_args = TrainingArguments(
@@ -147,8 +204,8 @@ def run(args: FinetuneArgs) -> dict:
             warmup_steps=0,
             lr_scheduler_type="cosine",
             weight_decay=0.01,
-            bf16=bf16,  # mixed precision on GPU: bf16 where supported, else fp16
-            fp16=cuda and not bf16,
+            bf16=precision == "bf16",  # mixed precision on GPU: see mixed_precision()
+            fp16=precision == "fp16",
             logging_steps=10,
             save_strategy="no",
             report_to=[],
@@ -161,11 +218,11 @@ def run(args: FinetuneArgs) -> dict:
             train_dataset=blocks["train"],
             eval_dataset=blocks["validation"],
         )
-        before = perplexity(trainer)
-        log.info("validation perplexity before: %.3f", before)
+        before = evaluate(trainer)
+        log.info("validation perplexity before: %.4f", before.perplexity)
         result = trainer.train()
-        after = perplexity(trainer)
-        log.info("validation perplexity after: %.3f", after)
+        after = evaluate(trainer)
+        log.info("validation perplexity after: %.4f", after.perplexity)
 
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -177,9 +234,13 @@ def run(args: FinetuneArgs) -> dict:
             "validation_blocks": len(blocks["validation"]),
             "steps": result.global_step,
             "train_loss": result.training_loss,
-            "perplexity_before": before,
-            "perplexity_after": after,
-            "mixed_precision": "bf16" if bf16 else "fp16" if cuda else "none (CPU)",
+            # token-weighted: exp(summed NLL / predicted tokens), see evaluate()
+            "perplexity_before": before.perplexity,
+            "perplexity_after": after.perplexity,
+            "validation_loss_before": before.loss,
+            "validation_loss_after": after.loss,
+            "validation_tokens_predicted": after.tokens,
+            "mixed_precision": precision if cuda else "none (CPU)",
         }
         write_json(tmp / "metrics.json", metrics)
         import shutil

@@ -92,6 +92,29 @@ def _hub_error(spec: ModelSpec, exc: Exception) -> CheckpointError:
     )
 
 
+def local_folder(spec: ModelSpec) -> Path | None:
+    """The folder ``from_pretrained`` reads ``spec`` from: the checkpoint folder itself, or
+    for a hub id its snapshot in the local Hugging Face cache (``None`` when not cached yet;
+    nothing is downloaded here)."""
+    if spec.is_local:
+        return Path(spec.source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.source, local_files_only=True))
+    except Exception:  # not cached (or not a valid repo id): nothing to fingerprint yet
+        return None
+
+
+def fingerprint(spec: ModelSpec) -> dict | None:
+    """The content fingerprint of what ``spec`` loads today (weights, config, tokenizer);
+    ``None`` for a hub id not in the local cache."""
+    from gpt2_triton import fingerprint as fp
+
+    folder = local_folder(spec)
+    return fp.of_checkpoint(folder) if folder else None
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 

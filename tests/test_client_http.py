@@ -1,0 +1,144 @@
+"""The HTTP transport against a real (tiny, scripted) HTTP server: what the client does
+when a ``/generate_stream`` is cut short or carries an error event."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from client import __main__ as cli
+from client.core import ClientError, Gpt2Client
+
+
+def event(text: str, finish_reason: str = "", **extra) -> dict:
+    return {
+        "text_output": text,
+        "finish_reason": finish_reason,
+        "num_input_tokens": 2,
+        "num_output_tokens": 1,
+        "model_name": "gpt2",
+        "model_version": "1",
+        **extra,
+    }
+
+
+TWO_EVENTS = [event(" walks"), event(" to")]  # no finish_reason: the stream is not over
+
+
+@dataclass
+class Script:
+    """What the server answers to every request."""
+
+    events: list[dict]
+    chunked: bool = False  # Transfer-Encoding: chunked (as Triton), cut before the last chunk
+    status: int = 200
+
+
+@contextmanager
+def sse_server(script: Script) -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if script.chunked else "HTTP/1.0"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(script.status)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            if script.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for data in script.events:
+                body = f"data: {json.dumps(data)}\n\n".encode()
+                if script.chunked:
+                    body = f"{len(body):x}\r\n".encode() + body + b"\r\n"
+                self.wfile.write(body)
+                self.wfile.flush()
+            self.close_connection = True  # and never the terminating 0-length chunk
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_stream_cut_short_is_an_unavailable_error_not_a_short_result(chunked):
+    with sse_server(Script(TWO_EVENTS, chunked=chunked)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=10).stream("The cat")
+        pieces = []
+        with pytest.raises(ClientError) as exc:
+            for piece in stream:
+                pieces.append(piece)
+    assert exc.value.status == "UNAVAILABLE"
+    assert "ended before its final response" in str(exc.value)
+    assert pieces == [" walks", " to"] and stream.result is None
+
+
+def test_cli_exits_non_zero_on_a_cut_stream(capsys):
+    with sse_server(Script(TWO_EVENTS)) as url:
+        code = cli.main(["The cat", "--protocol", "http", "--url", url, "--stream"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert " walks to" in captured.out and "ended before its final response" in captured.err
+
+
+def test_complete_stream_still_ends_with_a_result():
+    events = [*TWO_EVENTS, event(" the", "length", num_output_tokens=3)]
+    with sse_server(Script(events, chunked=True)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=10).stream("The cat")
+        assert "".join(stream) == " walks to the"
+    assert stream.result.finish_reason == "length" and stream.result.num_output_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        # Triton 2.51's SSE error event is {"error": "<message>"}: no code in it
+        ({"error": "internal error while generating"}, "INTERNAL"),
+        ({"error": "the server is shutting down"}, "INTERNAL"),
+        ({"error": "max_tokens must be >= 1, got 0"}, "INVALID_ARG"),
+        ({"error": "temperature must be in [0, 100] (0 = greedy), got 101"}, "INVALID_ARG"),
+        ({"error": "stop_words: at most 16 words, got 17"}, "INVALID_ARG"),
+        ({"error": "queue full", "status": "UNAVAILABLE"}, "UNAVAILABLE"),  # a code it carries
+    ],
+)
+def test_mid_stream_error_event_keeps_its_kind(error, status):
+    with sse_server(Script([event(" walks"), error], chunked=True)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=10).stream("The cat")
+        with pytest.raises(ClientError) as exc:
+            list(stream)
+    assert exc.value.status == status and str(exc.value) == error["error"]
+
+
+def test_error_in_the_first_event_keeps_the_message_and_http_status():
+    # What Triton 2.51 sends when the model fails the request at once: HTTP 400 and the
+    # error as an SSE event.
+    script = Script([{"error": "max_tokens must be >= 1, got -5"}], status=400)
+    with sse_server(script) as url:
+        with pytest.raises(ClientError) as exc:
+            list(Gpt2Client(url, "http", timeout_s=10).stream("The cat"))
+    assert exc.value.status == "INVALID_ARG"
+    assert str(exc.value) == "max_tokens must be >= 1, got -5"
+
+
+def test_own_cancel_ends_the_stream_quietly():
+    with sse_server(Script(TWO_EVENTS)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=10).stream("The cat")
+        pieces = []
+        for piece in stream:
+            pieces.append(piece)
+            stream.cancel()
+    assert pieces == [" walks"] and stream.result is None
