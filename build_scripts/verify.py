@@ -4,11 +4,14 @@
 
 The reference is the checkpoint in PyTorch (Hugging Face ``forward`` and ``generate``).
 Every engine present is run through ``StatefulEngine``, the code the server runs, over the
-same prompts of varied length: last-position logits (max abs difference, top-1 agreement),
-32-token greedy generations (alone, and all prompts batched together with left padding),
-and single-forward-pass latency. Writes ``report.json`` and ``report.md``; exits 1 when
-fp32 ONNX misses its bar (top-1 100%, every greedy sequence identical, max abs logit
-difference <= 1e-3). int8 is reported, never gated: quantization moves logits by design.
+same prompts of varied length, up to the whole context window so that its last position is
+checked too: last-position logits (max abs difference, top-1 agreement), 32-token greedy
+generations (fewer where the window ends; alone, and all prompts batched together with left
+padding), and single-forward-pass latency, timed after a warm-up with the reference and
+every CPU engine on the same number of threads (``--threads``, default: the CPUs this
+process may use). Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses
+its bar (top-1 100%, every greedy sequence identical, max abs logit difference <= 1e-3).
+int8 is reported, never gated: quantization moves logits by design.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -38,6 +42,57 @@ from gpt2_triton.reference import greedy_ids
 log = logging.getLogger("build_scripts.verify")
 
 FP32_MAX_ABS_DIFF = 1e-3
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` counts the host's CPUs, though a container or ``taskset`` may allow
+    a few: more threads than that only contend. A fractional quota rounds down (1.5 CPUs:
+    1 thread), as a second busy thread would be throttled.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]  # "max 100000" or "200000 100000"
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 file, or not readable
+        pass
+    return cpus
+
+
+def resolve_threads(requested: int, cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The one thread count every engine is timed with: ``requested``, or if 0 the CPUs
+    this process may use."""
+    return requested if requested > 0 else available_cpus(cpu_max)
+
+
+def verify_prompts(tokenizer, count: int, window: int, new_tokens: int) -> list[list[int]]:
+    """``count`` prompts as token ids: varied short ones and three long ones. Half the
+    window; the window less ``new_tokens - 1``, whose greedy continuation feeds the last
+    position (``window - 1``) with the KV cache unless EOS comes first; the whole window,
+    whose prompt step alone is compared there (its budget is one token)."""
+    long_lengths = sorted({window // 2, window - new_tokens + 1, window} - {0})
+    prompts = [tokenizer(p)["input_ids"] for p in varied_prompts(count - len(long_lengths))]
+    passage = tokenizer(" ".join(varied_prompts(12)))["input_ids"]  # every sentence once
+    filler = passage * (window // len(passage) + 1)
+    return prompts + [filler[:n] for n in long_lengths]
+
+
+def token_budget(prompt_tokens: int, new_tokens: int, window: int) -> int:
+    """Greedy tokens for a prompt: ``new_tokens``, fewer where the window ends first (the
+    last generated token is never fed, so ``window - prompt_tokens + 1`` fit)."""
+    return min(new_tokens, window - prompt_tokens + 1)
+
+
+def last_position(prompt_ids: list[list[int]], greedy: list[list[int]]) -> int:
+    """The last position fed to the model: the prompt's, then every generated token but
+    the final one (greedy stops early at EOS)."""
+    return max(len(p) + len(g) - 2 for p, g in zip(prompt_ids, greedy, strict=True))
 
 
 @dataclass
@@ -65,45 +120,44 @@ class Reference:
     prompt_ids: list[list[int]]
     last_logits: np.ndarray  # (prompts, vocab)
     greedy: list[list[int]]
+    budgets: list[int]  # greedy tokens per prompt, see token_budget()
     prompt_latency_ms_p50: float
 
 
-def reference(model, tokenizer, prompts: list[str], new_tokens: int, eos: int) -> Reference:
+def reference(model, ids: list[list[int]], budgets: list[int], eos: int) -> Reference:
     import torch
 
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
     logits, greedy, times = [], [], []
     with torch.inference_mode():
-        for p in ids:
+        model(torch.tensor([ids[0]]), logits_to_keep=1)  # warm-up: first-call allocations
+        for p, budget in zip(ids, budgets, strict=True):
             x = torch.tensor([p])
             started = time.perf_counter()
             out = model(x, logits_to_keep=1).logits[0, -1]
             times.append(time.perf_counter() - started)
             logits.append(out.float().numpy())
-            greedy.append(greedy_ids(model, p, new_tokens, eos))
-    return Reference(ids, np.stack(logits), greedy, 1e3 * statistics.median(times))
+            greedy.append(greedy_ids(model, p, budget, eos))
+    return Reference(ids, np.stack(logits), greedy, budgets, 1e3 * statistics.median(times))
 
 
 def greedy_batched(
-    engine: StatefulEngine, prompt_ids: list[list[int]], new_tokens: int, eos: int
+    engine: StatefulEngine, prompt_ids: list[list[int]], budgets: list[int], eos: int
 ) -> list[list[int]]:
-    """Greedy decoding of all prompts in one batch (rows drop out at EOS)."""
+    """Greedy decoding of all prompts in one batch (a row drops out at EOS or its budget)."""
     ids = list(range(1, len(prompt_ids) + 1))
+    budget = dict(zip(ids, budgets, strict=True))
     logits = engine.step(prompt_ids, ids, [True] * len(ids))
     outputs = {s: [int(row.argmax())] for s, row in zip(ids, logits, strict=True)}
-    live = [s for s in ids if outputs[s][-1] != eos]
-    engine.release([s for s in ids if s not in live])
-    for _ in range(new_tokens - 1):
+    live = ids
+    while True:
+        done = [s for s in live if outputs[s][-1] == eos or len(outputs[s]) == budget[s]]
+        engine.release(done)
+        live = [s for s in live if s not in done]
         if not live:
-            break
+            return [outputs[s] for s in ids]
         logits = engine.step([[outputs[s][-1]] for s in live], live)
         for s, row in zip(live, logits, strict=True):
             outputs[s].append(int(row.argmax()))
-        done = [s for s in live if outputs[s][-1] == eos]
-        engine.release(done)
-        live = [s for s in live if s not in done]
-    engine.release(live)
-    return [outputs[s] for s in ids]
 
 
 def check_engine(
@@ -113,10 +167,14 @@ def check_engine(
     engine: StatefulEngine,
     ref: Reference,
     tokenizer,
-    new_tokens: int,
     eos: int,
 ) -> EngineReport:
     report = EngineReport(name, precision, gated, prompts=len(ref.prompt_ids))
+    # Warm-up, not timed: session set-up, first-call allocations, CUDA kernels loading.
+    warm = len(ref.prompt_ids) + 1
+    row = engine.step([ref.prompt_ids[0]], [warm], [True])[0]
+    engine.step([[int(row.argmax())]], [warm])
+    engine.release([warm])
     logits, prompt_times, decode_times, identical = [], [], [], 0
     for i, p in enumerate(ref.prompt_ids):
         started = time.perf_counter()
@@ -124,7 +182,7 @@ def check_engine(
         prompt_times.append(time.perf_counter() - started)
         logits.append(row)
         tokens = [int(row.argmax())]
-        while len(tokens) < new_tokens and tokens[-1] != eos:
+        while len(tokens) < ref.budgets[i] and tokens[-1] != eos:
             started = time.perf_counter()
             row = engine.step([[tokens[-1]]], [i + 1])[0]
             decode_times.append(time.perf_counter() - started)
@@ -135,7 +193,7 @@ def check_engine(
     report.max_abs_logit_diff = float(np.abs(got - ref.last_logits).max())
     report.top1_agreement = float((got.argmax(-1) == ref.last_logits.argmax(-1)).mean())
     report.greedy_identical = identical
-    batched = greedy_batched(engine, ref.prompt_ids, new_tokens, eos)
+    batched = greedy_batched(engine, ref.prompt_ids, ref.budgets, eos)
     report.greedy_identical_batched = sum(a == b for a, b in zip(batched, ref.greedy, strict=True))
     report.prompt_latency_ms_p50 = 1e3 * statistics.median(prompt_times)
     report.decode_latency_ms_p50 = 1e3 * statistics.median(decode_times) if decode_times else 0
@@ -156,14 +214,19 @@ def check_engine(
     return report
 
 
-def markdown(model: str, ref: Reference, reports: list[EngineReport], tokenizer) -> str:
+def markdown(
+    model: str, ref: Reference, reports: list[EngineReport], tokenizer, window: int, threads: int
+) -> str:
     n = len(ref.prompt_ids)
     lines = [
         f"# Consistency report: {model}",
         "",
         f"{n} prompts ({min(map(len, ref.prompt_ids))}-{max(map(len, ref.prompt_ids))} "
-        "tokens); reference: PyTorch fp32 (Hugging Face forward / generate). Latency: one "
-        "forward pass at batch 1, median (prompt step; decode step with the KV cache).",
+        f"tokens; positions up to {last_position(ref.prompt_ids, ref.greedy)} of the "
+        f"{window}-token window checked); reference: PyTorch fp32 (Hugging Face forward / "
+        "generate). Latency: one forward pass at batch 1, median after a warm-up (prompt "
+        "step; decode step with the KV cache); threads: "
+        f"{threads}, the same for PyTorch and ONNX Runtime.",
         "",
         "| engine | precision | prompt latency p50 | decode latency p50 | top-1 token | "
         "top-1 agreement | max abs logit diff | greedy identical (alone / batched) | verdict |",
@@ -203,6 +266,8 @@ def run(
     new_tokens: int,
     threads: int,
 ) -> tuple[list[EngineReport], Path]:
+    import torch
+
     spec = checkpoint.resolve(model_spec)
     export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
     output = output or checkpoint.artifacts_root() / "verify" / spec.slug
@@ -212,8 +277,16 @@ def run(
     tokenizer = checkpoint.load_tokenizer(spec)
     model = checkpoint.load_model(spec)
     eos = shape.eos_token_id
-    prompts = varied_prompts(num_prompts)
-    ref = reference(model, tokenizer, prompts, new_tokens, eos)
+    window = shape.max_positions
+    if new_tokens >= window:
+        raise EngineError(f"--new-tokens {new_tokens} leaves no room for a prompt in {window}")
+    # One value for every engine, set before anything is timed: the reference included.
+    threads = resolve_threads(threads)
+    torch.set_num_threads(threads)
+    log.info("timing with %d threads (PyTorch and ONNX Runtime)", threads)
+    prompt_ids = verify_prompts(tokenizer, num_prompts, window, new_tokens)
+    budgets = [token_budget(len(p), new_tokens, window) for p in prompt_ids]
+    ref = reference(model, prompt_ids, budgets, eos)
     reports = []
     for name, kind, precision, device, gated in ENGINES:
         try:
@@ -234,24 +307,28 @@ def run(
         if kind == "trt":
             check_plan(export_dir)  # only where TensorRT runs: elsewhere it was skipped
             precision = json.loads((export_dir / "engine_settings.json").read_text())["precision"]
-        engine = StatefulEngine(forward, shape, max_sequences=len(prompts) + 1)
+        engine = StatefulEngine(forward, shape, max_sequences=len(prompt_ids) + 1)
         log.info("checking %s %s", name, precision)
-        reports.append(
-            check_engine(name, precision, gated, engine, ref, tokenizer, new_tokens, eos)
-        )
+        reports.append(check_engine(name, precision, gated, engine, ref, tokenizer, eos))
     with atomic_dir(output) as tmp:
         write_json(
             tmp / "report.json",
             {
                 "model": spec.source,
                 "export_dir": str(export_dir),
-                "prompts": prompts,
+                "prompts": [tokenizer.decode(p) for p in prompt_ids],
+                "prompt_tokens": [len(p) for p in prompt_ids],
                 "new_tokens": new_tokens,
+                "window": window,
+                "last_position_checked": last_position(prompt_ids, ref.greedy),
+                "threads": threads,
                 "reference_prompt_latency_ms_p50": ref.prompt_latency_ms_p50,
                 "engines": [asdict(r) | {"passed": r.passed} for r in reports],
             },
         )
-        (tmp / "report.md").write_text(markdown(spec.source, ref, reports, tokenizer))
+        (tmp / "report.md").write_text(
+            markdown(spec.source, ref, reports, tokenizer, window, threads)
+        )
     return reports, output
 
 
@@ -262,10 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="default: artifacts/verify/<model>")
     parser.add_argument("--prompts", type=int, default=32, help="number of prompts (>= 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
-    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads of every engine (0: the CPUs allowed)"
+    )
     args = parser.parse_args(argv)
-    if args.prompts < 32 or args.new_tokens < 1:
-        parser.error("--prompts must be >= 32 and --new-tokens >= 1")
+    if args.prompts < 32 or args.new_tokens < 1 or args.threads < 0:
+        parser.error("--prompts must be >= 32, --new-tokens >= 1 and --threads >= 0")
     logs.setup()
     try:
         reports, output = run(

@@ -146,3 +146,74 @@ def test_reported_perplexity_is_token_weighted(tiny_model, tiny_data, tmp_path):
 )
 def test_bf16_only_where_the_gpu_runs_it_natively(cuda, capability, expected):
     assert finetune.mixed_precision(cuda, capability) == expected
+
+
+@pytest.mark.parametrize(
+    "model, recipe",
+    [
+        ("gpt2", finetune.RUN_CLM),
+        ("openai-community/gpt2", finetune.RUN_CLM),
+        ("runs/ft", finetune.RUN_CLM),  # a checkpoint folder is a pretrained model too
+        ("tiny", finetune.TINY_RECIPE),
+        (" tiny ", finetune.TINY_RECIPE),
+    ],
+)
+def test_default_recipe_follows_the_model_kind(model, recipe):
+    assert finetune.default_recipe(model) == recipe
+
+
+def test_pretrained_default_is_run_clm_and_tiny_keeps_its_own():
+    # run_clm (TrainingArguments defaults): what the published ~20 perplexity of gpt2 on
+    # wikitext-2-raw-v1 was trained with
+    clm = finetune.choose_recipe(finetune.parse_args(["--model", "gpt2"]))
+    assert (clm.learning_rate, clm.lr_scheduler, clm.warmup_steps) == (5e-5, "linear", 0)
+    assert (clm.epochs, clm.weight_decay, clm.overridden) == (3.0, 0.0, ())
+    tiny = finetune.choose_recipe(finetune.parse_args(["--model", "tiny"]))
+    assert (tiny.learning_rate, tiny.lr_scheduler, tiny.epochs, tiny.weight_decay) == (
+        5e-4,
+        "cosine",
+        1.0,
+        0.01,
+    )
+
+
+def test_explicit_flags_override_the_recipe():
+    args = ["--model", "gpt2", "--learning-rate", "1e-4", "--lr-scheduler", "cosine"]
+    args += ["--warmup-steps", "100", "--weight-decay", "0.0"]  # equal to the default: still set
+    recipe = finetune.choose_recipe(finetune.parse_args(args))
+    assert recipe == finetune.Recipe(
+        "run_clm",
+        learning_rate=1e-4,
+        lr_scheduler="cosine",
+        warmup_steps=100,
+        epochs=3.0,  # not given: the recipe's
+        weight_decay=0.0,
+        overridden=("learning_rate", "lr_scheduler", "warmup_steps", "weight_decay"),
+    )
+    epochs = finetune.choose_recipe(finetune.parse_args(["--model", "tiny", "--epochs", "2"]))
+    assert epochs.epochs == 2.0 and epochs.learning_rate == 5e-4
+
+
+def test_run_saves_the_settings_it_trained_with(tiny_data, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["--model", "tiny", "--output-dir", str(out), "--max-steps", "2"]
+    args += ["--train-file", str(tiny_data / "train.txt")]
+    args += ["--validation-file", str(tiny_data / "validation.txt"), "--block-size", "64"]
+    assert finetune.main([*args, "--lr-scheduler", "constant", "--warmup-steps", "1"]) == 0
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings == {
+        "name": "tiny",
+        "learning_rate": 5e-4,
+        "lr_scheduler": "constant",
+        "warmup_steps": 1,
+        "epochs": 1.0,
+        "weight_decay": 0.01,
+        "overridden": ["lr_scheduler", "warmup_steps"],
+        "batch_size": 8,
+        "max_steps": 2,
+        "seed": 42,
+    }
+    bad = ["--output-dir", str(tmp_path / "bad"), "--lr-scheduler", "warm"]
+    assert finetune.main(["--model", "tiny", *bad]) == 2
+    assert "--lr-scheduler must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
