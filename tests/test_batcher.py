@@ -450,3 +450,22 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     assert batcher.active == 1  # the next request took the budget in this same step
     run_all(batcher, sinks)
     assert [s.outputs[-1].finish_reason for s in sinks[1:]] == ["length", "length"]
+
+
+def test_a_prompt_longer_than_the_window_can_spell_is_refused_untokenized(batcher, codec):
+    class CountingCodec:
+        max_token_bytes = codec.max_token_bytes
+        calls = 0
+
+        def encode(self, text):
+            CountingCodec.calls += 1
+            return codec.encode(text)
+
+    batcher.codec = CountingCodec()
+    window = batcher.limits.max_positions
+    huge = "a" * (window * codec.max_token_bytes + 1)
+    with pytest.raises(RequestValidationError, match="characters: more than the context window"):
+        batcher.submit(GenerationRequest(huge), ListSink())
+    assert CountingCodec.calls == 0
+    # every token of the vocabulary fits the bound
+    assert all(len(codec.decode([i]).encode()) <= codec.max_token_bytes for i in range(200))

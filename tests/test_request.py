@@ -50,3 +50,12 @@ def test_bad_input_names_the_field(kw, field):
 def test_text_input_is_required():
     with pytest.raises(RequestValidationError, match="text_input is required"):
         GenerationRequest.from_inputs({})
+
+
+def test_parameters_that_are_not_triton_s_own_are_misspelt_inputs():
+    from gpt2_triton.request import check_parameters
+
+    check_parameters({})
+    check_parameters({"triton_enable_empty_final_response": True, "priority": 1})
+    with pytest.raises(RequestValidationError, match="unknown input 'max_token'.*max_tokens"):
+        check_parameters({"max_token": 3})

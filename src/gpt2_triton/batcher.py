@@ -146,8 +146,16 @@ class InflightBatcher:
 
         Raises RequestValidationError, QueueFullError, or ShuttingDownError after shutdown.
         """
-        prompt_ids = self.codec.encode(request.prompt)
         window = self.limits.max_positions
+        # Tokenizing megabytes takes seconds, in the server's request thread: a prompt longer
+        # than any `window` tokens can spell is refused before it is tokenized.
+        most = window * self.codec.max_token_bytes
+        if len(request.prompt) > most:
+            raise RequestValidationError(
+                f"{names.TEXT_INPUT} has {len(request.prompt)} characters: more than the "
+                f"context window of {window} tokens can hold (at most {most})"
+            )
+        prompt_ids = self.codec.encode(request.prompt)
         room = window - len(prompt_ids)
         if room < 1:
             raise RequestValidationError(

@@ -118,10 +118,20 @@ class FrontDoorSettings:
 
 
 def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str:
-    api_key_headers = (
-        [{"name": API_KEY_HEADER, "string_match": {"exact": f"Bearer {settings.api_key}"}}]
+    # The route that refuses a request without the key: it matches when the header is not
+    # exactly "Bearer <key>" (missing counts as empty). Without a key it must match nothing:
+    # a method no HTTP client sends.
+    api_key_refusal_headers = (
+        [
+            {
+                "name": API_KEY_HEADER,
+                "string_match": {"exact": f"Bearer {settings.api_key}"},
+                "invert_match": True,
+                "treat_missing_header_as_empty": True,
+            }
+        ]
         if settings.api_key
-        else []
+        else [{"name": ":method", "string_match": {"exact": "NO-API-KEY-IS-SET"}}]
     )
     admin_refusal = (
         f"admin API: send the {ADMIN_HEADER} header with the server's admin key"
@@ -149,7 +159,7 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
         "admin_key": settings.effective_admin_key,
         "admin_refusal": admin_refusal,
         # JSON is YAML: a flow list the template drops in as it is
-        "api_key_headers": json.dumps(api_key_headers),
+        "api_key_refusal_headers": json.dumps(api_key_refusal_headers),
         "api_key_refusal": "missing or wrong API key: send 'Authorization: Bearer <key>'",
     }
     return render(template.read_text(), values, str(template))

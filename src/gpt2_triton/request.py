@@ -67,6 +67,40 @@ class GenerationRequest:
         )
 
 
+INPUTS = (
+    names.TEXT_INPUT,
+    names.MAX_TOKENS,
+    names.STREAM,
+    names.TEMPERATURE,
+    names.TOP_K,
+    names.TOP_P,
+    names.REPETITION_PENALTY,
+    names.SEED,
+    names.STOP_WORDS,
+    names.EXCLUDE_INPUT_IN_OUTPUT,
+    names.MIN_LENGTH,
+)
+# Request parameters Triton itself defines; anything else arrived as a misspelt input.
+_TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
+
+
+def check_parameters(parameters: Mapping[str, object]) -> None:
+    """Refuse request parameters that are not Triton's own.
+
+    Triton's HTTP ``/generate`` turns every JSON field that is not an input into a request
+    parameter, so a misspelt ``max_token`` would otherwise be ignored without a word (gRPC
+    refuses unknown inputs itself).
+    """
+    unknown = sorted(
+        key for key in parameters if not key.startswith("triton_") and key not in _TRITON_PARAMETERS
+    )
+    if unknown:
+        raise RequestValidationError(
+            f"unknown input {', '.join(repr(k) for k in unknown)}; the inputs are "
+            f"{', '.join(INPUTS)}"
+        )
+
+
 def sampling_from_inputs(inputs: Mapping[str, np.ndarray]) -> SamplingParams:
     """The sampling inputs shared by ``gpt2`` and the ``sampler`` model."""
     return SamplingParams(

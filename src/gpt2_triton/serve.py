@@ -146,10 +146,12 @@ class Service:
         return self.triton.process is not None and self.triton.process.poll() is None
 
     def stop(self) -> None:
+        # The front door first: its connections to Triton would otherwise hold Triton's
+        # shutdown for its whole exit timeout (30 s), and the models would not unload in order.
+        self.envoy.stop()
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join()
-        self.envoy.stop()
 
     def __enter__(self) -> Service:
         self.start()

@@ -7,6 +7,7 @@ which saves ~150 MB of memory in each and seconds of start-up.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,13 @@ class TextCodec:
         if eos_id is None:
             raise CheckpointError(f"the tokenizer in {folder} has no end-of-text token")
         self.eos_token_id: int = eos_id
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for: a text of more characters
+        than ``n * max_token_bytes`` has more than ``n`` tokens. (A byte-level vocabulary
+        spells each byte with one character of up to 2 bytes: the bound is generous.)"""
+        return max(len(token.encode()) for token in self._tokenizer.get_vocab())
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; an empty text starts from ``<|endoftext|>``, GPT-2's

@@ -23,7 +23,7 @@ from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params
 from gpt2_triton.engines.protocol import pack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
-from gpt2_triton.request import GenerationRequest
+from gpt2_triton.request import GenerationRequest, check_parameters
 from gpt2_triton.sending import ResponseWorker
 from gpt2_triton.text import TextCodec
 
@@ -84,6 +84,7 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request.get_response_sender())
             try:
+                check_parameters(json.loads(request.parameters() or "{}"))
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 generation = GenerationRequest.from_inputs(inputs)
                 self.batcher.submit(generation, self.responses.wrap(sink))
