@@ -52,3 +52,30 @@ def test_a_process_whose_parent_dies_exits():
         parent.wait(10)
         if child is not None and _running(child):
             psutil.Process(child).kill()
+
+
+def test_a_process_whose_threads_cannot_run_is_killed_by_the_watcher():
+    """A stub blocked in a call to the dead server while holding the GIL runs no Python
+    thread again; SIGSTOP stands in for that here (it freezes every thread)."""
+    import signal
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True
+    )
+    child = None
+    try:
+        lines = {parent.stdout.readline().strip() for _ in range(2)}
+        lines.discard("ready")
+        child = int(lines.pop())
+        psutil.Process(child).send_signal(signal.SIGSTOP)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 30
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if child is not None and _running(child):
+            psutil.Process(child).kill()

@@ -28,6 +28,12 @@ def die_with_parent() -> None:
 
 def group_alive(pgid: int) -> bool:
     """True while a process of the group exists (zombies excluded)."""
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the group's processes (zombies excluded)."""
+    members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -36,10 +42,30 @@ def group_alive(pgid: int) -> bool:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        # fields after the name: state, ppid, pgrp, ...
         if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+            members.append(int(entry))
+    return members
+
+
+def shared_memory_files(pgid: int) -> set[str]:
+    """The ``/dev/shm`` files the group's processes have mapped.
+
+    Triton's Python backend keeps a region there per model instance and removes it when it
+    shuts down; a server that dies by a signal leaves them behind (~1 MB each, more once
+    they grow). Noting them while the server runs lets its supervisor remove them after.
+    """
+    found = set()
+    for pid in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                found.update(
+                    line.split(maxsplit=5)[5].strip()
+                    for line in f
+                    if " /dev/shm/" in line and line.count(" ") >= 5
+                )
+        except OSError:
+            continue
+    return {path.removesuffix(" (deleted)") for path in found}
 
 
 def signal_group(pgid: int, signum: int) -> None:
@@ -59,13 +85,16 @@ def stop_group(process: subprocess.Popen, signum: int = signal.SIGTERM, timeout:
     pgid = process.pid
     if process.poll() is None:
         process.send_signal(signum)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + timeout
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + timeout
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # A leader that was already gone (crashed, killed) shuts nothing down in order: what is
+    # left of its group are orphans, possibly stuck on it (a stub blocked on a call to the
+    # dead server holds its GIL, so its lifeline never runs). Kill them now, not in `timeout`.
     signal_group(pgid, signal.SIGKILL)
     code = process.wait()
     deadline = time.monotonic() + 5

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
+SHM_NOTE_EVERY_S = 5.0  # how often the /dev/shm files of a running Triton are noted
 
 
 def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
@@ -175,13 +176,17 @@ class Service:
         finally:
             self._started.set()
         backoff, up_since, ever_ready = BACKOFF_FIRST_S, time.monotonic(), False
+        noted_at = 0.0
         while not self._stopping.wait(0.2):
             if self.triton_alive():
                 if not ever_ready:
                     ever_ready = self._triton_ready()
+                if ever_ready and time.monotonic() - noted_at > SHM_NOTE_EVERY_S:
+                    noted_at = time.monotonic()
+                    self.triton.note_shared_memory()
                 continue
             code = self.triton.process.returncode
-            self.triton.stop()  # whatever of its process group is left (stubs)
+            self.triton.stop()  # whatever of its process group is left (stubs), its /dev/shm
             if not ever_ready:
                 log.error("tritonserver exited (code %s) before it was ready: not restarting", code)
                 return

@@ -9,6 +9,7 @@ virtualenv (see docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_triton.errors import Gpt2TritonError
-from gpt2_triton.process import die_with_parent, stop_group
+from gpt2_triton.process import die_with_parent, shared_memory_files, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class TritonServer:
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self._log_handle = None
+        self._shared_memory: set[str] = set()  # /dev/shm files its processes mapped
 
     @property
     def http_url(self) -> str:
@@ -159,10 +161,20 @@ class TritonServer:
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self.log_tail())
 
+    def note_shared_memory(self) -> None:
+        """Remember the /dev/shm files it uses now, to remove them if it dies by a signal."""
+        if self.process is not None and self.process.poll() is None:
+            self._shared_memory |= shared_memory_files(self.process.pid)
+
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, then SIGKILL to whatever of its process group is left (stubs included)."""
+        """SIGTERM, then SIGKILL to whatever of its process group is left (stubs included);
+        then the shared-memory files it noted and left behind."""
         if self.process is not None:
             stop_group(self.process, signal.SIGTERM, timeout)
+        for path in self._shared_memory:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._shared_memory.clear()
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None

@@ -2,7 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
-from gpt2_triton import names
+from gpt2_triton import lifeline, names
 from gpt2_triton.engines.protocol import unpack_tokens
 from gpt2_triton.errors import Gpt2TritonError
 from gpt2_triton.request import sampling_from_inputs
@@ -10,6 +10,9 @@ from gpt2_triton.sampling import sample_rows
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        lifeline.exit_with_parent()  # no stub outlives a server that died by a signal
+
     def execute(self, requests):
         responses = []
         for request in requests:

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from gpt2_triton import model_config, names
+from gpt2_triton import lifeline, model_config, names
 from gpt2_triton.request import text_values
 from gpt2_triton.text import TextCodec
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        lifeline.exit_with_parent()  # no stub outlives a server that died by a signal
         config = json.loads(args["model_config"])
         params = model_config.parameters(config)
         folder = Path(args["model_repository"]) / args["model_version"]

@@ -1,0 +1,49 @@
+"""Integration: a one-minute soak of the shared service (the issue asks for it in make test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import soak
+
+pytestmark = pytest.mark.integration
+
+SECONDS = 60
+WARMUP_SECONDS = 20
+
+
+def test_a_minute_of_mixed_load_has_no_error_and_no_memory_growth(triton, tmp_path):
+    out = tmp_path / "soak.json"
+    code = soak.main(
+        [
+            f"--http-url={triton.http_url}",
+            f"--grpc-url={triton.grpc_url}",
+            f"--metrics-url={triton.metrics_url}",
+            f"--triton-pid={triton.triton.process.pid}",
+            "--clients=8",
+            f"--seconds={SECONDS}",
+            f"--warmup-seconds={WARMUP_SECONDS}",
+            "--seed=1",
+            f"--out={out}",
+        ]
+    )
+    summary = json.loads(out.read_text())
+    assert summary["errors"] == {}, summary["errors"]
+    assert summary["requests"] > 0 and summary["succeeded"] == summary["requests"]
+    assert set(summary["by_kind"]) == {"grpc-stream", "grpc-whole", "http-stream", "http-whole"}
+    for key in ("p50", "p90", "p99"):
+        assert summary["latency_ms"][key] > 0
+    assert summary["ttft_ms"]["p50"] is not None and summary["tokens_per_s"] > 0
+    assert summary["shm"]["start"]["files"] >= 0 and summary["shm"]["end"]["files"] >= 0
+    # Every request the clients sent was seen, and ended, by the server.
+    assert summary["server"]["requests_counted"] == summary["requests"]
+    assert not any(summary["server"]["sequences_held_at_end"].values())
+    # Growth is only measured when the run outlasts the warm-up (caches and arenas fill
+    # first) by several samples; a minute with 20 s of warm-up does.
+    rss = summary["rss_mb"]
+    assert rss["start"] and rss["after_warmup"] and rss["end"]
+    assert rss["growth_after_warmup_pct"] is not None
+    assert rss["growth_after_warmup_pct"] < soak.MAX_RSS_GROWTH_PCT, summary["samples"]
+    assert code == 0, summary["failures"]

@@ -1,0 +1,368 @@
+"""Integration: the service survives a dead Triton and leaves no process behind.
+
+Triton is killed here, so these tests never touch the session's shared ``triton``: they
+start their own service (or ``python -m gpt2_triton.serve``) on the session's rendered
+repository. Only the issue's promises are timed (ready through the front door within 30 s
+of a SIGKILL; no process left within 10 s); every other wait is on a state, generously.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from client import ClientError, GenerationParams, Gpt2Client
+from gpt2_triton.process import group_alive, stop_group
+
+GREEDY = GenerationParams(temperature=0, max_tokens=24)
+LONG = GenerationParams(temperature=0, max_tokens=500, min_length=500)  # seconds of stream
+READY_AFTER_KILL_S = 30.0  # the issue's promise
+NOTHING_LEFT_S = 10.0  # the issue's promise
+DOWN_BODY = "Triton is not ready"  # Envoy's own answer while Triton is down
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def supervised(triton, artifacts):
+    """A service of its own (Triton gets killed): the session's repository, its own logs."""
+    from conftest import service
+
+    with service(triton.triton.model_repository, artifacts / "logs_supervision") as server:
+        yield server
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (PID 1 here never reaps the orphans it inherits)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _left(processes: list[psutil.Process]) -> list[str]:
+    """The ones still running, as "pid name" (names are cached by psutil once read)."""
+    left = []
+    for process in processes:
+        if _running(process):
+            try:
+                left.append(f"{process.pid} {process.name()}")
+            except psutil.NoSuchProcess:
+                pass
+    return left
+
+
+def _wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def _http_get(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
+    """(status, body); None when nothing answered at all."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, ""
+
+
+def _http_generate(http_url: str) -> tuple[int | None, str]:
+    body = {"text_input": "The cat", "max_tokens": 4, "temperature": 0}
+    request = urllib.request.Request(
+        f"http://{http_url}/v2/models/gpt2/generate", data=json.dumps(body).encode()
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None, ""
+
+
+def _generate_when_possible(url: str, protocol: str, timeout: float = 60.0) -> str:
+    """Greedy text once a request goes through: after a restart, Envoy's health checks of
+    its HTTP and gRPC clusters turn healthy up to an interval apart."""
+    deadline = time.monotonic() + timeout
+    with Gpt2Client(url, protocol=protocol, timeout_s=60) as client:
+        while True:
+            try:
+                return client.generate("The cat", GREEDY).text
+            except ClientError as exc:
+                if exc.status != "UNAVAILABLE" or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+
+class Consumer(threading.Thread):
+    """Reads one long stream; records the text, and how it ended."""
+
+    def __init__(self, url: str, protocol: str) -> None:
+        super().__init__(name=f"consumer-{protocol}", daemon=True)
+        self.url, self.protocol = url, protocol
+        self.first_text = threading.Event()
+        self.pieces: list[str] = []
+        self.error: BaseException | None = None
+        self.completed = False  # the iteration ended without an error
+        self.result = None  # set by a stream that got its final response
+
+    def run(self) -> None:
+        try:
+            # its own timeout well above the join below: a hang shows as "still running"
+            with Gpt2Client(self.url, protocol=self.protocol, timeout_s=300) as client:
+                stream = client.stream("Once upon a time", LONG)
+                for piece in stream:
+                    self.pieces.append(piece)
+                    self.first_text.set()
+                self.result = stream.result
+            self.completed = True
+        except BaseException as exc:  # judged by the test
+            self.error = exc
+        finally:
+            self.first_text.set()  # a stream that failed at once must not block the test
+
+
+@pytest.mark.integration
+def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(supervised):
+    service = supervised
+    before_text = _generate_when_possible(service.grpc_url, "grpc")
+    old_pid = service.triton.process.pid  # start_new_session: also its process group id
+    old_restarts = service.restarts
+    old_process = psutil.Process(old_pid)
+    stubs = old_process.children(recursive=True)
+    assert stubs, "the Python backend stubs should be children of tritonserver"
+
+    consumers = [
+        Consumer(service.grpc_url, "grpc"),
+        Consumer(service.grpc_url, "grpc"),
+        Consumer(service.http_url, "http"),
+        Consumer(service.http_url, "http"),
+    ]
+    for consumer in consumers:
+        consumer.start()
+    for consumer in consumers:
+        assert consumer.first_text.wait(120), f"{consumer.name} got no text"
+    early = [(c.name, c.error, c.result) for c in consumers if c.error or c.completed]
+    assert not early, f"streams ended before the kill: {early}"
+
+    os.kill(old_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    # Poll the front door quickly: ready again, and the old group gone, each timed from the
+    # kill. On the way, a request while Triton is down shows what clients get then.
+    ready_after = gone_after = None
+    down: dict[str, object] = {}
+    while time.monotonic() - killed_at < 120 and (ready_after is None or gone_after is None):
+        if gone_after is None and not group_alive(old_pid):
+            gone_after = time.monotonic() - killed_at
+        if ready_after is None and not _running(old_process):
+            if not down:
+                down["http"] = _http_generate(service.http_url)
+                try:
+                    with Gpt2Client(service.grpc_url) as client:
+                        client.generate("The cat", GREEDY)
+                except ClientError as exc:
+                    down["grpc"] = (exc.status, str(exc))
+            status, _ = _http_get(f"http://{service.http_url}/v2/health/ready", timeout=1)
+            if status == 200:
+                ready_after = time.monotonic() - killed_at
+        time.sleep(0.05)
+    print(
+        f"\nafter SIGKILL: ready through the front door in {ready_after} s, "
+        f"old process group gone in {gone_after} s; while down: {down}"
+    )
+
+    for consumer in consumers:
+        consumer.join(60)
+    assert all(not c.is_alive() for c in consumers), "a client hangs after the kill"
+
+    # Restarted within the promise, as a new process, and gives the same greedy text.
+    assert ready_after is not None and ready_after <= READY_AFTER_KILL_S, ready_after
+    assert service.restarts > old_restarts
+    assert service.triton.process.pid != old_pid
+    assert _generate_when_possible(service.grpc_url, "grpc") == before_text
+    assert _generate_when_possible(service.http_url, "http") == before_text
+
+    # Nothing of the killed group left (zombies excluded: nothing here reaps orphans).
+    assert gone_after is not None and gone_after <= NOTHING_LEFT_S, gone_after
+    assert not _left(stubs)
+
+    # What clients saw, all reported together. The down state is racy to catch: judged only
+    # when a request saw it.
+    problems = []
+    status, body = down.get("http", (None, ""))
+    if status == 503 and not json.loads(body)["error"].startswith(DOWN_BODY):
+        problems.append(f"HTTP request while Triton was down got: {body.strip()}")
+    if "grpc" in down and (down["grpc"][0] != "UNAVAILABLE" or DOWN_BODY not in down["grpc"][1]):
+        problems.append(f"gRPC request while Triton was down got: {down['grpc']}")
+    # Every streaming client got a clear error: not a hang, nor a stream that just stops.
+    for consumer in consumers:
+        if not isinstance(consumer.error, ClientError) or not str(consumer.error):
+            problems.append(
+                f"{consumer.protocol} stream: error {consumer.error!r}, completed "
+                f"{consumer.completed}, result {consumer.result}, {len(consumer.pieces)} pieces"
+            )
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.integration
+def test_stopping_the_service_leaves_no_process(triton, artifacts):
+    from conftest import service
+
+    server = service(triton.triton.model_repository, artifacts / "logs_stop")
+    with server:
+        triton_process = psutil.Process(server.triton.process.pid)
+        processes = [triton_process, *triton_process.children(recursive=True)]
+        processes.append(psutil.Process(server.envoy.process.pid))
+        for process in processes:
+            process.name()  # read while it runs: psutil keeps it for the messages
+        groups = [server.triton.process.pid, server.envoy.process.pid]
+        stopping_at = time.monotonic()
+    # __exit__ stops it, as Ctrl-C does in `python -m gpt2_triton.serve`
+    groups_gone = lambda: not any(group_alive(g) for g in groups)  # noqa: E731
+    assert _wait_for(groups_gone, stopping_at + NOTHING_LEFT_S - time.monotonic()), _left(processes)
+    assert not _left(processes)
+
+
+# A leader that starts a child which ignores SIGTERM (as a stub stuck on a dead server does),
+# says so, then waits.
+LEADER = """
+import subprocess, sys, time
+child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+subprocess.Popen([sys.executable, "-c", child])
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_orphans_of_a_killed_leader_are_killed_at_once():
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert leader.stdout.readline().strip() == "started"
+        os.kill(leader.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _wait_for(lambda: leader.poll() is not None, 30)
+        stop_group(leader, signal.SIGTERM, timeout=60)  # no orderly stop to wait for
+        assert not group_alive(leader.pid)
+        assert time.monotonic() - killed_at <= NOTHING_LEFT_S
+    finally:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        leader.wait(10)
+
+
+# -- the launcher: python -m gpt2_triton.serve ------------------------------------------------
+def _serve_command(repository: Path, log_dir: Path, ports: list[int]) -> list[str]:
+    http, grpc, metrics, triton_http, triton_grpc, admin = ports
+    return [
+        sys.executable,
+        "-m",
+        "gpt2_triton.serve",
+        f"--model-repository={repository}",
+        f"--log-dir={log_dir}",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        f"--triton-http-port={triton_http}",
+        f"--triton-grpc-port={triton_grpc}",
+        f"--envoy-admin-port={admin}",
+    ]
+
+
+@contextmanager
+def _launched(repository: Path, tmp_path: Path):
+    """``python -m gpt2_triton.serve`` on free ports, ready through its front door; yields
+    the launcher and every process it started. Whatever is left is killed on the way out."""
+    from conftest import _free_ports
+
+    ports = _free_ports(6)
+    output = tmp_path / "serve.out"
+    with open(output, "wb") as out:
+        launcher = subprocess.Popen(
+            _serve_command(repository, tmp_path / "logs", ports),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    started: list[psutil.Process] = []
+    try:
+        ready = f"http://127.0.0.1:{ports[0]}/v2/health/ready"
+        deadline = time.monotonic() + 300
+        while _http_get(ready)[0] != 200:
+            if launcher.poll() is not None:
+                pytest.fail(f"serve exited ({launcher.returncode}):\n{output.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve not ready after 300 s:\n{output.read_text()}")
+            time.sleep(0.2)
+        started = psutil.Process(launcher.pid).children(recursive=True)
+        names = {p.name() for p in started}
+        assert {"envoy", "tritonserver"} <= names, names
+        assert any(name.startswith("triton_python") for name in names), names
+        yield launcher, started
+    finally:
+        launcher.kill()
+        launcher.wait(30)
+        for process in started:
+            if _running(process):
+                process.kill()
+
+
+@pytest.mark.integration
+def test_sigkill_of_the_launcher_leaves_no_process(triton, tmp_path):
+    with _launched(triton.triton.model_repository, tmp_path) as (launcher, started):
+        launcher.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        launcher.wait(30)
+        gone = lambda: not _left(started)  # noqa: E731
+        assert _wait_for(gone, killed_at + NOTHING_LEFT_S - time.monotonic()), _left(started)
+
+
+@pytest.mark.integration
+def test_sigterm_of_the_launcher_exits_0_and_leaves_no_process(triton, tmp_path):
+    with _launched(triton.triton.model_repository, tmp_path) as (launcher, started):
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(60) == 0, (tmp_path / "serve.out").read_text()
+        assert _wait_for(lambda: not _left(started), NOTHING_LEFT_S), _left(started)
+        assert "The service stopped." in (tmp_path / "serve.out").read_text()
+
+
+@pytest.mark.integration
+def test_a_port_in_use_fails_at_once_naming_it(triton, tmp_path):
+    from conftest import _free_ports
+
+    ports = _free_ports(6)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[1]))  # the gRPC front door's port
+        taken.listen()
+        result = subprocess.run(
+            _serve_command(triton.triton.model_repository, tmp_path / "logs", ports),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO_ROOT,
+        )
+    assert result.returncode != 0
+    assert str(ports[1]) in result.stderr and "in use" in result.stderr, result.stderr
+    assert not (tmp_path / "logs" / "tritonserver.log").exists()  # nothing was started
