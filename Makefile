@@ -71,7 +71,7 @@ GENAI_VENV ?= .venv-genai
 TOKENIZER ?= model_repository/gpt2/1/tokenizer
 
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down gpu-check bench-model bench bench-pa bench-genai perf-analyzer-deps test-tools \
+	compose-down gpu-check bench-model bench soak bench-pa bench-genai perf-analyzer-deps test-tools \
 	test test-fast lint clean
 
 help:
@@ -146,6 +146,14 @@ perf-analyzer-deps: setup
 		else echo "perf_analyzer needs libb64-0d: sudo apt-get install libb64-0d"; exit 1; fi; }
 	$(PY) -c "import nvidia.cuda_runtime" 2>/dev/null || \
 		$(PY) -m pip install --quiet "nvidia-cuda-runtime-cu12==12.6.77"
+
+SOAK_CLIENTS ?= 16
+SOAK_SECONDS ?= 600
+soak: setup ## N clients, random valid requests, through the front door of a running server
+	$(PY) -m benchmarks.soak --http-url $(CLIENT_HOST):$(HTTP_PORT) \
+		--grpc-url $(CLIENT_HOST):$(GRPC_PORT) \
+		--metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics \
+		--clients $(SOAK_CLIENTS) --seconds $(SOAK_SECONDS) --out $(GPT2_TRITON_ARTIFACTS)/soak.json
 
 # perf_analyzer and genai-perf read Triton's statistics API, which the front door keeps
 # closed: they measure Triton on its loopback port (the front door's cost: `make bench`).

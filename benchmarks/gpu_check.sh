@@ -32,7 +32,7 @@ step "torch engine on CUDA through tritonserver"
 repo="$OUT_DIR/model_repository"
 $PY -m build_scripts.build_repo --model tiny --engine torch --device cuda --repository "$repo" \
   || exit 1
-$PY -m gpt2_triton.triton_server --model-repository "$repo" --log-file "$OUT_DIR/tritonserver.log" &
+$PY -m gpt2_triton.serve --model-repository "$repo" --log-dir "$OUT_DIR/logs" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 $PY -m benchmarks.gpu_check --checkpoint "$GPT2_TRITON_ARTIFACTS/models/tiny" --out "$OUT_DIR" \
