@@ -24,6 +24,9 @@ METRICS_PORT ?= 8002
 TRITON_HTTP_PORT ?= 8100
 TRITON_GRPC_PORT ?= 8101
 ENVOY_ADMIN_PORT ?= 8090
+OPENAI_PORT ?= 8300
+# NO_OPENAI=1: no OpenAI-compatible API at /v1/ (it runs as its own process, api/)
+NO_OPENAI ?=
 MAX_REQUEST_BYTES ?= 1048576
 # API_KEY: clients send "Authorization: Bearer <key>" (required when HOST is not loopback);
 # ADMIN_KEY opens the admin APIs to requests with "x-admin-key: <key>". Read from the
@@ -48,7 +51,8 @@ INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--in
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
 	--triton-grpc-port $(TRITON_GRPC_PORT) --envoy-admin-port $(ENVOY_ADMIN_PORT) \
-	--max-request-bytes $(MAX_REQUEST_BYTES)
+	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
+	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
 
 # The chat page has no key of its own: it stays on loopback unless UI_HOST says otherwise.

@@ -8,7 +8,8 @@
     engine is served, int8;
 (c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch),
     straight to Triton (``triton:<engine>``) and, for ``--front-door-engines``, through the
-    Envoy front door of ``make serve`` (``front-door:<engine>``), interleaved per grid point.
+    Envoy front door of ``make serve`` (``front-door:<engine>``) and the OpenAI-compatible
+    API behind it (``openai:<engine>``, streaming completions), taking turns wave by wave.
 
 For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
 output tokens/s at each concurrency and prompt length, with exactly ``--new-tokens``
@@ -173,43 +174,76 @@ def bench_ort_loop(
 
 # -- (c) the service through Triton --------------------------------------------------------
 def bench_triton(
-    url: str,
+    urls: dict[str, str],
     engine: str,
     tokenizer,
     concurrency: int,
     prompt_tokens: int,
     new_tokens: int,
     server_pid: int,
-) -> Row:
+    rounds: int,
+) -> list[Row]:
+    """The service at one grid point, over each of ``urls`` (path name -> a gRPC address, or
+    the OpenAI API's base URL ``http://.../v1``):
+    waves of ``concurrency`` clients, the paths taking turns wave by wave, so that the
+    machine's drift falls on every path alike."""
     from client import GenerationParams, Gpt2Client
 
-    row = Row(f"triton:{engine}", concurrency, prompt_tokens, new_tokens)
+    rows = {path: Row(f"{path}:{engine}", concurrency, prompt_tokens, new_tokens) for path in urls}
     params = GenerationParams(max_tokens=new_tokens, min_length=new_tokens, temperature=0)
     prompts = [
         tokenizer.decode(prompt_ids(tokenizer, prompt_tokens, i)) for i in range(concurrency)
     ]
     lock = threading.Lock()
 
-    def one(prompt: str, barrier: threading.Barrier, record: bool) -> None:
+    def native(url: str, prompt: str, barrier: threading.Barrier):
         with Gpt2Client(url) as client:
             barrier.wait()
             started = time.perf_counter()
             stream = client.stream(prompt, params)
             stamps = [time.perf_counter() for _ in stream]
-            end = time.perf_counter()
-        if record:
+        return started, stamps, stream.result.num_output_tokens
+
+    def openai_api(url: str, prompt: str, barrier: threading.Barrier):
+        import openai
+
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        barrier.wait()
+        started = time.perf_counter()
+        stamps, tokens = [], 0
+        for chunk in client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=new_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"min_tokens": new_tokens},
+        ):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        client.close()
+        return started, stamps, tokens
+
+    def one(url: str, row: Row | None, prompt: str, barrier: threading.Barrier) -> None:
+        call = openai_api if url.startswith("http") else native
+        started, stamps, tokens = call(url, prompt, barrier)
+        end = time.perf_counter()
+        if row is not None:
             with lock:
                 row.ttft_ms.append(1e3 * (stamps[0] - started))
                 # pieces can merge tokens (a held-back multi-byte character): count tokens
-                tokens = stream.result.num_output_tokens
                 row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(tokens - 1, 1))
                 row.gap_ms.extend(1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
                 row.latency_ms.append(1e3 * (end - started))
-                row.tokens += stream.result.num_output_tokens
+                row.tokens += tokens
 
-    def wave(record: bool) -> float:
+    def wave(url: str, row: Row | None) -> float:
         barrier = threading.Barrier(concurrency)
-        threads = [threading.Thread(target=one, args=(p, barrier, record)) for p in prompts]
+        threads = [threading.Thread(target=one, args=(url, row, p, barrier)) for p in prompts]
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -217,11 +251,14 @@ def bench_triton(
             t.join()
         return time.perf_counter() - started
 
-    wave(False)  # warm-up
-    rounds = 3 if concurrency == 1 else 1
-    row.wall_s = sum(wave(True) for _ in range(rounds))
-    row.server_rss_mb = server_rss_mb(server_pid)
-    return row
+    for url in urls.values():
+        wave(url, None)  # warm-up
+    for _ in range(rounds):
+        for path, url in urls.items():
+            rows[path].wall_s += wave(url, rows[path])
+    for row in rows.values():
+        row.server_rss_mb = server_rss_mb(server_pid)
+    return list(rows.values())
 
 
 def server_rss_mb(pid: int) -> float:
@@ -287,6 +324,7 @@ def run(args) -> dict:
                 admin_port=args.port + 2,
                 triton_http_port=args.port + 3,
                 triton_grpc_port=args.port + 4,
+                gateway_port=args.port + 6,
             )
             server = Service(
                 repo,
@@ -304,13 +342,20 @@ def run(args) -> dict:
                 paths = {"triton": server.triton.grpc_url}
                 if kind in args.front_door_engines:
                     paths["front-door"] = server.grpc_url
-                for path, url in paths.items():
-                    log.info("%s:%s c=%d prompt=%d", path, kind, c, p)
-                    row = bench_triton(
-                        url, kind, tokenizer, c, p, args.new_tokens, server.triton.process.pid
+                    paths["openai"] = f"http://{server.http_url}/v1"
+                log.info("%s c=%d prompt=%d (%s)", kind, c, p, ", ".join(paths))
+                rows.extend(
+                    bench_triton(
+                        paths,
+                        kind,
+                        tokenizer,
+                        c,
+                        p,
+                        args.new_tokens,
+                        server.triton.process.pid,
+                        rounds=args.rounds if c == 1 else max(args.rounds // 4, 1),
                     )
-                    row.system = f"{path}:{kind}"
-                    rows.append(row)
+                )
         del loop
     order = {"hf-generate": 0, "onnxruntime-loop": 1, "onnxruntime-loop:int8": 2}
     rows.sort(key=lambda r: (order.get(r.system, 3), r.system))  # stable: grid order kept
@@ -343,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["onnx"],
         help="engines also measured through the Envoy front door (its cost, same run)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=12,
+        help="waves per path at concurrency 1 (a quarter of it above): the paths alternate",
     )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
     parser.add_argument("--skip-hf", action="store_true")

@@ -45,23 +45,24 @@ def ratio_rows(results: dict) -> list[str]:
 
 
 def front_door_rows(results: dict) -> list[str]:
-    """The front door's cost: through Envoy against straight to Triton, same run."""
+    """The cost of each path (the front door; the OpenAI API behind it) against straight
+    to Triton, same run."""
     by = _index(results["rows"])
     lines = [
-        "| engine | concurrency | prompt | ITL p50 direct | ITL p50 front door | difference | "
-        "TTFT p50 difference | tokens/s front door / direct |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | engine | concurrency | prompt | ITL p50 direct | ITL p50 this path | "
+        "difference | TTFT p50 difference | tokens/s this path / direct |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        if not r["system"].startswith("front-door:"):
+        path, _, engine = r["system"].partition(":")
+        if path not in ("front-door", "openai"):
             continue
-        engine = r["system"].split(":", 1)[1]
         key = (r["concurrency"], r["prompt_tokens"])
         direct = by.get((f"triton:{engine}", *key))
         if direct is None:
             continue
         lines.append(
-            f"| {engine} | {key[0]} | {key[1]} | {_fmt(direct['itl_ms_p50'], '.2f')} ms | "
+            f"| {path} | {engine} | {key[0]} | {key[1]} | {_fmt(direct['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p50'], '.2f')} ms | "
             f"{r['itl_ms_p50'] - direct['itl_ms_p50']:+.2f} ms | "
             f"{r['ttft_ms_p50'] - direct['ttft_ms_p50']:+.1f} ms | "
@@ -154,8 +155,10 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "`onnxruntime-loop:int8` = the same loop on the int8 file; "
         "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
         "at once, each timing its own tokens, straight to Triton's loopback port; "
-        "`front-door:<engine>` = the same through the Envoy front door (`make serve`), "
-        "measured right after it at each grid point. In the ratios, `triton:onnx-int8` is "
+        "`front-door:<engine>` = the same through the Envoy front door (`make serve`); "
+        "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
+        "OpenAI-compatible gateway (the `openai` SDK); the paths take turns wave by wave at "
+        "each grid point. In the ratios, `triton:onnx-int8` is "
         "taken against the int8 loop, the other engines against the fp32 loop.",
         "",
         *table(results),

@@ -26,6 +26,8 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "onnx-int8",
             "--port",
             str(unused_port),
+            "--rounds",
+            "2",
             "--out",
             str(tmp_path / "out"),
             "--report",
@@ -43,6 +45,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "onnxruntime-loop:int8",
             "triton:onnx",
             "front-door:onnx",
+            "openai:onnx",
             "triton:onnx-int8",
         )
         for c in (1, 2)
@@ -55,6 +58,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     report = (tmp_path / "docs" / "BENCH.md").read_text()
     assert "| triton:onnx | 2 | 8 |" in report
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
+    assert "| openai:onnx | 2 | 8 |" in report
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
@@ -105,7 +109,9 @@ def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
         ]
     }
     lines = front_door_rows(results)
-    assert lines[2] == "| onnx | 1 | 32 | 10.00 ms | 10.10 ms | +0.10 ms | +0.5 ms | 0.990 |"
+    assert lines[2] == (
+        "| front-door | onnx | 1 | 32 | 10.00 ms | 10.10 ms | +0.10 ms | +0.5 ms | 0.990 |"
+    )
     assert lines[3].endswith("| +1.00 ms | +1.0 ms | 0.980 |")
     assert front_door_rows({"rows": results["rows"][:1]}) == []
 

@@ -1086,3 +1086,39 @@ def test_200_streams_cut_mid_generation_leave_nothing_behind(triton, identity):
     assert len(shm_after) == len(shm_before), (shm_before, shm_after)
     assert sum(shm_after.values()) <= sum(shm_before.values()) + MB, (shm_before, shm_after)
     assert_unharmed(triton, identity)
+
+
+# == 8. The OpenAI API behind the same door ================================================
+def openai_client(service, api_key: str = "unused"):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{service.http_url}/v1", api_key=api_key, max_retries=0)
+
+
+def test_the_openai_api_is_served_behind_the_front_door(triton):
+    client = openai_client(triton)
+    model = client.models.list().data[0].id
+    reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    native = generate_http(triton, {"text_input": PROMPT, "max_tokens": 12, "temperature": 0})
+    assert PROMPT + reply.choices[0].text == native
+    assert reply.usage.completion_tokens == 12
+
+
+def test_the_front_door_answers_the_openai_api_in_openai_s_error_shape(triton, guarded):
+    big = {"model": "m", "prompt": "a" * (2 * MB)}
+    too_large = http_call(triton.http_url, "POST", "/v1/completions", big)
+    assert too_large.status == 413
+    assert too_large.json()["error"]["code"] == "request_too_large"
+    assert "request too large" in too_large.json()["error"]["message"]
+    no_key = http_call(guarded.http_url, "GET", "/v1/models")
+    assert no_key.status == 401
+    assert no_key.json()["error"]["type"] == "authentication_error"
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(guarded, api_key="wrong").models.list()
+    # with the key, the gateway forwards it to Triton through the door
+    client = openai_client(guarded, api_key=API_KEY)
+    model = client.models.list().data[0].id
+    reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3

@@ -37,7 +37,12 @@ def validate(config_file: Path) -> None:
     [
         FrontDoorSettings(),
         FrontDoorSettings(api_key="k1", admin_key="a1", host="0.0.0.0"),
-        FrontDoorSettings(triton_address="triton", host="0.0.0.0", public_without_key=True),
+        FrontDoorSettings(
+            triton_address="triton",
+            gateway_address="openai",
+            host="0.0.0.0",
+            public_without_key=True,
+        ),
     ],
     ids=["loopback", "keys", "container"],
 )

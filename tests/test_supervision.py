@@ -275,7 +275,7 @@ def test_the_orphans_of_a_killed_leader_are_killed_at_once():
 
 # -- the launcher: python -m gpt2_triton.serve ------------------------------------------------
 def _serve_command(repository: Path, log_dir: Path, ports: list[int]) -> list[str]:
-    http, grpc, metrics, triton_http, triton_grpc, admin = ports
+    http, grpc, metrics, triton_http, triton_grpc, admin, openai = ports
     return [
         sys.executable,
         "-m",
@@ -288,6 +288,7 @@ def _serve_command(repository: Path, log_dir: Path, ports: list[int]) -> list[st
         f"--triton-http-port={triton_http}",
         f"--triton-grpc-port={triton_grpc}",
         f"--envoy-admin-port={admin}",
+        f"--openai-port={openai}",  # the gateway is a child too: it must go with the rest
     ]
 
 
@@ -297,7 +298,7 @@ def _launched(repository: Path, tmp_path: Path):
     the launcher and every process it started. Whatever is left is killed on the way out."""
     from conftest import _free_ports
 
-    ports = _free_ports(6)
+    ports = _free_ports(7)
     output = tmp_path / "serve.out"
     with open(output, "wb") as out:
         launcher = subprocess.Popen(
@@ -352,7 +353,7 @@ def test_sigterm_of_the_launcher_exits_0_and_leaves_no_process(triton, tmp_path)
 def test_a_port_in_use_fails_at_once_naming_it(triton, tmp_path):
     from conftest import _free_ports
 
-    ports = _free_ports(6)
+    ports = _free_ports(7)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports[1]))  # the gRPC front door's port
         taken.listen()

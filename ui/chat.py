@@ -1,7 +1,8 @@
 """What the page does, without Gradio: prompts, history trimming, streaming, stopping.
 
 GPT-2 is not a chat model. Chat mode writes the conversation as a transcript that GPT-2
-continues (``CHAT_TEMPLATE`` below), stops at the next ``User:`` turn (stop words), and
+continues (``gpt2_triton.transcript``, shared with the OpenAI gateway), stops at the next
+``User:`` turn (stop words), and
 drops the oldest turns when the transcript would not leave room for the reply in the
 context window. Token counts come from the server's own tokenizer, through the client.
 """
@@ -14,15 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from client import ClientError, GenerationParams, Gpt2Client, TextStream
+from gpt2_triton.transcript import STOP_WORDS, chat_prompt
 
 log = logging.getLogger(__name__)
-
-# The transcript GPT-2 continues. Documented in docs/UI.md; the stop words end the reply
-# where GPT-2 would start writing the user's next line.
-CHAT_PREAMBLE = "A conversation between a curious User and a helpful Assistant."
-CHAT_TEMPLATE = "{preamble}\n\n{turns}User: {message}\nAssistant:"
-TURN_TEMPLATE = "{role}: {content}\n"
-STOP_WORDS = ("\nUser:", "\nAssistant:", "User:")
 
 
 @dataclass(frozen=True)
@@ -48,17 +43,6 @@ class Settings:
         )
 
 
-def chat_prompt(history: list[dict], message: str) -> str:
-    turns = "".join(
-        TURN_TEMPLATE.format(
-            role="User" if turn["role"] == "user" else "Assistant",
-            content=_text(turn["content"]).strip(),
-        )
-        for turn in history
-    )
-    return CHAT_TEMPLATE.format(preamble=CHAT_PREAMBLE, turns=turns, message=message.strip())
-
-
 def fit_history(
     history: list[dict], message: str, budget: int, count_tokens: Callable[[list[str]], list[int]]
 ) -> list[dict]:
@@ -80,15 +64,6 @@ class PromptTooLong(Exception):
             f"Your message alone is {tokens} tokens; with the reply's {budget} it must fit "
             "the model's context window. Shorten it or lower 'max tokens'."
         )
-
-
-def _text(content) -> str:
-    """Gradio message content: a string, or a list of parts in newer versions."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
 
 
 class ChatService:

@@ -74,6 +74,8 @@ class FrontDoorSettings:
     triton_address: str = "127.0.0.1"  # an IP, or a name (compose, Kubernetes) looked up by DNS
     triton_http_port: int = 8100  # Triton listens on loopback only, behind Envoy
     triton_grpc_port: int = 8101
+    gateway_address: str = "127.0.0.1"  # the OpenAI-compatible API (api/), behind /v1/
+    gateway_port: int = 8300
     max_request_bytes: int = 1 << 20  # an HTTP body or a unary gRPC call
     max_stream_bytes: int = 8 << 20  # all the requests of one gRPC stream together
     max_concurrent_requests: int = 256
@@ -145,8 +147,11 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
         "admin_port": settings.admin_port,
         "triton_address": settings.triton_address,
         "triton_discovery": "STATIC" if _is_ip(settings.triton_address) else "STRICT_DNS",
+        "gateway_address": settings.gateway_address,
+        "gateway_discovery": "STATIC" if _is_ip(settings.gateway_address) else "STRICT_DNS",
         "triton_http_port": settings.triton_http_port,
         "triton_grpc_port": settings.triton_grpc_port,
+        "gateway_port": settings.gateway_port,
         "max_request_bytes": settings.max_request_bytes,
         "max_stream_bytes": settings.max_stream_bytes,
         "max_concurrent_requests": settings.max_concurrent_requests,
@@ -258,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-address", default=defaults.triton_address)
     parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
     parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
+    parser.add_argument("--gateway-address", default=defaults.gateway_address)
+    parser.add_argument("--gateway-port", type=int, default=defaults.gateway_port)
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
     parser.add_argument(
         "--public-without-key",
@@ -274,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             triton_address=args.triton_address,
             triton_http_port=args.triton_http_port,
             triton_grpc_port=args.triton_grpc_port,
+            gateway_address=args.gateway_address,
+            gateway_port=args.gateway_port,
             max_request_bytes=args.max_request_bytes,
             api_key=os.environ.get("API_KEY", ""),
             admin_key=os.environ.get("ADMIN_KEY", ""),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from gpt2_triton import logs
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorError, FrontDoorSettings
+from gpt2_triton.openai_gateway import GatewayProcess
 from gpt2_triton.triton_server import Ports, ServerError, TritonServer
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,12 @@ def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
     busy = []
     for port in ports:
         with socket.socket() as s:
+            # as the servers bind: connections of a server just stopped (TIME_WAIT) do not
+            # hold the port, a listening one does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
+                s.listen()
             except OSError:
                 busy.append(port)
     return busy
@@ -57,6 +62,7 @@ class Service:
         metrics_port: int = 8002,
         log_dir: Path = Path("artifacts/logs"),
         extra_triton_args: tuple[str, ...] = (),
+        openai: bool = True,
     ) -> None:
         self.front = front = front or FrontDoorSettings()
         self.log_dir = Path(log_dir)
@@ -67,6 +73,17 @@ class Service:
             extra_args=(*front.triton_restrictions(), *extra_triton_args),
         )
         self.envoy = EnvoyProxy(front, self.log_dir / "envoy.yaml", self.log_dir / "envoy.log")
+        # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503)
+        self.gateway = (
+            GatewayProcess(
+                f"127.0.0.1:{front.grpc_port}",
+                front.gateway_port,
+                self.log_dir / "openai.log",
+                api_key=front.api_key,
+            )
+            if openai
+            else None
+        )
         self.restarts = 0
         self._stopping = threading.Event()
         self._started = threading.Event()  # the first Triton start was attempted
@@ -93,6 +110,7 @@ class Service:
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> Service:
         ports = [
+            *([self.front.gateway_port] if self.gateway else []),
             self.front.http_port,
             self.front.grpc_port,
             self.front.admin_port,
@@ -132,12 +150,10 @@ class Service:
                 )
             if not self.envoy.alive():
                 raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if _answers_200(url) and (
+                self.gateway is None or _answers_200(f"http://{self.gateway.url}/health")
+            ):
+                return
             time.sleep(0.2)
         raise ServerError(
             f"the service is not ready after {timeout:.0f} s" + self.triton.log_tail()
@@ -170,14 +186,33 @@ class Service:
     def _supervise(self) -> None:
         try:
             self.triton.start()
+            if self.gateway:
+                self.gateway.start()
         except BaseException as exc:  # handed to start(), which raises it
             self._start_error = exc
+            self.triton.stop()
             return
         finally:
             self._started.set()
+        try:
+            self._watch()
+        finally:
+            if self.gateway:
+                self.gateway.stop()
+            self.triton.stop()
+
+    def _watch(self) -> None:
         backoff, up_since, ever_ready = BACKOFF_FIRST_S, time.monotonic(), False
         noted_at = 0.0
         while not self._stopping.wait(0.2):
+            if self.gateway and not self.gateway.alive():
+                log.warning(
+                    "the OpenAI gateway exited (%s); restarting it (log: %s)",
+                    _describe_exit(self.gateway.process.returncode),
+                    self.gateway.log_file,
+                )
+                self.gateway.stop()
+                self.gateway.start()
             if self.triton_alive():
                 if not ever_ready:
                     ever_ready = self._triton_ready()
@@ -199,7 +234,7 @@ class Service:
                 self.triton.log_file,
             )
             if self._stopping.wait(backoff):
-                break
+                return
             backoff = min(backoff * 2, BACKOFF_MAX_S)
             try:
                 self.triton.start()
@@ -208,7 +243,6 @@ class Service:
                 continue
             self.restarts += 1
             up_since = time.monotonic()
-        self.triton.stop()
 
     def _triton_ready(self) -> bool:
         try:
@@ -217,6 +251,14 @@ class Service:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
 def _describe_exit(code: int | None) -> str:
@@ -235,6 +277,7 @@ def _settings_from_args(args: argparse.Namespace) -> FrontDoorSettings:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         admin_port=args.envoy_admin_port,
+        gateway_port=args.openai_port,
         triton_http_port=args.triton_http_port,
         triton_grpc_port=args.triton_grpc_port,
         max_request_bytes=args.max_request_bytes,
@@ -261,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
     parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
     parser.add_argument("--envoy-admin-port", type=int, default=defaults.admin_port)
+    parser.add_argument(
+        "--openai-port", type=int, default=defaults.gateway_port, help="the gateway's, loopback"
+    )
+    parser.add_argument(
+        "--no-openai", action="store_true", help="leave out the OpenAI-compatible API (/v1/)"
+    )
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
     parser.add_argument(
         "--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests
@@ -279,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         service = Service(
-            args.model_repository, _settings_from_args(args), args.metrics_port, args.log_dir
+            args.model_repository,
+            _settings_from_args(args),
+            args.metrics_port,
+            args.log_dir,
+            openai=not args.no_openai,
         )
         service.start()
     except (ServerError, FrontDoorError) as exc:
@@ -295,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         f"The service is ready (logs: {args.log_dir})\n"
         f"  HTTP     http://{service.http_url}  (POST /v2/models/gpt2/generate, /generate_stream)\n"
         f"  gRPC     {service.grpc_url}\n"
-        f"  metrics  {service.metrics_url}\n"
+        + (
+            f"  OpenAI   http://{service.http_url}/v1  (completions, chat/completions, models)\n"
+            if service.gateway
+            else ""
+        )
+        + f"  metrics  {service.metrics_url}\n"
         f"  (Triton itself: {service.triton.http_url} / {service.triton.grpc_url}, loopback)\n"
         "Ctrl-C stops it.",
         flush=True,

@@ -1,0 +1,281 @@
+"""The engine side of the gateway: Triton's ``gpt2`` model through ``tritonclient.grpc.aio``.
+
+One Triton request per choice, each on its own gRPC stream (the model is decoupled and
+refuses plain infer). The request iterator yields the one request and ends, so the
+stream half-closes and Triton ends it once the request has sent its final response.
+A stream the caller leaves before that final response is cancelled, which Triton passes
+to the model (``is_cancelled``): the sequence leaves the batch at the next step. A
+finished request is never cancelled: with tritonserver 2.51 a cancel that reaches a
+request after its final response can leave the model "live" at shutdown (docs/API.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+
+from gpt2_triton import names
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 10.0  # Triton closes a half-closed stream right after its final response
+HEALTH_TIMEOUT_S = 2.0
+
+# Triton's in-stream errors carry a message and no status code; the model's messages say
+# which kind they are (gpt2_triton.request / sampling / batcher).
+_INPUTS = (
+    names.TEXT_INPUT,
+    names.MAX_TOKENS,
+    names.STREAM,
+    names.TEMPERATURE,
+    names.TOP_K,
+    names.TOP_P,
+    names.REPETITION_PENALTY,
+    names.SEED,
+    names.STOP_WORDS,
+    names.EXCLUDE_INPUT_IN_OUTPUT,
+    names.MIN_LENGTH,
+)
+_VALIDATION_MESSAGE = re.compile(rf"^({'|'.join(_INPUTS)})[ :(]")
+
+
+class TritonError(Exception):
+    """A failed Triton call. ``status`` is a gRPC status name (``INVALID_ARGUMENT``,
+    ``UNAVAILABLE``...); ``input`` the gpt2 input a validation message names, if any."""
+
+    def __init__(self, message: str, status: str, input_name: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.input_name = input_name
+
+    @classmethod
+    def from_stream_message(cls, message: str) -> TritonError:
+        match = _VALIDATION_MESSAGE.match(message)
+        if match:
+            return cls(message, "INVALID_ARGUMENT", match.group(1))
+        if "already waiting" in message:  # batcher.QueueFullError
+            return cls(message, "RESOURCE_EXHAUSTED")
+        if "shutting down" in message:  # batcher.ShuttingDownError
+            return cls(message, "UNAVAILABLE")
+        return cls(message, "INTERNAL")
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> TritonError:
+        status = exc.code().name if exc.code() else "UNKNOWN"
+        details = exc.details() or str(exc)
+        if status == "UNAVAILABLE":
+            details = f"Triton is not reachable or not ready: {details}"
+        return cls(details, status)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One Triton request (one choice). None leaves an input to the model's default."""
+
+    prompt: str
+    stream: bool
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_words: tuple[str, ...] = ()
+    min_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One response: new text (the whole completion when not streaming), the finish
+    reason ("" until the last response) and the token counts so far."""
+
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+# numpy and Triton types of the scalar inputs (model_repository/gpt2/config.pbtxt.in)
+_SCALARS = {
+    names.MAX_TOKENS: (np.int32, "INT32"),
+    names.TEMPERATURE: (np.float32, "FP32"),
+    names.TOP_K: (np.int32, "INT32"),
+    names.TOP_P: (np.float32, "FP32"),
+    names.REPETITION_PENALTY: (np.float32, "FP32"),
+    names.SEED: (np.uint64, "UINT64"),
+    names.MIN_LENGTH: (np.int32, "INT32"),
+    names.STREAM: (np.bool_, "BOOL"),
+    names.EXCLUDE_INPUT_IN_OUTPUT: (np.bool_, "BOOL"),
+}
+
+
+def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def request_inputs(generation: Generation) -> list[grpcclient.InferInput]:
+    """The gpt2 input tensors, each ``[1, 1]`` (max_batch_size 1), stop words ``[1, N]``."""
+    g = generation
+    values = {
+        names.MAX_TOKENS: g.max_tokens,
+        names.TEMPERATURE: g.temperature,
+        names.TOP_K: g.top_k,
+        names.TOP_P: g.top_p,
+        names.REPETITION_PENALTY: g.repetition_penalty,
+        names.SEED: g.seed,
+        names.MIN_LENGTH: g.min_length,
+        names.STREAM: g.stream,
+        names.EXCLUDE_INPUT_IN_OUTPUT: True,  # echo is the gateway's: it has the prompt
+    }
+    text = np.array([[g.prompt.encode("utf-8")]], dtype=object)
+    inputs = [_tensor(names.TEXT_INPUT, text, "BYTES")]
+    for name, value in values.items():
+        if value is not None:
+            dtype, datatype = _SCALARS[name]
+            inputs.append(_tensor(name, np.array([[value]], dtype=dtype), datatype))
+    if g.stop_words:
+        words = np.array([[w.encode("utf-8") for w in g.stop_words]], dtype=object)
+        inputs.append(_tensor(names.STOP_WORDS, words, "BYTES"))
+    return inputs
+
+
+def _first(result, name: str, default):
+    array = result.as_numpy(name)
+    if array is None or array.size == 0:
+        return default
+    return array.reshape(-1)[0]
+
+
+def _piece(result) -> Piece:
+    # Only text_output is sure to be in every response; the counts and the finish reason
+    # are complete on the last one.
+    return Piece(
+        text=_first(result, names.TEXT_OUTPUT, b"").decode("utf-8"),
+        finish_reason=_first(result, names.FINISH_REASON, b"").decode("utf-8"),
+        num_input_tokens=int(_first(result, names.NUM_INPUT_TOKENS, 0)),
+        num_output_tokens=int(_first(result, names.NUM_OUTPUT_TOKENS, 0)),
+    )
+
+
+class TritonClient:
+    """One gRPC channel to Triton (through the front door), shared by every request."""
+
+    def __init__(self, url: str, model: str = "gpt2", api_key: str | None = None) -> None:
+        self.url = url
+        self.model = model
+        # The gateway's own key (health, model config); requests forward their caller's.
+        self.api_key = api_key
+        self._client = aioclient.InferenceServerClient(url)
+
+    def own_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @staticmethod
+    def caller_headers(authorization: str | None) -> dict[str, str]:
+        """The caller's key, as it came; never the gateway's own in its place, so that
+        the front door judges every request by its caller."""
+        return {"authorization": authorization} if authorization else {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self) -> bool:
+        headers = self.own_headers()
+        try:
+            return await self._client.is_server_ready(
+                headers=headers, client_timeout=HEALTH_TIMEOUT_S
+            ) and await self._client.is_model_ready(
+                self.model, headers=headers, client_timeout=HEALTH_TIMEOUT_S
+            )
+        except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
+            log.debug("Triton is not ready: %s", exc)
+            return False
+
+    async def model_parameters(self, authorization: str | None = None) -> dict[str, str]:
+        """The gpt2 model's config parameters (``model_name``, ``context_window``...)."""
+        try:
+            config = await self._client.get_model_config(
+                self.model,
+                headers=self.own_headers() or self.caller_headers(authorization),
+                as_json=True,
+                client_timeout=10.0,
+            )
+        except Exception as exc:
+            raise _wrapped_error(exc) from None
+        parameters = config.get("config", {}).get("parameters", {}) or {}
+        return {key: value.get("string_value", "") for key, value in parameters.items()}
+
+    async def generate(
+        self, generation: Generation, authorization: str | None = None
+    ) -> AsyncIterator[Piece]:
+        """The responses of one request, the last with a finish reason. Raises TritonError.
+
+        Leaving the iteration early (a client gone, a sibling choice that failed) cancels
+        the request in Triton.
+        """
+        inputs = request_inputs(generation)
+
+        async def requests():
+            yield {"model_name": self.model, "inputs": inputs}
+
+        call = self._client.stream_infer(requests(), headers=self.caller_headers(authorization))
+        finished = False  # Triton sent the final response (or an error): nothing to cancel
+        try:
+            async for result, error in call:
+                if error is not None:
+                    finished = True
+                    raise TritonError.from_stream_message(error.message())
+                piece = _piece(result)
+                if piece.finish_reason:
+                    finished = True
+                    await _drain(call)
+                    yield piece
+                    return
+                yield piece
+            finished = True  # the stream ended: the request ended with it
+            raise TritonError(
+                "the stream from Triton ended before its final response", "UNAVAILABLE"
+            )
+        except grpc.aio.AioRpcError as exc:
+            finished = True
+            raise TritonError.from_rpc(exc) from None
+        finally:
+            if not finished:
+                call.cancel()
+
+
+async def _drain(call) -> None:
+    """Wait for Triton to close the stream after the final response, so that the call is
+    over before its object is dropped (dropping a live call cancels it)."""
+
+    async def rest() -> None:
+        async for _ in call:
+            log.warning("a response after the final one was ignored")
+
+    try:
+        await asyncio.wait_for(rest(), DRAIN_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log.warning("Triton did not close a finished stream in %.0f s", DRAIN_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        log.debug("stream closed after its final response: %s", exc.code())
+
+
+def _wrapped_error(exc: Exception) -> TritonError:
+    """tritonclient's InferenceServerException (unary calls) as a TritonError."""
+    status = exc.status() if hasattr(exc, "status") else None
+    message = exc.message() if hasattr(exc, "message") else str(exc)
+    name = str(status or "UNKNOWN").removeprefix("StatusCode.")
+    if name == "UNAVAILABLE":
+        message = f"Triton is not reachable or not ready: {message}"
+    return TritonError(message, name)

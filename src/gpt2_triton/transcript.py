@@ -1,0 +1,43 @@
+"""The chat transcript GPT-2 continues: one template for the chat page and the OpenAI gateway.
+
+GPT-2 is not a chat model. A conversation is written as a transcript (a preamble, then
+``User:`` / ``Assistant:`` lines) ending with ``Assistant:``; GPT-2 continues it and the
+stop words end the reply where it would start writing the next turn. Documented in
+docs/UI.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+CHAT_PREAMBLE = "A conversation between a curious User and a helpful Assistant."
+CHAT_TEMPLATE = "{preamble}\n\n{turns}User: {message}\nAssistant:"
+TURN_TEMPLATE = "{role}: {content}\n"
+STOP_WORDS = ("\nUser:", "\nAssistant:", "User:")
+
+
+def chat_prompt(history: Iterable[Mapping], message: str, preamble: str = CHAT_PREAMBLE) -> str:
+    """The transcript for ``history`` (dicts with ``role`` and ``content``; "user" is the
+    User, any other role the Assistant) followed by the user's new ``message``."""
+    turns = "".join(
+        TURN_TEMPLATE.format(
+            role="User" if turn["role"] == "user" else "Assistant",
+            content=content_text(turn["content"]).strip(),
+        )
+        for turn in history
+    )
+    return CHAT_TEMPLATE.format(
+        preamble=preamble.strip(), turns=turns, message=content_text(message).strip()
+    )
+
+
+def content_text(content) -> str:
+    """A message's text: a string, or a list of parts (``{"type": "text", "text": ...}`` in
+    OpenAI's messages and newer Gradio versions)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
