@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import triton_to_np_dtype
 
 from gpt2_triton import names
 
@@ -31,20 +32,7 @@ HEALTH_TIMEOUT_S = 2.0
 
 # Triton's in-stream errors carry a message and no status code; the model's messages say
 # which kind they are (gpt2_triton.request / sampling / batcher).
-_INPUTS = (
-    names.TEXT_INPUT,
-    names.MAX_TOKENS,
-    names.STREAM,
-    names.TEMPERATURE,
-    names.TOP_K,
-    names.TOP_P,
-    names.REPETITION_PENALTY,
-    names.SEED,
-    names.STOP_WORDS,
-    names.EXCLUDE_INPUT_IN_OUTPUT,
-    names.MIN_LENGTH,
-)
-_VALIDATION_MESSAGE = re.compile(rf"^({'|'.join(_INPUTS)})[ :(]")
+_VALIDATION_MESSAGE = re.compile(rf"^({'|'.join(names.GPT2_INPUTS)})[ :(]")
 
 
 class TritonError(Exception):
@@ -106,15 +94,8 @@ class Piece:
 
 # numpy and Triton types of the scalar inputs (model_repository/gpt2/config.pbtxt.in)
 _SCALARS = {
-    names.MAX_TOKENS: (np.int32, "INT32"),
-    names.TEMPERATURE: (np.float32, "FP32"),
-    names.TOP_K: (np.int32, "INT32"),
-    names.TOP_P: (np.float32, "FP32"),
-    names.REPETITION_PENALTY: (np.float32, "FP32"),
-    names.SEED: (np.uint64, "UINT64"),
-    names.MIN_LENGTH: (np.int32, "INT32"),
-    names.STREAM: (np.bool_, "BOOL"),
-    names.EXCLUDE_INPUT_IN_OUTPUT: (np.bool_, "BOOL"),
+    name: (triton_to_np_dtype(datatype), datatype)
+    for name, datatype in names.SCALAR_DATATYPES.items()
 }
 
 

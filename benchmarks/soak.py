@@ -14,7 +14,6 @@ memory grew by 5 % or more after the warm-up. A client of a service on this mach
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import random
@@ -32,6 +31,7 @@ import psutil
 
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton import logs
+from gpt2_triton.front_door import is_loopback
 
 log = logging.getLogger("benchmarks.soak")
 
@@ -321,13 +321,7 @@ def print_summary(s: dict) -> None:
 
 # -- main -------------------------------------------------------------------------------------
 def _loopback(address: str) -> bool:
-    host = urlsplit(address if "//" in address else f"//{address}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlsplit(address if "//" in address else f"//{address}").hostname or "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

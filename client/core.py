@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from tritonclient.utils import triton_to_np_dtype
 
 from gpt2_triton import names
 
@@ -60,17 +61,10 @@ class GenerationParams:
         return out
 
 
-# numpy dtypes of the gpt2 inputs, by name (the model's config.pbtxt)
+# numpy dtypes and Triton datatypes of the gpt2 scalar inputs, by name
 _DTYPES = {
-    names.MAX_TOKENS: (np.int32, "INT32"),
-    names.TEMPERATURE: (np.float32, "FP32"),
-    names.TOP_K: (np.int32, "INT32"),
-    names.TOP_P: (np.float32, "FP32"),
-    names.REPETITION_PENALTY: (np.float32, "FP32"),
-    names.SEED: (np.uint64, "UINT64"),
-    names.EXCLUDE_INPUT_IN_OUTPUT: (np.bool_, "BOOL"),
-    names.MIN_LENGTH: (np.int32, "INT32"),
-    names.STREAM: (np.bool_, "BOOL"),
+    name: (triton_to_np_dtype(datatype), datatype)
+    for name, datatype in names.SCALAR_DATATYPES.items()
 }
 
 
@@ -442,22 +436,9 @@ def _http_chunk(data: dict, final: bool) -> _Chunk:
     )
 
 
-# The gpt2 inputs: the server's validation messages start with the one at fault
+# The server's validation messages start with the gpt2 input at fault
 # (gpt2_triton.request / sampling / batcher: "max_tokens must be >= 1, got 0").
-_REQUEST_INPUTS = (
-    names.TEXT_INPUT,
-    names.MAX_TOKENS,
-    names.STREAM,
-    names.TEMPERATURE,
-    names.TOP_K,
-    names.TOP_P,
-    names.REPETITION_PENALTY,
-    names.SEED,
-    names.STOP_WORDS,
-    names.EXCLUDE_INPUT_IN_OUTPUT,
-    names.MIN_LENGTH,
-)
-_VALIDATION_MESSAGE = re.compile(rf"({'|'.join(_REQUEST_INPUTS)})[ :(]")
+_VALIDATION_MESSAGE = re.compile(rf"({'|'.join(names.GPT2_INPUTS)})[ :(]")
 
 
 def _stream_error(data: dict) -> ClientError:

@@ -54,7 +54,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -92,7 +92,7 @@ class FrontDoorSettings:
     _generated_admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     def __post_init__(self) -> None:
-        if not _is_loopback(self.host) and not self.api_key and not self.public_without_key:
+        if not is_loopback(self.host) and not self.api_key and not self.public_without_key:
             raise FrontDoorError(
                 f"HOST={self.host} exposes the service beyond this machine: set API_KEY "
                 "(clients then send 'Authorization: Bearer <key>'), or keep HOST=127.0.0.1"

@@ -20,6 +20,32 @@ STOP_WORDS = "stop_words"
 EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
 MIN_LENGTH = "min_length"  # tokens before EOS may end the text (genai-perf sets it)
 
+# every gpt2 input, in config order; the scalars with their Triton datatypes
+GPT2_INPUTS = (
+    TEXT_INPUT,
+    MAX_TOKENS,
+    STREAM,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    REPETITION_PENALTY,
+    SEED,
+    STOP_WORDS,
+    EXCLUDE_INPUT_IN_OUTPUT,
+    MIN_LENGTH,
+)
+SCALAR_DATATYPES = {
+    MAX_TOKENS: "INT32",
+    STREAM: "BOOL",
+    TEMPERATURE: "FP32",
+    TOP_K: "INT32",
+    TOP_P: "FP32",
+    REPETITION_PENALTY: "FP32",
+    SEED: "UINT64",
+    EXCLUDE_INPUT_IN_OUTPUT: "BOOL",
+    MIN_LENGTH: "INT32",
+}
+
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
 NUM_INPUT_TOKENS = "num_input_tokens"

@@ -67,19 +67,7 @@ class GenerationRequest:
         )
 
 
-INPUTS = (
-    names.TEXT_INPUT,
-    names.MAX_TOKENS,
-    names.STREAM,
-    names.TEMPERATURE,
-    names.TOP_K,
-    names.TOP_P,
-    names.REPETITION_PENALTY,
-    names.SEED,
-    names.STOP_WORDS,
-    names.EXCLUDE_INPUT_IN_OUTPUT,
-    names.MIN_LENGTH,
-)
+INPUTS = names.GPT2_INPUTS
 # Request parameters Triton itself defines; anything else arrived as a misspelt input.
 _TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
 
