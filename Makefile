@@ -23,7 +23,6 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 TRITON_HTTP_PORT ?= 8100
 TRITON_GRPC_PORT ?= 8101
-ENVOY_ADMIN_PORT ?= 8090
 OPENAI_PORT ?= 8300
 # NO_OPENAI=1: no OpenAI-compatible API at /v1/ (it runs as its own process, api/)
 NO_OPENAI ?=
@@ -50,7 +49,7 @@ endif
 INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
-	--triton-grpc-port $(TRITON_GRPC_PORT) --envoy-admin-port $(ENVOY_ADMIN_PORT) \
+	--triton-grpc-port $(TRITON_GRPC_PORT) \
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
 	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from gpt2_triton.request import MAX_STOP_WORD_CHARS, MAX_STOP_WORDS
 from gpt2_triton.sampling import MAX_SEED
 
+INT32_MAX = 2**31 - 1  # the gpt2 model's integer inputs are INT32
+
 MAX_CHOICES = 16  # n: choices run as separate requests; the batch holds 16 by default
 
 
@@ -45,7 +47,7 @@ class SamplingRequest(RequestModel):
 
     model: str
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -53,9 +55,9 @@ class SamplingRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions (vLLM's names), gpt2 inputs of the same meaning
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     # accepted and ignored: they do not change the text
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -144,6 +146,13 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # What an assistant message read back from the SDK carries (a reply sent back as
+    # history): accepted while empty, as nothing here produces them.
+    refusal: None = None
+    tool_calls: list[Any] | None = Field(None, max_length=0)
+    function_call: None = None
+    audio: None = None
+    annotations: list[Any] | None = Field(None, max_length=0)
 
     @property
     def text(self) -> str:
@@ -154,7 +163,7 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

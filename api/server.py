@@ -9,6 +9,7 @@ config) use ``$API_KEY`` when set.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import uvicorn
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -30,6 +31,7 @@ from api.serving_models import ServingModels
 from api.triton import TritonClient, TritonError
 
 log = logging.getLogger("api")
+DISCONNECT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,25 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work`` (a whole, non-streamed answer takes as long as its generation), and
+    cancel it when the client goes away: its Triton requests are then cancelled too,
+    instead of generating for nobody. (A streamed answer returns at once; its stream
+    closes itself on a disconnect.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _answer(result) -> JSONResponse | EventStream:
@@ -90,19 +111,33 @@ def build_app(settings: Settings) -> FastAPI:
             ApiError(503, f"Triton's {settings.triton_model} model is not ready")
         )
 
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        """The process answers: what the front door health-checks (readiness is /health)."""
+        return JSONResponse({"status": "live"})
+
     @app.get("/v1/models")
     async def list_models(authorization: str | None = Header(None)) -> JSONResponse:
         return JSONResponse((await app.state.models.list(authorization)).model_dump())
 
+    @app.get("/v1/models/{model}")
+    async def retrieve_model(model: str, authorization: str | None = Header(None)):
+        await app.state.models.check(model, authorization)
+        return JSONResponse((await app.state.models.card(authorization)).model_dump())
+
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, authorization: str | None = Header(None)):
-        return _answer(await app.state.completions.create(request, authorization))
+    async def completions(
+        request: CompletionRequest, raw: Request, authorization: str | None = Header(None)
+    ):
+        work = app.state.completions.create(request, authorization)
+        return _answer(await _unless_disconnected(raw, work))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(
-        request: ChatCompletionRequest, authorization: str | None = Header(None)
+        request: ChatCompletionRequest, raw: Request, authorization: str | None = Header(None)
     ):
-        return _answer(await app.state.chat.create(request, authorization))
+        work = app.state.chat.create(request, authorization)
+        return _answer(await _unless_disconnected(raw, work))
 
     return app
 

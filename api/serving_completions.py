@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from api.errors import ApiError
-from api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from api.protocol import MAX_CHOICES, CompletionChoice, CompletionRequest, CompletionResponse
 from api.serving_engine import (
     DONE,
     Choices,
@@ -32,6 +32,14 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_sampling(request, request.max_tokens, "max_tokens")
         if request.best_of not in (None, request.n):
             raise ApiError(400, "best_of other than n is not supported", "best_of")
+        if len(request.prompts) * request.n > MAX_CHOICES:
+            # each choice is a Triton request: one call must not take everyone's budget
+            raise ApiError(
+                400,
+                f"{len(request.prompts)} prompts x n={request.n} choices: at most "
+                f"{MAX_CHOICES} choices per request",
+                "n",
+            )
         prompts = [p for p in request.prompts for _ in range(request.n)]  # one per choice
         generations = [
             generation(request, prompt, index, request.max_tokens, request.stop_words)

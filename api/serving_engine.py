@@ -126,6 +126,10 @@ class OpenAIServing:
     ) -> Choices:
         """Start every choice and wait for the first response, so that a request Triton
         refuses (a prompt too long, a full queue) gets its HTTP status, not a stream."""
+        try:
+            await self.triton.check_caller(authorization)
+        except TritonError as exc:
+            raise from_triton(exc, params) from None
         choices = Choices(self.triton, generations, authorization)
         try:
             await choices.wait_first()

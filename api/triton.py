@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 10.0  # Triton closes a half-closed stream right after its final response
 HEALTH_TIMEOUT_S = 2.0
+MAX_KEYS_REMEMBERED = 64
 
 # Triton's in-stream errors carry a message and no status code; the model's messages say
 # which kind they are (gpt2_triton.request / sampling / batcher).
@@ -158,6 +159,7 @@ class TritonClient:
         # The gateway's own key (health, model config); requests forward their caller's.
         self.api_key = api_key
         self._client = aioclient.InferenceServerClient(url)
+        self._callers_passed: set[str | None] = set()
 
     def own_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -182,6 +184,22 @@ class TritonClient:
         except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
             log.debug("Triton is not ready: %s", exc)
             return False
+
+    async def check_caller(self, authorization: str | None) -> None:
+        """The front door's verdict on the caller's key, by a unary call. A stream the door
+        refuses at once (401 before the request is written) reaches grpc.aio as INTERNAL
+        "Failed execute_batch", which would lose the reason. Verdicts for keys that passed
+        are kept: one call per key, not per request."""
+        if authorization in self._callers_passed:
+            return
+        try:
+            await self._client.is_model_ready(
+                self.model, headers=self.caller_headers(authorization), client_timeout=10.0
+            )
+        except Exception as exc:
+            raise _wrapped_error(exc) from None
+        if len(self._callers_passed) < MAX_KEYS_REMEMBERED:
+            self._callers_passed.add(authorization)
 
     async def model_parameters(self, authorization: str | None = None) -> dict[str, str]:
         """The gpt2 model's config parameters (``model_name``, ``context_window``...)."""

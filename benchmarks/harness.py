@@ -321,7 +321,6 @@ def run(args) -> dict:
             front = FrontDoorSettings(
                 http_port=args.port,
                 grpc_port=args.port + 1,
-                admin_port=args.port + 2,
                 triton_http_port=args.port + 3,
                 triton_grpc_port=args.port + 4,
                 gateway_port=args.port + 6,

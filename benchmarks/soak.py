@@ -32,6 +32,7 @@ import psutil
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton import logs
 from gpt2_triton.front_door import is_loopback
+from gpt2_triton.process import shared_memory_files
 
 log = logging.getLogger("benchmarks.soak")
 
@@ -41,7 +42,6 @@ SAMPLE_EVERY_S = 2.0
 MAX_RSS_GROWTH_PCT = 5.0
 # A request never outlives the run by much: at most 64 tokens, and this client timeout.
 REQUEST_TIMEOUT_S = 120.0
-SHM = Path("/dev/shm")
 
 PROMPTS = [
     "The cat",
@@ -177,13 +177,15 @@ def rss_of(server: psutil.Process) -> tuple[int | None, int]:
     return total, len(processes)
 
 
-def shm_usage() -> tuple[int, int]:
+def shm_usage(server: psutil.Process) -> tuple[int, int]:
+    """The /dev/shm files the server's processes map (other servers on the machine have
+    their own), and their size."""
     files = sizes = 0
-    for entry in SHM.iterdir() if SHM.is_dir() else ():
+    for path in shared_memory_files(server.pid):
         try:
-            sizes += entry.stat().st_size
+            sizes += Path(path).stat().st_size
             files += 1
-        except OSError:
+        except OSError:  # removed since
             pass
     return files, sizes
 
@@ -191,7 +193,7 @@ def shm_usage() -> tuple[int, int]:
 def sampler(server: psutil.Process, soak: Soak, began: float, stop: threading.Event) -> None:
     while True:
         rss, count = rss_of(server)
-        files, sizes = shm_usage()
+        files, sizes = shm_usage(server)
         soak.samples.append(Sample(time.perf_counter() - began, rss, count, files, sizes))
         if stop.wait(SAMPLE_EVERY_S):
             return
@@ -336,13 +338,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup-seconds",
         type=float,
-        default=20.0,
-        help="memory growth is measured from this point (caches and arenas fill first)",
+        help="memory growth is measured from this point (caches and arenas fill first, "
+        "until every request shape has been seen); default: a fifth of the run, >= 20 s",
     )
     parser.add_argument("--seed", type=int, default=0, help="the request mix (reproducible)")
     parser.add_argument("--out", type=Path, help="write the summary (with every sample) here")
     parser.add_argument("--triton-pid", type=int, help="default: found by its metrics port")
     args = parser.parse_args(argv)
+    if args.warmup_seconds is None:
+        args.warmup_seconds = max(20.0, args.seconds / 5)
     if not 1 <= args.clients <= MAX_CLIENTS:
         parser.error(f"--clients must be 1 to {MAX_CLIENTS}")
     if not 0 < args.seconds <= MAX_SECONDS:

@@ -87,11 +87,10 @@ def service(repository: Path, log_dir: Path, **front_door):
     from gpt2_triton.front_door import FrontDoorSettings
     from gpt2_triton.serve import Service
 
-    http, grpc, admin, triton_http, triton_grpc, metrics, gateway = _free_ports(7)
+    http, grpc, triton_http, triton_grpc, metrics, gateway = _free_ports(6)
     settings = FrontDoorSettings(
         http_port=http,
         grpc_port=grpc,
-        admin_port=admin,
         triton_http_port=triton_http,
         triton_grpc_port=triton_grpc,
         gateway_port=gateway,

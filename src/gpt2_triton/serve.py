@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
-SHM_NOTE_EVERY_S = 5.0  # how often the /dev/shm files of a running Triton are noted
 
 
 def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
@@ -76,7 +75,7 @@ class Service:
         # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503)
         self.gateway = (
             GatewayProcess(
-                f"127.0.0.1:{front.grpc_port}",
+                self.grpc_url,  # where Envoy listens: HOST may be one address, not loopback
                 front.gateway_port,
                 self.log_dir / "openai.log",
                 api_key=front.api_key,
@@ -105,7 +104,10 @@ class Service:
 
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.front.host in ("0.0.0.0", "::") else self.front.host
+        host = self.front.host
+        if host in ("0.0.0.0", "::"):
+            return "127.0.0.1"  # a wildcard listens on loopback too
+        return f"[{host}]" if ":" in host else host
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> Service:
@@ -113,7 +115,6 @@ class Service:
             *([self.front.gateway_port] if self.gateway else []),
             self.front.http_port,
             self.front.grpc_port,
-            self.front.admin_port,
             self.front.triton_http_port,
             self.front.triton_grpc_port,
             self.triton.ports.metrics,
@@ -138,11 +139,14 @@ class Service:
             raise self._start_error
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until a request through the front door finds Triton ready."""
+    def wait_ready(self, timeout: float = 300.0, stop: threading.Event | None = None) -> bool:
+        """Until a request through the front door finds Triton ready (True), or ``stop``
+        is set (False: Ctrl-C while starting)."""
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return False
             if not self.restarts and not self.triton_alive():
                 raise ServerError(
                     f"tritonserver exited (code {self.triton.process.returncode}) before it "
@@ -153,7 +157,7 @@ class Service:
             if _answers_200(url) and (
                 self.gateway is None or _answers_200(f"http://{self.gateway.url}/health")
             ):
-                return
+                return True
             time.sleep(0.2)
         raise ServerError(
             f"the service is not ready after {timeout:.0f} s" + self.triton.log_tail()
@@ -203,22 +207,13 @@ class Service:
 
     def _watch(self) -> None:
         backoff, up_since, ever_ready = BACKOFF_FIRST_S, time.monotonic(), False
-        noted_at = 0.0
+        gateway_due, gateway_backoff = 0.0, BACKOFF_FIRST_S
         while not self._stopping.wait(0.2):
-            if self.gateway and not self.gateway.alive():
-                log.warning(
-                    "the OpenAI gateway exited (%s); restarting it (log: %s)",
-                    _describe_exit(self.gateway.process.returncode),
-                    self.gateway.log_file,
-                )
-                self.gateway.stop()
-                self.gateway.start()
+            if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
+                gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
             if self.triton_alive():
                 if not ever_ready:
                     ever_ready = self._triton_ready()
-                if ever_ready and time.monotonic() - noted_at > SHM_NOTE_EVERY_S:
-                    noted_at = time.monotonic()
-                    self.triton.note_shared_memory()
                 continue
             code = self.triton.process.returncode
             self.triton.stop()  # whatever of its process group is left (stubs), its /dev/shm
@@ -233,7 +228,7 @@ class Service:
                 backoff,
                 self.triton.log_file,
             )
-            if self._stopping.wait(backoff):
+            if self._wait_keeping_the_gateway(backoff):
                 return
             backoff = min(backoff * 2, BACKOFF_MAX_S)
             try:
@@ -243,6 +238,32 @@ class Service:
                 continue
             self.restarts += 1
             up_since = time.monotonic()
+
+    def _restart_gateway(self, backoff: float) -> tuple[float, float]:
+        """Restart the gateway; returns when it may be restarted next, and the backoff after."""
+        log.warning(
+            "the OpenAI gateway exited (%s); restarting it (log: %s)",
+            _describe_exit(self.gateway.process.returncode),
+            self.gateway.log_file,
+        )
+        try:
+            self.gateway.stop()
+            self.gateway.start()
+        except Exception:  # the supervisor must outlive it: Triton is still served
+            log.exception("could not restart the OpenAI gateway")
+        return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
+
+    def _wait_keeping_the_gateway(self, seconds: float) -> bool:
+        """Wait (Triton's backoff) while still restarting a gateway that exits; True when
+        the service is stopping."""
+        deadline = time.monotonic() + seconds
+        due, backoff = 0.0, BACKOFF_FIRST_S
+        while not self._stopping.wait(min(0.2, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                return False
+            if self.gateway and not self.gateway.alive() and time.monotonic() >= due:
+                due, backoff = self._restart_gateway(backoff)
+        return True
 
     def _triton_ready(self) -> bool:
         try:
@@ -276,7 +297,6 @@ def _settings_from_args(args: argparse.Namespace) -> FrontDoorSettings:
         ),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
-        admin_port=args.envoy_admin_port,
         gateway_port=args.openai_port,
         triton_http_port=args.triton_http_port,
         triton_grpc_port=args.triton_grpc_port,
@@ -303,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's, on loopback")
     parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
     parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
-    parser.add_argument("--envoy-admin-port", type=int, default=defaults.admin_port)
     parser.add_argument(
         "--openai-port", type=int, default=defaults.gateway_port, help="the gateway's, loopback"
     )
@@ -339,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        service.wait_ready(args.timeout)
+        ready = service.wait_ready(args.timeout, stop=stopping)
     except (ServerError, FrontDoorError) as exc:
         service.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not ready:  # Ctrl-C or SIGTERM while starting
+        service.stop()
+        print("The service stopped before it was ready.")
+        return 0
     print(
         f"The service is ready (logs: {args.log_dir})\n"
         f"  HTTP     http://{service.http_url}  (POST /v2/models/gpt2/generate, /generate_stream)\n"

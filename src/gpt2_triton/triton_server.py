@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_triton.errors import Gpt2TritonError
-from gpt2_triton.process import die_with_parent, shared_memory_files, stop_group
+from gpt2_triton.process import die_with_parent, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class TritonServer:
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self._log_handle = None
-        self._shared_memory: set[str] = set()  # /dev/shm files its processes mapped
 
     @property
     def http_url(self) -> str:
@@ -116,6 +115,7 @@ class TritonServer:
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
             "--model-control-mode=none",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--exit-on-error=true",
             "--log-verbose=0",
             *self.extra_args,
@@ -127,6 +127,7 @@ class TritonServer:
                 f"{self.model_repository} is not rendered: run 'make repo' (MODEL=..., ENGINE=...)"
             )
         _, _, env = prepare()
+        self.remove_shared_memory()  # left by a server on this port that died by a signal
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             # appended: a restart keeps the log of the crash before it
@@ -161,20 +162,25 @@ class TritonServer:
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self.log_tail())
 
-    def note_shared_memory(self) -> None:
-        """Remember the /dev/shm files it uses now, to remove them if it dies by a signal."""
-        if self.process is not None and self.process.poll() is None:
-            self._shared_memory |= shared_memory_files(self.process.pid)
+    @property
+    def shm_prefix(self) -> str:
+        """The name its Python backend gives its /dev/shm regions: one per port, so the
+        files of a server that died by a signal are found (and removed) by the next one."""
+        return f"gpt2_triton_{self.ports.http}_"
+
+    def remove_shared_memory(self) -> None:
+        """Its /dev/shm regions: a server that shuts down removes its own, one that dies by
+        a signal leaves them (~1 MB per model, more once grown). Call when it is gone."""
+        for path in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, then SIGKILL to whatever of its process group is left (stubs included);
         then the shared-memory files it noted and left behind."""
         if self.process is not None:
             stop_group(self.process, signal.SIGTERM, timeout)
-        for path in self._shared_memory:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._shared_memory.clear()
+        self.remove_shared_memory()
         if self._log_handle:
             self._log_handle.close()
             self._log_handle = None
