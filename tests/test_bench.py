@@ -62,17 +62,19 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
-def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
-    def row(system, c, itl, ttft, tps):
-        return {
-            "system": system,
-            "concurrency": c,
-            "prompt_tokens": 32,
-            "itl_ms_p50": itl,
-            "ttft_ms_p50": ttft,
-            "tokens_per_s": tps,
-        }
+def row(system, c, itl, ttft, tps):
+    """One summary row of the harness at prompt 32 (what the report functions read)."""
+    return {
+        "system": system,
+        "concurrency": c,
+        "prompt_tokens": 32,
+        "itl_ms_p50": itl,
+        "ttft_ms_p50": ttft,
+        "tokens_per_s": tps,
+    }
 
+
+def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
     results = {
         "rows": [
             row("onnxruntime-loop", 1, 10.0, 20.0, 100.0),
@@ -90,16 +92,6 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
 
 
 def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
-    def row(system, c, itl, ttft, tps):
-        return {
-            "system": system,
-            "concurrency": c,
-            "prompt_tokens": 32,
-            "itl_ms_p50": itl,
-            "ttft_ms_p50": ttft,
-            "tokens_per_s": tps,
-        }
-
     results = {
         "rows": [
             row("triton:onnx", 1, 10.0, 20.0, 100.0),
