@@ -17,6 +17,9 @@ DEVICE ?= cpu
 PLACEMENT ?= in_process
 # The front door (Envoy) listens on HOST:HTTP_PORT/GRPC_PORT; Triton behind it on loopback
 # TRITON_HTTP_PORT/TRITON_GRPC_PORT; METRICS_PORT is Triton's own (loopback).
+# REPLICAS=N: N Triton replicas behind the one front door (least-request balancing, a dead
+# one ejected and restarted); replica i listens on each Triton port + 10 * i (metrics too).
+REPLICAS ?= 1
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -49,7 +52,7 @@ endif
 INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
-	--triton-grpc-port $(TRITON_GRPC_PORT) \
+	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
 	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,24 +80,41 @@ def unused_port() -> int:
     return _free_ports(1)[0]
 
 
+@pytest.fixture()
+def silent_server() -> Iterator[str]:
+    """host:port of a server that takes connections and never says a word (stuck, or
+    hostile): a listening socket nobody reads. The kernel completes the TCP handshake
+    for the backlog, so a client connects and then waits for an answer."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
 ADMIN_KEY = "test-admin-key"
 
 
-def service(repository: Path, log_dir: Path, **front_door):
-    """The service as users run it: Triton behind the Envoy front door, on free ports."""
+def service(repository: Path, log_dir: Path, replicas: int = 1, **front_door):
+    """The service as users run it: Triton (``replicas`` of it) behind the Envoy front door,
+    on free ports."""
     from gpt2_triton.front_door import FrontDoorSettings
     from gpt2_triton.serve import Service
+    from gpt2_triton.triton_server import Ports
 
-    http, grpc, triton_http, triton_grpc, metrics, gateway = _free_ports(6)
+    http, grpc, gateway, *triton_ports = _free_ports(3 + 3 * replicas)
+    replica_ports = [Ports(*triton_ports[3 * i : 3 * i + 3]) for i in range(replicas)]
     settings = FrontDoorSettings(
         http_port=http,
         grpc_port=grpc,
-        triton_http_port=triton_http,
-        triton_grpc_port=triton_grpc,
+        triton_http_port=replica_ports[0].http,
+        triton_grpc_port=replica_ports[0].grpc,
         gateway_port=gateway,
         **{"admin_key": ADMIN_KEY, **front_door},
     )
-    return Service(repository, settings, metrics_port=metrics, log_dir=log_dir)
+    return Service(repository, settings, log_dir=log_dir, replica_ports=replica_ports)
 
 
 @pytest.fixture(scope="session")

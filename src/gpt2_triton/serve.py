@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpt2_triton import logs
@@ -51,8 +51,29 @@ def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
     return busy
 
 
+REPLICA_PORT_STRIDE = 10  # replica i: Triton's ports (and metrics) + 10 * i
+
+
+@dataclass
+class Replica:
+    """One supervised ``tritonserver`` and where its restart stands."""
+
+    index: int
+    server: TritonServer
+    ever_ready: bool = False  # one that dies before it was ever ready is not restarted
+    failed: bool = False
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST_S
+    up_since: float = 0.0
+    restart_due: float | None = None  # when a dead one is started again
+
+    def alive(self) -> bool:
+        return self.server.process is not None and self.server.process.poll() is None
+
+
 class Service:
-    """Envoy + a supervised ``tritonserver``; ``http_url`` / ``grpc_url`` are the front door."""
+    """Envoy + supervised ``tritonserver`` replicas; ``http_url`` / ``grpc_url`` are the
+    front door."""
 
     def __init__(
         self,
@@ -62,17 +83,43 @@ class Service:
         log_dir: Path = Path("artifacts/logs"),
         extra_triton_args: tuple[str, ...] = (),
         openai: bool = True,
+        replicas: int = 1,
+        replica_ports: list[Ports] | None = None,
     ) -> None:
-        self.front = front = front or FrontDoorSettings()
-        self.log_dir = Path(log_dir)
-        self.triton = TritonServer(
-            model_repository,
-            Ports(front.triton_http_port, front.triton_grpc_port, metrics_port),
-            log_file=self.log_dir / "tritonserver.log",
-            extra_args=(*front.triton_restrictions(), *extra_triton_args),
+        front = front or FrontDoorSettings()
+        if replica_ports is None:
+            if replicas < 1:
+                raise ServerError("replicas must be >= 1")
+            stride = REPLICA_PORT_STRIDE
+            replica_ports = [
+                Ports(
+                    front.triton_http_port + stride * i,
+                    front.triton_grpc_port + stride * i,
+                    metrics_port + stride * i,
+                )
+                for i in range(replicas)
+            ]
+        # the front door balances over exactly the replicas started here
+        self.front = front = replace(
+            front, replica_ports=tuple((ports.http, ports.grpc) for ports in replica_ports)
         )
+        self.log_dir = Path(log_dir)
+        self.replicas = [
+            Replica(
+                i,
+                TritonServer(
+                    model_repository,
+                    ports,
+                    log_file=self.log_dir
+                    / ("tritonserver.log" if i == 0 else f"tritonserver-{i}.log"),
+                    extra_args=(*front.triton_restrictions(), *extra_triton_args),
+                ),
+            )
+            for i, ports in enumerate(replica_ports)
+        ]
         self.envoy = EnvoyProxy(front, self.log_dir / "envoy.yaml", self.log_dir / "envoy.log")
-        # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503)
+        # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503).
+        # It calls Triton through the door too, so it is balanced and fails over alike.
         self.gateway = (
             GatewayProcess(
                 self.grpc_url,  # where Envoy listens: HOST may be one address, not loopback
@@ -83,11 +130,19 @@ class Service:
             if openai
             else None
         )
-        self.restarts = 0
         self._stopping = threading.Event()
         self._started = threading.Event()  # the first Triton start was attempted
         self._supervisor: threading.Thread | None = None
         self._start_error: BaseException | None = None
+
+    @property
+    def triton(self) -> TritonServer:
+        """The first replica (the only one, by default)."""
+        return self.replicas[0].server
+
+    @property
+    def restarts(self) -> int:
+        return sum(replica.restarts for replica in self.replicas)
 
     # -- addresses ----------------------------------------------------------------------
     @property
@@ -115,10 +170,10 @@ class Service:
             *([self.front.gateway_port] if self.gateway else []),
             self.front.http_port,
             self.front.grpc_port,
-            self.front.triton_http_port,
-            self.front.triton_grpc_port,
-            self.triton.ports.metrics,
         ]
+        for replica in self.replicas:
+            ports += [replica.server.ports.http, replica.server.ports.grpc]
+            ports.append(replica.server.ports.metrics)
         busy = ports_in_use(ports)
         if busy:
             raise ServerError(
@@ -140,22 +195,30 @@ class Service:
         return self
 
     def wait_ready(self, timeout: float = 300.0, stop: threading.Event | None = None) -> bool:
-        """Until a request through the front door finds Triton ready (True), or ``stop``
-        is set (False: Ctrl-C while starting)."""
+        """Until every replica is ready and the front door sends traffic to each (True), or
+        ``stop`` is set (False: Ctrl-C while starting)."""
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 return False
-            if not self.restarts and not self.triton_alive():
-                raise ServerError(
-                    f"tritonserver exited (code {self.triton.process.returncode}) before it "
-                    "was ready" + self.triton.log_tail()
-                )
+            for replica in self.replicas:
+                if replica.failed or (not replica.ever_ready and not replica.alive()):
+                    server = replica.server
+                    raise ServerError(
+                        f"tritonserver (replica {replica.index}) exited (code "
+                        f"{server.process.returncode}) before it was ready" + server.log_tail()
+                    )
             if not self.envoy.alive():
                 raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
-            if _answers_200(url) and (
-                self.gateway is None or _answers_200(f"http://{self.gateway.url}/health")
+            if (
+                all(
+                    _answers_200(f"http://{r.server.http_url}/v2/health/ready")
+                    for r in self.replicas
+                )
+                and _answers_200(url)
+                and self.replicas_in_rotation() == len(self.replicas)
+                and (self.gateway is None or _answers_200(f"http://{self.gateway.url}/health"))
             ):
                 return True
             time.sleep(0.2)
@@ -163,8 +226,16 @@ class Service:
             f"the service is not ready after {timeout:.0f} s" + self.triton.log_tail()
         )
 
+    def replicas_in_rotation(self) -> int:
+        """How many replicas the front door now sends requests to (both clusters)."""
+        hosts = self.envoy.hosts()
+        return min(
+            sum(host.healthy for host in hosts.get(cluster, {}).values())
+            for cluster in ("triton_http", "triton_grpc")
+        )
+
     def triton_alive(self) -> bool:
-        return self.triton.process is not None and self.triton.process.poll() is None
+        return all(replica.alive() for replica in self.replicas)
 
     def stop(self) -> None:
         # The front door first: its connections to Triton would otherwise hold Triton's
@@ -189,12 +260,15 @@ class Service:
     # -- the supervisor thread ----------------------------------------------------------
     def _supervise(self) -> None:
         try:
-            self.triton.start()
+            for replica in self.replicas:
+                replica.server.start()
+                replica.up_since = time.monotonic()
             if self.gateway:
                 self.gateway.start()
         except BaseException as exc:  # handed to start(), which raises it
             self._start_error = exc
-            self.triton.stop()
+            for replica in self.replicas:
+                replica.server.stop()
             return
         finally:
             self._started.set()
@@ -203,41 +277,62 @@ class Service:
         finally:
             if self.gateway:
                 self.gateway.stop()
-            self.triton.stop()
+            for replica in self.replicas:
+                replica.server.stop()
 
     def _watch(self) -> None:
-        backoff, up_since, ever_ready = BACKOFF_FIRST_S, time.monotonic(), False
         gateway_due, gateway_backoff = 0.0, BACKOFF_FIRST_S
         while not self._stopping.wait(0.2):
             if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
                 gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
-            if self.triton_alive():
-                if not ever_ready:
-                    ever_ready = self._triton_ready()
-                continue
-            code = self.triton.process.returncode
-            self.triton.stop()  # whatever of its process group is left (stubs), its /dev/shm
-            if not ever_ready:
-                log.error("tritonserver exited (code %s) before it was ready: not restarting", code)
+            for replica in self.replicas:
+                if not replica.failed:
+                    self._look_after(replica)
+
+    def _look_after(self, replica: Replica) -> None:
+        """One supervisor tick for one replica: note it ready, or restart it once its
+        backoff is over. The others keep serving meanwhile (Envoy ejected this one)."""
+        server = replica.server
+        if replica.alive():
+            if not replica.ever_ready:
+                replica.ever_ready = _answers_200(f"http://{server.http_url}/v2/health/ready")
+            return
+        now = time.monotonic()
+        if replica.restart_due is None:  # it has just exited
+            code = server.process.returncode
+            server.stop()  # whatever of its process group is left (stubs), its /dev/shm
+            if not replica.ever_ready:
+                log.error(
+                    "tritonserver (replica %d) exited (code %s) before it was ready: not "
+                    "restarting it",
+                    replica.index,
+                    code,
+                )
+                replica.failed = True
                 return
-            if time.monotonic() - up_since > STABLE_AFTER_S:
-                backoff = BACKOFF_FIRST_S
+            if now - replica.up_since > STABLE_AFTER_S:
+                replica.backoff = BACKOFF_FIRST_S
             log.warning(
-                "tritonserver exited (%s); restarting in %.0f s (log: %s)",
+                "tritonserver (replica %d) exited (%s); restarting in %.0f s (log: %s)",
+                replica.index,
                 _describe_exit(code),
-                backoff,
-                self.triton.log_file,
+                replica.backoff,
+                server.log_file,
             )
-            if self._wait_keeping_the_gateway(backoff):
-                return
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-            try:
-                self.triton.start()
-            except Exception:
-                log.exception("could not restart tritonserver")
-                continue
-            self.restarts += 1
-            up_since = time.monotonic()
+            replica.restart_due = now + replica.backoff
+            replica.backoff = min(replica.backoff * 2, BACKOFF_MAX_S)
+            return
+        if now < replica.restart_due:
+            return
+        replica.restart_due = None
+        try:
+            server.start()
+        except Exception:
+            log.exception("could not restart tritonserver (replica %d)", replica.index)
+            replica.restart_due = now + replica.backoff
+            return
+        replica.restarts += 1
+        replica.up_since = now
 
     def _restart_gateway(self, backoff: float) -> tuple[float, float]:
         """Restart the gateway; returns when it may be restarted next, and the backoff after."""
@@ -252,26 +347,6 @@ class Service:
         except Exception:  # the supervisor must outlive it: Triton is still served
             log.exception("could not restart the OpenAI gateway")
         return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
-
-    def _wait_keeping_the_gateway(self, seconds: float) -> bool:
-        """Wait (Triton's backoff) while still restarting a gateway that exits; True when
-        the service is stopping."""
-        deadline = time.monotonic() + seconds
-        due, backoff = 0.0, BACKOFF_FIRST_S
-        while not self._stopping.wait(min(0.2, max(deadline - time.monotonic(), 0))):
-            if time.monotonic() >= deadline:
-                return False
-            if self.gateway and not self.gateway.alive() and time.monotonic() >= due:
-                due, backoff = self._restart_gateway(backoff)
-        return True
-
-    def _triton_ready(self) -> bool:
-        try:
-            url = f"http://{self.triton.http_url}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
 
 
 def _answers_200(url: str) -> bool:
@@ -324,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-http-port", type=int, default=defaults.triton_http_port)
     parser.add_argument("--triton-grpc-port", type=int, default=defaults.triton_grpc_port)
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help=f"Triton replicas behind the front door; replica i on each port + "
+        f"{REPLICA_PORT_STRIDE} * i",
+    )
+    parser.add_argument(
         "--openai-port", type=int, default=defaults.gateway_port, help="the gateway's, loopback"
     )
     parser.add_argument(
@@ -352,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             args.metrics_port,
             args.log_dir,
             openai=not args.no_openai,
+            replicas=args.replicas,
         )
         service.start()
     except (ServerError, FrontDoorError) as exc:
@@ -376,9 +459,12 @@ def main(argv: list[str] | None = None) -> int:
             if service.gateway
             else ""
         )
-        + f"  metrics  {service.metrics_url}\n"
-        f"  (Triton itself: {service.triton.http_url} / {service.triton.grpc_url}, loopback)\n"
-        "Ctrl-C stops it.",
+        + "".join(
+            f"  Triton replica {r.index}: {r.server.http_url} / {r.server.grpc_url}, metrics "
+            f"{r.server.metrics_url} (loopback)\n"
+            for r in service.replicas
+        )
+        + "Ctrl-C stops it.",
         flush=True,
     )
     while not stopping.wait(0.5):

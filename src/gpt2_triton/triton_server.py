@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_triton.errors import Gpt2TritonError
-from gpt2_triton.process import die_with_parent, stop_group
+from gpt2_triton.process import popen_dying_with_parent, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             # appended: a restart keeps the log of the crash before it
             self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
+        self.process = popen_dying_with_parent(
             self.command(),
             env=env,
             stdout=self._log_handle,
@@ -140,7 +140,6 @@ class TritonServer:
             # Its own process group: Ctrl-C in a terminal reaches us, and we end the group
             # (the backend stubs too) in order; the kernel kills it if we die.
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         return self
 
