@@ -151,7 +151,12 @@ class Gpt2Client:
     url: str | None = None
     protocol: str = "grpc"
     model: str = "gpt2"
+    # The longest wait for the next response of a generation (a stream's next piece, or a
+    # whole non-streaming reply): long, since a busy server may queue a request a while.
     timeout_s: float = 300.0
+    # The longest wait for every other call (readiness, model configuration, token
+    # counts): these answer in milliseconds, so a silent server is found out quickly.
+    request_timeout_s: float = 30.0
     # The front door's API key (sent as "Authorization: Bearer <key>"); default $API_KEY
     api_key: str | None = field(default_factory=lambda: os.environ.get("API_KEY") or None)
     _grpc_clients: list = field(default_factory=list, repr=False)
@@ -166,9 +171,32 @@ class Gpt2Client:
         """Sent with every request: gRPC metadata or HTTP headers."""
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _get(self, path: str, timeout: float):
+    def _get(self, path: str):
         request = urllib.request.Request(f"http://{self.url}{path}", headers=self.headers)
-        return urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=self.request_timeout_s)
+
+    def _no_answer(self, what: str, timeout_s: float) -> ClientError:
+        return ClientError(
+            f"Triton at {self.url} did not answer within {timeout_s:g} s ({what})",
+            "DEADLINE_EXCEEDED",
+        )
+
+    def _unary_error(self, exc: Exception, what: str) -> ClientError:
+        """The ClientError for a failed unary call; a timeout says what went unanswered."""
+        if isinstance(exc, ClientError):
+            return exc
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, TimeoutError):
+            exc = exc.reason
+        if isinstance(exc, TimeoutError):
+            return self._no_answer(what, self.request_timeout_s)
+        if isinstance(exc, urllib.error.HTTPError):
+            return _http_error(exc)
+        if isinstance(exc, urllib.error.URLError):
+            return ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE")
+        error = _client_error(exc)
+        if error.status == "DEADLINE_EXCEEDED":
+            return self._no_answer(what, self.request_timeout_s)
+        return error
 
     # -- public API -------------------------------------------------------------------------
     def generate(
@@ -207,16 +235,24 @@ class Gpt2Client:
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
 
-        module = grpcclient if self.protocol == "grpc" else httpclient
-        client = module.InferenceServerClient(self.url)
+        if self.protocol == "grpc":
+            module, client = grpcclient, self._grpc()
+            timeout = {"client_timeout": self.request_timeout_s}
+        else:
+            module, timeout = httpclient, {}
+            client = httpclient.InferenceServerClient(
+                self.url,
+                connection_timeout=self.request_timeout_s,
+                network_timeout=self.request_timeout_s,
+            )
         try:
             data = np.array([t.encode() for t in texts], dtype=object)
             tensor = module.InferInput(names.TEXT_INPUT, [len(texts)], "BYTES")
             tensor.set_data_from_numpy(data)
-            result = client.infer("tokenizer", [tensor], headers=self.headers)
+            result = client.infer("tokenizer", [tensor], headers=self.headers, **timeout)
             return [int(n) for n in result.as_numpy(names.INPUT_LENGTHS)]
         except Exception as exc:
-            raise _client_error(exc) from None
+            raise self._unary_error(exc, "asked to count tokens") from None
         finally:
             client.close()
 
@@ -225,32 +261,57 @@ class Gpt2Client:
             if self.protocol == "grpc":
                 client = self._grpc()
                 try:
-                    config = client.get_model_config(model, as_json=True, headers=self.headers)
+                    config = client.get_model_config(
+                        model,
+                        as_json=True,
+                        headers=self.headers,
+                        client_timeout=self.request_timeout_s,
+                    )
                     config = config["config"]
                 finally:
                     client.close()
             else:
-                with self._get(f"/v2/models/{model}/config", timeout=10) as response:
+                with self._get(f"/v2/models/{model}/config") as response:
                     config = json.loads(response.read())
-        except urllib.error.URLError as exc:
-            raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
         except Exception as exc:
-            raise _client_error(exc) from None
+            raise self._unary_error(exc, f"asked for the configuration of {model}") from None
         return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
-    def is_ready(self) -> bool:
+    def check_ready(self) -> None:
+        """Return if the server and the model are ready; else raise a ClientError that
+        says why: UNAVAILABLE (down, starting, model not loaded) or DEADLINE_EXCEEDED
+        (no answer within ``request_timeout_s``)."""
         try:
             if self.protocol == "grpc":
                 client = self._grpc()
                 try:
-                    return client.is_server_ready(headers=self.headers) and client.is_model_ready(
-                        self.model, headers=self.headers
+                    timeout = self.request_timeout_s
+                    ready = client.is_server_ready(
+                        headers=self.headers, client_timeout=timeout
+                    ) and client.is_model_ready(
+                        self.model, headers=self.headers, client_timeout=timeout
                     )
                 finally:
                     client.close()
-            with self._get(f"/v2/models/{self.model}/ready", timeout=5) as response:
-                return response.status == 200
-        except Exception:
+            else:
+                with self._get(f"/v2/models/{self.model}/ready") as response:
+                    ready = response.status == 200
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400:  # Triton's answer while the model is not ready
+                raise _http_error(exc) from None
+            ready = False
+        except Exception as exc:
+            raise self._unary_error(exc, "asked whether it is ready") from None
+        if not ready:
+            raise ClientError(
+                f"Triton at {self.url} is up but {self.model} is not ready", "UNAVAILABLE"
+            )
+
+    def is_ready(self) -> bool:
+        try:
+            self.check_ready()
+            return True
+        except ClientError:
             return False
 
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
@@ -334,8 +395,8 @@ class Gpt2Client:
                 try:
                     result, error = responses.get(timeout=self.timeout_s)
                 except queue.Empty:
-                    raise ClientError(
-                        f"no response for {self.timeout_s:.0f} s", "DEADLINE_EXCEEDED"
+                    raise self._no_answer(
+                        "waiting for the next piece of the generation", self.timeout_s
                     ) from None
                 if error is not None:
                     if cancel.requested.is_set():
@@ -377,17 +438,24 @@ class Gpt2Client:
             headers={"Content-Type": "application/json", **self.headers},
         )
         try:
+            # The timeout bounds the connection and every read: the wait for the first
+            # response and then for each next piece of the stream.
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             raise _http_error(exc) from None
+        except TimeoutError:  # connected, then no response (urlopen does not wrap this)
+            raise self._no_answer("waiting for the generation to start", self.timeout_s) from None
         except (urllib.error.URLError, ConnectionError) as exc:
+            if isinstance(getattr(exc, "reason", None), TimeoutError):
+                raise self._no_answer("connecting", self.timeout_s) from None
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
         cancel.add(response.close)  # closing the connection cancels the request
         with response:
             if not stream:
                 yield _http_chunk(json.loads(response.read()), final=True)
                 return
-            for raw in _lines_until_closed(response, cancel):
+            silent = self._no_answer("waiting for the next piece of the generation", self.timeout_s)
+            for raw in _lines_until_closed(response, cancel, silent):
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
@@ -408,10 +476,14 @@ class Gpt2Client:
                 )
 
 
-def _lines_until_closed(response, cancel: _Cancellation) -> Iterator[bytes]:
-    """The response's lines; a connection we closed ourselves (cancel) just ends them."""
+def _lines_until_closed(response, cancel: _Cancellation, silent: ClientError) -> Iterator[bytes]:
+    """The response's lines; a connection we closed ourselves (cancel) just ends them, one
+    that stays silent past the timeout raises ``silent``."""
     try:
         yield from response
+    except TimeoutError:
+        if not cancel.requested.is_set():
+            raise silent from None
     # HTTPException: a chunked body cut off before its last chunk (IncompleteRead)
     except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
         if not cancel.requested.is_set():

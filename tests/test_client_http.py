@@ -38,10 +38,13 @@ class Script:
     events: list[dict]
     chunked: bool = False  # Transfer-Encoding: chunked (as Triton), cut before the last chunk
     status: int = 200
+    then_silent: bool = False  # after the events, keep the connection open and say nothing
 
 
 @contextmanager
 def sse_server(script: Script) -> Iterator[str]:
+    released = threading.Event()  # ends a silent response when the test is done
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1" if script.chunked else "HTTP/1.0"
 
@@ -58,6 +61,8 @@ def sse_server(script: Script) -> Iterator[str]:
                     body = f"{len(body):x}\r\n".encode() + body + b"\r\n"
                 self.wfile.write(body)
                 self.wfile.flush()
+            if script.then_silent:
+                released.wait()
             self.close_connection = True  # and never the terminating 0-length chunk
 
         def log_message(self, *args) -> None:
@@ -69,6 +74,7 @@ def sse_server(script: Script) -> Iterator[str]:
     try:
         yield f"127.0.0.1:{server.server_address[1]}"
     finally:
+        released.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
@@ -142,3 +148,17 @@ def test_own_cancel_ends_the_stream_quietly():
             pieces.append(piece)
             stream.cancel()
     assert pieces == [" walks"] and stream.result is None
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])
+def test_a_stream_that_falls_silent_is_a_deadline_error_not_a_hang(chunked):
+    with sse_server(Script(TWO_EVENTS, chunked=chunked, then_silent=True)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=1).stream("The cat")
+        pieces = []
+        with pytest.raises(ClientError) as exc:
+            for piece in stream:
+                pieces.append(piece)
+    assert exc.value.status == "DEADLINE_EXCEEDED"
+    assert f"Triton at {url} did not answer within 1 s" in str(exc.value)
+    assert "next piece" in str(exc.value)
+    assert pieces == [" walks", " to"] and stream.result is None

@@ -1,5 +1,6 @@
 """End to end in a real headless Chromium (Debian's package, driven by Playwright):
-type a prompt, watch streamed text appear, press Stop, and check the server cancelled."""
+type a prompt, watch streamed text appear, press Stop, and check the server cancelled;
+several pages chatting at once are served at once."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def ui_url(triton, artifacts):
 
 
 @pytest.fixture(scope="module")
-def page(ui_url):
+def browser():
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
@@ -70,17 +71,34 @@ def page(ui_url):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(ui_url)
-        page.wait_for_selector("#chat-input textarea", timeout=30_000)
-        yield page
+        yield browser
         browser.close()
 
 
+def open_page(browser, ui_url):
+    """A new page in its own browser context: to the chat page, another user."""
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(ui_url)
+    page.wait_for_selector("#chat-input textarea", timeout=30_000)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, ui_url):
+    page = open_page(browser, ui_url)
+    yield page
+    page.close()
+
+
 def finished_requests(triton, reason: str) -> float:
+    return metric(triton, f'gpt2_requests_total{{finish_reason="{reason}"}}')
+
+
+def metric(triton, series: str) -> float:
+    """One series' value on Triton's metrics port (0 before it is first published)."""
     text = urllib.request.urlopen(triton.metrics_url).read().decode()
     for line in text.splitlines():
-        if line.startswith(f'gpt2_requests_total{{finish_reason="{reason}"}}'):
+        if line.startswith(f"{series} "):
             return float(line.split()[1])
     return 0.0
 
@@ -195,3 +213,72 @@ def _stop_mid_generation(page, triton, background_streams: int) -> str:
             if time.monotonic() > deadline:  # an error above is the one to report
                 break
             time.sleep(0.25)
+
+
+PAGES = 3  # users chatting at once
+BATCH = 16  # the triton fixture's max_sequences: how many sequences share a step
+
+
+def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url, triton):
+    """Three users send a message at once; all three requests must be at the server at
+    the same time. A chat reply from the tiny model takes milliseconds, too short to see
+    overlap in, so background streams first fill every slot of the server's batch: the
+    pages' requests then wait in the server's queue, where ``gpt2_waiting_requests``
+    counts them. A page that served one user at a time would let at most one of them
+    through until the first reply was done, however long the background streams ran."""
+    pages = [open_page(browser, ui_url) for _ in range(PAGES)]
+    wait_for(lambda: metric(triton, "gpt2_active_sequences") == 0, "earlier requests to end")
+    ended_before = ended_requests(triton)
+    background = [
+        Gpt2Client(triton.grpc_url).stream(
+            "The dog", GenerationParams(max_tokens=1000, min_length=1000)
+        )
+        for _ in range(BATCH)
+    ]
+    consumers = [
+        threading.Thread(target=lambda s=s: [None for _ in s], daemon=True) for s in background
+    ]
+    for consumer in consumers:
+        consumer.start()
+
+    def background_running() -> bool:
+        return all(consumer.is_alive() for consumer in consumers)
+
+    try:
+        wait_for(lambda: metric(triton, "gpt2_active_sequences") >= BATCH, "a full batch")
+        for number, page in enumerate(pages):
+            page.fill("#chat-input textarea", f"Where does cat number {number} go?")
+            page.keyboard.press("Enter")
+        most_waiting = 0.0
+        while background_running():
+            most_waiting = max(most_waiting, metric(triton, "gpt2_waiting_requests"))
+            if most_waiting >= PAGES:
+                break
+            time.sleep(0.1)
+        assert most_waiting >= PAGES, (
+            f"while the batch was full, at most {most_waiting:.0f} of the {PAGES} pages' "
+            "requests reached the server at once: the page held the others back"
+        )
+    finally:
+        for stream in background:
+            stream.cancel()
+    # Admitted once the background streams leave, every page gets its own reply: the
+    # status line shows the last reply of its own session only.
+    for page in pages:
+        page.wait_for_function(
+            "() => document.querySelector('#status').innerText.includes('tokens/s')",
+            timeout=60_000,
+        )
+        assert page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").count()
+    wait_for(lambda: ended_requests(triton) >= ended_before + BATCH + PAGES, "every request to end")
+    for page in pages:
+        page.close()
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    """Poll a server state; the deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what} after {timeout_s:.0f} s")
+        time.sleep(0.1)

@@ -1,17 +1,26 @@
 """The chat page's logic: unit tests, then against the real server through the client."""
 
 import itertools
+import threading
 import time
 import urllib.request
 
+import gradio as gr
 import pytest
 
-from ui.chat import ChatService, PromptTooLong, Settings, chat_prompt, fit_history
-
-
-def word_count(prompts):  # a stand-in tokenizer for the trimming arithmetic only
-    return [len(p.split()) for p in prompts]
-
+from gpt2_triton.transcript import render_turn
+from ui.chat import (
+    ChatService,
+    PageLimits,
+    PromptTooLong,
+    Settings,
+    chat_prompt,
+    conversation,
+    fit_history,
+    is_notice,
+    notice,
+    reply,
+)
 
 HISTORY = [
     {"role": "user", "content": "Where does the cat go?"},
@@ -19,6 +28,24 @@ HISTORY = [
     {"role": "user", "content": "And the dog?"},
     {"role": "assistant", "content": "The dog runs past the market."},
 ]
+
+
+class CountingTokenizer:
+    """The tiny model's real tokenizer, counting the characters it is given: the cost of
+    trimming, which must grow with the transcript, not with its square."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.characters = 0
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        self.characters += sum(len(t) for t in texts)
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
+
+@pytest.fixture()
+def count_tokens(tiny_tokenizer) -> CountingTokenizer:
+    return CountingTokenizer(tiny_tokenizer)
 
 
 def test_chat_prompt_is_the_documented_transcript():
@@ -29,13 +56,78 @@ def test_chat_prompt_is_the_documented_transcript():
     )
 
 
-def test_history_is_trimmed_oldest_first_to_fit():
-    full = word_count([chat_prompt(HISTORY, "Hi")])[0]
-    assert fit_history(HISTORY, "Hi", full, word_count) == HISTORY
-    assert fit_history(HISTORY, "Hi", full - 1, word_count) == HISTORY[1:]
-    assert fit_history(HISTORY, "Hi", 14, word_count) == []
+def test_history_is_trimmed_by_whole_exchanges_oldest_first_to_fit(count_tokens):
+    """For every budget, the kept turns are the longest run of recent exchanges whose
+    whole prompt (counted by the real tokenizer) fits; a reply never opens it alone."""
+    history = [
+        {"role": "assistant", "content": "Welcome! Ask me anything."},  # no question before it
+        *HISTORY,
+        {"role": "user", "content": "  Is it naïve to ask — twice?  "},
+        {"role": "assistant", "content": "No.\n\nIt is fine: 日本, 😀, 42..."},
+        {"role": "user", "content": "One more"},
+        {"role": "assistant", "content": "A short one."},
+        {"role": "assistant", "content": "And a second reply to it."},
+    ]
+    exchanges = [1, 3, 5, 7]  # where each exchange (a user turn, then its replies) starts
+    frame = count_tokens([chat_prompt([], "Hi")])[0]
+    full = count_tokens([chat_prompt(history[1:], "Hi")])[0]
+    for budget in range(frame, full + 2):
+        kept = fit_history(history, "Hi", budget, count_tokens)
+        fitting = [
+            start
+            for start in exchanges
+            if count_tokens([chat_prompt(history[start:], "Hi")])[0] <= budget
+        ]
+        assert kept == (history[fitting[0] :] if fitting else []), budget
+        assert not kept or kept[0]["role"] == "user"
     with pytest.raises(PromptTooLong):
-        fit_history(HISTORY, "Hi", 3, word_count)
+        fit_history(history, "Hi", frame - 1, count_tokens)
+
+
+def test_trimming_counts_each_turn_once(count_tokens):
+    long_history = HISTORY * 120  # ~6,000 tokens: far more than the 1024-token window
+    prompt = chat_prompt(long_history, "Hi")
+    kept = fit_history(long_history, "Hi", 1024 - 64, count_tokens)
+    assert 0 < len(kept) < len(long_history) and kept[0]["role"] == "user"
+    # The frame and each turn once, then the kept prompt once: at most about twice the
+    # whole prompt. Counting every candidate transcript, as before, was ~120 times it.
+    assert count_tokens.characters <= 2 * len(prompt) + len(chat_prompt([], "Hi"))
+
+
+def test_a_prompt_counts_as_its_frame_plus_its_turns(count_tokens):
+    """What lets trimming count each turn once: the real tokenizer counts a transcript
+    as its frame plus its turns, whatever the turns hold."""
+    odd = "naïve\n\n 日本 😀 \t's!!  User: Assistant:"
+    history = [*HISTORY, {"role": "user", "content": odd}, reply(""), reply(odd)]
+    parts = count_tokens([chat_prompt([], odd), *map(render_turn, history)])
+    assert count_tokens([chat_prompt(history, odd)])[0] == sum(parts)
+
+
+def test_notices_are_shown_but_never_sent_to_the_model():
+    history = [
+        {"role": "user", "content": "Where does the cat go?"},
+        notice("Triton is not reachable at 127.0.0.1:8001."),  # the question went unanswered
+        {"role": "user", "content": "Where does the cat go?"},
+        reply("The cat walks to the river."),
+        {"role": "user", "content": "And the dog?"},
+        reply("The dog runs"),  # the stream broke here: the text so far stays
+        notice("Generation failed: the connection to Triton broke"),
+        notice("'max tokens' (2000) leaves no room for the conversation"),
+    ]
+    assert conversation(history) == [history[2], history[3], history[4], history[5]]
+    prompt = chat_prompt(conversation(history), "Hi")
+    assert "Triton" not in prompt and "max tokens" not in prompt
+    assert prompt.count("User: Where does the cat go?") == 1
+
+
+def test_a_notice_stays_a_notice_through_the_page():
+    """The mark survives the Chatbot's round trip through the browser (Gradio's own
+    postprocess and preprocess), so the next turn still leaves the notice out."""
+    chatbot = gr.Chatbot()
+    history = [{"role": "user", "content": "Hi"}, notice("Triton is not reachable.")]
+    back = chatbot.preprocess(chatbot.postprocess(history))
+    assert [is_notice(m) for m in back] == [False, True]
+    assert conversation(back) == []
 
 
 @pytest.fixture()
@@ -44,16 +136,19 @@ def service(triton):
 
 
 def test_chat_streams_a_reply_that_stops_at_the_next_user_turn(service):
-    replies = list(service.chat("Where does the cat go?", [], Settings(max_tokens=80), "s1"))
+    answers = list(service.chat("Where does the cat go?", [], Settings(max_tokens=80), "s1"))
+    assert all(len(answer) == 1 and not is_notice(answer[0]) for answer in answers)
+    replies = [answer[0]["content"] for answer in answers]
     assert len(replies) > 1 and all(b.startswith(a) for a, b in itertools.pairwise(replies))
     assert replies[-1].strip() and "User:" not in replies[-1]
-    assert "tokens/s" in service.status_line() and "tiny" in service.status_line()
+    assert "tokens/s" in service.status_line("s1") and "tiny" in service.status_line("s1")
+    assert "tokens/s" not in service.status_line("another user's session")
 
 
 def test_long_history_is_trimmed_by_the_servers_tokenizer(service, triton):
     long_history = HISTORY * 120  # far more than the tiny model's 1024-token window
-    reply = list(service.chat("Hi", long_history, Settings(max_tokens=32), "s2"))[-1]
-    assert reply and "context window" not in reply
+    answer = list(service.chat("Hi", long_history, Settings(max_tokens=32), "s2"))[-1]
+    assert len(answer) == 1 and not is_notice(answer[0])
 
 
 def test_stop_cancels_the_request_on_the_server(service, triton):
@@ -80,8 +175,37 @@ def test_stop_cancels_the_request_on_the_server(service, triton):
 
 def test_server_down_is_said_in_plain_words(unused_port):
     service = ChatService(f"127.0.0.1:{unused_port}")
-    reply = list(service.chat("Hello", [], Settings(), "s4"))[-1]
-    assert "not reachable" in reply and "Traceback" not in reply
+    (answer,) = list(service.chat("Hello", [], Settings(), "s4"))
+    assert len(answer) == 1 and is_notice(answer[0])
+    assert "not reachable" in answer[0]["content"] and "Traceback" not in answer[0]["content"]
     assert "not reachable" in service.status_line()
     completion = list(service.complete("Hello", Settings(), "s5"))[-1]
     assert completion.startswith("Hello") and "not reachable" in completion
+
+
+def test_a_server_that_never_answers_gets_a_timeout_notice_quickly(silent_server):
+    """A server that takes the connection and then says nothing (stuck, or hostile):
+    every path of the page gives up after its own short timeout and says so."""
+    limits = PageLimits(request_timeout_s=1, stream_timeout_s=1)
+    service = ChatService(silent_server, limits=limits)
+    started = time.monotonic()
+    (answer,) = list(service.chat("Hello", [], Settings(), "s6"))
+    assert len(answer) == 1 and is_notice(answer[0])
+    assert f"Triton at {silent_server} did not answer within 1 s" in answer[0]["content"]
+    assert "not answering" in service.status_line("s6")
+    assert "did not answer within 1 s" in list(service.complete("Hello", Settings(), "s7"))[-1]
+    # Three calls, each given up after 1 s; without timeouts each took 20 s or more.
+    assert time.monotonic() - started < 15
+
+
+def test_a_silent_server_ties_up_one_status_probe_not_one_per_page(silent_server):
+    """Every open page asks for the status every few seconds. While one probe waits on a
+    silent server, the other pages get the last known status at once instead of waiting
+    in line, each holding one of the page's worker threads that replies need."""
+    service = ChatService(silent_server, limits=PageLimits(request_timeout_s=30))
+    first_page = threading.Thread(target=service.status_line, daemon=True)
+    first_page.start()
+    while not service._probe_lock.locked():  # the first page's probe is under way
+        time.sleep(0.01)
+    assert service.status_line("another page") == "connecting…"
+    assert first_page.is_alive()  # its probe still waits: the other page did not

@@ -1,10 +1,12 @@
 """``make ui``: serve the chat page.
 
     python -m ui [--host 127.0.0.1] [--port 7860] [--triton-url 127.0.0.1:8001]
-                 [--auth user:password] [--share]
+                 [--auth user:password] [--share] [--concurrency 16]
+                 [--request-timeout 5] [--stream-timeout 30]
 
 Every flag has an environment variable: GPT2_UI_HOST, GPT2_UI_PORT, TRITON_URL,
-GPT2_UI_AUTH. No public share link unless --share.
+GPT2_UI_AUTH, GPT2_UI_CONCURRENCY, GPT2_UI_REQUEST_TIMEOUT, GPT2_UI_STREAM_TIMEOUT.
+No public share link unless --share.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 
 from gpt2_triton import logs
+from ui.chat import ChatService, PageLimits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--auth", default=env("GPT2_UI_AUTH"), help="user:password")
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    defaults = PageLimits()
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=int(env("GPT2_UI_CONCURRENCY", defaults.concurrency)),
+        help="replies streaming at once, all users together",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=float(env("GPT2_UI_REQUEST_TIMEOUT", defaults.request_timeout_s)),
+        help="seconds to wait for readiness, model configuration and token counts",
+    )
+    parser.add_argument(
+        "--stream-timeout",
+        type=float,
+        default=float(env("GPT2_UI_STREAM_TIMEOUT", defaults.stream_timeout_s)),
+        help="seconds to wait for the first or the next piece of a reply",
+    )
     args = parser.parse_args(argv)
+    try:
+        limits = PageLimits(args.concurrency, args.request_timeout, args.stream_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
     auth = None
     if args.auth:
         user, sep, password = args.auth.partition(":")
@@ -36,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
 
-    from ui.app import build
-    from ui.chat import ChatService
+    from ui.app import build, worker_threads
 
-    page = build(ChatService(args.triton_url))
+    page = build(ChatService(args.triton_url, limits=limits))
     print(f"Chat page on http://{args.host}:{args.port} (Triton at {args.triton_url})", flush=True)
-    page.queue().launch(
-        server_name=args.host, server_port=args.port, auth=auth, share=args.share, show_error=False
+    page.launch(
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
+        share=args.share,
+        show_error=False,
+        max_threads=worker_threads(limits),
     )
     return 0
 

@@ -1,15 +1,20 @@
-"""The Gradio page: chat and completion tabs, sampling controls, Stop, a status line."""
+"""The Gradio page: chat and completion tabs, sampling controls, Stop, a status line.
+
+Many users at once: replies stream concurrently up to ``PageLimits.concurrency`` (the
+server batches them); Stop, Clear and the status line never wait behind a reply.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from ui.chat import ChatService, Settings
+from ui.chat import ChatService, PageLimits, Settings
 
 STATUS_EVERY_S = 3.0
 
 
 def build(service: ChatService) -> gr.Blocks:
+    """The page, with its queue set up from ``service.limits``."""
     with gr.Blocks(title="GPT-2 on Triton") as page:
         gr.Markdown(
             "## GPT-2 on Triton\nStreaming from Triton Inference Server. GPT-2 is "
@@ -101,12 +106,10 @@ def build(service: ChatService) -> gr.Blocks:
             if not text.strip():
                 yield history, text
                 return
-            history.append({"role": "user", "content": text})
-            reply = {"role": "assistant", "content": ""}
-            history.append(reply)
-            for so_far in service.chat(text, history[:-2], settings, request.session_hash):
-                reply["content"] = so_far
-                yield history, ""
+            asked = [*history, {"role": "user", "content": text}]
+            yield asked, ""  # the user's message shows at once, before the reply starts
+            for answer in service.chat(text, history, settings, request.session_hash):
+                yield asked + answer, ""
 
         def completion(
             text,
@@ -127,15 +130,29 @@ def build(service: ChatService) -> gr.Blocks:
         def halt(request: gr.Request):
             service.stop(request.session_hash)
 
+        def status_line(request: gr.Request):
+            return service.status_line(request.session_hash)
+
+        # Every reply, chat or completion, from any user, counts against one limit.
+        replies = {"concurrency_id": "replies", "concurrency_limit": service.limits.concurrency}
+        # Quick events run as they come: they must never queue behind a streaming reply.
+        at_once = {"concurrency_limit": None}
         chat_events = [
-            trigger(chat, [message, chatbot, *controls], [chatbot, message])
+            trigger(chat, [message, chatbot, *controls], [chatbot, message], **replies)
             for trigger in (message.submit, send.click)
         ]
-        stop.click(halt, None, None, cancels=chat_events)
-        complete_event = complete.click(completion, [prompt, *controls], output)
-        stop_completion.click(halt, None, None, cancels=[complete_event])
-        clear.click(lambda: [], None, chatbot)
+        stop.click(halt, None, None, cancels=chat_events, **at_once)
+        complete_event = complete.click(completion, [prompt, *controls], output, **replies)
+        stop_completion.click(halt, None, None, cancels=[complete_event], **at_once)
+        clear.click(lambda: [], None, chatbot, **at_once)
 
-        page.load(service.status_line, None, status)
-        gr.Timer(STATUS_EVERY_S).tick(service.status_line, None, status)
-    return page
+        page.load(status_line, None, status, **at_once)
+        gr.Timer(STATUS_EVERY_S).tick(status_line, None, status, **at_once)
+    return page.queue(default_concurrency_limit=service.limits.concurrency)
+
+
+def worker_threads(limits: PageLimits) -> int:
+    """Gradio's thread pool size: a streaming reply holds a thread while it waits for
+    the next piece, so the pool must outgrow the replies, with room for the quick events
+    (Gradio's default is 40)."""
+    return max(40, limits.concurrency + 16)

@@ -18,16 +18,23 @@ STOP_WORDS = ("\nUser:", "\nAssistant:", "User:")
 
 def chat_prompt(history: Iterable[Mapping], message: str, preamble: str = CHAT_PREAMBLE) -> str:
     """The transcript for ``history`` (dicts with ``role`` and ``content``; "user" is the
-    User, any other role the Assistant) followed by the user's new ``message``."""
-    turns = "".join(
-        TURN_TEMPLATE.format(
-            role="User" if turn["role"] == "user" else "Assistant",
-            content=content_text(turn["content"]).strip(),
-        )
-        for turn in history
-    )
+    User, any other role the Assistant) followed by the user's new ``message``.
+
+    It is the frame ``chat_prompt([], message)`` with ``render_turn(turn)`` of each turn
+    spliced in after the preamble, every piece ending in a newline before a letter, where
+    GPT-2's tokenizer always splits: its token count is the frame's plus the turns'. The
+    chat page relies on that to count each turn once when it trims a conversation."""
+    turns = "".join(render_turn(turn) for turn in history)
     return CHAT_TEMPLATE.format(
         preamble=preamble.strip(), turns=turns, message=content_text(message).strip()
+    )
+
+
+def render_turn(turn: Mapping) -> str:
+    """One ``User: ...`` or ``Assistant: ...`` line of the transcript, newline included."""
+    return TURN_TEMPLATE.format(
+        role="User" if turn["role"] == "user" else "Assistant",
+        content=content_text(turn["content"]).strip(),
     )
 
 
