@@ -27,6 +27,7 @@ from api.serving_engine import (
     DONE,
     Choices,
     OpenAIServing,
+    TextChunks,
     generation,
     sse,
     sse_error,
@@ -137,6 +138,14 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
 
+        text_chunk = TextChunks(
+            lambda index, text: ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=model,
+                choices=[ChatStreamChoice(index=index, delta=DeltaMessage(content=text))],
+            )
+        )
         replies = [_Reply() for _ in range(request.n)]
         finals: dict[int, Piece] = {}
         try:
@@ -146,7 +155,7 @@ class OpenAIServingChat(OpenAIServing):
             async for index, piece in choices:
                 text = replies[index](piece.text)
                 if text:
-                    yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=text))])
+                    yield text_chunk(index, text)
                 if piece.finish_reason:
                     finals[index] = piece
                     end = ChatStreamChoice(

@@ -14,6 +14,7 @@ from api.serving_engine import (
     DONE,
     Choices,
     OpenAIServing,
+    TextChunks,
     generation,
     sse,
     sse_error,
@@ -85,6 +86,14 @@ class OpenAIServingCompletion(OpenAIServing):
                 )
             )
 
+        text_chunk = TextChunks(
+            lambda index, text: CompletionResponse(
+                id=response_id,
+                created=created,
+                model=model,
+                choices=[CompletionChoice(index=index, text=text)],
+            )
+        )
         echoed: set[int] = set()
         finals: dict[int, Piece] = {}
         try:
@@ -95,11 +104,13 @@ class OpenAIServingCompletion(OpenAIServing):
                     text = prompts[index] + text
                 if piece.finish_reason:
                     finals[index] = piece
-                if text or piece.finish_reason:
+                if piece.finish_reason:
                     item = CompletionChoice(
-                        index=index, text=text, finish_reason=piece.finish_reason or None
+                        index=index, text=text, finish_reason=piece.finish_reason
                     )
                     yield chunk([item])
+                elif text:
+                    yield text_chunk(index, text)
             if request.include_usage:
                 yield chunk([], usage(finals, request.n))
             yield DONE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -168,6 +169,33 @@ def usage(finals: Mapping[int, Piece], n: int) -> UsageInfo:
 def sse(payload) -> str:
     """One server-sent event; pydantic models as OpenAI's JSON."""
     return f"data: {payload.model_dump_json()}\n\n"
+
+
+class TextChunks:
+    """Server-sent events of one stream's text chunks, without a pydantic model a token.
+
+    The stream's text chunks differ only in their text, so the event is rendered once per
+    choice by pydantic (the one shape, from api/protocol.py) with a placeholder, and each
+    chunk is that event with the placeholder's JSON string replaced by the text's.
+    """
+
+    _PLACEHOLDER = "\ue000"  # a private-use character: no model field's value contains it
+
+    def __init__(self, render) -> None:
+        self._render = render  # (choice index, text) -> the pydantic payload
+        self._templates: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        template = self._templates.get(index)
+        if template is None:
+            event = sse(self._render(index, self._PLACEHOLDER))
+            quoted = json.dumps(self._PLACEHOLDER, ensure_ascii=False)
+            before, placeholder, after = event.partition(quoted)
+            if not placeholder or quoted in after:
+                raise AssertionError(f"the placeholder is not once in {event!r}")
+            template = self._templates[index] = (before, after)
+        before, after = template
+        return before + json.dumps(text, ensure_ascii=False) + after
 
 
 def sse_error(exc: Exception, params: Mapping[str, str] = TRITON_PARAMS) -> str:
