@@ -61,7 +61,9 @@ DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(
 UI_HOST ?= 127.0.0.1
 # where clients on this machine reach the front door (a wildcard HOST listens on loopback too)
 CLIENT_HOST := $(if $(filter 0.0.0.0 ::,$(HOST)),127.0.0.1,$(HOST))
-UI_FLAGS := --host $(UI_HOST) --port $(UI_PORT) --triton-url $(CLIENT_HOST):$(GRPC_PORT)
+# the page streams as many replies at once as the server batches (MAX_SEQUENCES)
+UI_FLAGS := --host $(UI_HOST) --port $(UI_PORT) --triton-url $(CLIENT_HOST):$(GRPC_PORT) \
+	--concurrency $(MAX_SEQUENCES)
 
 COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
@@ -172,8 +174,9 @@ $(GENAI_VENV)/.installed:
 	$(GENAI_VENV)/bin/pip install --quiet "genai-perf==0.0.16"
 	touch $@
 
-bench-genai: perf-analyzer-deps $(GENAI_VENV)/.installed ## genai-perf (tensorrtllm, streaming) against a running server
-	GRPC_URL=$(CLIENT_HOST):$(TRITON_GRPC_PORT) PY=$(PY) GENAI=$(GENAI_VENV)/bin/genai-perf \
+bench-genai: perf-analyzer-deps $(GENAI_VENV)/.installed ## genai-perf against a running server: kserve (tensorrtllm) and OpenAI completions/chat, streaming
+	GRPC_URL=$(CLIENT_HOST):$(TRITON_GRPC_PORT) HTTP_URL=$(CLIENT_HOST):$(HTTP_PORT) \
+		PY=$(PY) GENAI=$(GENAI_VENV)/bin/genai-perf \
 		TOKENIZER=$(TOKENIZER) bash benchmarks/genai_perf.sh
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report

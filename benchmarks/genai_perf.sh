@@ -4,12 +4,20 @@
 # 32-token synthetic prompts, exactly 64 new tokens (genai-perf sends min_length), at
 # concurrency 1, 4 and 16. genai-perf drives perf_analyzer (tritonclient's wheel, with
 # libb64 and libcudart that `make bench-genai` installs) and tokenizes with the served
-# model's own tokenizer folder (the hub is out of reach). Output: artifacts/bench/genai/.
+# model's own tokenizer folder (the hub is out of reach). Then the same workload through
+# the OpenAI API (genai-perf's `--endpoint-type completions` and `chat`, streaming) at the
+# front door's HTTP port: what any OpenAI-speaking tool sees, Envoy and the gateway
+# included. OpenAI mode has no deterministic output length in genai-perf: the gateway's
+# `min_tokens` (an extra input) holds each reply to 64 tokens, up to a stop word (a chat
+# reply ends at the transcript's "User:"; GPT-2 small's random weights never write it).
+# Output: artifacts/bench/genai/ (c<N>: kserve, <endpoint>-c<N>: OpenAI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 GENAI=${GENAI:-.venv-genai/bin/genai-perf}
 URL=${GRPC_URL:-127.0.0.1:8001}
+HTTP_URL=${HTTP_URL:-127.0.0.1:8000}  # the front door: /v1 is the OpenAI API
+OPENAI_ENDPOINTS=${OPENAI_ENDPOINTS:-completions chat}
 TOKENIZER=${TOKENIZER:-model_repository/gpt2/1/tokenizer}
 OUT=${GENAI_OUT:-artifacts/bench/genai}
 CONCURRENCY=${CONCURRENCY:-1 4 16}
@@ -31,4 +39,24 @@ for c in $CONCURRENCY; do
     --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c" \
     --artifact-dir "$OUT/c$c" 2>&1 | tee "$OUT/c$c.log" | grep -v "^\[" || true
 done
+if [ -n "$OPENAI_ENDPOINTS" ]; then
+  # the model's id in the OpenAI API is the checkpoint's name, not the Triton model's
+  model=$(curl -sf ${API_KEY:+-H "Authorization: Bearer $API_KEY"} "http://$HTTP_URL/v1/models" |
+    "$PY" -c "import json, sys; print(json.load(sys.stdin)['data'][0]['id'])") || {
+    echo "error: no OpenAI API at http://$HTTP_URL/v1 (started with NO_OPENAI=1?)" >&2
+    exit 2
+  }
+  for endpoint in $OPENAI_ENDPOINTS; do
+    for c in $CONCURRENCY; do
+      echo "== genai-perf: OpenAI $endpoint ($model), streaming, concurrency $c"
+      "$GENAI" profile -m "$model" --endpoint-type "$endpoint" --streaming \
+        -u "http://$HTTP_URL" --tokenizer "$TOKENIZER" \
+        ${API_KEY:+--header "Authorization: Bearer $API_KEY"} \
+        --synthetic-input-tokens-mean 32 --synthetic-input-tokens-stddev 0 \
+        --output-tokens-mean 64 --extra-inputs min_tokens:64 \
+        --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c" \
+        --artifact-dir "$OUT/$endpoint-c$c" 2>&1 | tee "$OUT/$endpoint-c$c.log" | grep -v "^\[" || true
+    done
+  done
+fi
 "$PY" -m benchmarks.genai_summary "$OUT"

@@ -2,8 +2,9 @@
 
     python -m benchmarks.genai_summary artifacts/bench/genai
 
-Reads each ``profile_export_genai_perf.json`` under the folder (one per concurrency) and
-prints a Markdown table of the numbers genai-perf reports for a streaming LLM endpoint.
+Reads each ``profile_export_genai_perf.json`` under the folder (one per endpoint and
+concurrency) and prints a Markdown table of the numbers genai-perf reports for a streaming
+LLM endpoint: Triton's own (kserve, gRPC) and the OpenAI API's (completions, chat).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ def rows(folder: Path) -> list[dict]:
     found = []
     for path in sorted(Path(folder).rglob("profile_export_genai_perf.json")):
         match = re.search(r"concurrency(\d+)", str(path))
+        openai = re.search(r"-openai-(\w+)-concurrency", path.parent.name)
         data = json.loads(path.read_text())
         found.append(
             {
+                "endpoint": f"OpenAI {openai.group(1)}" if openai else "kserve (gRPC)",
                 "concurrency": int(match.group(1)) if match else None,
                 "requests": data["request_count"]["avg"],
                 "ttft_p50": data["time_to_first_token"]["p50"],
@@ -33,19 +36,23 @@ def rows(folder: Path) -> list[dict]:
                 "output_tokens": data["output_sequence_length"]["avg"],
             }
         )
-    return sorted(found, key=lambda r: r["concurrency"] or 0)
+    return sorted(
+        found,
+        key=lambda r: (r["endpoint"] != "kserve (gRPC)", r["endpoint"], r["concurrency"] or 0),
+    )
 
 
 def table(found: list[dict]) -> str:
     lines = [
-        "| concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | latency p50 | "
-        "latency p99 | output tokens/s | output tokens (re-tokenized) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| endpoint | concurrency | requests | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
+        "latency p50 | latency p99 | output tokens/s | output tokens (re-tokenized) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in found:
         lines.append(
-            f"| {r['concurrency']} | {r['requests']:.0f} | {r['ttft_p50']:.1f} ms | "
-            f"{r['ttft_p99']:.1f} ms | {r['itl_p50']:.2f} ms | {r['itl_p99']:.2f} ms | "
+            f"| {r['endpoint']} | {r['concurrency']} | {r['requests']:.0f} | "
+            f"{r['ttft_p50']:.1f} ms | {r['ttft_p99']:.1f} ms | "
+            f"{r['itl_p50']:.2f} ms | {r['itl_p99']:.2f} ms | "
             f"{r['latency_p50']:.0f} ms | {r['latency_p99']:.0f} ms | "
             f"{r['tokens_per_s']:.0f} | {r['output_tokens']:.1f} |"
         )

@@ -114,8 +114,11 @@ def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
     def stats(p50):
         return {"avg": p50, "p50": p50, "p99": 2 * p50}
 
-    for c in (16, 1):
-        folder = tmp_path / f"c{c}" / f"gpt2-triton-tensorrtllm-concurrency{c}"
+    runs = [(f"c{c}", f"gpt2-triton-tensorrtllm-concurrency{c}", c) for c in (16, 1)] + [
+        ("chat-c1", "gpt2-openai-chat-concurrency1", 1)
+    ]
+    for top, name, c in runs:
+        folder = tmp_path / top / name
         folder.mkdir(parents=True)
         export = {
             "request_count": {"avg": 4 * c},
@@ -128,6 +131,7 @@ def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
         (folder / "profile_export_genai_perf.json").write_text(json.dumps(export))
     assert genai_summary.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("| 1 | 4 | 10.0 ms | 20.0 ms | 5.00 ms | 10.00 ms |")
-    assert lines[3].startswith("| 16 | 64 | 160.0 ms |") and "| 1600 |" in lines[3]
+    assert lines[2].startswith("| kserve (gRPC) | 1 | 4 | 10.0 ms | 20.0 ms | 5.00 ms | 10.00 ms |")
+    assert lines[3].startswith("| kserve (gRPC) | 16 | 64 | 160.0 ms |") and "| 1600 |" in lines[3]
+    assert lines[4].startswith("| OpenAI chat | 1 | 4 | 10.0 ms |")
     assert genai_summary.main([str(tmp_path / "none")]) == 2
