@@ -267,7 +267,7 @@ def server_rss(service) -> int:
     for process in server_processes(service):
         try:
             total += process.memory_info().rss
-        except psutil.NoSuchProcess:  # ended since it was listed
+        except (psutil.NoSuchProcess, FileNotFoundError):  # ended since it was listed
             pass
     return total
 
@@ -291,7 +291,13 @@ def shm_files(service) -> dict[str, int]:
     """
     paths = set()
     for process in server_processes(service):
-        paths |= {m.path for m in process.memory_maps() if m.path.startswith("/dev/shm/")}
+        try:
+            maps = process.memory_maps()
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            # ended since it was listed (the lifeline's shell watcher runs short children);
+            # psutil may see /proc/<pid>/smaps vanish before it knows the process is gone
+            continue
+        paths |= {m.path for m in maps if m.path.startswith("/dev/shm/")}
     return {path: os.path.getsize(path) for path in paths}
 
 
