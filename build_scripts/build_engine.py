@@ -2,6 +2,13 @@
 
     python -m build_scripts.build_engine --model gpt2 [--precision fp16|fp32]
 
+How fp16 is asked for depends on the installed TensorRT (``build_mode``):
+- TensorRT 10 builds ``model.onnx`` (fp32) with the FP16 builder flag, LayerNorm and
+  softmax pinned to FP32 and OBEY_PRECISION_CONSTRAINTS;
+- TensorRT 11 and later are strongly typed only (those flags are gone): the precision is
+  the graph's own, so they build ``model.fp16.onnx``, the fp16 export whose LayerNorm and
+  softmax run in fp32 between explicit Cast nodes (``export_onnx --fp16``).
+
 Run it inside the image that serves the plan (docker compose --profile build run --rm
 build-engine): a plan only runs on the TensorRT version that built it, which is stamped
 into ``engine_settings.json`` next to ``model.plan`` and checked at load time. Without
@@ -26,7 +33,7 @@ from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import read_shape
-from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS, import_tensorrt
+from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS, import_tensorrt, tensorrt_major
 from gpt2_triton.engines.trt_profiles import optimization_profiles
 from gpt2_triton.errors import EngineError
 
@@ -34,9 +41,45 @@ log = logging.getLogger("build_scripts.build_engine")
 
 PLAN = "model.plan"
 TIMING_CACHE = "timing.cache"
-ONNX_FILES = ("model.onnx", "model.onnx.data")  # the graph and its external weights
+FP32_ONNX = "model.onnx"
+FP16_ONNX = "model.fp16.onnx"
 # Keys in engine_settings.json: what the plan was built from.
 ONNX_FINGERPRINT = "onnx_fingerprint"
+ONNX_FILE = "onnx_file"
+# The first TensorRT that is strongly typed only: no FP16 / OBEY_PRECISION_CONSTRAINTS flags.
+TRT_STRONGLY_TYPED = 11
+
+
+@dataclass(frozen=True)
+class BuildMode:
+    """How one TensorRT version builds one precision."""
+
+    onnx_file: str  # the export TensorRT parses
+    builder_flags: tuple[str, ...]  # names in trt.BuilderFlag to set
+    pin_fp32_layers: bool  # mark LayerNorm / softmax FP32 (a weakly typed network only)
+
+
+def build_mode(tensorrt_version: str, precision: str) -> BuildMode:
+    """TensorRT 10: the fp32 graph, fp16 by builder flags with GPT-2's overflow-prone layers
+    pinned to fp32. TensorRT 11+: the graph's own types (strongly typed), so fp16 comes from
+    the fp16 export, whose casts keep LayerNorm and softmax in fp32."""
+    if tensorrt_major(tensorrt_version) >= TRT_STRONGLY_TYPED:
+        return BuildMode(FP16_ONNX if precision == "fp16" else FP32_ONNX, (), False)
+    if precision == "fp16":
+        return BuildMode(FP32_ONNX, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True)
+    return BuildMode(FP32_ONNX, (), False)
+
+
+def set_builder_flags(config, trt, mode: BuildMode) -> None:
+    """Set the mode's flags, and only those: TensorRT 11 no longer has FP16 or
+    OBEY_PRECISION_CONSTRAINTS, so naming them there fails before anything is built."""
+    for flag in mode.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+
+
+def onnx_files(onnx_file: str) -> tuple[str, str]:
+    """The graph and its external weights (``save_model`` writes them side by side)."""
+    return onnx_file, f"{onnx_file}.data"
 
 
 @dataclass(frozen=True)
@@ -54,7 +97,10 @@ class EngineSettings:
 
 def keep_in_fp32(network, trt) -> int:
     """Pin the layers that overflow in FP16 in GPT-2 to FP32: LayerNorm (and its
-    pow / reduce / sqrt when it arrives decomposed) and softmax. Returns how many."""
+    pow / reduce / sqrt when it arrives decomposed) and softmax. Returns how many.
+
+    TensorRT 10's weakly typed networks only: layer precisions and output types are
+    requests there; TensorRT 11 has neither (the fp16 export's casts do this job)."""
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
@@ -96,8 +142,8 @@ def check_opset(export_dir: Path, tensorrt_version: str) -> None:
         )
 
 
-def onnx_fingerprint(export_dir: Path) -> dict:
-    return fingerprint.of_files(export_dir, ONNX_FILES)
+def onnx_fingerprint(export_dir: Path, onnx_file: str = FP32_ONNX) -> dict:
+    return fingerprint.of_files(export_dir, onnx_files(onnx_file))
 
 
 def plan_stale_reason(export_dir: Path) -> str | None:
@@ -107,10 +153,18 @@ def plan_stale_reason(export_dir: Path) -> str | None:
     settings_path = export_dir / ENGINE_SETTINGS
     if not (export_dir / PLAN).is_file() or not settings_path.is_file():
         return f"no {PLAN} in {export_dir}"
-    recorded = json.loads(settings_path.read_text()).get(ONNX_FINGERPRINT)
+    settings = json.loads(settings_path.read_text())
+    recorded = settings.get(ONNX_FINGERPRINT)
     if recorded is None:
         return None
-    return fingerprint.difference(recorded, onnx_fingerprint(export_dir))
+    onnx_file = _parsed_file(settings)
+    if not all((export_dir / name).is_file() for name in onnx_files(onnx_file)):
+        return f"its {onnx_file} is gone"
+    return fingerprint.difference(recorded, onnx_fingerprint(export_dir, onnx_file))
+
+
+def _parsed_file(settings: dict) -> str:
+    return settings.get(ONNX_FILE, FP32_ONNX)  # plans from before the fp16 export: fp32
 
 
 def check_plan(export_dir: Path) -> None:
@@ -123,8 +177,14 @@ def check_plan(export_dir: Path) -> None:
             export_dir / PLAN,
         )
     elif reason:
+        settings_path = export_dir / ENGINE_SETTINGS
+        parsed = (
+            _parsed_file(json.loads(settings_path.read_text()))
+            if settings_path.is_file()
+            else FP32_ONNX
+        )
         raise EngineError(
-            f"{export_dir / PLAN} was built from another model.onnx ({reason}): "
+            f"{export_dir / PLAN} was built from another {parsed} ({reason}): "
             "rebuild it with 'make engine'"
         )
 
@@ -133,13 +193,22 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
     trt = import_tensorrt()
     check_opset(export_dir, trt.__version__)
     exported = check_current(export_dir, "re-export it first ('make engine' does)")
+    mode = build_mode(trt.__version__, settings.precision)
+    if mode.onnx_file not in exported.get("files", {}).values():
+        raise EngineError(
+            f"TensorRT {trt.__version__} builds a {settings.precision} plan from "
+            f"{mode.onnx_file}, which {export_dir} does not hold: export it with --fp16 "
+            "(make engine does for PRECISION=fp16)"
+        )
     shape = read_shape(export_dir)
-    onnx_path = export_dir / "model.onnx"
+    onnx_path = export_dir / mode.onnx_file
     # Hashed before parsing: what the record says is what TensorRT read.
-    parsed = onnx_fingerprint(export_dir)
+    parsed = onnx_fingerprint(export_dir, mode.onnx_file)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    # No creation flags: explicit batch is the only mode since TensorRT 10, and from 11 on
+    # every network is strongly typed (the STRONGLY_TYPED flag is kept there but ignored).
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -147,11 +216,8 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_gib << 30)
-    pinned = 0
-    if settings.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        pinned = keep_in_fp32(network, trt)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    set_builder_flags(config, trt, mode)
+    pinned = keep_in_fp32(network, trt) if mode.pin_fp32_layers else 0
     profiles = optimization_profiles(shape, settings.max_batch)
     for ranges in profiles.values():
         profile = builder.create_optimization_profile()
@@ -163,7 +229,13 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log.info("building %s plan (%d layers pinned to fp32)", settings.precision, pinned)
+    log.info(
+        "building a %s plan from %s with TensorRT %s (%d layers pinned to fp32)",
+        settings.precision,
+        mode.onnx_file,
+        trt.__version__,
+        pinned,
+    )
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError("TensorRT could not build the plan (see the log above)")
@@ -175,10 +247,13 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
         export_dir / ENGINE_SETTINGS,
         {
             "tensorrt_version": trt.__version__,
+            ONNX_FILE: mode.onnx_file,
             ONNX_FINGERPRINT: parsed,
             SOURCE_FINGERPRINT: exported.get(SOURCE_FINGERPRINT),  # the checkpoint's
             "precision": settings.precision,
+            # TensorRT 10: layers pinned by the builder; 11+: fp32 by the graph's casts
             "layers_pinned_fp32": pinned,
+            "strongly_typed": tensorrt_major(trt.__version__) >= TRT_STRONGLY_TYPED,
             "max_batch": settings.max_batch,
             "profiles": list(profiles),  # order = profile index
             "profile_ranges": {

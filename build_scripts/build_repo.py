@@ -69,6 +69,14 @@ class RepoSettings:
         if self.device != "cpu" and self.engine != "torch":
             raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
 
+    @property
+    def engine_holder(self) -> str:
+        """Which model loads the engine: one copy of a GPU engine per GPU. In process, gpt2
+        holds it and the ``engine`` model holds none (it refuses steps); on the CPU, and
+        with BLS, the ``engine`` model holds one (in process, gpt2 has its own too)."""
+        on_gpu = self.engine == "trt" or self.device.startswith("cuda")
+        return "gpt2" if on_gpu and self.engine_placement == "in_process" else "self"
+
 
 def template_values(
     settings: RepoSettings, shape: ModelShape, model_name: str
@@ -81,7 +89,11 @@ def template_values(
     }
     return {
         "tokenizer": {},
-        "engine": {**engine, "max_sequences": settings.max_sequences},
+        "engine": {
+            **engine,
+            "max_sequences": settings.max_sequences,
+            "engine_holder": settings.engine_holder,
+        },
         "sampler": {},
         "next_token": {},
         "gpt2": {
@@ -184,7 +196,7 @@ def build(
         source = REPOSITORY / model_name / "1" / "model.py"
         if source.is_file() and repository.resolve() != REPOSITORY:
             shutil.copy2(source, version_dir / "model.py")
-    engine_dirs = [repository / "engine" / "1"]
+    engine_dirs = [repository / "engine" / "1"] if settings.engine_holder == "self" else []
     if settings.engine_placement == "in_process":
         engine_dirs.append(repository / "gpt2" / "1" / "engine")
     # The version folders were emptied above, so these are fresh links to (or copies of)

@@ -1,9 +1,10 @@
 """``make export``: checkpoint -> ``artifacts/onnx/<model>/`` (model.onnx + settings + tokenizer).
 
-    python -m build_scripts.export_onnx --model tiny [--int8]
+    python -m build_scripts.export_onnx --model tiny [--int8] [--fp16]
 
 The folder is written all at once; it holds ``model.onnx`` (its weights in
-``model.onnx.data``), optionally ``model.int8.onnx`` (``model.int8.onnx.data``),
+``model.onnx.data``), optionally ``model.int8.onnx`` (``model.int8.onnx.data``) and
+``model.fp16.onnx`` (fp16 with LayerNorm and softmax in fp32: what TensorRT 11 builds from),
 ``export_settings.json`` (what was built, from what, with which versions, and the
 sha256 of the checkpoint files it was built from) and
 ``tokenizer/``. Later steps (verify, make repo) read only this folder.
@@ -35,7 +36,14 @@ def onnx_dir(slug: str) -> Path:
     return checkpoint.artifacts_root() / "onnx" / slug
 
 
-def stale_reason(folder: Path, source: str, int8: bool, opset: int, weights: dict | None) -> str:
+def stale_reason(
+    folder: Path,
+    source: str,
+    int8: bool,
+    opset: int,
+    weights: dict | None,
+    fp16: bool = False,
+) -> str:
     """Why ``folder`` is not an export of ``source`` as it is now (``""`` when it is).
 
     ``weights`` is the checkpoint's content fingerprint today: the same path may hold other
@@ -54,6 +62,8 @@ def stale_reason(folder: Path, source: str, int8: bool, opset: int, weights: dic
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
     if int8 and "int8" not in settings.get("files", {}):
         return "it has no int8 model"
+    if fp16 and "fp16" not in settings.get("files", {}):
+        return "it has no fp16 model"
     if not all(f.is_file() and weights_file(f).is_file() for f in files):
         return "some of its files are missing"
     if weights is None:
@@ -93,6 +103,7 @@ def run(
     int8: bool = False,
     skip_existing: bool = False,
     opset: int | None = None,
+    fp16: bool = False,
 ) -> Path:
     import onnx
     import onnxruntime
@@ -102,6 +113,7 @@ def run(
     from gpt2_triton.export import (
         MIN_OPSET,
         OPSET,
+        export_fp16,
         export_onnx,
         quantize_int8,
         weights_file,
@@ -114,7 +126,7 @@ def run(
     output = output or onnx_dir(spec.slug)
     weights = checkpoint.fingerprint(spec)  # before loading: a change meanwhile re-exports
     if skip_existing:
-        reason = stale_reason(output, spec.source, int8, opset, weights)
+        reason = stale_reason(output, spec.source, int8, opset, weights, fp16)
         if not reason:
             log.info(
                 "%s already exported to %s (weights sha256 %s)",
@@ -139,6 +151,9 @@ def run(
             untied.unlink()
             weights_file(untied).unlink()
             files["int8"] = "model.int8.onnx"
+        if fp16:
+            export_fp16(tmp / "model.onnx", tmp / "model.fp16.onnx")
+            files["fp16"] = "model.fp16.onnx"
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(
             tmp / SETTINGS_FILE,
@@ -181,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also write model.int8.onnx (8-bit weights, int8 compute, lm_head too)",
     )
     parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write model.fp16.onnx (fp16, LayerNorm and softmax fp32 by explicit casts, "
+        "fp16 KV cache): what TensorRT 11+ builds an fp16 plan from",
+    )
+    parser.add_argument(
         "--opset",
         type=int,
         help="ONNX opset (default 23: fused Attention nodes; 18 for TensorRT before 10.14)",
@@ -196,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_step(
         lambda: (
             "ONNX export in "
-            f"{run(args.model, args.output, args.int8, args.skip_existing, args.opset)}"
+            f"{run(args.model, args.output, args.int8, args.skip_existing, args.opset, args.fp16)}"
         )
     )
 

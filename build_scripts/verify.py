@@ -11,7 +11,8 @@ padding), and single-forward-pass latency, timed after a warm-up with the refere
 every CPU engine on the same number of threads (``--threads``, default: the CPUs this
 process may use). Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses
 its bar (top-1 100%, every greedy sequence identical, max abs logit difference <= 1e-3).
-int8 is reported, never gated: quantization moves logits by design.
+int8 and the fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here
+by ONNX Runtime on the CPU) are reported, never gated: both move logits by design.
 """
 
 from __future__ import annotations
@@ -143,7 +144,19 @@ def reference(model, ids: list[list[int]], budgets: list[int], eos: int) -> Refe
 def greedy_batched(
     engine: StatefulEngine, prompt_ids: list[list[int]], budgets: list[int], eos: int
 ) -> list[list[int]]:
-    """Greedy decoding of all prompts in one batch (a row drops out at EOS or its budget)."""
+    """Greedy decoding of all prompts in batches as large as the engine takes (all of them
+    at once unless it was built for fewer rows); a row drops out at EOS or its budget."""
+    size = engine.max_sequences
+    outputs = []
+    for start in range(0, len(prompt_ids), size):
+        chunk = slice(start, start + size)
+        outputs += _greedy_batch(engine, prompt_ids[chunk], budgets[chunk], eos)
+    return outputs
+
+
+def _greedy_batch(
+    engine: StatefulEngine, prompt_ids: list[list[int]], budgets: list[int], eos: int
+) -> list[list[int]]:
     ids = list(range(1, len(prompt_ids) + 1))
     budget = dict(zip(ids, budgets, strict=True))
     logits = engine.step(prompt_ids, ids, [True] * len(ids))
@@ -254,8 +267,23 @@ ENGINES = [  # name, kind, precision, device, gated
     ("onnxruntime", "onnx-int8", "int8 weights, int8 compute", "cpu", False),
     ("torch engine", "torch", "fp32", "cpu", False),
     ("torch engine", "torch", "fp16 (cuda)", "cuda", False),
+    ("onnxruntime", "onnx-fp16", "fp16 export, LayerNorm/softmax fp32 (CPU)", "cpu", False),
     ("tensorrt", "trt", "see engine_settings.json", "cuda", False),
 ]
+
+
+def _forward(kind: str, export_dir: Path, shape, **kwargs):
+    """``build_forward``, plus the fp16 export on ONNX Runtime: a check of the graph that
+    TensorRT 11 builds from, not an engine the server offers (on a CPU it is slower)."""
+    if kind != "onnx-fp16":
+        return build_forward(kind, export_dir, shape, **kwargs)
+    from build_scripts.build_engine import FP16_ONNX
+    from gpt2_triton.engines.onnx_forward import OnnxForward
+
+    path = export_dir / FP16_ONNX
+    if not path.is_file():
+        raise EngineError(f"{path} not found: export with --fp16 (make verify FP16=1)")
+    return OnnxForward(path, shape, kwargs.get("threads", 0))
 
 
 def run(
@@ -291,7 +319,7 @@ def run(
     for name, kind, precision, device, gated in ENGINES:
         try:
             # the torch engine moves (and casts) its model: give it a copy of the reference
-            forward = build_forward(
+            forward = _forward(
                 kind,
                 export_dir,
                 shape,
@@ -307,7 +335,11 @@ def run(
         if kind == "trt":
             check_plan(export_dir)  # only where TensorRT runs: elsewhere it was skipped
             precision = json.loads((export_dir / "engine_settings.json").read_text())["precision"]
-        engine = StatefulEngine(forward, shape, max_sequences=len(prompt_ids) + 1)
+        # A TensorRT plan takes at most the batch it was built for: the batched check then
+        # runs in batches of that size.
+        rows = len(prompt_ids) + 1
+        limit = getattr(forward, "max_batch", None) or rows
+        engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         log.info("checking %s %s", name, precision)
         reports.append(check_engine(name, precision, gated, engine, ref, tokenizer, eos))
     with atomic_dir(output) as tmp:

@@ -1,5 +1,6 @@
 """The GPU path, as far as it runs without TensorRT or a GPU: clear refusals, profile
-arithmetic, rendered configs, the compose file and the GPU check script."""
+arithmetic, the TensorRT 10 / 11 build selection, rendered configs, the compose file and
+the GPU check script."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from gpt2_triton.engines.shape import ModelShape
-from gpt2_triton.engines.trt_profiles import optimization_profiles, profile_for
+from gpt2_triton.engines.trt_profiles import PROFILE_NAMES, optimization_profiles, profile_for
 from gpt2_triton.errors import EngineError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +45,17 @@ def test_trt_engine_without_tensorrt_refuses_clearly(tiny_export):
         build_engine("trt", tiny_export)
 
 
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_the_bindings_only_wheel_is_found_under_its_own_name(monkeypatch):
+    """docker/install_tensorrt.sh installs TensorRT's bindings-only wheel, whose module is
+    `tensorrt_bindings`; a stand-in module object is enough to check the import finds it."""
+    from gpt2_triton.engines.trt_forward import import_tensorrt
+
+    bindings = SimpleNamespace(__version__="11.4.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", bindings)
+    assert import_tensorrt() is bindings
+
+
 def test_torch_engine_on_cuda_without_a_gpu_refuses_clearly(tiny_export):
     import torch
 
@@ -55,17 +70,99 @@ def test_torch_engine_on_cuda_without_a_gpu_refuses_clearly(tiny_export):
 @pytest.mark.parametrize("max_batch", [1, 16, 64])
 def test_profiles_are_consistent_with_the_serving_limits(max_batch):
     profiles = optimization_profiles(SHAPE, max_batch)
-    assert list(profiles) == ["decode", "general"]
+    assert tuple(profiles) == PROFILE_NAMES == ("decode", "prefill")
     for ranges in profiles.values():
         assert set(ranges) == {"input_ids", "position_ids", "attention_mask", *SHAPE.past_names()}
         for low, opt, high in ranges.values():
             assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
             assert low[0] == 1 and high[0] == max_batch  # the batch axis, everywhere
+        # Every corner is a shape the network can run: the mask spans past + new tokens,
+        # and that never exceeds the context window.
+        for corner in range(3):
+            new = ranges["input_ids"][corner][1]
+            past = ranges["past_key_values.0.key"][corner][2]
+            assert ranges["attention_mask"][corner][1] == past + new <= SHAPE.max_positions
+            assert ranges["position_ids"][corner] == ranges["input_ids"][corner]
         assert ranges["attention_mask"][2][1] == SHAPE.max_positions
-        assert ranges["past_key_values.0.key"][2][2] == SHAPE.max_positions - 1
-    assert profiles["decode"]["input_ids"][2][1] == 1
-    assert profiles["general"]["input_ids"][2][1] == SHAPE.max_positions
-    assert profile_for(1) == "decode" and profile_for(7) == "general"
+    decode, prefill = profiles["decode"], profiles["prefill"]
+    assert decode["input_ids"][2][1] == 1
+    assert decode["past_key_values.0.key"][2][2] == SHAPE.max_positions - 1
+    assert prefill["input_ids"][2][1] == SHAPE.max_positions
+    assert prefill["past_key_values.0.key"][2][2] == 0
+
+
+def test_every_step_the_engine_sends_has_a_profile():
+    assert profile_for(1, 0) == "decode"  # a one-token prompt
+    assert profile_for(1, SHAPE.max_positions - 1) == "decode"
+    assert profile_for(7, 0) == profile_for(SHAPE.max_positions, 0) == "prefill"
+    # several tokens on a cache: no profile holds it (the server never sends it)
+    with pytest.raises(EngineError, match="one per step"):
+        profile_for(2, 5)
+
+
+@dataclass
+class _FixedBatchForward:
+    """Stands in for a forward built for a largest batch (a TensorRT plan)."""
+
+    max_batch: int
+    name: str = "trt"
+
+
+def test_a_repository_larger_than_the_plan_is_refused_with_the_fix():
+    from gpt2_triton.engines.stateful import StatefulEngine
+
+    StatefulEngine(_FixedBatchForward(16), SHAPE, max_sequences=16)
+    with pytest.raises(EngineError, match=r"MAX_SEQUENCES=32\).*MAX_SEQUENCES=16"):
+        StatefulEngine(_FixedBatchForward(16), SHAPE, max_sequences=32)
+
+
+@pytest.mark.parametrize(
+    ("version", "precision", "onnx_file", "flags", "pinned"),
+    [
+        ("10.5.0", "fp16", "model.onnx", ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True),
+        ("10.13.3.9", "fp32", "model.onnx", (), False),
+        ("11.0.0.114", "fp16", "model.fp16.onnx", (), False),
+        ("11.4.0.106", "fp32", "model.onnx", (), False),
+        ("12.0.0", "fp16", "model.fp16.onnx", (), False),
+    ],
+)
+def test_build_mode_follows_the_installed_tensorrt(version, precision, onnx_file, flags, pinned):
+    from build_scripts.build_engine import build_mode
+
+    mode = build_mode(version, precision)
+    assert (mode.onnx_file, mode.builder_flags, mode.pin_fp32_layers) == (onnx_file, flags, pinned)
+
+
+def _tensorrt_module(version: str, builder_flags: list[str]) -> SimpleNamespace:
+    """The two attributes of the tensorrt module the flag selection reads; nothing built."""
+    return SimpleNamespace(
+        __version__=version, BuilderFlag=SimpleNamespace(**{f: f for f in builder_flags})
+    )
+
+
+@dataclass
+class _RecordingConfig:
+    flags: list = field(default_factory=list)
+
+    def set_flag(self, flag) -> None:
+        self.flags.append(flag)
+
+
+# BuilderFlag members of each major version that matter here: TensorRT 11 dropped the
+# weak-typing flags (its Python bindings' own enum, 11.4).
+TRT10_FLAGS = ["FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "REFIT", "STRIP_PLAN"]
+TRT11_FLAGS = ["REFIT", "STRIP_PLAN", "SPARSE_WEIGHTS", "VERSION_COMPATIBLE"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_builder_flags_exist_in_the_tensorrt_that_sets_them(precision):
+    from build_scripts.build_engine import build_mode, set_builder_flags
+
+    for version, flags in (("10.13.3.9", TRT10_FLAGS), ("11.4.0.106", TRT11_FLAGS)):
+        trt, config = _tensorrt_module(version, flags), _RecordingConfig()
+        set_builder_flags(config, trt, build_mode(trt.__version__, precision))
+        expected = ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+        assert config.flags == (expected if precision == "fp16" and flags is TRT10_FLAGS else [])
 
 
 def test_trt_repository_renders_and_refuses_without_a_plan(tiny_export, tmp_path):
@@ -85,11 +182,37 @@ def test_trt_repository_renders_and_refuses_without_a_plan(tiny_export, tmp_path
     assert 'string_value: "trt"' in config and 'string_value: "cuda"' in config
     assert 'key: "max_sequences", value: { string_value: "8" }' in config
     assert "${" not in config
-    assert (repo / "engine" / "1" / "model.plan").is_file()
     assert (
         'key: "max_active", value: { string_value: "8" }'
         in (repo / "gpt2" / "config.pbtxt").read_text()
     )
+    # In process, gpt2 holds the only copy of the plan; the engine model holds none.
+    assert 'key: "engine_holder", value: { string_value: "gpt2" }' in config
+    assert (repo / "gpt2" / "1" / "engine" / "model.plan").is_file()
+    assert not (repo / "engine" / "1" / "model.plan").exists()
+    # By BLS, the engine model holds it and gpt2 none.
+    bls = build(RepoSettings("tiny", "trt", engine_placement="bls"), export, tmp_path / "repo_bls")
+    assert 'string_value: "self"' in (bls / "engine" / "config.pbtxt").read_text()
+    assert (bls / "engine" / "1" / "model.plan").is_file()
+    assert not (bls / "gpt2" / "1" / "engine").exists()
+
+
+@pytest.mark.parametrize(
+    ("engine", "device", "placement", "holder"),
+    [
+        ("onnx", "cpu", "in_process", "self"),  # CPU: two copies cost host memory only
+        ("torch", "cpu", "in_process", "self"),
+        ("torch", "cuda", "in_process", "gpt2"),
+        ("torch", "cuda", "bls", "self"),
+        ("trt", "cpu", "in_process", "gpt2"),  # the device a TensorRT plan runs on: cuda
+        ("trt", "cpu", "bls", "self"),
+    ],
+)
+def test_one_copy_of_a_gpu_engine(engine, device, placement, holder):
+    from build_scripts.build_repo import RepoSettings
+
+    settings = RepoSettings("tiny", engine, device=device, engine_placement=placement)
+    assert settings.engine_holder == holder
 
 
 def _compose(*args: str) -> str:

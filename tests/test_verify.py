@@ -75,3 +75,19 @@ def test_report_records_threads_and_positions(tiny_export, tmp_path):
     assert "threads: 1, the same for PyTorch and ONNX Runtime" in (out / "report.md").read_text()
     fp32 = next(r for r in reports if r.gated)
     assert fp32.passed, fp32.failures
+
+
+def test_batched_greedy_runs_in_batches_the_engine_takes(tiny_export, tiny_tokenizer):
+    """A TensorRT plan takes at most the batch it was built for: the batched check then
+    runs prompts in batches of that size, with the same greedy tokens."""
+    from gpt2_triton.engines.factory import build_engine
+    from gpt2_triton.prompts import varied_prompts
+
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in varied_prompts(6)]
+    budgets = [5] * len(prompts)
+    whole = verify.greedy_batched(
+        build_engine("onnx", tiny_export, max_sequences=8), prompts, budgets, 0
+    )
+    small = build_engine("onnx", tiny_export, max_sequences=4)
+    assert verify.greedy_batched(small, prompts, budgets, 0) == whole
+    assert small.cached_sequences == 0

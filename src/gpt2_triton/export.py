@@ -14,6 +14,7 @@ TensorRT export with ``opset=18``.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from pathlib import Path
 
@@ -92,6 +93,98 @@ def export_onnx(
     _rename_axes(proto, shape)
     onnx.checker.check_model(proto, full_check=True)
     save_model(proto, path)
+
+
+# The fp16 export: what stays fp32 and why. LayerNorm squares activations for their
+# variance (GPT-2's residual stream has outliers in the hundreds and beyond; 256 squared
+# already exceeds fp16's 65504) and softmax exponentiates attention scores; both run in
+# fp32 between explicit Cast nodes, so a
+# strongly typed TensorRT (11 and later: precision comes from the graph's own types)
+# builds them in fp32. The KV cache stays fp16 in and out (half the memory and traffic of
+# every step); the logits leave in fp32, as the sampler reads them.
+FP32_OPS = ("LayerNormalization", "Softmax")
+FP32_OUTPUTS = ("logits",)
+
+
+def export_fp16(fp32_path: Path, out: Path) -> None:
+    """Write ``out``, an fp16 copy of the fp32 export ``fp32_path`` (see ``FP32_OPS``).
+
+    A fused ``Attention`` node (opset 23) holds its softmax inside, where no Cast can
+    reach: its ``softmax_precision`` attribute asks for fp32 instead (ONNX's own way).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # From the path: ONNX's shape inference then runs on the file, which also works for
+    # checkpoints whose weights exceed protobuf's 2 GB.
+    model = convert_float_to_float16(
+        str(fp32_path), keep_io_types=list(FP32_OUTPUTS), op_block_list=list(FP32_OPS)
+    )
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            kept = [a for a in node.attribute if a.name != "softmax_precision"]
+            del node.attribute[:]
+            node.attribute.extend(
+                [*kept, helper.make_attribute("softmax_precision", TensorProto.FLOAT)]
+            )
+    _drop_initializer_casts(model.graph)
+    sort_topologically(model.graph)  # the converter appends its Casts at the end
+    onnx.checker.check_model(model, full_check=True)
+    save_model(model, out)
+
+
+def _drop_initializer_casts(graph) -> None:
+    """Undo two slips of the converter around the weights it keeps fp32 (LayerNorm's scale
+    and bias): it records them in value_info as fp16, and so casts them to fp32 again.
+    Initializers carry their own types: drop their value_info and those no-op casts."""
+    from onnx import helper
+
+    types = {t.name: t.data_type for t in graph.initializer}
+    renamed = {}
+    for node in list(graph.node):
+        if node.op_type == "Cast" and node.input[0] in types:
+            to = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+            if to == types[node.input[0]]:
+                renamed[node.output[0]] = node.input[0]
+                graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    value_info = [v for v in graph.value_info if v.name not in types and v.name not in renamed]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+
+
+def sort_topologically(graph) -> None:
+    """Reorder ``graph.node`` so every node follows the producers of its inputs (ONNX
+    requires it; TensorRT's parser reads nodes in order). Keeps the given order where it
+    is already valid."""
+    nodes = list(graph.node)
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting_on = [
+        {producer[name] for name in node.input if name not in known and name in producer}
+        for node in nodes
+    ]
+    consumers: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting_on):
+        for dep in deps:
+            consumers.setdefault(dep, []).append(i)
+    ready = [i for i, deps in enumerate(waiting_on) if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in consumers.get(i, ()):
+            waiting_on[j].discard(i)
+            if not waiting_on[j]:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise ExportError("the fp16 graph has a cycle or an input nothing produces")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def weights_file(path: Path) -> Path:

@@ -24,6 +24,14 @@ class TritonPythonModel:
         params = model_config.parameters(config)
         self.logger = pb_utils.Logger
         kind = model_config.require(params, "engine_kind", "engine")
+        self.holder = params.get("engine_holder") or "self"
+        if self.holder != "self":  # the GPU engine lives in gpt2's process: no second copy
+            self.engine = None
+            self.logger.log_info(
+                f"engine '{kind}': model '{self.holder}' holds the only copy; this model "
+                "refuses steps (render with PLACEMENT=bls to serve them here)"
+            )
+            return
         self.engine = build_engine_from_params(
             params,
             Path(args["model_repository"]) / args["model_version"],
@@ -34,6 +42,13 @@ class TritonPythonModel:
         self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
 
     def execute(self, requests):
+        if self.engine is None:
+            message = (
+                f"model 'engine' holds no engine: '{self.holder}' runs the only copy of the "
+                "GPU engine in its own process; render the repository with PLACEMENT=bls to "
+                "call this model (and the next_token ensemble)"
+            )
+            return [_error(message, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
         responses = []
         for request in requests:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
@@ -51,7 +66,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        self.engine.release_all()
+        if self.engine is not None:
+            self.engine.release_all()
 
 
 def _error(message, code):

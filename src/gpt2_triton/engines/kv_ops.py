@@ -26,8 +26,11 @@ class KVOps(Protocol):
 
 
 class NumpyKV:
+    def __init__(self, dtype=np.float32) -> None:
+        self.dtype = dtype  # the forward's cache type: float16 for an fp16 export
+
     def empty(self, rows, heads, head_dim):
-        return np.zeros((rows, heads, 0, head_dim), np.float32)
+        return np.zeros((rows, heads, 0, head_dim), self.dtype)
 
     def take(self, x, rows):
         return x[rows]

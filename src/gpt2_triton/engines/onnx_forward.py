@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
+from gpt2_triton.engines.kv_ops import NumpyKV
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
@@ -39,6 +42,10 @@ class OnnxForward:
         self.shape = shape
         self._past_names = shape.past_names()
         self._output_names = ["logits", *shape.present_names()]
+        # An fp16 export (make export FP16=1) takes and returns its KV cache in fp16.
+        past_types = {i.type for i in self.session.get_inputs() if i.name in self._past_names}
+        if past_types == {"tensor(float16)"}:
+            self.kv_ops = NumpyKV(np.float16)
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {

@@ -88,6 +88,16 @@ class StatefulEngine:
     """
 
     def __init__(self, forward: ForwardFn, shape: ModelShape, max_sequences: int = 64) -> None:
+        # A forward built for a largest batch (a TensorRT plan's profiles) says so: every
+        # live sequence may be in one step, so more of them than that would fail mid-service.
+        limit = getattr(forward, "max_batch", None)
+        if limit is not None and max_sequences > limit:
+            raise EngineError(
+                f"max_sequences {max_sequences} exceeds the largest batch the "
+                f"{getattr(forward, 'name', 'engine')} engine was built for ({limit}): rebuild "
+                f"it for {max_sequences} (make engine MAX_SEQUENCES={max_sequences}) or serve "
+                f"at most {limit} (MAX_SEQUENCES={limit})"
+            )
         self.forward = forward
         self.shape = shape
         self.max_sequences = max_sequences

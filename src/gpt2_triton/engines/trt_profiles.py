@@ -2,22 +2,31 @@
 
 Two profiles, one execution context each (switching a context's profile per call costs a
 synchronisation):
-- ``decode``: one new token per row, any past length - the hot path of every step;
-- ``general``: any number of new tokens (prompts, and the rare multi-token append).
-Every range comes from ``max_batch`` (the repository's MAX_SEQUENCES) and the model's
-context window, so the profiles, the engine's checks and the server agree by
-construction instead of by hard-coded numbers.
+- ``decode``: one new token per row on a cache of any length - the hot path of every step;
+- ``prefill``: a prompt of any length on an empty cache (``StatefulEngine`` prefills every
+  new sequence on its own, with no past, before merging it into the running batch).
+
+Every corner of a profile (min, opt, max) is a shape the network can run:
+``attention_mask`` is as long as past + new tokens, and that never exceeds the context
+window. A single box that allowed any past *and* any number of new tokens would contain
+corners like 1023 + 1024 positions, which no mask of at most 1024 can match; so a
+multi-token step on a non-empty cache (which the server never sends) has no profile and is
+refused by ``profile_for``. Every range comes from ``max_batch`` (the repository's
+MAX_SEQUENCES) and the model's context window, so the profiles, the engine's checks and the
+server agree by construction instead of by hard-coded numbers.
 """
 
 from __future__ import annotations
 
 from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.errors import EngineError
 
 Dims = tuple[int, ...]
 Profile = dict[str, tuple[Dims, Dims, Dims]]  # input -> (min, opt, max)
 
 TYPICAL_PROMPT = 128  # the opt point of the prompt profile: what serving sees most
 TYPICAL_PAST = 256  # the opt point of past length for decode steps
+PROFILE_NAMES = ("decode", "prefill")  # order = profile index in the plan
 
 
 def optimization_profiles(shape: ModelShape, max_batch: int) -> dict[str, Profile]:
@@ -28,8 +37,9 @@ def optimization_profiles(shape: ModelShape, max_batch: int) -> dict[str, Profil
     heads, head_dim = shape.num_heads, shape.head_dim
 
     def profile(seq: Dims, past: Dims) -> Profile:
-        total = tuple(min(p + s, window) for p, s in zip(past, seq, strict=True))
-        total = (max(total[0], 1), max(total[1], 1), window)
+        total = tuple(p + s for p, s in zip(past, seq, strict=True))
+        if max(total) > window:  # a corner no mask could match: a bug in the numbers below
+            raise ValueError(f"profile corner {past} + {seq} exceeds the window {window}")
         tokens = tuple((b, s) for b, s in zip(batch, seq, strict=True))
         caches = tuple((b, heads, p, head_dim) for b, p in zip(batch, past, strict=True))
         ranges: Profile = {
@@ -45,9 +55,19 @@ def optimization_profiles(shape: ModelShape, max_batch: int) -> dict[str, Profil
     opt_prompt = min(TYPICAL_PROMPT, window)
     return {
         "decode": profile(seq=(1, 1, 1), past=(0, opt_past, window - 1)),
-        "general": profile(seq=(1, opt_prompt, window), past=(0, 0, window - 1)),
+        "prefill": profile(seq=(1, opt_prompt, window), past=(0, 0, 0)),
     }
 
 
-def profile_for(new_tokens: int) -> str:
-    return "decode" if new_tokens == 1 else "general"
+def profile_for(new_tokens: int, past_tokens: int) -> str:
+    """The profile a step runs in: ``decode`` for one new token per row (any cache),
+    ``prefill`` for several on an empty cache."""
+    if new_tokens == 1:
+        return "decode"
+    if past_tokens == 0:
+        return "prefill"
+    raise EngineError(
+        f"a step of {new_tokens} new tokens on a cache of {past_tokens} has no TensorRT "
+        "profile: the plan runs prompts on an empty cache and one-token steps (what the "
+        "server sends); send the tokens one per step"
+    )

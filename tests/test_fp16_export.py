@@ -1,0 +1,140 @@
+"""The fp16 export (``make export FP16=1``): the graph a strongly typed TensorRT (11+) builds
+an fp16 plan from. Its LayerNorm and softmax must run in fp32 by explicit casts in the graph,
+and it must compute what the fp32 export computes, within fp16's rounding: checked here on
+the tiny model with ONNX Runtime on the CPU (no TensorRT needed to check the graph)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, shape_inference
+
+from gpt2_triton.engines.factory import read_shape
+from gpt2_triton.engines.onnx_forward import OnnxForward
+from gpt2_triton.engines.stateful import StatefulEngine
+
+FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
+# fp16 keeps ~3 significant digits: on the tiny model (logits within about +-10) the two
+# exports differ by ~4e-3 at most (measured); the bar leaves 5x room for other prompts.
+FP16_MAX_ABS_DIFF = 2e-2
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tiny_model, artifacts):
+    """The tiny model exported as ``make engine`` does for fp16: opset 18 (explicit
+    Softmax nodes) with ``--fp16``."""
+    from build_scripts import export_onnx
+
+    return export_onnx.run("tiny", artifacts / "onnx-fp16", opset=18, fp16=True)
+
+
+def _graph_types(path):
+    """The graph (no weights) with every tensor's element type, by ONNX's own inference."""
+    model = shape_inference.infer_shapes(
+        onnx.load(str(path), load_external_data=False), strict_mode=True
+    )
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    types |= {v.name: v.type.tensor_type.elem_type for v in graph.output}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    return graph, types
+
+
+def _cast_to(node) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def test_layernorm_and_softmax_run_in_fp32_between_casts(fp16_export):
+    settings = json.loads((fp16_export / "export_settings.json").read_text())
+    assert settings["files"]["fp16"] == "model.fp16.onnx"
+    graph, types = _graph_types(fp16_export / "model.fp16.onnx")
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = Counter(name for node in graph.node for name in node.input)
+    islands = [n for n in graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert Counter(n.op_type for n in islands) == {"LayerNormalization": 5, "Softmax": 2}
+    for node in islands:
+        assert all(types[name] == FLOAT for name in node.input), node.name
+        assert all(types[name] == FLOAT for name in node.output), node.name
+        # the activation arrives by an explicit fp16 -> fp32 Cast ...
+        cast_in = producer[node.input[0]]
+        assert cast_in.op_type == "Cast" and _cast_to(cast_in) == FLOAT
+        assert types[cast_in.input[0]] == FLOAT16
+        # ... and leaves by an fp32 -> fp16 one, its only consumer
+        (cast_out,) = [n for n in graph.node if node.output[0] in n.input]
+        assert cast_out.op_type == "Cast" and _cast_to(cast_out) == FLOAT16
+        assert consumers[node.output[0]] == 1
+    # the rest is fp16: every matmul, the KV cache in and out; the logits leave in fp32
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert matmuls and all(types[n.output[0]] == FLOAT16 for n in matmuls)
+    for value in (*graph.input, *graph.output):
+        want = {"input_ids": 7, "attention_mask": 7, "position_ids": 7, "logits": FLOAT}
+        assert value.type.tensor_type.elem_type == want.get(value.name, FLOAT16), value.name
+
+
+def test_fp16_export_agrees_with_fp32_on_onnx_runtime(fp16_export, tiny_tokenizer):
+    """Prompts alone and left-padded together, then decode steps: the engines the server
+    runs, one on each file. Logits within FP16_MAX_ABS_DIFF; the same top-1 token wherever
+    fp32's leader is ahead by more than twice that (nearer ties may flip, as fp16 rounds)."""
+    from gpt2_triton.prompts import varied_prompts
+
+    shape = read_shape(fp16_export)
+    fp32 = StatefulEngine(OnnxForward(fp16_export / "model.onnx", shape, 1), shape, 8)
+    fp16 = StatefulEngine(OnnxForward(fp16_export / "model.fp16.onnx", shape, 1), shape, 8)
+    assert fp16.forward.kv_ops.dtype == np.float16  # the cache stays fp16 between steps
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in varied_prompts(7)]
+    prompts.append((prompts[0] * 1024)[: shape.max_positions - 8])  # near the window's end
+    ids = list(range(1, len(prompts) + 1))
+    got32 = fp32.step(prompts, ids, [True] * len(ids))
+    got16 = fp16.step(prompts, ids, [True] * len(ids))
+    steps = [(got32, got16)]
+    for _ in range(8):
+        tokens = [[int(row.argmax())] for row in got32]
+        got32, got16 = fp32.step(tokens, ids), fp16.step(tokens, ids)
+        steps.append((got32, got16))
+    for a, b in steps:
+        assert np.abs(a - b).max() <= FP16_MAX_ABS_DIFF
+        top2 = np.sort(a, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 2 * FP16_MAX_ABS_DIFF
+        assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+
+
+def test_fused_attention_asks_for_an_fp32_softmax(tiny_export, tmp_path):
+    """Opset 23 fuses each attention into one node with its softmax inside, where no Cast
+    reaches: the node's own softmax_precision says fp32; LayerNorm keeps its casts."""
+    from gpt2_triton.export import export_fp16
+
+    # copies, not the fixture's files: those may be hard-linked into a model repository,
+    # and ONNX refuses to read external data through a file with several links
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copyfile(tiny_export / name, tmp_path / name)
+    export_fp16(tmp_path / "model.onnx", tmp_path / "model.fp16.onnx")
+    graph, types = _graph_types(tmp_path / "model.fp16.onnx")
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert len(attention) == read_shape(tiny_export).num_layers
+    for node in attention:
+        assert {a.name: a.i for a in node.attribute}["softmax_precision"] == FLOAT
+        assert types[node.input[0]] == FLOAT16
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(types[name] == FLOAT for n in norms for name in n.input)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.fp16.onnx"))
+    assert {i.type for i in session.get_inputs()[3:]} == {"tensor(float16)"}
+
+
+def test_verify_reports_the_fp16_export(fp16_export, tmp_path):
+    """make verify FP16=1: the fp16 file is reported next to fp32, not gated."""
+    from build_scripts import verify
+
+    reports, out = verify.run("tiny", fp16_export, tmp_path / "v", 32, 4, 1)
+    row = next(r for r in reports if r.precision.startswith("fp16 export"))
+    assert not row.gated and row.prompts == 32
+    assert row.max_abs_logit_diff <= FP16_MAX_ABS_DIFF
+    assert row.top1_agreement >= 0.9  # ties flip in fp16: reported, not required
+    assert "fp16 export, LayerNorm/softmax fp32 (CPU)" in (out / "report.md").read_text()
+    assert next(r for r in reports if r.gated).passed  # fp32 still meets its bar
