@@ -14,7 +14,10 @@
 For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
 output tokens/s at each concurrency and prompt length, with exactly ``--new-tokens``
 tokens per request (``min_length`` = ``max_tokens``; greedy). Ratios of (c) to (a) and
-(b) are taken within the run. Writes ``results.json`` and the report with plots.
+(b) are taken within the run. With ``--sampling``, the service is also measured sampling
+(temperature 0.8, top_p 0.95, seeded: ``triton-sampled:<engine>``), its waves taking
+turns with the greedy ones, and the report sets sampled against greedy tokens/s. Writes
+``results.json`` and the report with plots.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import numpy as np
 from gpt2_triton import checkpoint, logs
 
 log = logging.getLogger("benchmarks.harness")
+
+SAMPLED_PATH = "triton-sampled"  # straight to Triton, like "triton", sampling
+SAMPLED_TEMPERATURE, SAMPLED_TOP_P = 0.8, 0.95  # common chat settings (issue 14)
 
 
 @dataclass
@@ -186,25 +192,35 @@ def bench_triton(
     """The service at one grid point, over each of ``urls`` (path name -> a gRPC address, or
     the OpenAI API's base URL ``http://.../v1``):
     waves of ``concurrency`` clients, the paths taking turns wave by wave, so that the
-    machine's drift falls on every path alike."""
+    machine's drift falls on every path alike. The SAMPLED_PATH samples; the others are
+    greedy."""
     from client import GenerationParams, Gpt2Client
 
     rows = {path: Row(f"{path}:{engine}", concurrency, prompt_tokens, new_tokens) for path in urls}
-    params = GenerationParams(max_tokens=new_tokens, min_length=new_tokens, temperature=0)
+    greedy = GenerationParams(max_tokens=new_tokens, min_length=new_tokens, temperature=0)
     prompts = [
         tokenizer.decode(prompt_ids(tokenizer, prompt_tokens, i)) for i in range(concurrency)
     ]
     lock = threading.Lock()
 
-    def native(url: str, prompt: str, barrier: threading.Barrier):
+    def native(url: str, client_index: int, barrier: threading.Barrier, path: str):
+        params = greedy
+        if path == SAMPLED_PATH:  # seeded per client: the same tokens in every run
+            params = GenerationParams(
+                max_tokens=new_tokens,
+                min_length=new_tokens,
+                temperature=SAMPLED_TEMPERATURE,
+                top_p=SAMPLED_TOP_P,
+                seed=1 + client_index,
+            )
         with Gpt2Client(url) as client:
             barrier.wait()
             started = time.perf_counter()
-            stream = client.stream(prompt, params)
+            stream = client.stream(prompts[client_index], params)
             stamps = [time.perf_counter() for _ in stream]
         return started, stamps, stream.result.num_output_tokens
 
-    def openai_api(url: str, prompt: str, barrier: threading.Barrier):
+    def openai_api(url: str, client_index: int, barrier: threading.Barrier, path: str):
         import openai
 
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
@@ -214,7 +230,7 @@ def bench_triton(
         stamps, tokens = [], 0
         for chunk in client.completions.create(
             model=model,
-            prompt=prompt,
+            prompt=prompts[client_index],
             max_tokens=new_tokens,
             temperature=0,
             stream=True,
@@ -228,9 +244,10 @@ def bench_triton(
         client.close()
         return started, stamps, tokens
 
-    def one(url: str, row: Row | None, prompt: str, barrier: threading.Barrier) -> None:
+    def one(path: str, row: Row | None, client_index: int, barrier: threading.Barrier) -> None:
+        url = urls[path]
         call = openai_api if url.startswith("http") else native
-        started, stamps, tokens = call(url, prompt, barrier)
+        started, stamps, tokens = call(url, client_index, barrier, path)
         end = time.perf_counter()
         if row is not None:
             with lock:
@@ -241,9 +258,11 @@ def bench_triton(
                 row.latency_ms.append(1e3 * (end - started))
                 row.tokens += tokens
 
-    def wave(url: str, row: Row | None) -> float:
+    def wave(path: str, row: Row | None) -> float:
         barrier = threading.Barrier(concurrency)
-        threads = [threading.Thread(target=one, args=(url, row, p, barrier)) for p in prompts]
+        threads = [
+            threading.Thread(target=one, args=(path, row, i, barrier)) for i in range(len(prompts))
+        ]
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -251,11 +270,11 @@ def bench_triton(
             t.join()
         return time.perf_counter() - started
 
-    for url in urls.values():
-        wave(url, None)  # warm-up
+    for path in urls:
+        wave(path, None)  # warm-up
     for _ in range(rounds):
-        for path, url in urls.items():
-            rows[path].wall_s += wave(url, rows[path])
+        for path in urls:
+            rows[path].wall_s += wave(path, rows[path])
     for row in rows.values():
         row.server_rss_mb = server_rss_mb(server_pid)
     return list(rows.values())
@@ -339,6 +358,8 @@ def run(args) -> dict:
                 if server is None:
                     continue
                 paths = {"triton": server.triton.grpc_url}
+                if args.sampling:
+                    paths[SAMPLED_PATH] = server.triton.grpc_url
                 if kind in args.front_door_engines:
                     paths["front-door"] = server.grpc_url
                     paths["openai"] = f"http://{server.http_url}/v1"
@@ -393,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=12,
         help="waves per path at concurrency 1 (a quarter of it above): the paths alternate",
+    )
+    parser.add_argument(
+        "--sampling",
+        action="store_true",
+        help=f"also measure the service sampling (temperature {SAMPLED_TEMPERATURE}, "
+        f"top_p {SAMPLED_TOP_P}) next to greedy, taking turns wave by wave",
     )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
     parser.add_argument("--skip-hf", action="store_true")

@@ -71,6 +71,31 @@ def front_door_rows(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def sampling_rows(results: dict) -> list[str]:
+    """The service sampling (temperature 0.8, top_p 0.95) against greedy, same run."""
+    by = _index(results["rows"])
+    lines = [
+        "| engine | concurrency | prompt | tokens/s greedy | tokens/s sampled | "
+        "sampled / greedy | ITL p50 greedy | ITL p50 sampled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        path, _, engine = r["system"].partition(":")
+        if path != "triton-sampled":
+            continue
+        key = (r["concurrency"], r["prompt_tokens"])
+        greedy = by.get((f"triton:{engine}", *key))
+        if greedy is None:
+            continue
+        lines.append(
+            f"| {engine} | {key[0]} | {key[1]} | {_fmt(greedy['tokens_per_s'], '.0f')} | "
+            f"{_fmt(r['tokens_per_s'], '.0f')} | "
+            f"{r['tokens_per_s'] / greedy['tokens_per_s']:.3f} | "
+            f"{_fmt(greedy['itl_ms_p50'], '.2f')} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def table(results: dict) -> list[str]:
     lines = [
         "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
@@ -157,7 +182,9 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "at once, each timing its own tokens, straight to Triton's loopback port; "
         "`front-door:<engine>` = the same through the Envoy front door (`make serve`); "
         "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
-        "OpenAI-compatible gateway (the `openai` SDK); the paths take turns wave by wave at "
+        "OpenAI-compatible gateway (the `openai` SDK); `triton-sampled:<engine>` = "
+        "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
+        "(`--sampling`); the paths take turns wave by wave at "
         "each grid point. In the ratios, `triton:onnx-int8` is "
         "taken against the int8 loop, the other engines against the fp32 loop.",
         "",
@@ -166,6 +193,11 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         *(
             ["## The front door's cost (same run)", "", *front_door_rows(results), ""]
             if front_door_rows(results)
+            else []
+        ),
+        *(
+            ["## Sampling against greedy (same run)", "", *sampling_rows(results), ""]
+            if sampling_rows(results)
             else []
         ),
         "## The service against the baselines (same run)",

@@ -33,6 +33,7 @@ class ListSink:
     finals: int = 0  # final responses, errors and bare closes included: must end at 1
     broken_cancel_check: bool = False  # is_cancelled() raises
     broken_final: bool = False  # a final send raises
+    cancel_checks: int = 0  # is_cancelled() calls
 
     def send(self, output: GenerationOutput, final: bool) -> None:
         if final and self.broken_final:
@@ -47,6 +48,7 @@ class ListSink:
         self.finals += 1
 
     def is_cancelled(self) -> bool:
+        self.cancel_checks += 1
         if self.broken_cancel_check:
             raise RuntimeError("cannot tell")
         return self.cancelled
@@ -278,6 +280,19 @@ class RejectLongPrompts:
         return self.forward(input_ids, mask, positions, past)
 
 
+class NanRow(EngineWrapper):
+    """The real engine, with NaN logits for the sequence ``bad_id`` (an engine bug)."""
+
+    bad_id = None
+
+    def step(self, tokens, sequence_ids, starts):
+        logits = super().step(tokens, sequence_ids, starts)
+        for row, sid in enumerate(sequence_ids):
+            if sid == self.bad_id:
+                logits[row] = np.nan
+        return logits
+
+
 class ScriptedEngine:
     """Greedy decoding from it yields ``script``, whatever the prompt."""
 
@@ -469,3 +484,80 @@ def test_a_prompt_longer_than_the_window_can_spell_is_refused_untokenized(batche
     assert CountingCodec.calls == 0
     # every token of the vocabulary fits the bound
     assert all(len(codec.decode([i]).encode()) <= codec.max_token_bytes for i in range(200))
+
+
+def test_cancel_checks_are_spread_over_steps_and_every_stream_is_asked_in_turn(engine, codec):
+    """One is_cancelled() a step (each a round trip in Triton), longest-unasked first: with
+    three streams, a cancelled one leaves within three steps."""
+    batcher = InflightBatcher(engine, codec, limits(engine, cancel_checks_per_step=1))
+    sinks = [ListSink() for _ in range(3)]
+    for sink in sinks:
+        request = GenerationRequest("The cat", max_tokens=50, min_length=50, sampling=GREEDY)
+        batcher.submit(request, sink)
+    batcher.step()  # admission asks each once, then the step asks the first again
+    assert [s.cancel_checks for s in sinks] == [2, 1, 1]
+    for _ in range(6):
+        batcher.step()
+    assert [s.cancel_checks for s in sinks] == [4, 3, 3]  # one a step, in turn
+    sinks[1].cancelled = True
+    for _ in range(3):
+        batcher.step()
+    assert sinks[1].outputs[-1].finish_reason == "cancelled" and batcher.active == 2
+    assert engine.cached_sequences == 2
+
+
+def test_a_stream_is_not_asked_again_within_the_interval(engine, codec):
+    batcher = InflightBatcher(engine, codec, limits(engine, cancel_check_interval_s=3600))
+    sink = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=10, sampling=GREEDY), sink)
+    run_all(batcher, [sink])
+    assert sink.cancel_checks == 1  # at admission only
+    assert sink.outputs[-1].finish_reason == "length"
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone_and_the_others_keep_their_seeded_text(
+    tiny_export, codec
+):
+    real = build_engine("onnx", tiny_export, max_sequences=4)
+    engine = NanRow(real)
+
+    def request():
+        sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=42)
+        return GenerationRequest("The cat", max_tokens=8, sampling=sampling, stream=True)
+
+    batcher = InflightBatcher(engine, codec, limits(real))
+    alone = ListSink()
+    batcher.submit(request(), alone)
+    run_all(batcher, [alone])
+    ok, bad = ListSink(), ListSink()
+    batcher.submit(request(), ok)
+    batcher.submit(request(), bad)
+    engine.bad_id = batcher._waiting[-1].sequence_id
+    run_all(batcher, [ok, bad])
+    assert bad.errors == ["internal error while generating"] and bad.finals == 1
+    assert ok.text == alone.text and ok.outputs[-1].finish_reason == "length"
+    assert real.cached_sequences == 0
+
+
+def test_min_length_holds_for_sampled_rows(engine, codec):
+    """End-of-text holds all the mass at every step; min_length keeps it out until then."""
+
+    class EndOfTextEngine:
+        def step(self, tokens, sequence_ids, starts):
+            logits = np.zeros((len(tokens), engine.shape.vocab_size), np.float32)
+            logits[:, engine.shape.eos_token_id] = 30.0
+            return logits
+
+        def release(self, sequence_ids):
+            pass
+
+    batcher = InflightBatcher(EndOfTextEngine(), codec, limits(engine))
+    sinks = [ListSink() for _ in range(3)]
+    for seed, sink in enumerate(sinks, start=1):
+        sampling = SamplingParams(temperature=0.5, top_k=5, seed=seed)
+        request = GenerationRequest("Hi", max_tokens=10, min_length=6, sampling=sampling)
+        batcher.submit(request, sink)
+    run_all(batcher, sinks)
+    assert [(s.outputs[-1].num_output_tokens, s.outputs[-1].finish_reason) for s in sinks] == [
+        (6, "stop")
+    ] * 3

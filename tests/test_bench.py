@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import harness
-from benchmarks.report import front_door_rows, ratio_rows
+from benchmarks.report import front_door_rows, ratio_rows, sampling_rows
 
 
 @pytest.mark.integration
@@ -28,6 +28,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             str(unused_port),
             "--rounds",
             "2",
+            "--sampling",
             "--out",
             str(tmp_path / "out"),
             "--report",
@@ -47,6 +48,8 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "front-door:onnx",
             "openai:onnx",
             "triton:onnx-int8",
+            "triton-sampled:onnx",
+            "triton-sampled:onnx-int8",
         )
         for c in (1, 2)
     }
@@ -59,6 +62,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     assert "| triton:onnx | 2 | 8 |" in report
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert "| openai:onnx | 2 | 8 |" in report
+    assert "| triton-sampled:onnx | 2 | 8 |" in report and "Sampling against greedy" in report
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
@@ -106,6 +110,20 @@ def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
     )
     assert lines[3].endswith("| +1.00 ms | +1.0 ms | 0.980 |")
     assert front_door_rows({"rows": results["rows"][:1]}) == []
+
+
+def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
+    results = {
+        "rows": [
+            row("triton:onnx", 16, 30.0, 60.0, 400.0),
+            row("triton-sampled:onnx", 16, 31.0, 61.0, 388.0),
+            row("triton:onnx", 1, 10.0, 20.0, 100.0),
+            row("triton-sampled:onnx-int8", 1, 5.0, 10.0, 180.0),  # no greedy row: left out
+        ]
+    }
+    lines = sampling_rows(results)
+    assert lines[2:] == ["| onnx | 16 | 32 | 400 | 388 | 0.970 | 30.00 ms | 31.00 ms |"]
+    assert sampling_rows({"rows": results["rows"][:1]}) == []
 
 
 def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):

@@ -2,10 +2,11 @@
 
 Per step, for all live sequences at once:
     admit new requests (within a prompt-token budget; those cancelled while waiting leave
-    uncharged) -> drop cancelled ones -> free the caches still to release -> engine step
-    (prompts of new sequences, last token of the others; if it fails with new rows in it,
-    the running rows again alone and each new row alone, to fail only the rows that cause
-    the error) -> sample each row -> detokenize the new suffix -> send it -> retire
+    uncharged) -> drop cancelled ones (each stream asked at most as often as
+    ``BatcherLimits`` allows) -> free the caches still to release -> engine step (prompts
+    of new sequences, last token of the others; if it fails with new rows in it, the
+    running rows again alone and each new row alone, to fail only the rows that cause the
+    error) -> sample all rows at once -> detokenize the new suffix -> send it -> retire
     finished sequences (EOS, stop word, max_tokens, error) and free their KV caches.
 
 A new request joins at the next step without waiting for the others to finish; a finished
@@ -35,7 +36,7 @@ from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
-from gpt2_triton.sampling import TokenSampler
+from gpt2_triton.sampling import TokenSampler, sample_batch
 from gpt2_triton.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,13 @@ class BatcherLimits:
     # new requests joins over several steps, so running streams stall for one budget's
     # prefill at a time, and the engine's activation memory stays bounded.
     max_prefill_tokens: int = 512
+    # Asking a client's request whether it was cancelled can cost a round trip (Triton: a
+    # message to the server process and back, per stream). 0 and 0 ask every stream every
+    # step. Otherwise a stream is asked at most once per interval, and at most that many
+    # streams a step, those asked longest ago first: a cancelled stream leaves within
+    # max(interval, ceil(active / per step) steps) plus one step.
+    cancel_check_interval_s: float = 0.0
+    cancel_checks_per_step: int = 0  # 0: no cap
 
 
 @dataclass
@@ -118,6 +126,7 @@ class _Sequence:
     history: list[int] = field(default_factory=list)  # prompt + generated ids
     generated: int = 0
     started: bool = False  # the engine holds its KV cache
+    cancel_checked_at: float = 0.0  # time.monotonic() of the last is_cancelled() asked
     ended: bool = False  # its final response was sent: nothing more goes out
 
     def output(self, text: str, reason: str = "") -> GenerationOutput:
@@ -183,7 +192,7 @@ class InflightBatcher:
             sequence_id=next(self._ids),
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            sampler=TokenSampler(request.sampling),
+            sampler=TokenSampler(request.sampling, prompt_ids),
             detokenizer=IncrementalDetokenizer(self.codec.decode, request.stop_words),
             submitted_at=time.perf_counter(),
             history=list(prompt_ids),
@@ -293,6 +302,7 @@ class InflightBatcher:
                 if prefill and prefill + cost > self.limits.max_prefill_tokens:
                     break  # the next step takes it
                 prefill += cost
+                self._waiting[0].cancel_checked_at = time.monotonic()  # just asked
                 self._active.append(self._waiting.popleft())
             self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._active)
@@ -300,10 +310,22 @@ class InflightBatcher:
             self._finish(sequence, names.FINISH_CANCELLED, "")
 
     def _drop_cancelled(self) -> None:
-        cancelled = [s for s in self._active if _is_gone(s)]
+        cancelled = [s for s in self._due_for_cancel_check() if _is_gone(s)]
         for sequence in cancelled:
             self._finish(sequence, names.FINISH_CANCELLED, "")
         self._retire(cancelled)
+
+    def _due_for_cancel_check(self) -> list[_Sequence]:
+        interval, per_step = self.limits.cancel_check_interval_s, self.limits.cancel_checks_per_step
+        if not interval and not per_step:
+            return list(self._active)
+        now = time.monotonic()
+        due = [s for s in self._active if now - s.cancel_checked_at >= interval]
+        if per_step:
+            due = sorted(due, key=lambda s: s.cancel_checked_at)[:per_step]
+        for sequence in due:
+            sequence.cancel_checked_at = now
+        return due
 
     def _engine_step(
         self, batch: list[_Sequence]
@@ -345,13 +367,18 @@ class InflightBatcher:
         self, rows: list[_Sequence], logits: np.ndarray, now: float
     ) -> list[_Sequence]:
         finished = []
-        for row, sequence in enumerate(rows):
+        tokens = self._sample(rows, logits)
+        for sequence, token in zip(rows, tokens, strict=True):
             if not sequence.started:
                 sequence.started = True
                 self.stats.first_tokens += 1
                 self.stats.first_token_seconds_total += now - sequence.submitted_at
+            if token is None:  # its row could not be sampled (logged)
+                self._end_with_error(sequence, "internal error while generating")
+                finished.append(sequence)
+                continue
             try:
-                if self._advance(sequence, logits[row]):
+                if self._advance(sequence, token):
                     finished.append(sequence)
             except Exception:
                 log.exception("sequence %d failed", sequence.sequence_id)
@@ -359,12 +386,30 @@ class InflightBatcher:
                 finished.append(sequence)
         return finished
 
-    def _advance(self, sequence: _Sequence, logits: np.ndarray) -> bool:
-        """Sample, detokenize, send; True when the sequence is done."""
-        if sequence.generated < sequence.request.min_length:
-            logits = logits.copy()
-            logits[self.limits.eos_token_id] = -np.inf
-        token = sequence.sampler(logits, sequence.history)
+    def _sample(self, rows: list[_Sequence], logits: np.ndarray) -> list[int | None]:
+        """Each row's next token, all rows in one call; None for a row that failed.
+
+        When the call fails, each row alone, so that only the rows that cause the failure
+        fail. A call that fails has taken no draw from any generator (sampling.py), so the
+        rows sampled again keep their seeded streams.
+        """
+        eos = self.limits.eos_token_id
+        suppressed = [eos if s.generated < s.request.min_length else None for s in rows]
+        try:
+            return sample_batch(logits, [s.sampler for s in rows], suppressed).tolist()
+        except Exception:
+            log.exception("sampling failed for %d rows; sampling them one by one", len(rows))
+        tokens: list[int | None] = []
+        for row, sequence in enumerate(rows):
+            try:
+                tokens.append(sequence.sampler(logits[row], suppressed[row]))
+            except Exception:
+                log.exception("sequence %d could not be sampled", sequence.sequence_id)
+                tokens.append(None)
+        return tokens
+
+    def _advance(self, sequence: _Sequence, token: int) -> bool:
+        """Detokenize, send; True when the sequence is done."""
         if token == self.limits.eos_token_id:
             self._finish(sequence, names.FINISH_STOP, "")
             return True

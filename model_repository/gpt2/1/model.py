@@ -30,6 +30,12 @@ from gpt2_triton.text import TextCodec
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_EVERY_S = 0.5
 STOP_TIMEOUT_S = 30  # a step in progress ends first; an engine step takes well under a second
+# response_sender.is_cancelled() is a round trip to the server process: each stream is
+# asked at most every 50 ms, and at most 4 streams a step (those asked longest ago first),
+# instead of every stream every step. A cancelled stream leaves within max(50 ms, 4 steps
+# at 16 streams) plus one step: ~50 ms at one stream, ~250 ms at 16 (steps of ~50 ms).
+CANCEL_CHECK_INTERVAL_S = 0.05
+CANCEL_CHECKS_PER_STEP = 4
 
 
 class TritonPythonModel:
@@ -51,6 +57,8 @@ class TritonPythonModel:
             max_prefill_tokens=model_config.int_param(
                 params, "max_prefill_tokens", "gpt2", minimum=1
             ),
+            cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
+            cancel_checks_per_step=CANCEL_CHECKS_PER_STEP,
         )
         self.engine, self.gauges = self._engine(params, folder, limits.max_active)
         self.batcher = InflightBatcher(self.engine, codec, limits)
@@ -211,8 +219,8 @@ class Metrics:
             "Time in the engine call (BLS) of each step",
             counter=True,
         )
-        self.active = self._metric("gpt2_active_sequences", "Sequences in the running batch")
-        self.waiting = self._metric("gpt2_waiting_requests", "Requests queued to join")
+        self.active = self._metric(names.ACTIVE_SEQUENCES_METRIC, "Sequences in the running batch")
+        self.waiting = self._metric(names.WAITING_REQUESTS_METRIC, "Requests queued to join")
         self.published = {}  # counter name -> value already published
 
     def _metric(self, name, description, counter=False, labels=None):
