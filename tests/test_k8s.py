@@ -490,11 +490,14 @@ def script_commands(script: str, env: dict[str, str]) -> list[list[str]]:
 
 
 def make_repo_commands(variables: dict[str, str]) -> list[list[str]]:
-    # -o setup: print the recipe without the environment's set-up
+    # -o setup: print the recipe without the environment's set-up. Under `make test` this
+    # make is a sub-make: without --no-print-directory (and the parent's MAKEFLAGS) it
+    # prints "make[1]: Entering directory" lines among the commands.
     run = subprocess.run(
         [
             "make",
             "-n",
+            "--no-print-directory",
             "-o",
             "setup",
             "repo",
@@ -502,6 +505,7 @@ def make_repo_commands(variables: dict[str, str]) -> list[list[str]]:
             *(f"{k}={v}" for k, v in variables.items()),
         ],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")},
         capture_output=True,
         text=True,
         timeout=60,
