@@ -39,3 +39,37 @@ def test_a_text_chunk_is_the_event_pydantic_renders(render, text, index):
     expected = sse(render(index, text))
     assert event.startswith("data: ") and event.endswith("\n\n")
     assert json.loads(event.removeprefix("data: ")) == json.loads(expected.removeprefix("data: "))
+
+
+@pytest.mark.parametrize("final", [False, True])
+def test_a_piece_is_read_from_the_raw_response_as_tritonclient_reads_it(final):
+    """The gateway reads Triton's raw output contents itself: the same values as
+    tritonclient's own ``as_numpy``, on a real ModelInferResponse."""
+    import numpy as np
+    from tritonclient.grpc import InferResult, service_pb2
+    from tritonclient.utils import serialize_byte_tensor
+
+    from api.triton import _piece
+    from gpt2_triton import names
+
+    response = service_pb2.ModelInferResponse(model_name="gpt2")
+    outputs = [(names.TEXT_OUTPUT, "BYTES", np.array(["é a \u2028".encode()], dtype=object))]
+    if final:
+        outputs += [
+            (names.FINISH_REASON, "BYTES", np.array([b"length"], dtype=object)),
+            (names.NUM_INPUT_TOKENS, "INT32", np.array([7], dtype=np.int32)),
+            (names.NUM_OUTPUT_TOKENS, "INT32", np.array([300], dtype=np.int32)),
+        ]
+    for name, datatype, array in outputs:
+        response.outputs.add(name=name, datatype=datatype, shape=[1])
+        raw = serialize_byte_tensor(array).item() if datatype == "BYTES" else array.tobytes()
+        response.raw_output_contents.append(raw)
+    result = InferResult(response)
+
+    piece = _piece(result)
+    assert piece.text == result.as_numpy(names.TEXT_OUTPUT)[0].decode()
+    if final:
+        assert piece.finish_reason == "length"
+        assert (piece.num_input_tokens, piece.num_output_tokens) == (7, 300)
+    else:
+        assert (piece.finish_reason, piece.num_input_tokens, piece.num_output_tokens) == ("", 0, 0)
