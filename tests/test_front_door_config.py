@@ -105,3 +105,41 @@ def test_the_admin_interface_is_a_socket_only_its_owner_opens(tmp_path):
         render_config(FrontDoorSettings(admin_socket=str(tmp_path / "admin.sock")))
     )["admin"]
     assert admin["address"] == {"pipe": {"path": str(tmp_path / "admin.sock"), "mode": 0o600}}
+
+
+def test_paths_with_quotes_and_backslashes_stay_themselves(tmp_path):
+    folder = tmp_path / 'logs "a"\\tb'
+    folder.mkdir()
+    settings = FrontDoorSettings(
+        admin_socket=str(folder / "admin.sock"), access_log=str(folder / "access.log")
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_config(settings))
+    validate(config)
+    loaded = yaml.safe_load(config.read_text())
+    assert loaded["admin"]["address"]["pipe"]["path"] == settings.admin_socket
+    listener = loaded["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["access_log"][0]["typed_config"]["path"] == settings.access_log
+
+
+def test_replicas_are_one_endpoint_each_in_both_clusters(tmp_path):
+    settings = FrontDoorSettings(
+        admin_socket=str(tmp_path / "admin.sock"), replica_ports=((9100, 9101), (9110, 9111))
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_config(settings))
+    validate(config)
+    clusters = {
+        c["name"]: c for c in yaml.safe_load(config.read_text())["static_resources"]["clusters"]
+    }
+    for name, ports in (("triton_http", [9100, 9110]), ("triton_grpc", [9101, 9111])):
+        endpoints = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == (
+            ports
+        )
+        assert clusters[name]["lb_policy"] == "LEAST_REQUEST"
+    grpc = clusters["triton_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["health_check_config"]["port_value"] for e in grpc] == [9100, 9110]
+    with pytest.raises(FrontDoorError, match="overlap"):
+        FrontDoorSettings(replica_ports=((9100, 9101), (9101, 9111)))

@@ -168,6 +168,30 @@ def test_both_replicas_serve_and_the_door_shows_each_ones_share(replicated):
 
 
 @pytest.mark.integration
+def test_requests_triton_would_reset_are_refused_at_the_door_and_eject_no_replica(replicated):
+    """Triton's HTTP server resets a request with over ~8 KB of headers; that reset would
+    count against the replica. The door answers 431 itself, however many come."""
+    import http.client
+
+    def ejections() -> int:
+        stats = replicated.envoy.stats()
+        return sum(v for k, v in stats.items() if k.endswith("outlier_detection.ejections_total"))
+
+    before = ejections()
+    host, port = replicated.http_url.rsplit(":", 1)
+    for _ in range(6):
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            connection.request("GET", "/v2/health/ready", headers={"x-big": "a" * 10_000})
+            response = connection.getresponse()
+            assert response.status == 431, (response.status, response.read())
+        finally:
+            connection.close()
+    assert ejections() == before
+    assert replicated.replicas_in_rotation() == 2
+
+
+@pytest.mark.integration
 def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
     service = replicated
     victim = service.replicas[1]
@@ -243,3 +267,33 @@ def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
             return True
 
     assert _wait_for(lambda: not group_alive(old_pid) and all(map(gone, stubs)), 60)
+
+
+def test_every_port_of_the_service_is_checked_before_anything_starts(tmp_path):
+    from gpt2_triton.front_door import FrontDoorSettings
+    from gpt2_triton.serve import MAX_REPLICAS, Service
+    from gpt2_triton.triton_server import Ports, ServerError
+
+    front = FrontDoorSettings(http_port=18000, grpc_port=18001, gateway_port=18300)
+    # Triton's metrics server answers 200 to any path: a metrics port on another replica's
+    # HTTP port would pass every readiness check
+    with pytest.raises(ServerError, match="replica 1 HTTP"):
+        Service(
+            tmp_path, front, replica_ports=[Ports(18100, 18101, 18110), Ports(18110, 18111, 18112)]
+        )
+    with pytest.raises(ServerError, match="front door HTTP"):
+        Service(tmp_path, front, replica_ports=[Ports(18100, 18101, 18000)])
+    with pytest.raises(ServerError, match="out of range"):
+        Service(tmp_path, front, replica_ports=[Ports(18100, 18101, 70000)])
+    with pytest.raises(ServerError, match=f"1 to {MAX_REPLICAS}"):
+        Service(tmp_path, front, replicas=MAX_REPLICAS + 1)
+    with pytest.raises(ServerError, match="1 to"):
+        Service(tmp_path, front, replicas=0)
+
+
+def test_an_exit_by_any_signal_is_described():
+    from gpt2_triton.serve import _describe_exit
+
+    assert _describe_exit(-9) == "killed by SIGKILL"
+    assert _describe_exit(-40).startswith("killed by signal 40")  # real-time: no enum name
+    assert _describe_exit(3) == "code 3"

@@ -9,6 +9,7 @@ end a child when the launcher itself is killed (SIGKILL leaves it no time to cle
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -33,10 +34,25 @@ def popen_dying_with_parent(command: list[str], **popen_args) -> subprocess.Pope
     runs no code between fork and exec: a ``preexec_fn`` forks the whole interpreter, and in
     a process that uses gRPC (tests, the benchmark harness) the child can abort in gRPC's
     fork handling before it execs. Without setpriv, the ``preexec_fn``."""
-    setpriv = shutil.which("setpriv")
+    setpriv = _setpriv_with_pdeathsig()
     if setpriv:
         return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *command], **popen_args)
     return subprocess.Popen(command, preexec_fn=die_with_parent, **popen_args)
+
+
+@functools.cache
+def _setpriv_with_pdeathsig() -> str | None:
+    """setpriv, when it has --pdeathsig (util-linux 2.33 on; busybox's has not)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    try:
+        probe = subprocess.run(
+            [setpriv, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return setpriv if probe.returncode == 0 else None
 
 
 def group_alive(pgid: int) -> bool:

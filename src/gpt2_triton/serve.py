@@ -52,6 +52,7 @@ def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
 
 
 REPLICA_PORT_STRIDE = 10  # replica i: Triton's ports (and metrics) + 10 * i
+MAX_REPLICAS = 32  # on one machine; more is a typo, not a deployment
 
 
 @dataclass
@@ -88,8 +89,8 @@ class Service:
     ) -> None:
         front = front or FrontDoorSettings()
         if replica_ports is None:
-            if replicas < 1:
-                raise ServerError("replicas must be >= 1")
+            if not 1 <= replicas <= MAX_REPLICAS:
+                raise ServerError(f"replicas must be 1 to {MAX_REPLICAS} (got {replicas})")
             stride = REPLICA_PORT_STRIDE
             replica_ports = [
                 Ports(
@@ -99,6 +100,7 @@ class Service:
                 )
                 for i in range(replicas)
             ]
+        _check_ports(front, replica_ports, openai)
         # the front door balances over exactly the replicas started here
         self.front = front = replace(
             front, replica_ports=tuple((ports.http, ports.grpc) for ports in replica_ports)
@@ -222,9 +224,28 @@ class Service:
             ):
                 return True
             time.sleep(0.2)
-        raise ServerError(
-            f"the service is not ready after {timeout:.0f} s" + self.triton.log_tail()
-        )
+        raise ServerError(f"the service is not ready after {timeout:.0f} s: " + self._not_ready())
+
+    def _not_ready(self) -> str:
+        """Which part is not ready, with the replicas' own log tails."""
+        parts = []
+        in_rotation = {}
+        try:
+            for cluster in ("triton_http", "triton_grpc"):
+                for address, host in self.envoy.hosts().get(cluster, {}).items():
+                    in_rotation[address] = in_rotation.get(address, True) and host.healthy
+        except (OSError, FrontDoorError, ValueError):
+            pass
+        for replica in self.replicas:
+            server = replica.server
+            ready = _answers_200(f"http://{server.http_url}/v2/health/ready")
+            if not ready:
+                parts.append(f"replica {replica.index} not ready{server.log_tail()}")
+            elif not in_rotation.get(server.http_url, False):
+                parts.append(f"replica {replica.index} ready but not in the front door's rotation")
+        if self.gateway is not None and not _answers_200(f"http://{self.gateway.url}/health"):
+            parts.append(f"the OpenAI gateway is not ready (log: {self.gateway.log_file})")
+        return "; ".join(parts) or "the front door does not answer ready"
 
     def replicas_in_rotation(self) -> int:
         """How many replicas the front door now sends requests to (both clusters)."""
@@ -233,6 +254,9 @@ class Service:
             sum(host.healthy for host in hosts.get(cluster, {}).values())
             for cluster in ("triton_http", "triton_grpc")
         )
+
+    def supervising(self) -> bool:
+        return self._supervisor is not None and self._supervisor.is_alive()
 
     def triton_alive(self) -> bool:
         return all(replica.alive() for replica in self.replicas)
@@ -286,8 +310,12 @@ class Service:
             if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
                 gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
             for replica in self.replicas:
-                if not replica.failed:
+                if replica.failed:
+                    continue
+                try:
                     self._look_after(replica)
+                except Exception:  # one replica's trouble must not end the others' care
+                    log.exception("supervising replica %d failed; trying again", replica.index)
 
     def _look_after(self, replica: Replica) -> None:
         """One supervisor tick for one replica: note it ready, or restart it once its
@@ -349,6 +377,29 @@ class Service:
         return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
 
 
+def _check_ports(front: FrontDoorSettings, replicas: list[Ports], openai: bool) -> None:
+    """Every port this service listens on: in range and used once. Triton's metrics server
+    answers 200 to any path, so a metrics port on another replica's HTTP port would pass
+    the readiness checks and serve wrong answers."""
+    named = [("front door HTTP", front.http_port), ("front door gRPC", front.grpc_port)]
+    if openai:
+        named.append(("OpenAI gateway", front.gateway_port))
+    for i, ports in enumerate(replicas):
+        named += [
+            (f"replica {i} HTTP", ports.http),
+            (f"replica {i} gRPC", ports.grpc),
+            (f"replica {i} metrics", ports.metrics),
+        ]
+    bad = [f"{name} {port}" for name, port in named if not 1 <= port <= 65535]
+    if bad:
+        raise ServerError(f"port out of range (1-65535): {', '.join(bad[:4])}")
+    seen: dict[int, str] = {}
+    for name, port in named:
+        if port in seen:
+            raise ServerError(f"port {port} is both the {seen[port]} and the {name} port")
+        seen[port] = name
+
+
 def _answers_200(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -359,7 +410,10 @@ def _answers_200(url: str) -> bool:
 
 def _describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:  # a real-time signal has no name in the enum
+            return f"killed by signal {-code} ({signal.strsignal(-code) or 'unknown'})"
     return f"code {code}"
 
 
@@ -470,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping.wait(0.5):
         if not service.envoy.alive():
             print(f"error: envoy exited; see {service.envoy.log_file}", file=sys.stderr)
+            service.stop()
+            return 1
+        if not service.supervising():
+            print("error: the supervisor thread ended; stopping", file=sys.stderr)
             service.stop()
             return 1
     service.stop()
