@@ -169,6 +169,18 @@ bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minut
 	$(PY) -m build_scripts.export_onnx --model $(BENCH_MODEL) --int8 --skip-existing
 	$(PY) -m benchmarks.harness --model $(BENCH_MODEL)
 
+# make bench-peer: llama.cpp is built once, outside the repository (default
+# ${XDG_CACHE_HOME:-~/.cache}/gpt2-triton/llama.cpp-<version>; LLAMA_CPP_CACHE overrides);
+# BENCH_PEER_FLAGS go to the harness (e.g. --skip-hf --engines onnx onnx-int8).
+LLAMA_CPP_CACHE ?=
+BENCH_PEER_FLAGS ?=
+.PHONY: bench-peer
+bench-peer: bench-model ## make bench plus llama.cpp's llama-server, same run (builds it once, ~10 min)
+	$(PY) -m build_scripts.export_onnx --model $(BENCH_MODEL) --int8 --skip-existing
+	$(PY) -m benchmarks.peer --model $(BENCH_MODEL) $(if $(LLAMA_CPP_CACHE),--cache $(LLAMA_CPP_CACHE))
+	$(PY) -m benchmarks.harness --model $(BENCH_MODEL) --peer \
+		$(if $(LLAMA_CPP_CACHE),--peer-cache $(LLAMA_CPP_CACHE)) $(BENCH_PEER_FLAGS)
+
 perf-analyzer-deps: setup
 	@command -v ldconfig >/dev/null && ldconfig -p | grep -q libb64.so.0d || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \

@@ -9,7 +9,11 @@
 (c) the service: Triton over gRPC streaming, for each engine built (onnx, onnx-int8, torch),
     straight to Triton (``triton:<engine>``) and, for ``--front-door-engines``, through the
     Envoy front door of ``make serve`` (``front-door:<engine>``) and the OpenAI-compatible
-    API behind it (``openai:<engine>``, streaming completions), taking turns wave by wave.
+    API behind it (``openai:<engine>``, streaming completions), taking turns wave by wave;
+(d) with ``--peer`` (``make bench-peer``), the same checkpoint on llama.cpp's
+    ``llama-server`` (``llama:f32`` beside ``onnx``, ``llama:q8_0`` beside ``onnx-int8``;
+    ``benchmarks/peer.py``), its waves taking turns with the service's: peer, service,
+    peer, service.
 
 For each: time to first token, inter-token latency, request latency (p50/p90/p99) and
 output tokens/s at each concurrency and prompt length, with exactly ``--new-tokens``
@@ -17,7 +21,9 @@ tokens per request (``min_length`` = ``max_tokens``; greedy). Ratios of (c) to (
 (b) are taken within the run. With ``--sampling``, the service is also measured sampling
 (temperature 0.8, top_p 0.95, seeded: ``triton-sampled:<engine>``), its waves taking
 turns with the greedy ones, and the report sets sampled against greedy tokens/s. Writes
-``results.json`` and the report with plots.
+``results.json`` and the report with plots. At each concurrency-1 point it also times a
+read of the weights' bytes (``benchmarks/bandwidth.py``): the memory-bandwidth floor of a
+decode step, of which the report gives every engine's inter-token latency as a multiple.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import platform
 import threading
 import time
@@ -34,17 +41,19 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import bandwidth, peer
 from gpt2_triton import checkpoint, logs
 
 log = logging.getLogger("benchmarks.harness")
 
 SAMPLED_PATH = "triton-sampled"  # straight to Triton, like "triton", sampling
 SAMPLED_TEMPERATURE, SAMPLED_TOP_P = 0.8, 0.95  # common chat settings (issue 14)
+PEER_PATH = "llama"  # llama-server's /completion over HTTP, streaming
 
 
 @dataclass
 class Row:
-    system: str  # hf-generate | onnxruntime-loop | triton:<engine>
+    system: str  # hf-generate | onnxruntime-loop | triton:<engine> | llama:<quant> | ...
     concurrency: int
     prompt_tokens: int
     new_tokens: int
@@ -55,7 +64,12 @@ class Row:
     latency_ms: list[float] = field(default_factory=list)  # per request
     wall_s: float = 0.0
     tokens: int = 0
+    # after the grid point's waves, summed over the server's processes (tritonserver and
+    # every backend stub; llama-server is one process). RSS counts a page shared by two
+    # processes twice (libraries, the weights file mapped by both); PSS shares it out, so
+    # PSS sums compare a multi-process server with a single-process one.
     server_rss_mb: float | None = None
+    server_pss_mb: float | None = None
 
     def summary(self) -> dict:
         def pct(values, q):
@@ -77,6 +91,7 @@ class Row:
             "latency_ms_p99": pct(self.latency_ms, 99),
             "tokens_per_s": self.tokens / self.wall_s if self.wall_s else None,
             "server_rss_mb": self.server_rss_mb,
+            "server_pss_mb": self.server_pss_mb,
         }
 
 
@@ -188,19 +203,25 @@ def bench_triton(
     new_tokens: int,
     server_pid: int,
     rounds: int,
+    peer_pid: int | None = None,
 ) -> list[Row]:
     """The service at one grid point, over each of ``urls`` (path name -> a gRPC address, or
-    the OpenAI API's base URL ``http://.../v1``):
+    the OpenAI API's base URL ``http://.../v1``; for PEER_PATH, llama-server's host:port):
     waves of ``concurrency`` clients, the paths taking turns wave by wave, so that the
     machine's drift falls on every path alike. The SAMPLED_PATH samples; the others are
     greedy."""
     from client import GenerationParams, Gpt2Client
 
-    rows = {path: Row(f"{path}:{engine}", concurrency, prompt_tokens, new_tokens) for path in urls}
+    def system(path: str) -> str:
+        return f"{path}:{peer.QUANT_FOR_ENGINE[engine] if path == PEER_PATH else engine}"
+
+    rows = {path: Row(system(path), concurrency, prompt_tokens, new_tokens) for path in urls}
     greedy = GenerationParams(max_tokens=new_tokens, min_length=new_tokens, temperature=0)
     prompts = [
         tokenizer.decode(prompt_ids(tokenizer, prompt_tokens, i)) for i in range(concurrency)
     ]
+    # the peer gets token ids: the very ids the service makes of each prompt's text
+    peer_prompts = [tokenizer(text)["input_ids"] for text in prompts]
     lock = threading.Lock()
 
     def native(url: str, client_index: int, barrier: threading.Barrier, path: str):
@@ -244,9 +265,29 @@ def bench_triton(
         client.close()
         return started, stamps, tokens
 
+    def llama(url: str, client_index: int, barrier: threading.Barrier, path: str):
+        import http.client
+
+        host, port = url.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=300)
+        connection.connect()  # before the barrier, as the other clients connect before it
+        barrier.wait()
+        started = time.perf_counter()
+        stamps, tokens = [], 0
+        for event in peer.stream_completion(connection, peer_prompts[client_index], new_tokens):
+            if event.get("tokens"):  # one event per token, also when its text is held back
+                stamps.append(time.perf_counter())
+            if event.get("stop"):
+                tokens = event["tokens_predicted"]
+        connection.close()
+        return started, stamps, tokens
+
     def one(path: str, row: Row | None, client_index: int, barrier: threading.Barrier) -> None:
         url = urls[path]
-        call = openai_api if url.startswith("http") else native
+        if path == PEER_PATH:
+            call = llama
+        else:
+            call = openai_api if url.startswith("http") else native
         started, stamps, tokens = call(url, client_index, barrier, path)
         end = time.perf_counter()
         if row is not None:
@@ -275,18 +316,27 @@ def bench_triton(
     for _ in range(rounds):
         for path in urls:
             rows[path].wall_s += wave(path, rows[path])
-    for row in rows.values():
-        row.server_rss_mb = server_rss_mb(server_pid)
+    memory = {pid: server_memory_mb(pid) for pid in {server_pid, peer_pid} - {None}}
+    for path, row in rows.items():
+        row.server_rss_mb, row.server_pss_mb = memory[peer_pid if path == PEER_PATH else server_pid]
     return list(rows.values())
 
 
-def server_rss_mb(pid: int) -> float:
-    """tritonserver and its Python backend stubs (one process per model instance)."""
+def server_memory_mb(pid: int) -> tuple[float, float]:
+    """RSS and PSS in MiB, summed over the process and its descendants (tritonserver: its
+    Python backend stubs, one process per model instance)."""
     import psutil
 
     process = psutil.Process(pid)
-    processes = [process, *process.children(recursive=True)]
-    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+    rss = pss = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()  # reads smaps_rollup: PSS too
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # a stub that ended between the listing and the read
+        rss += info.rss
+        pss += info.pss
+    return rss / 2**20, pss / 2**20
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -302,6 +352,12 @@ def run(args) -> dict:
     export_dir = checkpoint.artifacts_root() / "onnx" / spec.slug
     rows: list[Row] = []
     grid = [(c, p) for p in args.prompt_tokens for c in args.concurrency]
+    threads = args.threads or os.cpu_count() or 1
+    # built and converted before anything is timed (once: later runs reuse both)
+    peer_files = peer.prepare(args.model, args.peer_cache) if args.peer else None
+    local = checkpoint.local_folder(spec)
+    weight_bytes = bandwidth.streamed_weight_bytes(local) if local else 0
+    floors: list[dict] = []
 
     if not args.skip_hf:
         import torch
@@ -350,14 +406,36 @@ def run(args) -> dict:
                 metrics_port=args.port + 5,
                 log_dir=checkpoint.artifacts_root() / "bench" / f"logs-{kind}",
             )
-        with server or contextlib.nullcontext():
+        llama = None
+        if peer_files and server and kind in peer.QUANT_FOR_ENGINE:
+            quant = peer.QUANT_FOR_ENGINE[kind]
+            # as many slots as the service has sequences, each with room for the longest
+            # prompt and its new tokens; the same threads as the engines
+            slots = max(args.concurrency)
+            llama = peer.LlamaServer(
+                peer_files.server,
+                peer_files.models[quant],
+                port=args.port + 7,
+                threads=threads,
+                slots=slots,
+                context=peer.context_size(slots, max(args.prompt_tokens), args.new_tokens),
+                log_file=checkpoint.artifacts_root() / "bench" / f"logs-llama-{quant}.log",
+            )
+        with server or contextlib.nullcontext(), llama or contextlib.nullcontext():
             for c, p in grid:
+                if c == 1 and weight_bytes:
+                    # the floor beside each single-stream point, so drift cannot fall
+                    # between an engine's ITL and the floor it is read against
+                    measured = bandwidth.measure(weight_bytes, threads)
+                    floors.append({"engine": kind, "prompt_tokens": p, **measured})
+                    log.info("read bandwidth %.1f GB/s", measured["gb_per_s"])
                 if loop is not None:
                     log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
                     rows.append(bench_ort_loop(loop, tokenizer, c, p, args.new_tokens, kind))
                 if server is None:
                     continue
-                paths = {"triton": server.triton.grpc_url}
+                paths = {PEER_PATH: llama.url} if llama else {}  # first: peer, service, ...
+                paths["triton"] = server.triton.grpc_url
                 if args.sampling:
                     paths[SAMPLED_PATH] = server.triton.grpc_url
                 if kind in args.front_door_engines:
@@ -374,6 +452,7 @@ def run(args) -> dict:
                         args.new_tokens,
                         server.triton.process.pid,
                         rounds=args.rounds if c == 1 else max(args.rounds // 4, 1),
+                        peer_pid=llama.process.pid if llama else None,
                     )
                 )
         del loop
@@ -382,13 +461,20 @@ def run(args) -> dict:
     return {
         "model": spec.source,
         "machine": {
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "processor": platform.processor(),
         },
         "new_tokens": args.new_tokens,
         "threads": args.threads,
         "started": started_at,
+        "peer": (
+            {"llama_cpp_python": peer.LLAMA_CPP_PYTHON, "server": str(peer_files.server)}
+            if peer_files
+            else None
+        ),
+        "weight_bytes": weight_bytes,  # fp32 bytes a decode step reads (bandwidth.py)
+        "bandwidth": floors,
         "rows": [r.summary() for r in rows],
         "raw": [asdict(r) for r in rows] if args.raw else None,
     }
@@ -420,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also measure the service sampling (temperature {SAMPLED_TEMPERATURE}, "
         f"top_p {SAMPLED_TOP_P}) next to greedy, taking turns wave by wave",
+    )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also measure llama.cpp's llama-server (built once, see benchmarks/peer.py): "
+        "f32 beside onnx, q8_0 beside onnx-int8, taking turns with the service",
+    )
+    parser.add_argument(
+        "--peer-cache", type=Path, default=None, help="where llama.cpp is built (peer.py)"
     )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
     parser.add_argument("--skip-hf", action="store_true")

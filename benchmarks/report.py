@@ -96,21 +96,96 @@ def sampling_rows(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+# Each service beside the peer of the same precision class (benchmarks/peer.py)
+PEERS = {"triton:onnx": "llama:f32", "triton:onnx-int8": "llama:q8_0"}
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def peer_rows(results: dict) -> list[str]:
+    """The service over llama.cpp's llama-server at each grid point, same run: below 1x
+    is better for ITL, TTFT and memory, above 1x for tokens/s."""
+    by = _index(results["rows"])
+    lines = [
+        "| service | peer | concurrency | prompt | ITL p50 | TTFT p50 | tokens/s | "
+        "server memory (PSS) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        if r["system"] not in PEERS:
+            continue
+        key = (r["concurrency"], r["prompt_tokens"])
+        other = by.get((PEERS[r["system"]], *key))
+        if other is None:
+            continue
+        cells = [
+            _ratio(r[name], other[name])
+            for name in ("itl_ms_p50", "ttft_ms_p50", "tokens_per_s", "server_pss_mb")
+        ]
+        lines.append(
+            f"| {r['system']} | {other['system']} | {key[0]} | {key[1]} | "
+            + " | ".join(f"{_fmt(c, '.2f')}x" for c in cells)
+            + " |"
+        )
+    return lines if len(lines) > 2 else []
+
+
+def _floor_engine(system: str) -> str | None:
+    """The engine kind beside whose single-stream points a system was measured (where the
+    harness timed the floor it is read against)."""
+    if system.startswith("onnxruntime-loop"):
+        return "onnx-int8" if system.endswith(":int8") else "onnx"
+    path, _, engine = system.partition(":")
+    if path == "llama":  # the peer runs beside the engine it is set against
+        return next((s.partition(":")[2] for s, p in PEERS.items() if p == system), None)
+    return engine or None
+
+
+def floor_rows(results: dict) -> list[str]:
+    """Every system's ITL at concurrency 1 as a multiple of the memory-bandwidth floor
+    (the fp32 weights' bytes at the read bandwidth measured beside it, same run)."""
+    floors = results.get("bandwidth") or []
+    weight_bytes = results.get("weight_bytes") or 0
+    if not floors or not weight_bytes:
+        return []
+    by = {(f["engine"], f["prompt_tokens"]): f["gb_per_s"] for f in floors}
+    median = sorted(f["gb_per_s"] for f in floors)[len(floors) // 2]
+    lines = [
+        "| system | prompt | ITL p50 | read bandwidth | fp32 floor | ITL / floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        if r["concurrency"] != 1 or r["itl_ms_p50"] is None:
+            continue
+        # measured beside it, or (hf-generate runs before any) the run's median
+        gb_per_s = by.get((_floor_engine(r["system"]), r["prompt_tokens"]), median)
+        floor_ms = 1e3 * weight_bytes / (gb_per_s * 1e9)
+        lines.append(
+            f"| {r['system']} | {r['prompt_tokens']} | {r['itl_ms_p50']:.2f} ms | "
+            f"{gb_per_s:.1f} GB/s | {floor_ms:.2f} ms | {r['itl_ms_p50'] / floor_ms:.2f}x |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def table(results: dict) -> list[str]:
     lines = [
         "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
-        "latency p50 | latency p90 | latency p99 | tokens/s | server RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "latency p50 | latency p90 | latency p99 | tokens/s | server RSS | server PSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         rss = _fmt(r["server_rss_mb"], ".0f") + " MB" if r["server_rss_mb"] else "-"
+        # results from before PSS was measured have no such key
+        pss = _fmt(r.get("server_pss_mb"), ".0f") + " MB" if r.get("server_pss_mb") else "-"
         lines.append(
             f"| {r['system']} | {r['concurrency']} | {r['prompt_tokens']} | "
             f"{_fmt(r['ttft_ms_p50'])} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p90'], '.2f')} ms | {_fmt(r['itl_ms_p99'], '.2f')} ms | "
             f"{_fmt(r['gap_ms_p99'], '.2f')} ms | {_fmt(r['latency_ms_p50'], '.0f')} ms | "
             f"{_fmt(r['latency_ms_p90'], '.0f')} ms | {_fmt(r['latency_ms_p99'], '.0f')} ms | "
-            f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} |"
+            f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} | {pss} |"
         )
     return lines
 
@@ -167,7 +242,8 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
     text = [
         "# Benchmarks",
         "",
-        f"Produced by `make bench` ({results['started']}, {results['duration_s']:.0f} s) on "
+        f"Produced by `make {'bench-peer' if results.get('peer') else 'bench'}` "
+        f"({results['started']}, {results['duration_s']:.0f} s) on "
         f"{results['machine']['cpus']} CPUs ({results['machine']['platform']}); model "
         f"`{results['model']}`, {results['new_tokens']} new tokens per request, greedy, "
         "exactly that many tokens (min_length = max_tokens). One sitting: compare ratios "
@@ -186,7 +262,20 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
         "(`--sampling`); the paths take turns wave by wave at "
         "each grid point. In the ratios, `triton:onnx-int8` is "
-        "taken against the int8 loop, the other engines against the fp32 loop.",
+        "taken against the int8 loop, the other engines against the fp32 loop. "
+        + (
+            "`llama:f32` / `llama:q8_0` = the same checkpoint converted to GGUF by llama.cpp's "
+            f"own tools, served by its `llama-server` (llama-cpp-python "
+            f"{results['peer']['llama_cpp_python']}'s llama.cpp, `-np` = the service's "
+            "sequences, continuous batching, the same threads), streaming `/completion` over "
+            "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`; "
+            "its waves take turns with `triton:onnx` / `triton:onnx-int8`, peer first. "
+            if results.get("peer")
+            else ""
+        )
+        + "Server RSS and PSS: after the grid point's waves, summed over "
+        "the server's processes (tritonserver and every backend stub; llama-server is one); "
+        "PSS shares out pages that several processes map, so it is the one to compare.",
         "",
         *table(results),
         "",
@@ -198,6 +287,36 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         *(
             ["## Sampling against greedy (same run)", "", *sampling_rows(results), ""]
             if sampling_rows(results)
+            else []
+        ),
+        *(
+            [
+                "## The service against llama.cpp (same run)",
+                "",
+                "Service / peer at each grid point (ITL, TTFT, memory: lower is better; "
+                "tokens/s: higher is better).",
+                "",
+                *peer_rows(results),
+                "",
+            ]
+            if peer_rows(results)
+            else []
+        ),
+        *(
+            [
+                "## The memory-bandwidth floor (same run)",
+                "",
+                f"A decode step at batch 1 reads every weight: "
+                f"{(results.get('weight_bytes') or 0) / 1e6:.0f} MB in fp32. The read "
+                "bandwidth is timed beside each concurrency-1 point (all threads reading a "
+                "float32 array of that size, median pass; `benchmarks/bandwidth.py`); "
+                "floor = those bytes / that bandwidth. Quantized engines read fewer bytes, "
+                "so they can go below 1x of this fp32 floor.",
+                "",
+                *floor_rows(results),
+                "",
+            ]
+            if floor_rows(results)
             else []
         ),
         "## The service against the baselines (same run)",

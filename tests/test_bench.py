@@ -1,11 +1,12 @@
 """The benchmark harness's plumbing, on the tiny model with a small grid."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from benchmarks import harness
-from benchmarks.report import front_door_rows, ratio_rows, sampling_rows
+from benchmarks.report import floor_rows, front_door_rows, peer_rows, ratio_rows, sampling_rows
 
 
 @pytest.mark.integration
@@ -58,15 +59,24 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
         assert row["latency_ms_p50"] >= row["ttft_ms_p50"]
         if row["system"].startswith("triton"):
             assert row["server_rss_mb"] > 0
+            # shared pages shared out: below the RSS sum of tritonserver and its stubs
+            assert 0 < row["server_pss_mb"] < row["server_rss_mb"]
+    # the bandwidth floor, timed beside each engine's concurrency-1 point
+    assert {(f["engine"], f["prompt_tokens"]) for f in results["bandwidth"]} == {
+        ("onnx", 8),
+        ("onnx-int8", 8),
+    }
+    assert results["weight_bytes"] > 0 and all(f["gb_per_s"] > 0 for f in results["bandwidth"])
     report = (tmp_path / "docs" / "BENCH.md").read_text()
     assert "| triton:onnx | 2 | 8 |" in report
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert "| openai:onnx | 2 | 8 |" in report
     assert "| triton-sampled:onnx | 2 | 8 |" in report and "Sampling against greedy" in report
+    assert "memory-bandwidth floor" in report and "| triton:onnx | 8 |" in report
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
-def row(system, c, itl, ttft, tps):
+def row(system, c, itl, ttft, tps, pss=None):
     """One summary row of the harness at prompt 32 (what the report functions read)."""
     return {
         "system": system,
@@ -75,6 +85,7 @@ def row(system, c, itl, ttft, tps):
         "itl_ms_p50": itl,
         "ttft_ms_p50": ttft,
         "tokens_per_s": tps,
+        "server_pss_mb": pss,
     }
 
 
@@ -126,6 +137,77 @@ def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
     assert sampling_rows({"rows": results["rows"][:1]}) == []
 
 
+def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point():
+    results = {
+        "rows": [
+            row("llama:f32", 1, 10.0, 30.0, 95.0, pss=700.0),
+            row("llama:q8_0", 1, 5.0, 30.0, 190.0, pss=350.0),
+            row("llama:f32", 16, 40.0, 300.0, 400.0, pss=720.0),
+            row("triton:onnx", 1, 12.0, 27.0, 80.0, pss=1400.0),
+            row("triton:onnx-int8", 1, 4.5, 15.0, 210.0, pss=700.0),
+            row("triton:onnx", 16, 32.0, 240.0, 480.0, pss=1440.0),
+            row("triton:torch", 1, 40.0, 90.0, 25.0, pss=1500.0),  # no peer: left out
+        ]
+    }
+    lines = peer_rows(results)
+    assert lines[2:] == [
+        "| triton:onnx | llama:f32 | 1 | 32 | 1.20x | 0.90x | 0.84x | 2.00x |",
+        "| triton:onnx-int8 | llama:q8_0 | 1 | 32 | 0.90x | 0.50x | 1.11x | 2.00x |",
+        "| triton:onnx | llama:f32 | 16 | 32 | 0.80x | 0.80x | 1.20x | 2.00x |",
+    ]
+    assert peer_rows({"rows": results["rows"][3:]}) == []  # a run without the peer
+
+
+def test_every_single_stream_itl_is_read_against_the_floor_measured_beside_it():
+    results = {
+        "weight_bytes": 500_000_000,
+        "bandwidth": [
+            {"engine": "onnx", "prompt_tokens": 32, "gb_per_s": 25.0},  # floor 20 ms
+            {"engine": "onnx-int8", "prompt_tokens": 32, "gb_per_s": 50.0},  # floor 10 ms
+        ],
+        "rows": [
+            row("hf-generate", 1, 45.0, 100.0, 20.0),
+            row("llama:q8_0", 1, 5.0, 30.0, 190.0),
+            row("triton:onnx", 1, 16.0, 27.0, 60.0),
+            row("triton:onnx", 16, 40.0, 240.0, 480.0),  # not single-stream: left out
+        ],
+    }
+    lines = floor_rows(results)
+    assert lines[2:] == [
+        # before any floor was measured: the run's median (the higher of two here)
+        "| hf-generate | 32 | 45.00 ms | 50.0 GB/s | 10.00 ms | 4.50x |",
+        # the peer beside the int8 engine, read against the floor timed there
+        "| llama:q8_0 | 32 | 5.00 ms | 50.0 GB/s | 10.00 ms | 0.50x |",
+        "| triton:onnx | 32 | 16.00 ms | 25.0 GB/s | 20.00 ms | 0.80x |",
+    ]
+    assert floor_rows({**results, "bandwidth": []}) == []
+
+
+def test_the_peer_client_reads_llama_server_events():
+    from benchmarks import peer
+
+    # lines as llama-server 0.3.36 streams them from /completion (abridged)
+    token = b'data: {"index":0,"content":" the","tokens":[262],"stop":false,"tokens_predicted":1}\n'
+    held = b'data: {"index":0,"content":"","tokens":[157],"stop":false,"tokens_predicted":2}\n'
+    final = (
+        b'data: {"index":0,"content":"","tokens":[],"stop":true,"tokens_predicted":64,'
+        b'"tokens_evaluated":32,"timings":{"prompt_n":32,"predicted_n":64}}\n'
+    )
+    assert peer.parse_event(token)["tokens"] == [262]
+    assert peer.parse_event(held)["tokens"] == [157]  # text held back, the token counted
+    assert peer.parse_event(final)["tokens_predicted"] == 64
+    assert peer.parse_event(b"\n") is None and peer.parse_event(b":\n") is None  # keep-alive
+    with pytest.raises(peer.PeerError, match="context size"):
+        peer.parse_event(b'data: {"error":{"code":500,"message":"exceeds context size"}}\n')
+    request = peer.completion_request([1, 2, 3], 64)
+    assert request["prompt"] == [1, 2, 3] and request["n_predict"] == 64
+    assert request["ignore_eos"] and request["stream"] and not request["cache_prompt"]
+    # 16 slots of a 128-token prompt and 64 new tokens (plus the one llama-server keeps
+    # free), rounded up to 256 per slot as llama.cpp does: NOTES.md's -c 4096
+    assert peer.context_size(16, 128, 64) == 4096
+    assert peer.context_size(16, 192, 64) == 16 * 512  # 257 tokens do not fit in 256
+
+
 def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
     from benchmarks import genai_summary
 
@@ -153,3 +235,45 @@ def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
     assert lines[3].startswith("| kserve (gRPC) | 16 | 64 | 160.0 ms |") and "| 1600 |" in lines[3]
     assert lines[4].startswith("| OpenAI chat | 1 | 4 | 10.0 ms |")
     assert genai_summary.main([str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.integration
+def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port):
+    """The harness's client and workload on llama-server itself: every token one event, the
+    prompt's ids taken as they are. Needs `make bench-peer`'s build and GGUF files."""
+    import http.client
+
+    from benchmarks import peer
+
+    # what `make bench-peer` leaves: the build in the user's cache, the GGUF file under the
+    # repository's artifacts/ (the tests' own artifacts folder is a fresh temporary one)
+    gguf = Path(__file__).resolve().parents[1] / "artifacts" / "gguf" / "gpt2-small-random"
+    files = peer.PeerFiles(
+        peer.default_cache() / "build" / "bin" / "llama-server",
+        {"f32": gguf / "model-f32.gguf"},
+    )
+    if not files.server.is_file() or not files.models["f32"].is_file():
+        pytest.skip("llama.cpp not built / bench model not converted: make bench-peer")
+    prompt = list(range(1000, 1016))
+    server = peer.LlamaServer(
+        files.server,
+        files.models["f32"],
+        port=unused_port,
+        threads=2,
+        slots=2,
+        context=peer.context_size(2, len(prompt), 8),
+        log_file=tmp_path / "llama.log",
+    )
+    with server:
+        streams = []
+        for _ in range(2):  # a connection per request, as the harness makes them
+            connection = http.client.HTTPConnection("127.0.0.1", unused_port, timeout=60)
+            streams.append(list(peer.stream_completion(connection, prompt, 8)))
+            connection.close()
+    events, again = streams
+    tokens = [e["tokens"] for e in events if e.get("tokens")]
+    assert len(tokens) == 8 and all(len(t) == 1 for t in tokens)
+    assert events[-1]["stop"] and events[-1]["tokens_predicted"] == 8
+    assert events[-1]["tokens_evaluated"] == len(prompt)  # no BOS added, nothing dropped
+    # greedy: the same prompt gives the same tokens
+    assert [e["tokens"] for e in again if e.get("tokens")] == tokens
