@@ -62,6 +62,38 @@ def tiny_hf_model(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
 
+def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False): tests
+    wait on a state, with the timeout only as a bound."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def envoy_validate(config_file: Path) -> None:
+    """The real envoy binary accepts the configuration (``--mode validate``)."""
+    import subprocess
+
+    from gpt2_triton.front_door import envoy_binary
+
+    out = subprocess.run(
+        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def free_ports(count: int) -> list[int]:
+    return _free_ports(count)
+
+
 def _free_ports(count: int) -> list[int]:
     import socket
 

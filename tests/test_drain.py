@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from gpt2_triton import drain, names
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorSettings
@@ -36,17 +37,6 @@ gpt2_waiting_requests_total 40
 nv_inference_count{model="gpt2",version="1"} 7
 gpt2_engine_cached_sequences{engine="onnx",model="gpt2 in process"} 3
 """
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 # -- unit ------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ traffic through it."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import envoy_validate
 
 from gpt2_triton.front_door import (
     FrontDoorError,
@@ -21,16 +21,6 @@ from gpt2_triton.front_door import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def validate(config_file: Path) -> None:
-    out = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(
@@ -50,7 +40,7 @@ def validate(config_file: Path) -> None:
 def test_every_rendering_is_a_config_envoy_accepts(settings, tmp_path):
     config = tmp_path / "envoy.yaml"
     config.write_text(render_config(replace(settings, admin_socket=str(tmp_path / "admin.sock"))))
-    validate(config)
+    envoy_validate(config)
     clusters = yaml.safe_load(config.read_text())["static_resources"]["clusters"]
     kinds = {c["type"] for c in clusters}
     assert kinds == ({"STRICT_DNS"} if settings.triton_address == "triton" else {"STATIC"})
@@ -87,7 +77,7 @@ def test_the_compose_front_door_renders_the_same_template(tmp_path):
     out = tmp_path / "envoy.yaml"
     args[args.index("--out") + 1] = str(out)
     assert main(args) == 0
-    validate(out)
+    envoy_validate(out)
     assert service["restart"] == "unless-stopped" and service["healthcheck"]["test"]
     for name in ("triton", "triton-cpu"):  # Triton is reached through the front door only
         ports = compose["services"][name].get("ports", [])
@@ -115,7 +105,7 @@ def test_paths_with_quotes_and_backslashes_stay_themselves(tmp_path):
     )
     config = tmp_path / "envoy.yaml"
     config.write_text(render_config(settings))
-    validate(config)
+    envoy_validate(config)
     loaded = yaml.safe_load(config.read_text())
     assert loaded["admin"]["address"]["pipe"]["path"] == settings.admin_socket
     listener = loaded["static_resources"]["listeners"][0]
@@ -129,7 +119,7 @@ def test_replicas_are_one_endpoint_each_in_both_clusters(tmp_path):
     )
     config = tmp_path / "envoy.yaml"
     config.write_text(render_config(settings))
-    validate(config)
+    envoy_validate(config)
     clusters = {
         c["name"]: c for c in yaml.safe_load(config.read_text())["static_resources"]["clusters"]
     }

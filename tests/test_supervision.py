@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_until
 
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton.process import group_alive, stop_group
@@ -62,15 +63,6 @@ def _left(processes: list[psutil.Process]) -> list[str]:
             except psutil.NoSuchProcess:
                 pass
     return left
-
-
-def _wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def _http_get(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
@@ -262,7 +254,9 @@ def test_stopping_the_service_leaves_no_process(triton, artifacts):
         stopping_at = time.monotonic()
     # __exit__ stops it, as Ctrl-C does in `python -m gpt2_triton.serve`
     groups_gone = lambda: not any(group_alive(g) for g in groups)  # noqa: E731
-    assert _wait_for(groups_gone, stopping_at + NOTHING_LEFT_S - time.monotonic()), _left(processes)
+    assert wait_until(groups_gone, stopping_at + NOTHING_LEFT_S - time.monotonic()), _left(
+        processes
+    )
     assert not _left(processes)
 
 
@@ -285,7 +279,7 @@ def test_the_orphans_of_a_killed_leader_are_killed_at_once():
         assert leader.stdout.readline().strip() == "started"
         os.kill(leader.pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        _wait_for(lambda: leader.poll() is not None, 30)
+        wait_until(lambda: leader.poll() is not None, 30)
         stop_group(leader, signal.SIGTERM, timeout=60)  # no orderly stop to wait for
         assert not group_alive(leader.pid)
         assert time.monotonic() - killed_at <= NOTHING_LEFT_S
@@ -360,7 +354,7 @@ def test_sigkill_of_the_launcher_leaves_no_process(triton, tmp_path):
         killed_at = time.monotonic()
         launcher.wait(30)
         gone = lambda: not _left(started)  # noqa: E731
-        assert _wait_for(gone, killed_at + NOTHING_LEFT_S - time.monotonic()), _left(started)
+        assert wait_until(gone, killed_at + NOTHING_LEFT_S - time.monotonic()), _left(started)
 
 
 @pytest.mark.integration
@@ -368,7 +362,7 @@ def test_sigterm_of_the_launcher_exits_0_and_leaves_no_process(triton, tmp_path)
     with _launched(triton.triton.model_repository, tmp_path) as (launcher, started):
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0, (tmp_path / "serve.out").read_text()
-        assert _wait_for(lambda: not _left(started), NOTHING_LEFT_S), _left(started)
+        assert wait_until(lambda: not _left(started), NOTHING_LEFT_S), _left(started)
         assert "The service stopped." in (tmp_path / "serve.out").read_text()
 
 
