@@ -44,23 +44,29 @@ def ratio_rows(results: dict) -> list[str]:
     return lines
 
 
+def _against_direct(results: dict, paths: tuple[str, ...]):
+    """(path, engine, (concurrency, prompt), row, the same point's ``triton:<engine>`` row)
+    for each row of ``paths`` that has its direct counterpart in the run."""
+    by = _index(results["rows"])
+    for r in results["rows"]:
+        path, _, engine = r["system"].partition(":")
+        if path not in paths:
+            continue
+        key = (r["concurrency"], r["prompt_tokens"])
+        direct = by.get((f"triton:{engine}", *key))
+        if direct is not None:
+            yield path, engine, key, r, direct
+
+
 def front_door_rows(results: dict) -> list[str]:
     """The cost of each path (the front door; the OpenAI API behind it) against straight
     to Triton, same run."""
-    by = _index(results["rows"])
     lines = [
         "| path | engine | concurrency | prompt | ITL p50 direct | ITL p50 this path | "
         "difference | TTFT p50 difference | tokens/s this path / direct |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
-        path, _, engine = r["system"].partition(":")
-        if path not in ("front-door", "openai"):
-            continue
-        key = (r["concurrency"], r["prompt_tokens"])
-        direct = by.get((f"triton:{engine}", *key))
-        if direct is None:
-            continue
+    for path, engine, key, r, direct in _against_direct(results, ("front-door", "openai")):
         lines.append(
             f"| {path} | {engine} | {key[0]} | {key[1]} | {_fmt(direct['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p50'], '.2f')} ms | "
@@ -73,20 +79,12 @@ def front_door_rows(results: dict) -> list[str]:
 
 def sampling_rows(results: dict) -> list[str]:
     """The service sampling (temperature 0.8, top_p 0.95) against greedy, same run."""
-    by = _index(results["rows"])
     lines = [
         "| engine | concurrency | prompt | tokens/s greedy | tokens/s sampled | "
         "sampled / greedy | ITL p50 greedy | ITL p50 sampled |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["rows"]:
-        path, _, engine = r["system"].partition(":")
-        if path != "triton-sampled":
-            continue
-        key = (r["concurrency"], r["prompt_tokens"])
-        greedy = by.get((f"triton:{engine}", *key))
-        if greedy is None:
-            continue
+    for _, engine, key, r, greedy in _against_direct(results, ("triton-sampled",)):
         lines.append(
             f"| {engine} | {key[0]} | {key[1]} | {_fmt(greedy['tokens_per_s'], '.0f')} | "
             f"{_fmt(r['tokens_per_s'], '.0f')} | "
