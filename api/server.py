@@ -1,9 +1,10 @@
 """The OpenAI-compatible gateway: routes, error handlers and start-up, nothing else.
 
 ``python -m api --triton-url HOST:PORT [--host H] [--port N] [--model-name NAME]``.
-It talks to Triton's ``gpt2`` model through the front door's gRPC port and forwards each
-caller's ``Authorization`` header with its request; its own calls (health, the model's
-config) use ``$API_KEY`` when set.
+It talks to Triton's ``gpt2`` model at ``--triton-url`` (the front door's gRPC port, or one
+Triton's loopback port: ``make serve`` with one replica) and forwards each caller's
+``Authorization`` header with its request; its own calls (health, the model's config) use
+``$API_KEY`` when set.
 """
 
 from __future__ import annotations

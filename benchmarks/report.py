@@ -256,7 +256,7 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "at once, each timing its own tokens, straight to Triton's loopback port; "
         "`front-door:<engine>` = the same through the Envoy front door (`make serve`); "
         "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
-        "OpenAI-compatible gateway (the `openai` SDK); `triton-sampled:<engine>` = "
+        "OpenAI-compatible gateway, read with `http.client`; `triton-sampled:<engine>` = "
         "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
         "(`--sampling`); the paths take turns wave by wave at "
         "each grid point. In the ratios, `triton:onnx-int8` is "

@@ -1160,7 +1160,7 @@ def test_the_front_door_answers_the_openai_api_in_openai_s_error_shape(triton, g
 
     with pytest.raises(openai.AuthenticationError):
         openai_client(guarded, api_key="wrong").models.list()
-    # with the key, the gateway forwards it to Triton through the door
+    # with the key, the door lets the call through to the gateway, and the gateway to Triton
     client = openai_client(guarded, api_key=API_KEY)
     model = client.models.list().data[0].id
     reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible gateway (``api/``) as a child process of the service.
 
-It runs beside Triton behind the same front door: Envoy routes ``/v1/*`` to it, and it
-calls Triton back through the front door's gRPC port, so keys, sizes and limits apply to
-both paths alike.
+It runs beside Triton behind the same front door: Envoy routes ``/v1/*`` to it, so keys,
+sizes and limits apply to it as to Triton's own paths. It calls Triton at ``triton_url``:
+one replica's loopback port, or the front door's gRPC port when there are several
+(``serve.Service`` chooses).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class GatewayProcess:
     def __init__(
         self, triton_url: str, port: int, log_file: Path, api_key: str = "", host="127.0.0.1"
     ) -> None:
-        self.triton_url = triton_url  # the front door's gRPC address
+        self.triton_url = triton_url  # one Triton's gRPC address, or the front door's
         self.port = port
         self.host = host
         self.log_file = Path(log_file)

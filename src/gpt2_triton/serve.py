@@ -120,11 +120,15 @@ class Service:
             for i, ports in enumerate(replica_ports)
         ]
         self.envoy = EnvoyProxy(front, self.log_dir / "envoy.yaml", self.log_dir / "envoy.log")
-        # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503).
-        # It calls Triton through the door too, so it is balanced and fails over alike.
+        # The OpenAI-compatible API, behind the same door at /v1/ (without it, /v1/ is 503):
+        # callers' keys, sizes and limits are checked there, on the way in. With several
+        # replicas it calls Triton back through the door, so that it is balanced and fails
+        # over alike; with one there is nothing to balance, and it calls that Triton on its
+        # loopback port: a second pass through Envoy per token costs what the first does
+        # (1-4% of tokens/s at 16 streams on 2 cores, docs/RELIABILITY.md).
         self.gateway = (
             GatewayProcess(
-                self.grpc_url,  # where Envoy listens: HOST may be one address, not loopback
+                self.replicas[0].server.grpc_url if len(self.replicas) == 1 else self.grpc_url,
                 front.gateway_port,
                 self.log_dir / "openai.log",
                 api_key=front.api_key,
