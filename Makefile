@@ -32,6 +32,9 @@ TRITON_GRPC_PORT ?= 8101
 OPENAI_PORT ?= 8300
 # NO_OPENAI=1: no OpenAI-compatible API at /v1/ (it runs as its own process, api/)
 NO_OPENAI ?=
+# OPEN_TRITON_STATISTICS=1: Triton's statistics API open on its loopback ports, which
+# perf_analyzer and genai-perf read (bench-pa, bench-genai); closed by default
+OPEN_TRITON_STATISTICS ?=
 MAX_REQUEST_BYTES ?= 1048576
 # API_KEY: clients send "Authorization: Bearer <key>" (required when HOST is not loopback);
 # ADMIN_KEY opens the admin APIs to requests with "x-admin-key: <key>". Read from the
@@ -58,7 +61,8 @@ SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) 
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
 	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
-	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai)
+	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai) \
+	$(if $(filter 1 yes true,$(OPEN_TRITON_STATISTICS)),--open-triton-statistics)
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
 
 # The chat page has no key of its own: it stays on loopback unless UI_HOST says otherwise.
@@ -197,7 +201,8 @@ soak: setup ## N clients, random valid requests, through the front door of a run
 		--clients $(SOAK_CLIENTS) --seconds $(SOAK_SECONDS) --out $(GPT2_TRITON_ARTIFACTS)/soak.json
 
 # perf_analyzer and genai-perf read Triton's statistics API, which the front door keeps
-# closed: they measure Triton on its loopback port (the front door's cost: `make bench`).
+# closed: they measure Triton on its loopback port (the front door's cost: `make bench`),
+# served with `make serve OPEN_TRITON_STATISTICS=1` (over gRPC they cannot send the key).
 bench-pa: perf-analyzer-deps ## perf_analyzer on next_token and streaming gpt2 (against a running server)
 	GRPC_URL=$(CLIENT_HOST):$(TRITON_GRPC_PORT) PY=$(PY) bash benchmarks/perf_analyzer.sh
 

@@ -10,7 +10,8 @@
 # included. OpenAI mode has no deterministic output length in genai-perf: the gateway's
 # `min_tokens` (an extra input) holds each reply to 64 tokens, up to a stop word (a chat
 # reply ends at the transcript's "User:"; GPT-2 small's random weights never write it).
-# Output: artifacts/bench/genai/ (c<N>: kserve, <endpoint>-c<N>: OpenAI).
+# Output: artifacts/bench/genai/ (c<N>: kserve, <endpoint>-c<N>: OpenAI). Against
+# `make serve OPEN_TRITON_STATISTICS=1`: perf_analyzer reads Triton's statistics API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -26,6 +27,20 @@ CONCURRENCY=${CONCURRENCY:-1 4 16}
   exit 2
 }
 $PY -c "from client import Gpt2Client; Gpt2Client('$URL').wait_until_ready(180)"
+$PY - "$URL" <<'PY' || exit 2
+import sys
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+try:  # perf_analyzer reads the statistics API and cannot send the admin key over gRPC
+    grpcclient.InferenceServerClient(sys.argv[1]).get_inference_statistics("gpt2")
+except InferenceServerException as exc:
+    sys.exit(
+        f"error: Triton's statistics API at {sys.argv[1]} is closed ({exc.message()}): "
+        "serve with `make serve OPEN_TRITON_STATISTICS=1`"
+    )
+PY
 cudart=$($PY -c "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}"
 export PATH="$(cd "$(dirname "$PY")" && pwd):$PATH"  # genai-perf runs `perf_analyzer`

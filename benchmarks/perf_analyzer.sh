@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make bench-pa: perf_analyzer (from tritonclient 2.51's wheel) against a running server.
+# make bench-pa: perf_analyzer (from tritonclient 2.51's wheel) against a running server
+# (`make serve OPEN_TRITON_STATISTICS=1`: perf_analyzer reads Triton's statistics API).
 #   1. next_token, the single-forward-pass ensemble: requests/s and latency;
 #   2. gpt2, streaming: time to first token, inter-token latency, output tokens/s.
 # Needs libb64 (Debian's libb64-0d) and libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12),
@@ -12,6 +13,20 @@ OUT=${PA_OUT:-artifacts/bench/pa}
 PA=$(dirname "$PY")/perf_analyzer
 mkdir -p "$OUT"
 $PY -c "from client import Gpt2Client; Gpt2Client('$URL').wait_until_ready(180)"
+$PY - "$URL" <<'PY' || exit 2
+import sys
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+try:  # perf_analyzer reads the statistics API and cannot send the admin key over gRPC
+    grpcclient.InferenceServerClient(sys.argv[1]).get_inference_statistics("gpt2")
+except InferenceServerException as exc:
+    sys.exit(
+        f"error: Triton's statistics API at {sys.argv[1]} is closed ({exc.message()}): "
+        "serve with `make serve OPEN_TRITON_STATISTICS=1`"
+    )
+PY
 cudart=$($PY -c "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}"
 

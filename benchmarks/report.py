@@ -325,4 +325,18 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    path.write_text("\n".join(text) + kept_sections(path))
+
+
+# Sections of the report that other runs write (`make bench-genai`): a new `make bench`
+# report keeps them, from this heading to the end.
+KEPT_FROM = "## genai-perf (`make bench-genai`)"
+
+
+def kept_sections(path: Path) -> str:
+    """What the report at ``path`` has from KEPT_FROM on ("" if none)."""
+    if not path.exists():
+        return ""
+    old = path.read_text()
+    at = old.find("\n" + KEPT_FROM)
+    return old[at:] if at >= 0 else ""

@@ -277,3 +277,15 @@ def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port):
     assert events[-1]["tokens_evaluated"] == len(prompt)  # no BOS added, nothing dropped
     # greedy: the same prompt gives the same tokens
     assert [e["tokens"] for e in again if e.get("tokens")] == tokens
+
+
+def test_a_new_bench_report_keeps_the_genai_perf_section(tmp_path):
+    from benchmarks.report import KEPT_FROM, kept_sections
+
+    report = tmp_path / "BENCHMARKS.md"
+    assert kept_sections(report) == ""  # no report yet
+    report.write_text("# Benchmarks\n\nold tables\n")
+    assert kept_sections(report) == ""  # nothing to keep
+    genai = f"\n{KEPT_FROM}\n\n| endpoint | concurrency |\n|---|---|\n| kserve (gRPC) | 1 |\n"
+    report.write_text("# Benchmarks\n\nold tables\n" + genai)
+    assert kept_sections(report) == genai

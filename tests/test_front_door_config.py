@@ -68,6 +68,22 @@ def test_without_an_admin_key_the_admin_apis_are_closed_at_both_layers():
     assert "closed on this server" in render_config(closed)
 
 
+def test_triton_s_statistics_api_is_open_on_loopback_only_when_asked():
+    """perf_analyzer cannot send the admin key over gRPC: ``--open-triton-statistics``
+    leaves that one API open on Triton's ports; the others stay restricted, and the door
+    keeps statistics behind the key either way."""
+    for settings, statistics_restricted in (
+        (FrontDoorSettings(admin_socket="/tmp/admin.sock"), True),
+        (FrontDoorSettings(admin_socket="/tmp/admin.sock", triton_statistics_open=True), False),
+    ):
+        for flag in settings.triton_restrictions():
+            apis = flag.split("=", 1)[1].split(":", 1)[0].split(",")
+            assert ("statistics" in apis) == statistics_restricted, flag
+            assert {"model-repository", "trace", "logging", "shared-memory"} <= set(apis)
+        flipped = replace(settings, triton_statistics_open=not settings.triton_statistics_open)
+        assert render_config(settings) == render_config(flipped)  # the door: unchanged
+
+
 def test_the_compose_front_door_renders_the_same_template(tmp_path):
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     service = compose["services"]["front-door"]

@@ -92,6 +92,10 @@ class FrontDoorSettings:
     # Empty: the admin APIs are closed. A random key then stands in for it at both layers,
     # so the template has one shape and Triton's restriction is never left open.
     admin_key: str = ""
+    # perf_analyzer and genai-perf read Triton's statistics API and cannot send a header
+    # over gRPC: ``make serve OPEN_TRITON_STATISTICS=1`` leaves that one API open on
+    # Triton's loopback ports for them. The door keeps it behind the admin key regardless.
+    triton_statistics_open: bool = False
     idle_timeout_s: int = 600  # a stream silent this long is cut; live streams never are
     health_interval_s: float = 1.0
     # Containers bind 0.0.0.0 inside their network namespace; compose publishes the port on
@@ -131,9 +135,12 @@ class FrontDoorSettings:
     def triton_restrictions(self) -> tuple[str, ...]:
         """Triton's own flags: the admin APIs need the same key there (second layer)."""
         key = f"{ADMIN_HEADER}={self.effective_admin_key}"
+        apis = TRITON_ADMIN_APIS
+        if self.triton_statistics_open:
+            apis = ",".join(api for api in apis.split(",") if api != "statistics")
         return (
-            f"--http-restricted-api={TRITON_ADMIN_APIS}:{key}",
-            f"--grpc-restricted-protocol={TRITON_ADMIN_APIS}:{key}",
+            f"--http-restricted-api={apis}:{key}",
+            f"--grpc-restricted-protocol={apis}:{key}",
         )
 
 

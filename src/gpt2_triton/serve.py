@@ -436,6 +436,7 @@ def _settings_from_args(args: argparse.Namespace) -> FrontDoorSettings:
         max_request_bytes=args.max_request_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         requests_per_second=args.requests_per_second,
+        triton_statistics_open=args.open_triton_statistics,
     )
 
 
@@ -474,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests
     )
     parser.add_argument("--requests-per-second", type=int, default=defaults.requests_per_second)
+    parser.add_argument(
+        "--open-triton-statistics",
+        action="store_true",
+        help="leave Triton's statistics API open on its loopback ports, for perf_analyzer "
+        "and genai-perf (make bench-pa, bench-genai); the front door still needs the admin key",
+    )
     parser.add_argument("--log-dir", type=Path, default=Path("artifacts/logs"))
     parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
     args = parser.parse_args(argv)
