@@ -37,7 +37,7 @@ DISCONNECT_POLL_S = 0.5
 
 @dataclass(frozen=True)
 class Settings:
-    triton_url: str = "127.0.0.1:8001"  # the front door's gRPC port (make serve)
+    triton_url: str = "127.0.0.1:8001"  # the front door's gRPC port, or one Triton's
     host: str = "127.0.0.1"
     port: int = 8300
     model_name: str | None = None  # None: the gpt2 model's model_name parameter

@@ -166,15 +166,29 @@ def _piece(result) -> Piece:
     )
 
 
+# gRPC's reconnect backoff starts at 1 s and grows to 120 s: reaching one Triton directly
+# (make serve, one replica), the gateway would keep refusing for seconds after a restarted
+# Triton is back. Envoy always listens, so through the front door this never showed.
+RECONNECT_BACKOFF_MS = 500
+
+
 class TritonClient:
-    """One gRPC channel to Triton (through the front door), shared by every request."""
+    """One gRPC channel to Triton (one replica's port, or the front door), shared by every
+    request."""
 
     def __init__(self, url: str, model: str = "gpt2", api_key: str | None = None) -> None:
         self.url = url
         self.model = model
         # The gateway's own key (health, model config); requests forward their caller's.
         self.api_key = api_key
-        self._client = aioclient.InferenceServerClient(url)
+        self._client = aioclient.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                ("grpc.max_reconnect_backoff_ms", 2 * RECONNECT_BACKOFF_MS),
+            ],
+        )
         self._callers_passed: set[str | None] = set()
 
     def own_headers(self) -> dict[str, str]:
@@ -205,7 +219,9 @@ class TritonClient:
         """The front door's verdict on the caller's key, by a unary call. A stream the door
         refuses at once (401 before the request is written) reaches grpc.aio as INTERNAL
         "Failed execute_batch", which would lose the reason. Verdicts for keys that passed
-        are kept: one call per key, not per request."""
+        are kept: one call per key, not per request. When the gateway reaches one Triton
+        directly (make serve, one replica) Triton judges no key and this always passes:
+        the door judged the caller on its way to /v1 already."""
         if authorization in self._callers_passed:
             return
         try:

@@ -36,6 +36,8 @@ from tritonclient.utils import InferenceServerException
 try:  # perf_analyzer reads the statistics API and cannot send the admin key over gRPC
     grpcclient.InferenceServerClient(sys.argv[1]).get_inference_statistics("gpt2")
 except InferenceServerException as exc:
+    if "restricted" not in (exc.message() or ""):
+        sys.exit(f"error: Triton's statistics API at {sys.argv[1]}: {exc.message()}")
     sys.exit(
         f"error: Triton's statistics API at {sys.argv[1]} is closed ({exc.message()}): "
         "serve with `make serve OPEN_TRITON_STATISTICS=1`"

@@ -249,8 +249,15 @@ def bench_triton(
 
         host, port = url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
         connection = http.client.HTTPConnection(host, int(port), timeout=300)
-        connection.request("GET", "/v1/models")
-        model = json.loads(connection.getresponse().read())["data"][0]["id"]
+        key = os.environ.get("API_KEY")  # as Gpt2Client reads it for the other paths
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        connection.request("GET", "/v1/models", headers=headers)
+        models = connection.getresponse()
+        if models.status != 200:
+            raise RuntimeError(f"GET /v1/models answered {models.status}: {models.read()!r}")
+        model = json.loads(models.read())["data"][0]["id"]
         body = json.dumps(
             {
                 "model": model,
@@ -265,14 +272,19 @@ def bench_triton(
         barrier.wait()
         started = time.perf_counter()
         stamps, tokens = [], 0
-        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        connection.request("POST", "/v1/completions", body, headers)
         response = connection.getresponse()
         if response.status != 200:
             raise RuntimeError(f"the gateway answered {response.status}: {response.read()!r}")
         while line := response.readline():
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
+            if not line.startswith(b"data:"):
+                continue  # blank lines between events, comments
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"the gateway's stream failed: {chunk['error']}")
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):

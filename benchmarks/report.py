@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -338,5 +339,5 @@ def kept_sections(path: Path) -> str:
     if not path.exists():
         return ""
     old = path.read_text()
-    at = old.find("\n" + KEPT_FROM)
-    return old[at:] if at >= 0 else ""
+    found = re.search(rf"(?m)^{re.escape(KEPT_FROM)}$", old)
+    return "\n" + old[found.start() :] if found else ""

@@ -289,3 +289,5 @@ def test_a_new_bench_report_keeps_the_genai_perf_section(tmp_path):
     genai = f"\n{KEPT_FROM}\n\n| endpoint | concurrency |\n|---|---|\n| kserve (gRPC) | 1 |\n"
     report.write_text("# Benchmarks\n\nold tables\n" + genai)
     assert kept_sections(report) == genai
+    report.write_text(genai.lstrip("\n"))  # the section alone, from the file's first line
+    assert kept_sections(report) == genai

@@ -1060,11 +1060,11 @@ def test_grpc_stop_stream_with_cancel_reaches_triton(triton):
 
 
 # == 7. Many streams cut mid-generation ===================================================
-# One cut in four is a gRPC cancel, the others dropped HTTP connections. tritonserver 2.51's
-# gRPC frontend has an upstream race between a stream's cancellation and a response being
-# sent (fixed upstream in 24.12 and 25.05, docs/RELIABILITY.md): it killed the server once
-# in CI, in the first of these batches. This test is about memory, which both paths reach
-# the same way in the model; a quarter keeps the gRPC path in it at half the exposure.
+# One cut in four is a gRPC cancel, the others dropped HTTP connections. tritonserver 2.51
+# died once in CI in the first of these batches, with a SIGSEGV that we read as an upstream
+# race between a gRPC stream's cancellation and a response (docs/RELIABILITY.md, "Known
+# limit"). This test is about memory, which both paths reach the same way in the model; a
+# quarter keeps the gRPC path in it at half the exposure.
 GRPC_CUT_EVERY = 4
 
 

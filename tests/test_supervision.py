@@ -106,6 +106,27 @@ def _generate_when_possible(url: str, protocol: str, timeout: float = 60.0) -> s
             time.sleep(0.2)
 
 
+def _complete_when_possible(url: str, timeout: float = 60.0) -> str:
+    """The gateway's greedy completion once it answers 200 (503 while it reconnects)."""
+    body = {"model": "any", "prompt": "The cat", "max_tokens": GREEDY.max_tokens}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            models = urllib.request.urlopen(f"http://{url}/v1/models", timeout=10)
+            body = {**body, "model": json.loads(models.read())["data"][0]["id"], "temperature": 0}
+            request = urllib.request.Request(
+                f"http://{url}/v1/completions",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
+            reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+            return reply["choices"][0]["text"]
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
 class Consumer(threading.Thread):
     """Reads one long stream; records the text, and how it ended."""
 
@@ -207,6 +228,9 @@ def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(su
     assert service.triton.process.pid != old_pid
     assert _generate_when_possible(service.grpc_url, "grpc") == before_text
     assert _generate_when_possible(service.http_url, "http") == before_text
+    # ... and through the OpenAI gateway, which with one replica reaches Triton on its own
+    # gRPC channel (not through Envoy): that channel reconnects to the new process.
+    assert _complete_when_possible(service.http_url) == before_text
 
     # Nothing of the killed group left (zombies excluded: nothing here reaps orphans).
     assert gone_after is not None and gone_after <= NOTHING_LEFT_S, gone_after

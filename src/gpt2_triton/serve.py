@@ -125,7 +125,7 @@ class Service:
         # replicas it calls Triton back through the door, so that it is balanced and fails
         # over alike; with one there is nothing to balance, and it calls that Triton on its
         # loopback port: a second pass through Envoy per token costs what the first does
-        # (1-4% of tokens/s at 16 streams on 2 cores, docs/RELIABILITY.md).
+        # (0.7-4.4% of tokens/s at 16 streams across runs, docs/RELIABILITY.md).
         self.gateway = (
             GatewayProcess(
                 self.replicas[0].server.grpc_url if len(self.replicas) == 1 else self.grpc_url,
