@@ -77,6 +77,13 @@ class RepoSettings:
         on_gpu = self.engine == "trt" or self.device.startswith("cuda")
         return "gpt2" if on_gpu and self.engine_placement == "in_process" else "self"
 
+    @property
+    def engine_load(self) -> str:
+        """When the ``engine`` model loads its copy: at start when gpt2 steps through it
+        (BLS), on its first request when gpt2 has its own (in process): until next_token or
+        the engine model is used, the weights are held once."""
+        return "on_first_request" if self.engine_placement == "in_process" else "at_start"
+
 
 def template_values(
     settings: RepoSettings, shape: ModelShape, model_name: str
@@ -93,6 +100,7 @@ def template_values(
             **engine,
             "max_sequences": settings.max_sequences,
             "engine_holder": settings.engine_holder,
+            "engine_load": settings.engine_load,
         },
         "sampler": {},
         "next_token": {},

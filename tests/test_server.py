@@ -101,8 +101,12 @@ def test_http_generate_and_generate_stream(triton, http, grpc):
 
 
 def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):
+    """Also the ``engine`` model's copy loaded on demand: gpt2 (in process) has its own, so
+    the engine model builds its engine when its first request comes."""
     import tritonclient.grpc as grpcclient
 
+    log = triton.triton.log_file.read_text()
+    assert "engine 'onnx': loads on its first request" in log
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     for prompt in PROMPTS:
         text = grpcclient.InferInput("text_input", [1], "BYTES")
@@ -115,6 +119,7 @@ def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tin
             expected = int(tiny_hf_model(ids).logits[0, -1].argmax())
         assert got.tolist() == [expected], prompt
     client.close()
+    assert "engine 'onnx' ready" in triton.triton.log_file.read_text()
 
 
 def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):

@@ -1,7 +1,8 @@
 """Triton adapter over gpt2_triton.engines: the stateful KV-cache engine.
 
 Runs requests one by one in this single instance, which holds every live sequence's cache.
-Exports gauges of the caches it holds on the metrics port.
+Exports gauges of the caches it holds on the metrics port. With ``engine_load``
+on_first_request (gpt2 has its own copy) the engine is built when the first request comes.
 """
 
 import json
@@ -32,16 +33,36 @@ class TritonPythonModel:
                 "refuses steps (render with PLACEMENT=bls to serve them here)"
             )
             return
-        self.engine = build_engine_from_params(
-            params,
-            Path(args["model_repository"]) / args["model_version"],
-            "engine",
-            max_sequences=model_config.int_param(params, "max_sequences", "engine", minimum=1),
-        )
+        self.kind = kind
+        self.params = params
+        self.folder = Path(args["model_repository"]) / args["model_version"]
+        self.max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
         self.gauges = EngineGauges(pb_utils, kind, "engine")
-        self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
+        self.engine = None
+        load = model_config.require(params, "engine_load", "engine")
+        if load == "at_start":
+            self._load()
+        elif load == "on_first_request":
+            self.logger.log_info(f"engine '{kind}': loads on its first request")
+        else:
+            raise pb_utils.TritonModelException(
+                f"model 'engine': engine_load must be at_start or on_first_request, got {load!r}"
+            )
+
+    def _load(self):
+        self.engine = build_engine_from_params(
+            self.params, self.folder, "engine", max_sequences=self.max_sequences
+        )
+        self.logger.log_info(f"engine '{self.kind}' ready: {self.engine.shape}")
 
     def execute(self, requests):
+        if self.engine is None and self.holder == "self":
+            try:
+                self._load()
+            except Exception as exc:  # a missing or broken export: each request says why
+                self.logger.log_error(f"engine load failed: {traceback.format_exc()}")
+                message = f"model 'engine' could not load its engine: {exc}"
+                return [_error(message, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
         if self.engine is None:
             message = (
                 f"model 'engine' holds no engine: '{self.holder}' runs the only copy of the "
