@@ -13,22 +13,7 @@ OUT=${PA_OUT:-artifacts/bench/pa}
 PA=$(dirname "$PY")/perf_analyzer
 mkdir -p "$OUT"
 $PY -c "from client import Gpt2Client; Gpt2Client('$URL').wait_until_ready(180)"
-$PY - "$URL" <<'PY' || exit 2
-import sys
-
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
-
-try:  # perf_analyzer reads the statistics API and cannot send the admin key over gRPC
-    grpcclient.InferenceServerClient(sys.argv[1]).get_inference_statistics("gpt2")
-except InferenceServerException as exc:
-    if "restricted" not in (exc.message() or ""):
-        sys.exit(f"error: Triton's statistics API at {sys.argv[1]}: {exc.message()}")
-    sys.exit(
-        f"error: Triton's statistics API at {sys.argv[1]} is closed ({exc.message()}): "
-        "serve with `make serve OPEN_TRITON_STATISTICS=1`"
-    )
-PY
+$PY -m benchmarks.statistics_check "$URL" || exit 2
 cudart=$($PY -c "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.cuda_runtime.__path__)[0], 'lib'))")
 export LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}"
 

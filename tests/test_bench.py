@@ -291,3 +291,27 @@ def test_a_new_bench_report_keeps_the_genai_perf_section(tmp_path):
     assert kept_sections(report) == genai
     report.write_text(genai.lstrip("\n"))  # the section alone, from the file's first line
     assert kept_sections(report) == genai
+
+
+@pytest.mark.integration
+def test_bench_pa_and_genai_need_and_get_triton_s_statistics_api(triton, artifacts, capsys):
+    """perf_analyzer reads Triton's statistics API on its loopback port: closed by default
+    (the pre-check says how to open it), open with OPEN_TRITON_STATISTICS=1, while the other
+    admin APIs stay closed there."""
+    import tritonclient.grpc as grpcclient
+    from conftest import service
+    from tritonclient.utils import InferenceServerException
+
+    from benchmarks.statistics_check import main as statistics_check
+
+    assert statistics_check([triton.triton.grpc_url]) == 2
+    assert "OPEN_TRITON_STATISTICS=1" in capsys.readouterr().err
+    repository = triton.triton.model_repository
+    with service(repository, artifacts / "logs_stats", triton_statistics_open=True) as opened:
+        assert statistics_check([opened.triton.grpc_url]) == 0
+        client = grpcclient.InferenceServerClient(opened.triton.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_model_repository_index()
+        finally:
+            client.close()
