@@ -82,7 +82,9 @@ class RepoSettings:
         """When the ``engine`` model loads its copy: at start when gpt2 steps through it
         (BLS), on its first request when gpt2 has its own (in process): until next_token or
         the engine model is used, the weights are held once."""
-        return "on_first_request" if self.engine_placement == "in_process" else "at_start"
+        if self.engine_placement == "in_process" and self.engine_holder == "self":
+            return "on_first_request"
+        return "at_start"  # with holder gpt2 the engine model loads nothing either way
 
 
 def template_values(

@@ -107,6 +107,7 @@ def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tin
 
     log = triton.triton.log_file.read_text()
     assert "engine 'onnx': loads on its first request" in log
+    assert "engine 'onnx' ready" not in log  # this is the session's first next_token test
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     for prompt in PROMPTS:
         text = grpcclient.InferInput("text_input", [1], "BYTES")
@@ -278,3 +279,33 @@ def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_expor
         after = metrics(server)
         assert after['gpt2_engine_cached_sequences{engine="onnx",model="engine"}'] == 0
         assert after['gpt2_requests_total{finish_reason="cancelled"}'] == 1
+
+
+def test_an_engine_that_cannot_load_fails_next_token_clearly_and_only_it(triton, artifacts, grpc):
+    """The engine model's copy loads on the first request: a broken export then answers that
+    request, and the next, with UNAVAILABLE and the reason; gpt2 keeps streaming."""
+    import shutil
+
+    import tritonclient.grpc as grpcclient
+    from conftest import service
+    from tritonclient.utils import InferenceServerException
+
+    repository = artifacts / "model_repository_broken_engine"
+    shutil.rmtree(repository, ignore_errors=True)
+    shutil.copytree(triton.triton.model_repository, repository, symlinks=True)
+    (repository / "engine" / "1" / "model.onnx").unlink()  # the engine's own link to it
+    expected = grpc.generate("The cat", GREEDY).text
+    with service(repository, artifacts / "logs_broken_engine") as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"The cat"], dtype=object))
+        try:
+            for _ in range(2):  # the first request tries the load, the second gets its result
+                with pytest.raises(InferenceServerException) as failed:
+                    client.infer("next_token", [text])
+                assert "could not load its engine" in failed.value.message()
+                assert "model.onnx" in failed.value.message()
+        finally:
+            client.close()
+        with Gpt2Client(server.grpc_url) as other:
+            assert other.generate("The cat", GREEDY).text == expected

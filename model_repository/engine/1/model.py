@@ -39,7 +39,9 @@ class TritonPythonModel:
         self.max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
         self.gauges = EngineGauges(pb_utils, kind, "engine")
         self.engine = None
-        load = model_config.require(params, "engine_load", "engine")
+        self.load_error = None  # a failed load's message: every later request gets it
+        # a repository rendered before engine_load existed loads at start, as it did then
+        load = params.get("engine_load") or "at_start"
         if load == "at_start":
             self._load()
         elif load == "on_first_request":
@@ -57,12 +59,15 @@ class TritonPythonModel:
 
     def execute(self, requests):
         if self.engine is None and self.holder == "self":
-            try:
-                self._load()
-            except Exception as exc:  # a missing or broken export: each request says why
-                self.logger.log_error(f"engine load failed: {traceback.format_exc()}")
-                message = f"model 'engine' could not load its engine: {exc}"
-                return [_error(message, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
+            if self.load_error is None:
+                try:
+                    self._load()
+                except Exception as exc:  # a missing or broken export: tried once, not
+                    # parsed again per request; fixed by a new export and a restart
+                    self.logger.log_error(f"engine load failed: {traceback.format_exc()}")
+                    self.load_error = f"model 'engine' could not load its engine: {exc}"
+            if self.load_error is not None:
+                return [_error(self.load_error, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
         if self.engine is None:
             message = (
                 f"model 'engine' holds no engine: '{self.holder}' runs the only copy of the "
