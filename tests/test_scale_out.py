@@ -231,10 +231,15 @@ def test_sigkill_of_one_replica_fails_over_and_it_comes_back(replicated):
 
     outcomes = sorted((o for c in clients for o in c.outcomes), key=lambda o: o.started)
     failed = [o for o in outcomes if o.error]
-    # a cut stream ends with a clear error (the client's own words, with a status)
-    assert failed, "the kill cut no stream"
+    # A cut stream ends with a clear error (the client's own words, with a status), and no
+    # request ends as a success with fewer tokens: nothing is cut silently. The kill lands
+    # while Envoy counts a request on replica 1, yet on a busy machine that one can still
+    # end first (seen once under stress-ng): then no stream is cut, and the cut-stream claim
+    # rests on test_supervision.py, whose kill waits for the streams' first text.
     for outcome in failed:
         assert outcome.error.split(":", 1)[1].strip(), f"an error without a message: {outcome}"
+    short = [(o.protocol, o.tokens) for o in outcomes if not o.error and o.tokens != 160]
+    assert not short, f"requests that ended as successes with missing tokens: {short}"
     # every request started once the replica was out of rotation succeeded, in full
     after = [o for o in outcomes if o.started >= ejected_at]
     assert after, "no request started after the ejection"
