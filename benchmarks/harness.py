@@ -277,14 +277,9 @@ def bench_triton(
         if response.status != 200:
             raise RuntimeError(f"the gateway answered {response.status}: {response.read()!r}")
         while line := response.readline():
-            if not line.startswith(b"data:"):
-                continue  # blank lines between events, comments
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"the gateway's stream failed: {chunk['error']}")
+            chunk = peer.parse_event(line, source="the OpenAI gateway")
+            if chunk is None:
+                continue
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):

@@ -330,16 +330,17 @@ def completion_request(prompt_ids: list[int], new_tokens: int) -> dict:
     }
 
 
-def parse_event(line: bytes) -> dict | None:
-    """One line of llama-server's server-sent events: the JSON of a ``data:`` line; None for
-    the blank lines between events and ``:`` keep-alive comments. An error arrives as an
-    event of its own (``{"error": {...}}``, the stream's last) and raises."""
+def parse_event(line: bytes, source: str = "llama-server") -> dict | None:
+    """One line of server-sent events (llama-server's, or ``source``'s: the OpenAI shape
+    is the same): the JSON of a ``data:`` line; None for the blank lines between events,
+    ``:`` keep-alive comments and ``[DONE]``. An error arrives as an event of its own
+    (``{"error": {...}}``, the stream's last) and raises."""
     text = line.decode("utf-8").strip()
     if not text.startswith("data:") or text == "data: [DONE]":  # [DONE]: the OpenAI routes
         return None
     event = json.loads(text[5:])
     if "error" in event:
-        raise PeerError(f"llama-server: {event['error']}")
+        raise PeerError(f"{source}: {event['error']}")
     return event
 
 
