@@ -135,6 +135,7 @@ ifneq ($(filter onnx onnx-int8,$(ENGINE)),)
 endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
 		--max-sequences $(MAX_SEQUENCES) --engine-placement $(PLACEMENT) \
+		$(if $(MAX_PREFILL_TOKENS),--max-prefill-tokens $(MAX_PREFILL_TOKENS)) \
 		$(if $(filter torch,$(ENGINE)),--device $(DEVICE))
 
 serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)

@@ -409,6 +409,11 @@ def run(args) -> dict:
                     kind,
                     max_sequences=max(args.concurrency),
                     engine_threads=args.threads,
+                    **(
+                        {"max_prefill_tokens": args.max_prefill_tokens}
+                        if args.max_prefill_tokens
+                        else {}
+                    ),
                 ),
                 repository=repo,
             )
@@ -489,6 +494,7 @@ def run(args) -> dict:
         },
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "max_prefill_tokens": args.max_prefill_tokens or RepoSettings.max_prefill_tokens,
         "started": started_at,
         "peer": (
             {"llama_cpp_python": peer.LLAMA_CPP_PYTHON, "server": str(peer_files.server)}
@@ -539,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-cache", type=Path, default=None, help="where llama.cpp is built (peer.py)"
     )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: all)")
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=0,
+        help="the service's prompt tokens per step while streams decode (0: make repo's default)",
+    )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--raw", action="store_true", help="keep every sample in the JSON")
     parser.add_argument("--port", type=int, default=18000)

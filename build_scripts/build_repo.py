@@ -46,7 +46,7 @@ class RepoSettings:
     engine: str = "onnx"
     max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
     max_queue: int = 1024  # requests waiting to join the running batch
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (a burst joins over steps)
+    max_prefill_tokens: int = 128  # prompt tokens per step while streams decode (chunked)
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     device: str = "cpu"  # torch engine only: cpu or cuda
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
@@ -71,20 +71,10 @@ class RepoSettings:
 
     @property
     def engine_holder(self) -> str:
-        """Which model loads the engine: one copy of a GPU engine per GPU. In process, gpt2
-        holds it and the ``engine`` model holds none (it refuses steps); on the CPU, and
-        with BLS, the ``engine`` model holds one (in process, gpt2 has its own too)."""
-        on_gpu = self.engine == "trt" or self.device.startswith("cuda")
-        return "gpt2" if on_gpu and self.engine_placement == "in_process" else "self"
-
-    @property
-    def engine_load(self) -> str:
-        """When the ``engine`` model loads its copy: at start when gpt2 steps through it
-        (BLS), on its first request when gpt2 has its own (in process): until next_token or
-        the engine model is used, the weights are held once."""
-        if self.engine_placement == "in_process" and self.engine_holder == "self":
-            return "on_first_request"
-        return "at_start"  # with holder gpt2 the engine model loads nothing either way
+        """Which model loads the engine: the server holds the weights once. In process,
+        gpt2 holds it and the ``engine`` model passes its stateless steps (next_token's) to
+        gpt2's loop; with BLS, the ``engine`` model holds it and gpt2 steps through it."""
+        return "gpt2" if self.engine_placement == "in_process" else "self"
 
 
 def template_values(
@@ -102,7 +92,6 @@ def template_values(
             **engine,
             "max_sequences": settings.max_sequences,
             "engine_holder": settings.engine_holder,
-            "engine_load": settings.engine_load,
         },
         "sampler": {},
         "next_token": {},
@@ -256,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-prefill-tokens",
         type=int,
         default=RepoSettings.max_prefill_tokens,
-        help="prompt tokens prefilled in one step (a longer prompt still goes alone)",
+        help="prompt tokens a step takes while streams decode (chunked prefill; 4x with "
+        "none decoding)",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")

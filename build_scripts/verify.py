@@ -3,16 +3,17 @@
     python -m build_scripts.verify --model tiny
 
 The reference is the checkpoint in PyTorch (Hugging Face ``forward`` and ``generate``).
-Every engine present is run through ``StatefulEngine``, the code the server runs, over the
+Every engine present is run through the engine code the server runs (``SlotEngine``, the
+cache written in place, for ONNX Runtime; ``StatefulEngine`` for the others), over the
 same prompts of varied length, up to the whole context window so that its last position is
 checked too: last-position logits (max abs difference, top-1 agreement), 32-token greedy
-generations (fewer where the window ends; alone, and all prompts batched together with left
-padding), and single-forward-pass latency, timed after a warm-up with the reference and
-every CPU engine on the same number of threads (``--threads``, default: the CPUs this
-process may use). Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses
-its bar (top-1 100%, every greedy sequence identical, max abs logit difference <= 1e-3).
-int8 and the fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here
-by ONNX Runtime on the CPU) are reported, never gated: both move logits by design.
+generations (fewer where the window ends; alone, and all prompts batched together), and
+single-forward-pass latency, timed after a warm-up with the reference and every CPU engine
+on the same number of threads (``--threads``, default: the CPUs this process may use).
+Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses its bar (top-1
+100%, every greedy sequence identical, max abs logit difference <= 1e-3). int8 and the
+fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here by ONNX
+Runtime on the CPU) are reported, never gated: both move logits by design.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from build_scripts.build_engine import check_plan
 from build_scripts.export_onnx import check_current
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import atomic_dir, write_json
-from gpt2_triton.engines.factory import build_forward, read_shape
+from gpt2_triton.engines.factory import (
+    IN_PLACE_KINDS,
+    build_engine,
+    build_forward,
+    read_shape,
+)
+from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError, Gpt2TritonError
 from gpt2_triton.prompts import varied_prompts
@@ -142,7 +149,10 @@ def reference(model, ids: list[list[int]], budgets: list[int], eos: int) -> Refe
 
 
 def greedy_batched(
-    engine: StatefulEngine, prompt_ids: list[list[int]], budgets: list[int], eos: int
+    engine: StatefulEngine | SlotEngine,
+    prompt_ids: list[list[int]],
+    budgets: list[int],
+    eos: int,
 ) -> list[list[int]]:
     """Greedy decoding of all prompts in batches as large as the engine takes (all of them
     at once unless it was built for fewer rows); a row drops out at EOS or its budget."""
@@ -155,7 +165,10 @@ def greedy_batched(
 
 
 def _greedy_batch(
-    engine: StatefulEngine, prompt_ids: list[list[int]], budgets: list[int], eos: int
+    engine: StatefulEngine | SlotEngine,
+    prompt_ids: list[list[int]],
+    budgets: list[int],
+    eos: int,
 ) -> list[list[int]]:
     ids = list(range(1, len(prompt_ids) + 1))
     budget = dict(zip(ids, budgets, strict=True))
@@ -177,7 +190,7 @@ def check_engine(
     name: str,
     precision: str,
     gated: bool,
-    engine: StatefulEngine,
+    engine: StatefulEngine | SlotEngine,
     ref: Reference,
     tokenizer,
     eos: int,
@@ -339,7 +352,10 @@ def run(
         # runs in batches of that size.
         rows = len(prompt_ids) + 1
         limit = getattr(forward, "max_batch", None) or rows
-        engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
+        if kind in IN_PLACE_KINDS:  # what the server runs: the cache written in place
+            engine = build_engine(kind, export_dir, max_sequences=rows, threads=threads)
+        else:
+            engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         log.info("checking %s %s", name, precision)
         reports.append(check_engine(name, precision, gated, engine, ref, tokenizer, eos))
     with atomic_dir(output) as tmp:

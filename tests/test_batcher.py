@@ -191,36 +191,138 @@ def test_engine_failure_fails_its_rows_and_the_loop_goes_on(batcher, engine):
     assert ok.outputs[-1].finish_reason == "length"
 
 
-def test_a_burst_of_prompts_joins_within_the_prefill_budget(engine, tiny_export):
-    codec = TextCodec(tiny_export / "tokenizer")
+class RecordingForward:
+    """The real forward (either layout), noting each call's (rows, new tokens per row,
+    cached positions)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.calls = []
+
+    def __call__(self, input_ids, lengths_or_mask, positions, caches):
+        # the first new token's position is the cache's length (0: a prompt on no cache)
+        past = int(positions[:, 0].max())
+        self.calls.append((input_ids.shape[0], input_ids.shape[1], past))
+        return self.forward(input_ids, lengths_or_mask, positions, caches)
+
+
+def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, codec):
     prompt = "The old man walks to the river"  # the same length for every request
     size = len(codec.encode(prompt))
-    limits = BatcherLimits(
-        engine.shape.max_positions,
-        engine.shape.eos_token_id,
-        max_active=8,
-        max_queue=8,
-        max_prefill_tokens=2 * size + 1,  # room for two prompts per step
+    budget = 2 * size + 1  # two prompts and one token of a third per step
+    batcher = InflightBatcher(
+        engine, codec, limits(engine, max_active=8, max_queue=8, max_prefill_tokens=budget)
     )
-    batcher = InflightBatcher(engine, codec, limits)
+    running = ListSink()  # a stream decoding: the budget is the one that protects it
+    batcher.submit(
+        GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True),
+        running,
+    )
+    batcher.step()
+    engine.forward = RecordingForward(engine.forward)
     sinks = [ListSink() for _ in range(5)]
     for sink in sinks:
-        request = GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True)
-        batcher.submit(request, sink)
+        batcher.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), sink)
+    joined = []
+    for _ in range(3):
+        calls = len(engine.forward.calls)
+        batcher.step()
+        joined.append(batcher.active - 1)
+        # the prompts' forwards never compute more positions than the budget, padding
+        # included: decode rows and chunks of other widths are never padded to a chunk's
+        prompt_calls = [c for c in engine.forward.calls[calls:] if c[1] > 1]
+        assert sum(rows * width for rows, width, _ in prompt_calls) <= budget
+    assert joined == [3, 5, 5]  # the third prompt starts with one token, then goes on
+    run_all(batcher, sinks + [running])
+    texts = {s.text for s in sinks}
+    assert len(texts) == 1 and all(s.outputs[-1].num_output_tokens == 6 for s in sinks)
+    assert engine.cached_sequences == 0
+
+    # with no stream decoding there is none to stall: a step takes four budgets
+    idle = InflightBatcher(
+        engine, codec, limits(engine, max_active=8, max_queue=16, max_prefill_tokens=budget)
+    )
+    burst = [ListSink() for _ in range(9)]
+    for sink in burst:
+        idle.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
+    idle.step()
+    assert idle.active == 8  # all it has room for: 8 prompts fit in 4 budgets
+    run_all(idle, burst)
+
+    # the same prompt alone, whole: the same text
+    whole = InflightBatcher(engine, codec, limits(engine))
+    alone = ListSink()
+    whole.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), alone)
+    run_all(whole, [alone])
+    assert alone.text in texts
+
+
+def test_a_long_prompt_goes_in_a_chunk_a_step_while_the_others_keep_decoding(engine, codec):
+    batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=4))
+    running = ListSink()
+    batcher.submit(
+        GenerationRequest("The cat", max_tokens=40, min_length=40, sampling=GREEDY, stream=True),
+        running,
+    )
+    for _ in range(3):
+        batcher.step()
+    long_prompt = "The old man walks to the river every morning because he likes the water"
+    size = len(codec.encode(long_prompt))
+    long = ListSink()
+    batcher.submit(GenerationRequest(long_prompt, max_tokens=5, sampling=GREEDY, stream=True), long)
+    engine.forward = RecordingForward(engine.forward)
+    before = len(running.outputs)
+    steps = -(-size // 4)  # chunks of 4 tokens
+    for _ in range(steps):
+        batcher.step()
+    assert not long.outputs or long.outputs[0].num_output_tokens == 1  # first token at last
+    assert len(running.outputs) - before == steps  # a token every step all along
+    assert max(width for _, width, _ in engine.forward.calls) <= 4
+    run_all(batcher, [running, long])
+
+    solo_batcher = InflightBatcher(engine, codec, limits(engine))
+    solo = ListSink()
+    solo_batcher.submit(
+        GenerationRequest(long_prompt, max_tokens=5, sampling=GREEDY, stream=True), solo
+    )
+    run_all(solo_batcher, [solo])
+    assert long.text == solo.text
+    assert long.outputs[-1].num_output_tokens == solo.outputs[-1].num_output_tokens
+
+
+def test_without_chunks_whole_prompts_join_within_the_budget_and_a_long_one_goes_alone(
+    engine, codec
+):
+    """For engines that take several new tokens only on an empty cache (TensorRT)."""
+    prompt = "The old man walks to the river"
+    size = len(codec.encode(prompt))
+    batcher = InflightBatcher(
+        engine,
+        codec,
+        limits(engine, max_active=8, max_prefill_tokens=2 * size + 1, chunked_prefill=False),
+    )
+    running = ListSink()
+    batcher.submit(
+        GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True),
+        running,
+    )
+    batcher.step()
+    engine.forward = RecordingForward(engine.forward)
+    sinks = [ListSink() for _ in range(5)]
+    for sink in sinks:
+        batcher.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), sink)
     joined = []
     for _ in range(3):
         batcher.step()
-        joined.append(batcher.active)
-    assert joined == [2, 4, 5]  # two prompts per step, then the last one
-    run_all(batcher, sinks)
-    texts = {s.text for s in sinks}
-    assert len(texts) == 1 and all(s.outputs[-1].num_output_tokens == 6 for s in sinks)
+        joined.append(batcher.active - 1)
+    assert joined == [2, 4, 5]  # two whole prompts per step, then the last one
+    run_all(batcher, sinks + [running])
+    assert len({s.text for s in sinks}) == 1
+    # several new tokens only ever on an empty cache
+    assert all(past == 0 for _, width, past in engine.forward.calls if width > 1)
 
-    # a prompt longer than the budget still runs, alone
     alone = InflightBatcher(
-        engine,
-        codec,
-        BatcherLimits(engine.shape.max_positions, engine.shape.eos_token_id, max_prefill_tokens=2),
+        engine, codec, limits(engine, max_prefill_tokens=2, chunked_prefill=False)
     )
     sink = ListSink()
     alone.submit(GenerationRequest(prompt, max_tokens=3, sampling=GREEDY), sink)
@@ -336,7 +438,8 @@ def test_a_failing_prefill_fails_only_its_request(engine, codec):
     batcher.submit(GenerationRequest("cat " * 200, max_tokens=5), poison)
     batcher.submit(request(prompts[3]), joiner)  # joins in the same step as the poison
     run_all(batcher, [*running, poison, joiner])
-    assert poison.errors == ["engine error: prefill of 202 tokens"] and poison.finals == 1
+    # its first chunk (the default budget of 128 tokens) is what fails
+    assert poison.errors == ["engine error: prefill of 128 tokens"] and poison.finals == 1
     assert [s.text for s in [*running, joiner]] == solo
     assert all(s.finals == 1 and not s.errors for s in [*running, joiner])
     assert engine.cached_sequences == 0
@@ -455,6 +558,9 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     prompt = "The old man walks to the river"
     budget = len(codec.encode(prompt))  # one prompt per step
     batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=budget))
+    running = ListSink()  # a stream decoding: the budget is the one that protects it
+    batcher.submit(GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY), running)
+    batcher.step()
     sinks = [ListSink() for _ in range(3)]
     for sink in sinks:
         batcher.submit(GenerationRequest(prompt, max_tokens=5, sampling=GREEDY), sink)
@@ -462,8 +568,8 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     batcher.step()
     assert sinks[0].outputs[-1].finish_reason == "cancelled" and sinks[0].finals == 1
     assert batcher.stats.requests["cancelled"] == 1
-    assert batcher.active == 1  # the next request took the budget in this same step
-    run_all(batcher, sinks)
+    assert batcher.active == 2  # the next request took the budget in this same step
+    run_all(batcher, [running, *sinks])
     assert [s.outputs[-1].finish_reason for s in sinks[1:]] == ["length", "length"]
 
 
@@ -561,3 +667,83 @@ def test_min_length_holds_for_sampled_rows(engine, codec):
     assert [(s.outputs[-1].num_output_tokens, s.outputs[-1].finish_reason) for s in sinks] == [
         (6, "stop")
     ] * 3
+
+
+# -- stateless forwards (the engine model's steps, run by gpt2's loop) -----------------------
+class Replies:
+    def __init__(self):
+        self.answers = []
+
+    def __call__(self, logits, error):
+        self.answers.append((logits, error))
+
+
+def test_a_forward_runs_in_chunks_beside_a_stream_and_equals_a_stateless_step(engine, codec):
+    batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=4))
+    running = ListSink()
+    request = GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True)
+    batcher.submit(request, running)
+    batcher.step()
+    rows = [codec.encode("The old man walks to the river every day"), [5, 6]]
+    expected = engine.step(rows)  # stateless: keeps nothing
+    reply = Replies()
+    batcher.submit_forward(rows, reply)
+    before = len(running.outputs)
+    steps = 0
+    while not reply.answers:
+        batcher.step()
+        steps += 1
+    assert steps >= -(-sum(map(len, rows)) // 4)  # within the budget: several steps
+    assert len(running.outputs) - before == steps  # the stream got a token every step
+    logits, error = reply.answers[0]
+    assert error is None and logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert engine.cached_sequences == 1  # the forward's rows are freed; the stream's stays
+    assert batcher.stats.output_tokens == len(running.outputs) and not batcher.stats.requests
+    run_all(batcher, [running])
+    assert len(reply.answers) == 1
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([], "1 to 16 rows"),
+        ([[1]] * 17, "1 to 16 rows"),
+        ([[]], "row 0 has 0 tokens"),
+        ([[1] * 2000], "context window"),
+        ([[1], [-3]], "row 1: token id -3"),
+    ],
+)
+def test_a_bad_forward_is_refused_before_it_queues(engine, codec, rows, message):
+    batcher = InflightBatcher(
+        engine, codec, limits(engine, max_active=16, vocab_size=engine.shape.vocab_size)
+    )
+    with pytest.raises(RequestValidationError, match=message):
+        batcher.submit_forward(rows, Replies())
+    assert batcher.stats.waiting == 0
+
+
+def test_a_forward_that_fails_in_the_engine_or_at_shutdown_is_answered_once(engine, codec):
+    batcher = InflightBatcher(engine, codec, limits(engine))
+    failing = Replies()
+    batcher.submit_forward([[10**6], [5]], failing)  # past the vocabulary: the engine fails
+    run_all_forwards(batcher, [failing])
+    assert failing.answers[0][0] is None and "vocabulary" in str(failing.answers[0][1])
+    assert engine.cached_sequences == 0
+    queued = Replies()
+    batcher.submit_forward([[5, 6]], queued)
+    batcher.shutdown()
+    assert len(queued.answers) == 1 and isinstance(queued.answers[0][1], ShuttingDownError)
+    with pytest.raises(ShuttingDownError):
+        batcher.submit_forward([[5]], Replies())
+
+
+def run_all_forwards(batcher, replies, limit=100):
+    for _ in range(limit):
+        if all(r.answers for r in replies):
+            for _ in range(3):  # rows of a failed job leave at their next turn
+                batcher.step()
+            assert all(len(r.answers) == 1 for r in replies)
+            return
+        batcher.step()
+    raise AssertionError("the forward was not answered")

@@ -542,8 +542,15 @@ BAD_INPUTS = [
     Bad(
         "no_inputs",
         {},
-        re.escape("missing required input(s) ['text_input']"),
+        # Triton's own answer: every input of gpt2 is optional (a forward sends input_ids
+        # instead of text_input), so the core has nothing to name
+        re.escape("request has 0 inputs"),
         http=False,
+    ),
+    Bad(
+        "no_text_input",
+        {"max_tokens": 5},
+        re.escape("text_input is required"),
     ),
     Bad(
         "unknown_input",

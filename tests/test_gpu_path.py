@@ -200,23 +200,20 @@ def test_trt_repository_renders_and_refuses_without_a_plan(tiny_export, tmp_path
 @pytest.mark.parametrize(
     ("engine", "device", "placement", "holder"),
     [
-        ("onnx", "cpu", "in_process", "self"),  # CPU: two copies cost host memory only
-        ("torch", "cpu", "in_process", "self"),
+        ("onnx", "cpu", "in_process", "gpt2"),  # the engine model passes steps on to gpt2
+        ("torch", "cpu", "in_process", "gpt2"),
         ("torch", "cuda", "in_process", "gpt2"),
         ("torch", "cuda", "bls", "self"),
         ("trt", "cpu", "in_process", "gpt2"),  # the device a TensorRT plan runs on: cuda
         ("trt", "cpu", "bls", "self"),
+        ("onnx", "cpu", "bls", "self"),
     ],
 )
-def test_one_copy_of_a_gpu_engine(engine, device, placement, holder):
+def test_one_copy_of_the_engine_per_server(engine, device, placement, holder):
     from build_scripts.build_repo import RepoSettings
 
     settings = RepoSettings("tiny", engine, device=device, engine_placement=placement)
     assert settings.engine_holder == holder
-    # in process gpt2 has its own copy: the engine model's, if any, waits for a request
-    lazy = (placement, holder) == ("in_process", "self")
-    expected_load = "on_first_request" if lazy else "at_start"
-    assert settings.engine_load == expected_load
 
 
 def _compose(*args: str) -> str:

@@ -101,13 +101,12 @@ def test_http_generate_and_generate_stream(triton, http, grpc):
 
 
 def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):
-    """Also the ``engine`` model's copy loaded on demand: gpt2 (in process) has its own, so
-    the engine model builds its engine when its first request comes."""
+    """The ``engine`` model holds no weights (gpt2 runs the engine in process): next_token's
+    step runs in gpt2's loop, so the server loads the weights once."""
     import tritonclient.grpc as grpcclient
 
-    log = triton.triton.log_file.read_text()
-    assert "engine 'onnx': loads on its first request" in log
-    assert "engine 'onnx' ready" not in log  # this is the session's first next_token test
+    repository = triton.triton.model_repository
+    assert not (repository / "engine" / "1" / "model.onnx").exists()
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     for prompt in PROMPTS:
         text = grpcclient.InferInput("text_input", [1], "BYTES")
@@ -120,7 +119,66 @@ def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tin
             expected = int(tiny_hf_model(ids).logits[0, -1].argmax())
         assert got.tolist() == [expected], prompt
     client.close()
-    assert "engine 'onnx' ready" in triton.triton.log_file.read_text()
+    log = triton.triton.log_file.read_text()
+    assert "model 'gpt2' holds the only copy" in log
+    assert "engine 'onnx' ready" not in log  # the engine model never built one
+
+
+def test_engine_steps_run_in_gpt2_beside_its_streams_and_bad_ones_fail_alone(triton, grpc):
+    """Logits straight from the engine model (by gpt2's loop) while a stream runs; a stateful
+    step or a bad forward gets a clear error, and neither disturbs the stream."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    def step(ids, **extra):
+        inputs = _inputs({"input_ids": np.asarray(ids, np.int64), **extra})
+        return client.infer("engine", inputs).as_numpy("logits")
+
+    long = GenerationParams(temperature=0, max_tokens=60, min_length=60)
+    expected = grpc.generate("The old man", long).text
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        alone = step([[5, 6, 7], [8, 9, 10]])
+        with Gpt2Client(triton.grpc_url) as other:
+            stream = iter(other.stream("The old man", long))
+            pieces = [next(stream)]  # the stream runs: its first piece is out
+            beside = step([[5, 6, 7], [8, 9, 10]])
+            for message, ids, extra in [
+                ("holds no caches", [[5]], {"sequence_ids": np.array([1], np.uint64)}),
+                ("holds no caches", None, {"release_ids": np.array([1], np.uint64)}),
+                ("outside the vocabulary", [[10**6]], {}),
+                ("context window", [[5] * 2000], {}),
+                ("input_lengths", [[5, 6]], {"input_lengths": np.array([3], np.int32)}),
+            ]:
+                with pytest.raises(InferenceServerException, match=message):
+                    if ids is None:
+                        client.infer("engine", _inputs(extra))
+                    else:
+                        step(ids, **extra)
+            pieces += list(stream)
+    finally:
+        client.close()
+    assert alone.shape == beside.shape and alone.shape[0] == 2
+    np.testing.assert_allclose(alone, beside, atol=1e-4)
+    assert "".join(pieces) == expected
+
+
+_TRITON_TYPES = {
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.uint64): "UINT64",
+}
+
+
+def _inputs(values):
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), _TRITON_TYPES[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
 
 
 def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
@@ -279,33 +337,3 @@ def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_expor
         after = metrics(server)
         assert after['gpt2_engine_cached_sequences{engine="onnx",model="engine"}'] == 0
         assert after['gpt2_requests_total{finish_reason="cancelled"}'] == 1
-
-
-def test_an_engine_that_cannot_load_fails_next_token_clearly_and_only_it(triton, artifacts, grpc):
-    """The engine model's copy loads on the first request: a broken export then answers that
-    request, and the next, with UNAVAILABLE and the reason; gpt2 keeps streaming."""
-    import shutil
-
-    import tritonclient.grpc as grpcclient
-    from conftest import service
-    from tritonclient.utils import InferenceServerException
-
-    repository = artifacts / "model_repository_broken_engine"
-    shutil.rmtree(repository, ignore_errors=True)
-    shutil.copytree(triton.triton.model_repository, repository, symlinks=True)
-    (repository / "engine" / "1" / "model.onnx").unlink()  # the engine's own link to it
-    expected = grpc.generate("The cat", GREEDY).text
-    with service(repository, artifacts / "logs_broken_engine") as server:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        text = grpcclient.InferInput("text_input", [1], "BYTES")
-        text.set_data_from_numpy(np.array([b"The cat"], dtype=object))
-        try:
-            for _ in range(2):  # the first request tries the load, the second gets its result
-                with pytest.raises(InferenceServerException) as failed:
-                    client.infer("next_token", [text])
-                assert "could not load its engine" in failed.value.message()
-                assert "model.onnx" in failed.value.message()
-        finally:
-            client.close()
-        with Gpt2Client(server.grpc_url) as other:
-            assert other.generate("The cat", GREEDY).text == expected

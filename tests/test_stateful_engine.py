@@ -1,4 +1,6 @@
-"""The engine contract on the real ONNX Runtime session of the tiny export."""
+"""The engine contract on the real ONNX Runtime session of the tiny export, for both KV
+cache layouts: the padded batch (``StatefulEngine``, what the torch and TensorRT engines
+use) and the slots written in place (``SlotEngine``, the ONNX Runtime serving engine)."""
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError
 
 
-@pytest.fixture()
-def engine(tiny_export):
-    return build_engine("onnx", tiny_export, max_sequences=8)
+@pytest.fixture(params=["padded", "in_place"])
+def engine(request, tiny_export):
+    return build_engine("onnx", tiny_export, max_sequences=8, in_place=request.param == "in_place")
 
 
 def greedy(engine, sid, prompt, n):
@@ -102,10 +104,10 @@ class FailingForward:
         self.forward = forward
         self.fail_on = fail_on
 
-    def __call__(self, input_ids, mask, positions, past):
+    def __call__(self, input_ids, *rest):
         if ("prefill" if input_ids.shape[1] > 1 else "decode") == self.fail_on:
             raise RuntimeError(f"{self.fail_on} failed")
-        return self.forward(input_ids, mask, positions, past)
+        return self.forward(input_ids, *rest)
 
 
 @pytest.mark.parametrize("fail_on", ["prefill", "decode"])
@@ -138,3 +140,36 @@ def test_a_request_that_fails_does_not_release(engine, step, message):
     assert engine.cached_sequences == 1 and engine.sequence_length(1) == 2
     protocol.serve(engine, {names.RELEASE_IDS: np.array([1], np.uint64)})
     assert engine.cached_sequences == 0
+
+
+def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(engine, tiny_tokenizer):
+    prompt = tiny_tokenizer("The old man walks to the river every morning because")["input_ids"]
+    whole = engine.step([prompt], [1], [True])
+    engine.step([[5, 6, 7]], [2], [True])  # another sequence, already decoding
+    engine.step([[8]], [2])
+    # sequence 3 in chunks of 4, 1 and the rest, beside sequence 2's decode steps
+    engine.step([prompt[:4], [9]], [3, 2], [True, False])
+    engine.step([prompt[4:5], [10]], [3, 2])  # a one-token chunk joins the decoding rows
+    last = engine.step([prompt[5:], [11]], [3, 2])
+    np.testing.assert_allclose(last[0], whole[0], atol=1e-4)
+    assert engine.sequence_length(3) == len(prompt) == engine.sequence_length(1)
+    # they decode on together, in any row order, and agree token for token
+    a, b = engine.step([[4], [4]], [3, 1]), engine.step([[5], [5]], [1, 3])
+    np.testing.assert_allclose(a[0], a[1], atol=1e-4)
+    np.testing.assert_allclose(b[0], b[1], atol=1e-4)
+
+
+def test_a_sequence_released_or_failed_part_way_through_its_prompt(engine, tiny_tokenizer):
+    prompt = tiny_tokenizer("The old man walks to the river every morning")["input_ids"]
+    engine.step([prompt[:3], [1, 2]], [1, 2], [True, True])
+    engine.forward = FailingForward(engine.forward, "prefill")
+    with pytest.raises(RuntimeError, match="prefill"):
+        engine.step([prompt[3:6], [3]], [1, 2])
+    assert (engine.sequence_length(1), engine.sequence_length(2)) == (3, 2)
+    engine.forward = engine.forward.forward
+    assert engine.release([1]) == 1
+    assert engine.cached_sequences == 1 and engine.cached_tokens == 2
+    with pytest.raises(EngineError, match="unknown sequence 1"):
+        engine.step([prompt[3:6]], [1])
+    engine.step([[3]], [2])
+    assert engine.release_all() == 1 and engine.cached_tokens == 0

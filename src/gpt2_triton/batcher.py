@@ -1,7 +1,9 @@
 """The generation loop with in-flight batching: the one place that knows the step order.
 
 Per step, for all live sequences at once:
-    admit new requests (within a prompt-token budget; those cancelled while waiting leave
+    admit new requests and share out a prompt-token budget (chunked prefill: prompts go in
+    a chunk a step, in the order they came, so a long prompt or a burst stalls the running
+    streams for at most one budget's prefill per step; those cancelled while waiting leave
     uncharged) -> drop cancelled ones (each stream asked at most as often as
     ``BatcherLimits`` allows) -> free the caches still to release -> engine step (prompts
     of new sequences, last token of the others; if it fails with new rows in it, the
@@ -10,7 +12,9 @@ Per step, for all live sequences at once:
     finished sequences (EOS, stop word, max_tokens, error) and free their KV caches.
 
 A new request joins at the next step without waiting for the others to finish; a finished
-or cancelled one leaves at once. Every admitted request gets exactly one final response:
+or cancelled one leaves at once. A stateless forward (``submit_forward``: the ``next_token``
+step, so that the server holds its weights once) goes through the same steps: its rows
+are prompts that end at their logits. Every admitted request gets exactly one final response:
 a step never raises (a failure it did not expect fails that step's rows), and the loop's
 own thread fails what is left when it stops (``run``). The engine and the response channel
 are interfaces (``EngineClient``, ``ResponseSink``), so the loop runs the same in Triton
@@ -36,7 +40,7 @@ from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
-from gpt2_triton.sampling import TokenSampler, sample_batch
+from gpt2_triton.sampling import SamplingParams, TokenSampler, sample_batch
 from gpt2_triton.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ class EngineClient(Protocol):
         """Free these caches; ids the engine does not hold are ignored."""
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class QueueFullError(Gpt2TritonError):
     """More requests wait than the queue holds: the client should retry later."""
 
@@ -79,16 +86,25 @@ class ShuttingDownError(Gpt2TritonError):
     """The server is shutting down and takes no new request."""
 
 
+IDLE_PREFILL_FACTOR = 4
+
+
 @dataclass(frozen=True)
 class BatcherLimits:
     max_positions: int  # the model's context window
     eos_token_id: int
     max_active: int = 16  # sequences sharing one engine step
     max_queue: int = 1024  # requests waiting to join
-    # Prompt tokens prefilled in one step (a longer prompt still goes alone): a burst of
-    # new requests joins over several steps, so running streams stall for one budget's
-    # prefill at a time, and the engine's activation memory stays bounded.
-    max_prefill_tokens: int = 512
+    # Prompt tokens prefilled in one step while streams are decoding: a burst of new
+    # requests, or a long prompt, goes in over several steps, so running streams stall for
+    # one budget's prefill at a time. With none decoding there is no stream to stall, and a
+    # step takes IDLE_PREFILL_FACTOR times as many (the engine's activation memory stays
+    # bounded by that).
+    max_prefill_tokens: int = 128
+    # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
+    # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
+    # whole prompts, and one longer than the budget goes alone.
+    chunked_prefill: bool = True
     # Asking a client's request whether it was cancelled can cost a round trip (Triton: a
     # message to the server process and back, per stream). 0 and 0 ask every stream every
     # step. Otherwise a stream is asked at most once per interval, and at most that many
@@ -96,6 +112,7 @@ class BatcherLimits:
     # max(interval, ceil(active / per step) steps) plus one step.
     cancel_check_interval_s: float = 0.0
     cancel_checks_per_step: int = 0  # 0: no cap
+    vocab_size: int = 0  # the engine's, to check a forward's token ids; 0: the engine checks
 
 
 @dataclass
@@ -125,12 +142,85 @@ class _Sequence:
     submitted_at: float
     history: list[int] = field(default_factory=list)  # prompt + generated ids
     generated: int = 0
-    started: bool = False  # the engine holds its KV cache
+    prefilled: int = 0  # prompt tokens the engine holds
+    chunk: int = 0  # prompt tokens this step gives it
+    started: bool = False  # its whole prompt is in: it decodes a token a step
     cancel_checked_at: float = 0.0  # time.monotonic() of the last is_cancelled() asked
     ended: bool = False  # its final response was sent: nothing more goes out
 
+    job: _ForwardJob | None = None  # a row of a stateless forward: it ends at its logits
+    job_row: int = 0
+
     def output(self, text: str, reason: str = "") -> GenerationOutput:
         return GenerationOutput(text, reason, len(self.prompt_ids), self.generated)
+
+    @property
+    def holds_cache(self) -> bool:
+        return self.started or self.prefilled > 0
+
+    def engine_tokens(self) -> list[int]:
+        if self.started:
+            return self.history[-1:]
+        return self.prompt_ids[self.prefilled : self.prefilled + self.chunk]
+
+
+# logits (rows, vocab) of a forward, or the exception that failed it (RequestValidationError
+# and EngineError: the request's fault; ShuttingDownError; anything else: internal)
+ForwardReply = Callable[[np.ndarray | None, Exception | None], None]
+
+
+class _ForwardJob:
+    """A stateless forward whose rows run as prompts; it answers once, when every row has
+    its logits or the first row fails (the other rows then leave at their next turn)."""
+
+    def __init__(self, rows: int, reply: ForwardReply) -> None:
+        self.logits: np.ndarray | None = None
+        self.left = rows
+        self.reply = reply
+        self.answered = False
+
+    def row_done(self, row: int, logits: np.ndarray) -> None:
+        if self.answered:
+            return
+        if self.logits is None:
+            self.logits = np.empty((self.left, logits.shape[-1]), np.float32)
+        self.logits[row] = logits
+        self.left -= 1
+        if self.left == 0:
+            self._answer(self.logits, None)
+
+    def fail(self, error: Exception) -> None:
+        if not self.answered:
+            self._answer(None, error)
+
+    def _answer(self, logits, error) -> None:
+        self.answered = True
+        try:
+            self.reply(logits, error)
+        except Exception:  # the caller may be gone: nothing more to do for it
+            log.warning("a forward's answer could not be delivered", exc_info=True)
+
+
+class _ForwardRowSink:
+    """A forward row's ResponseSink: it sends nothing; a row that ends early fails the job."""
+
+    def __init__(self, job: _ForwardJob) -> None:
+        self.job = job
+
+    def send(self, output: GenerationOutput, final: bool) -> None:
+        self.job.fail(Gpt2TritonError("the forward was cancelled"))
+
+    def send_error(self, message: str) -> None:
+        self.job.fail(Gpt2TritonError(message))
+
+    def is_cancelled(self) -> bool:
+        return self.job.answered  # a failed job's other rows leave
+
+    def close(self) -> None:
+        pass
+
+
+_FORWARD_SAMPLING = SamplingParams(temperature=0)  # never used: forward rows are not sampled
 
 
 class InflightBatcher:
@@ -208,6 +298,59 @@ class InflightBatcher:
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
+    def submit_forward(self, tokens: Sequence[Sequence[int]], reply: ForwardReply) -> None:
+        """Queue a stateless forward: ``reply`` gets each row's last-token logits, from the
+        loop's thread. Its rows join the step like prompts (in chunks, within the prefill
+        budget), so a forward of many long rows stalls the streams no more than prompts do;
+        their caches are freed as soon as their logits are out.
+
+        Raises RequestValidationError, QueueFullError, or ShuttingDownError after shutdown.
+        """
+        window, vocab = self.limits.max_positions, self.limits.vocab_size or None
+        if not 1 <= len(tokens) <= self.limits.max_active:
+            raise RequestValidationError(
+                f"a forward takes 1 to {self.limits.max_active} rows (max_active), got "
+                f"{len(tokens)}"
+            )
+        for row, toks in enumerate(tokens):
+            if not 1 <= len(toks) <= window:
+                raise RequestValidationError(
+                    f"row {row} has {len(toks)} tokens: 1 to {window} (the context window)"
+                )
+            bad = [t for t in toks if t < 0 or (vocab and t >= vocab)]
+            if bad:
+                raise RequestValidationError(
+                    f"row {row}: token id {bad[0]} is outside the vocabulary"
+                    + (f" [0, {vocab})" if vocab else "")
+                )
+        job = _ForwardJob(len(tokens), reply)
+        now = time.perf_counter()
+        rows = [
+            _Sequence(
+                request=GenerationRequest("", max_tokens=1, sampling=_FORWARD_SAMPLING),
+                sink=_ForwardRowSink(job),
+                sequence_id=next(self._ids),
+                prompt_ids=list(toks),
+                max_tokens=1,
+                sampler=None,  # type: ignore[arg-type]
+                detokenizer=None,  # type: ignore[arg-type]
+                submitted_at=now,
+                job=job,
+                job_row=row,
+            )
+            for row, toks in enumerate(tokens)
+        ]
+        with self._wake:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down; retry on another one")
+            if len(self._waiting) + len(rows) > self.limits.max_queue:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting; retry later"
+                )
+            self._waiting.extend(rows)
+            self.stats.waiting = len(self._waiting)
+            self._wake.notify()
+
     # -- the loop (one thread) --------------------------------------------------------------
     def run(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> None:
         """Run the loop in this thread until ``stop`` is set (set it, then call ``wake()``).
@@ -255,7 +398,7 @@ class InflightBatcher:
 
         Only from the loop's thread, between steps (``run`` calls it).
         """
-        message = "the server is shutting down"
+        message = SHUTTING_DOWN
         with self._wake:
             self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -275,8 +418,11 @@ class InflightBatcher:
         if not self._active:
             return False
         self._release_pending()
+        batch = [s for s in self._active if s.started or s.chunk]
+        if not batch:  # every one admitted was cancelled before its first chunk
+            return True
         step_started = time.perf_counter()
-        outcomes = self._engine_step(list(self._active))
+        outcomes = self._engine_step(batch)
         now = time.perf_counter()
         self.stats.steps += 1
         self.stats.engine_seconds_total += now - step_started
@@ -291,23 +437,44 @@ class InflightBatcher:
         return True
 
     def _admit(self) -> None:
-        prefill = 0
+        """Share this step's prompt budget: first the prompts already going in, then new
+        requests while budget and room are left, each in the order they came."""
+        budget = self.limits.max_prefill_tokens
+        if not any(s.started for s in self._active):  # no stream to stall
+            budget *= IDLE_PREFILL_FACTOR
+        full = budget
+        for sequence in self._active:
+            sequence.chunk = 0
+            if not sequence.started:
+                budget = self._give_chunk(sequence, budget, full)
         gone = []
         with self._wake:
-            while self._waiting and len(self._active) < self.limits.max_active:
-                if _is_gone(self._waiting[0]):  # cancelled while waiting: costs no budget
+            while self._waiting and len(self._active) < self.limits.max_active and budget:
+                head = self._waiting[0]
+                if _is_gone(head):  # cancelled while waiting: costs no budget
                     gone.append(self._waiting.popleft())
                     continue
-                cost = len(self._waiting[0].prompt_ids)
-                if prefill and prefill + cost > self.limits.max_prefill_tokens:
+                budget = self._give_chunk(head, budget, full)
+                if not head.chunk:
                     break  # the next step takes it
-                prefill += cost
-                self._waiting[0].cancel_checked_at = time.monotonic()  # just asked
+                head.cancel_checked_at = time.monotonic()  # just asked
                 self._active.append(self._waiting.popleft())
             self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._active)
         for sequence in gone:
             self._finish(sequence, names.FINISH_CANCELLED, "")
+
+    def _give_chunk(self, sequence: _Sequence, budget: int, full: int) -> int:
+        """Set the prompt tokens ``sequence`` takes this step out of ``budget`` (of ``full``
+        this step); return the rest."""
+        remaining = len(sequence.prompt_ids) - sequence.prefilled
+        if self.limits.chunked_prefill:
+            sequence.chunk = min(remaining, budget)
+        elif remaining <= budget or budget == full:
+            sequence.chunk = remaining  # whole prompts; a longer one than the budget alone
+        else:
+            sequence.chunk = 0
+        return max(budget - sequence.chunk, 0)
 
     def _drop_cancelled(self) -> None:
         cancelled = [s for s in self._due_for_cancel_check() if _is_gone(s)]
@@ -355,9 +522,9 @@ class InflightBatcher:
         return outcomes
 
     def _call_engine(self, rows: list[_Sequence]) -> np.ndarray:
-        tokens = [s.history[-1:] if s.started else s.prompt_ids for s in rows]
+        tokens = [s.engine_tokens() for s in rows]
         logits = self.engine.step(
-            tokens, [s.sequence_id for s in rows], [not s.started for s in rows]
+            tokens, [s.sequence_id for s in rows], [not s.holds_cache for s in rows]
         )
         if len(logits) != len(rows):
             raise EngineError(f"the engine returned {len(logits)} rows of logits for {len(rows)}")
@@ -367,6 +534,23 @@ class InflightBatcher:
         self, rows: list[_Sequence], logits: np.ndarray, now: float
     ) -> list[_Sequence]:
         finished = []
+        ready = []  # rows that decoded, or whose last prompt chunk went in: they sample
+        for row, sequence in enumerate(rows):
+            if not sequence.started:
+                sequence.prefilled += sequence.chunk
+                if sequence.prefilled < len(sequence.prompt_ids):
+                    continue  # more of its prompt next step
+            ready.append(row)
+        for row in [r for r in ready if rows[r].job]:  # a forward's row: its logits, done
+            sequence = rows[row]
+            sequence.ended = True
+            sequence.job.row_done(sequence.job_row, logits[row])
+            finished.append(sequence)
+        ready = [r for r in ready if not rows[r].job]
+        if len(ready) < len(rows):
+            rows, logits = [rows[r] for r in ready], logits[ready]
+        if not rows:
+            return finished
         tokens = self._sample(rows, logits)
         for sequence, token in zip(rows, tokens, strict=True):
             if not sequence.started:
@@ -431,6 +615,9 @@ class InflightBatcher:
         if sequence.ended:
             return
         sequence.ended = True
+        if sequence.job:  # cancelled: its job failed first, or is failed now
+            sequence.job.fail(Gpt2TritonError("the forward was cancelled"))
+            return
         detokenizer = sequence.detokenizer
         if reason != names.FINISH_CANCELLED:
             piece += detokenizer.flush()
@@ -477,7 +664,7 @@ class InflightBatcher:
         done = {id(s) for s in finished}
         self._active = [s for s in self._active if id(s) not in done]
         self.stats.active = len(self._active)
-        self._to_release.update(s.sequence_id for s in finished if s.started)
+        self._to_release.update(s.sequence_id for s in finished if s.holds_cache)
         self._release_pending()
 
     def _release_pending(self) -> None:
@@ -499,6 +686,10 @@ class InflightBatcher:
         if sequence.ended:
             return
         sequence.ended = True
+        if sequence.job:
+            failure = ShuttingDownError if message == SHUTTING_DOWN else Gpt2TritonError
+            sequence.job.fail(failure(message))
+            return
         self.stats.requests["error"] += 1
         try:
             sequence.sink.send_error(message)

@@ -1,14 +1,16 @@
 """Triton adapter over gpt2_triton.engines: the stateful KV-cache engine.
 
 Runs requests one by one in this single instance, which holds every live sequence's cache.
-Exports gauges of the caches it holds on the metrics port. With ``engine_load``
-on_first_request (gpt2 has its own copy) the engine is built when the first request comes.
+Exports gauges of the caches it holds on the metrics port. With ``engine_holder`` gpt2
+(engine placement in process) it holds no engine: it passes each stateless step to gpt2,
+so the server holds the weights once, and refuses stateful ones.
 """
 
 import json
 import traceback
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from gpt2_triton import lifeline, model_config, names
@@ -16,6 +18,8 @@ from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine_from_params
 from gpt2_triton.errors import EngineError
+
+STATEFUL_INPUTS = (names.SEQUENCE_IDS, names.SEQUENCE_START, names.RELEASE_IDS)
 
 
 class TritonPythonModel:
@@ -26,55 +30,23 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         kind = model_config.require(params, "engine_kind", "engine")
         self.holder = params.get("engine_holder") or "self"
-        if self.holder != "self":  # the GPU engine lives in gpt2's process: no second copy
-            self.engine = None
+        self.engine = None
+        if self.holder != "self":
             self.logger.log_info(
                 f"engine '{kind}': model '{self.holder}' holds the only copy; this model "
-                "refuses steps (render with PLACEMENT=bls to serve them here)"
+                "passes stateless steps to it and refuses stateful ones (PLACEMENT=bls "
+                "serves them here)"
             )
             return
-        self.kind = kind
-        self.params = params
-        self.folder = Path(args["model_repository"]) / args["model_version"]
-        self.max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
+        folder = Path(args["model_repository"]) / args["model_version"]
+        max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
+        self.engine = build_engine_from_params(params, folder, "engine", max_sequences)
         self.gauges = EngineGauges(pb_utils, kind, "engine")
-        self.engine = None
-        self.load_error = None  # a failed load's message: every later request gets it
-        # a repository rendered before engine_load existed loads at start, as it did then
-        load = params.get("engine_load") or "at_start"
-        if load == "at_start":
-            self._load()
-        elif load == "on_first_request":
-            self.logger.log_info(f"engine '{kind}': loads on its first request")
-        else:
-            raise pb_utils.TritonModelException(
-                f"model 'engine': engine_load must be at_start or on_first_request, got {load!r}"
-            )
-
-    def _load(self):
-        self.engine = build_engine_from_params(
-            self.params, self.folder, "engine", max_sequences=self.max_sequences
-        )
-        self.logger.log_info(f"engine '{self.kind}' ready: {self.engine.shape}")
+        self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
 
     def execute(self, requests):
-        if self.engine is None and self.holder == "self":
-            if self.load_error is None:
-                try:
-                    self._load()
-                except Exception as exc:  # a missing or broken export: tried once, not
-                    # parsed again per request; fixed by a new export and a restart
-                    self.logger.log_error(f"engine load failed: {traceback.format_exc()}")
-                    self.load_error = f"model 'engine' could not load its engine: {exc}"
-            if self.load_error is not None:
-                return [_error(self.load_error, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
         if self.engine is None:
-            message = (
-                f"model 'engine' holds no engine: '{self.holder}' runs the only copy of the "
-                "GPU engine in its own process; render the repository with PLACEMENT=bls to "
-                "call this model (and the next_token ensemble)"
-            )
-            return [_error(message, pb_utils.TritonError.UNAVAILABLE) for _ in requests]
+            return [self._passed_on(request) for request in requests]
         responses = []
         for request in requests:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
@@ -90,6 +62,54 @@ class TritonPythonModel:
                 responses.append(_error(f"engine failure: {exc}", pb_utils.TritonError.INTERNAL))
         self.gauges.publish(self.engine)
         return responses
+
+    def _passed_on(self, request):
+        """A stateless step, run by the holder's loop (a forward request to gpt2)."""
+        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        stateful = [name for name in STATEFUL_INPUTS if name in inputs]
+        if stateful:
+            return _error(
+                f"model 'engine' holds no caches here ({', '.join(stateful)} given): "
+                f"'{self.holder}' runs the only copy of the engine, and its caches are its "
+                "streams'; stateless steps (no sequence_ids) work, and a repository rendered "
+                "with PLACEMENT=bls serves stateful ones",
+                pb_utils.TritonError.INVALID_ARG,
+            )
+        ids = inputs.get(names.INPUT_IDS)
+        if ids is None:
+            return _error(f"send {names.INPUT_IDS}", pb_utils.TritonError.INVALID_ARG)
+        if ids.ndim != 2:
+            return _error(
+                f"{names.INPUT_IDS} must be 2-D (batch, sequence), got {ids.shape}",
+                pb_utils.TritonError.INVALID_ARG,
+            )
+        lengths = inputs.get(names.INPUT_LENGTHS)
+        if lengths is None:
+            lengths = np.full(ids.shape[0], ids.shape[1], np.int32)
+        tensors = [
+            pb_utils.Tensor(names.INPUT_IDS, ids[np.newaxis]),
+            pb_utils.Tensor(names.INPUT_LENGTHS, lengths.reshape(1, -1).astype(np.int32)),
+        ]
+        try:
+            replies = pb_utils.InferenceRequest(
+                model_name=self.holder, inputs=tensors, requested_output_names=[names.LOGITS]
+            ).exec(decoupled=True)
+            for reply in replies:  # one response with the logits, or one with an error
+                if reply.has_error():
+                    error = reply.error()
+                    return _error(error.message(), error.code())
+                tensor = pb_utils.get_output_tensor_by_name(reply, names.LOGITS)
+                if tensor is not None:
+                    return pb_utils.InferenceResponse(
+                        [pb_utils.Tensor(names.LOGITS, tensor.as_numpy()[0])]
+                    )
+        except Exception as exc:  # the holder is not loaded, or the call broke
+            self.logger.log_error(f"engine: the step by '{self.holder}' failed: {exc}")
+            return _error(
+                f"model 'engine' could not reach '{self.holder}': {exc}",
+                pb_utils.TritonError.UNAVAILABLE,
+            )
+        return _error(f"'{self.holder}' answered without logits", pb_utils.TritonError.INTERNAL)
 
     def finalize(self):
         if self.engine is not None:

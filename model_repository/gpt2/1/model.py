@@ -20,8 +20,8 @@ import triton_python_backend_utils as pb_utils
 from gpt2_triton import lifeline, model_config, names
 from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, ShuttingDownError
 from gpt2_triton.engine_gauges import EngineGauges
-from gpt2_triton.engines.factory import build_engine_from_params
-from gpt2_triton.engines.protocol import pack_tokens
+from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_chunks
+from gpt2_triton.engines.protocol import pack_tokens, unpack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_parameters
 from gpt2_triton.sending import ResponseWorker
@@ -49,18 +49,24 @@ class TritonPythonModel:
         params = model_config.parameters(config)
         folder = Path(args["model_repository"]) / args["model_version"]
         codec = TextCodec(folder / model_config.require(params, "tokenizer_dir", "gpt2"))
+        max_active = model_config.int_param(params, "max_active", "gpt2", minimum=1)
+        self.engine, self.gauges = self._engine(params, folder, max_active)
+        shape = getattr(self.engine, "shape", None)  # in process; by BLS the engine checks
         limits = BatcherLimits(
             max_positions=model_config.int_param(params, "context_window", "gpt2", minimum=2),
             eos_token_id=codec.eos_token_id,
-            max_active=model_config.int_param(params, "max_active", "gpt2", minimum=1),
+            max_active=max_active,
             max_queue=model_config.int_param(params, "max_queue", "gpt2", minimum=1),
             max_prefill_tokens=model_config.int_param(
                 params, "max_prefill_tokens", "gpt2", minimum=1
             ),
+            chunked_prefill=takes_prompt_chunks(
+                model_config.require(params, "engine_kind", "gpt2")
+            ),
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             cancel_checks_per_step=CANCEL_CHECKS_PER_STEP,
+            vocab_size=shape.vocab_size if shape else 0,
         )
-        self.engine, self.gauges = self._engine(params, folder, limits.max_active)
         self.batcher = InflightBatcher(self.engine, codec, limits)
         self.responses = ResponseWorker(max_pending=8 * limits.max_active)
         self.metrics = Metrics(self.batcher.stats)
@@ -94,9 +100,12 @@ class TritonPythonModel:
             try:
                 check_parameters(json.loads(request.parameters() or "{}"))
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                if names.INPUT_IDS in inputs:  # a forward (the engine model's next_token step)
+                    self._forward(inputs, sink)
+                    continue
                 generation = GenerationRequest.from_inputs(inputs)
                 self.batcher.submit(generation, self.responses.wrap(sink))
-            except RequestValidationError as exc:
+            except (RequestValidationError, EngineError) as exc:
                 sink.send_error(str(exc), pb_utils.TritonError.INVALID_ARG)
             except (QueueFullError, ShuttingDownError) as exc:
                 sink.send_error(str(exc), pb_utils.TritonError.UNAVAILABLE)
@@ -104,6 +113,30 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"gpt2: cannot queue request: {traceback.format_exc()}")
                 sink.send_error("internal error while queueing the request")
         return None
+
+    def _forward(self, inputs, sink):
+        """A stateless forward for the ``engine`` model (which holds no weights of its own):
+        ``input_ids`` (1, B, T) and ``input_lengths`` (1, B) in, one final response with
+        ``logits`` (1, B, vocab), sent from the loop's thread when the rows are done."""
+        if names.TEXT_INPUT in inputs:
+            raise RequestValidationError(
+                f"send {names.TEXT_INPUT} (generation) or {names.INPUT_IDS} (a forward), not both"
+            )
+        lengths = inputs.get(names.INPUT_LENGTHS)
+        tokens = unpack_tokens(inputs[names.INPUT_IDS][0], None if lengths is None else lengths[0])
+
+        def reply(logits, error):
+            if error is None:
+                tensor = pb_utils.Tensor(names.LOGITS, logits[np.newaxis])
+                sink.sender.send(pb_utils.InferenceResponse([tensor]), flags=FINAL)
+            elif isinstance(error, (RequestValidationError, EngineError)):
+                sink.send_error(str(error), pb_utils.TritonError.INVALID_ARG)
+            elif isinstance(error, ShuttingDownError):
+                sink.send_error(str(error), pb_utils.TritonError.UNAVAILABLE)
+            else:
+                sink.send_error(f"forward failed: {error}")
+
+        self.batcher.submit_forward(tokens, reply)
 
     def _run(self):
         try:

@@ -6,12 +6,21 @@ import json
 from pathlib import Path
 
 from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError
 
 # kind -> what it runs; "torch" runs the checkpoint itself, the others an exported file.
 ENGINE_KINDS = ("onnx", "onnx-int8", "torch", "trt")
+IN_PLACE_KINDS = ("onnx", "onnx-int8")  # the KV cache written in place (slots.py)
 SETTINGS_FILE = "export_settings.json"
+
+
+def takes_prompt_chunks(kind: str) -> bool:
+    """Whether engine ``kind`` runs several new tokens on a non-empty cache (a prompt's
+    later chunks, for chunked prefill). A TensorRT plan does not: its profiles take prompts
+    on an empty cache and one-token steps (trt_profiles.py)."""
+    return kind != "trt"
 
 
 def read_shape(export_dir: Path) -> ModelShape:
@@ -19,6 +28,25 @@ def read_shape(export_dir: Path) -> ModelShape:
     if not path.is_file():
         raise EngineError(f"no {SETTINGS_FILE} in {export_dir}: run 'make export' first")
     return ModelShape.from_dict(json.loads(path.read_text())["shape"])
+
+
+def _has_fused_attention(export_dir: Path) -> bool:
+    """An export at opset 23 (the default) has the fused ``Attention`` nodes the in-place
+    cache rewrites; an older one (``make export OPSET=18``, for TensorRT before 10.14)
+    runs on the padded cache."""
+    from gpt2_triton.export import FUSED_ATTENTION_OPSET
+
+    settings = json.loads((Path(export_dir) / SETTINGS_FILE).read_text())
+    return settings.get("opset", 0) >= FUSED_ATTENTION_OPSET
+
+
+def _onnx_file(kind: str, export_dir: Path) -> Path:
+    if kind == "onnx":
+        return export_dir / "model.onnx"
+    path = export_dir / "model.int8.onnx"
+    if not path.is_file():
+        raise EngineError(f"{path} not found: export with --int8 (make export INT8=1)")
+    return path
 
 
 def build_forward(
@@ -36,17 +64,10 @@ def build_forward(
     ``cuda`` runs it in fp16.
     """
     export_dir = Path(export_dir)
-    if kind == "onnx":
+    if kind in ("onnx", "onnx-int8"):
         from gpt2_triton.engines.onnx_forward import OnnxForward
 
-        return OnnxForward(export_dir / "model.onnx", shape, threads)
-    if kind == "onnx-int8":
-        from gpt2_triton.engines.onnx_forward import OnnxForward
-
-        path = export_dir / "model.int8.onnx"
-        if not path.is_file():
-            raise EngineError(f"{path} not found: export with --int8 (make export INT8=1)")
-        return OnnxForward(path, shape, threads)
+        return OnnxForward(_onnx_file(kind, export_dir), shape, threads)
     if kind == "torch":
         import torch
 
@@ -70,9 +91,18 @@ def build_forward(
 
 
 def build_engine(
-    kind: str, export_dir: Path, *, max_sequences: int = 64, **kwargs
-) -> StatefulEngine:
+    kind: str, export_dir: Path, *, max_sequences: int = 64, in_place: bool = True, **kwargs
+) -> StatefulEngine | SlotEngine:
+    """The serving engine of ``kind``. ONNX Runtime engines write the KV cache in place
+    (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded batch, what
+    the other engines use)."""
     shape = read_shape(export_dir)
+    if in_place and kind in IN_PLACE_KINDS and _has_fused_attention(export_dir):
+        from gpt2_triton.engines.onnx_slots import OnnxSlotForward
+
+        threads = kwargs.get("threads", 0)
+        forward = OnnxSlotForward(_onnx_file(kind, Path(export_dir)), shape, threads)
+        return SlotEngine(forward, shape, max_sequences)
     return StatefulEngine(build_forward(kind, export_dir, shape, **kwargs), shape, max_sequences)
 
 

@@ -1,11 +1,17 @@
 """Per-sequence KV caches kept between steps, run as one batched forward.
 
-All live sequences share one left-padded batch: ``past`` arrays ``(B, heads, P, head_dim)``
-and an attention mask ``(B, P)`` whose zeros mark padding. A decode step for every live
-sequence (the common case under in-flight batching) feeds the batch as it is: no gather, no
-copy beyond what the forward itself produces. A new sequence is prefilled on its own and
-then merged in (left-padded to the batch's width); a finished one is dropped and the
-all-padding columns on the left are trimmed.
+Live sequences are held in two left-padded batches: ``past`` arrays
+``(B, heads, P, head_dim)`` and an attention mask ``(B, P)`` whose zeros mark padding.
+
+- ``decoding``: sequences that take one token per step. A decode step for all of them (the
+  common case under in-flight batching) feeds the batch as it is, in any row order: no
+  gather, no copy beyond what the forward itself produces.
+- ``filling``: sequences whose prompt is still going in, whole or in chunks over several
+  steps (chunked prefill). Their multi-token steps run in a forward of their own, so the
+  decode rows are never padded to a chunk's width; a sequence moves to ``decoding`` (one
+  copy, left-padded to its width) at its first one-token step.
+
+A finished sequence is dropped and the all-padding columns on the left are trimmed.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -24,6 +31,76 @@ from gpt2_triton.errors import EngineError
 ForwardFn = Callable[
     [np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]
 ]
+
+
+class Holder(Protocol):
+    """What ``check_step`` reads of an engine."""
+
+    shape: ModelShape
+    max_sequences: int
+    cached_sequences: int
+
+    def holds(self, sequence_id: int) -> bool: ...
+
+    def sequence_length(self, sequence_id: int) -> int: ...
+
+
+def check_step(
+    engine: Holder,
+    tokens: Sequence[Sequence[int]],
+    sequence_ids: Sequence[int] | None,
+    starts: Sequence[bool] | None,
+) -> list[bool]:
+    """Refuse a step that breaks the contract (EngineError), before anything runs; the
+    step's ``starts`` (all False when not given)."""
+    shape = engine.shape
+    if not tokens:
+        raise EngineError("a step needs at least one row of input_ids")
+    for row, toks in enumerate(tokens):
+        if len(toks) == 0:
+            raise EngineError(f"row {row} of input_ids is empty")
+        bad = [t for t in toks if not 0 <= t < shape.vocab_size]
+        if bad:
+            raise EngineError(
+                f"row {row}: token id {bad[0]} outside the vocabulary [0, {shape.vocab_size})"
+            )
+    if sequence_ids is None:
+        if starts is not None:
+            raise EngineError("sequence_start needs sequence_ids")
+        for toks in tokens:
+            _check_length(shape, -1, 0, toks)
+        return [True] * len(tokens)
+    if len(sequence_ids) != len(tokens):
+        raise EngineError("sequence_ids and input_ids have different batch sizes")
+    starts = list(starts) if starts is not None else [False] * len(tokens)
+    if len(starts) != len(tokens):
+        raise EngineError("sequence_start and input_ids have different batch sizes")
+    if len(set(sequence_ids)) != len(sequence_ids):
+        raise EngineError("a sequence id appears twice in one step")
+    for sid, start in zip(sequence_ids, starts, strict=True):
+        if start and engine.holds(sid):
+            raise EngineError(f"sequence {sid} is already active")
+        if not start and not engine.holds(sid):
+            raise EngineError(
+                f"unknown sequence {sid}: it was never started, has ended or was released"
+            )
+    new = sum(starts)
+    if engine.cached_sequences + new > engine.max_sequences:
+        raise EngineError(
+            f"too many live sequences: {engine.cached_sequences} cached + {new} new > "
+            f"max_sequences {engine.max_sequences}"
+        )
+    for sid, start, toks in zip(sequence_ids, starts, tokens, strict=True):
+        _check_length(shape, sid, 0 if start else engine.sequence_length(sid), toks)
+    return starts
+
+
+def _check_length(shape: ModelShape, sid: int, length: int, tokens) -> None:
+    if length + len(tokens) > shape.max_positions:
+        raise EngineError(
+            f"sequence {sid}: {int(length)} + {len(tokens)} tokens exceed the context "
+            f"window of {shape.max_positions}"
+        )
 
 
 @dataclass
@@ -83,8 +160,10 @@ class StatefulEngine:
 
     ``step(tokens, sequence_ids, starts)`` appends ``tokens[i]`` to sequence
     ``sequence_ids[i]`` (a new one when ``starts[i]``) and returns each row's next-token
-    logits. Without ``sequence_ids`` the step is stateless: it runs and keeps nothing. A step
-    that raises changes no cache, so the caller may retry it, or a part of it.
+    logits. A sequence may take any number of tokens at any step: a prompt can go in whole
+    or in chunks, one step each. Without ``sequence_ids`` the step is stateless: it runs and
+    keeps nothing. A step that raises changes no cache, so the caller may retry it, or a
+    part of it.
     """
 
     def __init__(self, forward: ForwardFn, shape: ModelShape, max_sequences: int = 64) -> None:
@@ -103,20 +182,27 @@ class StatefulEngine:
         self.max_sequences = max_sequences
         # The forward says where its cache lives (``kv_ops``); host numpy by default.
         self.ops: KVOps = getattr(forward, "kv_ops", None) or NumpyKV()
-        self._batch = _Batch.empty(shape, self.ops)
+        self._batch = _Batch.empty(shape, self.ops)  # decoding
+        self._filling = _Batch.empty(shape, self.ops)
         self._row_of: dict[int, int] = {}
+        self._filling_row_of: dict[int, int] = {}
 
     @property
     def cached_sequences(self) -> int:
-        return len(self._batch.ids)
+        return len(self._batch.ids) + len(self._filling.ids)
 
     @property
     def cached_tokens(self) -> int:
         """Cache slots held, padding included: what the memory use follows."""
-        return int(self._batch.mask.size)
+        return int(self._batch.mask.size + self._filling.mask.size)
 
     def sequence_length(self, sequence_id: int) -> int:
+        if sequence_id in self._filling_row_of:
+            return int(self._filling.lengths[self._filling_row_of[sequence_id]])
         return int(self._batch.lengths[self._row_of[sequence_id]])
+
+    def holds(self, sequence_id: int) -> bool:
+        return sequence_id in self._row_of or sequence_id in self._filling_row_of
 
     # -- the contract ----------------------------------------------------------------------
     def step(
@@ -125,76 +211,58 @@ class StatefulEngine:
         sequence_ids: Sequence[int] | None = None,
         starts: Sequence[bool] | None = None,
     ) -> np.ndarray:
-        if not tokens:
-            raise EngineError("a step needs at least one row of input_ids")
-        for row, toks in enumerate(tokens):
-            if len(toks) == 0:
-                raise EngineError(f"row {row} of input_ids is empty")
-            bad = [t for t in toks if not 0 <= t < self.shape.vocab_size]
-            if bad:
-                raise EngineError(
-                    f"row {row}: token id {bad[0]} outside the vocabulary [0, "
-                    f"{self.shape.vocab_size})"
-                )
+        starts = check_step(self, tokens, sequence_ids, starts)
         if sequence_ids is None:
             fresh = _Batch.empty(self.shape, self.ops, rows=len(tokens))
             fresh.ids = [-1] * len(tokens)
-            self._check_length(fresh.ids, fresh.lengths, tokens)
             logits, _ = self._run(fresh, tokens)
             return logits
 
-        if len(sequence_ids) != len(tokens):
-            raise EngineError("sequence_ids and input_ids have different batch sizes")
-        starts = list(starts) if starts is not None else [False] * len(tokens)
-        if len(set(sequence_ids)) != len(sequence_ids):
-            raise EngineError("a sequence id appears twice in one step")
-        new_rows = [r for r, s in enumerate(starts) if s]
-        old_rows = [r for r, s in enumerate(starts) if not s]
-        for r in new_rows:
-            if sequence_ids[r] in self._row_of:
-                raise EngineError(f"sequence {sequence_ids[r]} is already active")
-        for r in old_rows:
-            if sequence_ids[r] not in self._row_of:
-                raise EngineError(
-                    f"unknown sequence {sequence_ids[r]}: it was never started, has ended or "
-                    "was released"
-                )
-        if self.cached_sequences + len(new_rows) > self.max_sequences:
-            raise EngineError(
-                f"too many live sequences: {self.cached_sequences} cached + {len(new_rows)} "
-                f"new > max_sequences {self.max_sequences}"
-            )
+        # Each row's part: a prompt or a chunk of one (new, or a filling sequence taking
+        # several tokens) runs with the filling rows; every other row decodes. A filling
+        # sequence's first one-token step moves it to the decoding batch.
+        fill_rows = [
+            r
+            for r in range(len(tokens))
+            if starts[r] or (sequence_ids[r] in self._filling_row_of and len(tokens[r]) > 1)
+        ]
+        filled = set(fill_rows)
+        decode_rows = [r for r in range(len(tokens)) if r not in filled]
+        joining = [sequence_ids[r] for r in decode_rows if sequence_ids[r] in self._filling_row_of]
 
-        # Validated whole, then computed on a copy: the new state is committed only when every
-        # row succeeded, so a step that raises (a prefill that fails) changes no cache.
-        old_ids = [sequence_ids[r] for r in old_rows]
-        old_lengths = self._batch.lengths[self._rows(old_ids)]
-        self._check_length(old_ids, old_lengths, [tokens[r] for r in old_rows])
-        fresh = _Batch.empty(self.shape, self.ops, rows=len(new_rows))
-        fresh.ids = [sequence_ids[r] for r in new_rows]
-        self._check_length(fresh.ids, fresh.lengths, [tokens[r] for r in new_rows])
-
+        # Computed on copies: the new state is committed only when every row succeeded, so a
+        # step that raises (a prefill that fails) changes no cache.
         logits = np.empty((len(tokens), self.shape.vocab_size), np.float32)
-        batch = self._batch
-        if new_rows:  # first: the likelier to fail, and then no decode work is wasted
-            logits[new_rows], fresh = self._run(fresh, [tokens[r] for r in new_rows])
-        if old_rows:
-            logits[old_rows], batch = self._stepped(old_ids, [tokens[r] for r in old_rows])
-        if new_rows:
-            batch = _merge(batch, fresh, self.ops)
-        self._set_batch(batch)
+        filling, decoding = self._filling, self._batch
+        if fill_rows:  # first: the likelier to fail, and then no decode work is wasted
+            logits[fill_rows], filling = self._filled(
+                [sequence_ids[r] for r in fill_rows],
+                [tokens[r] for r in fill_rows],
+                [starts[r] for r in fill_rows],
+            )
+        if joining:
+            if len(joining) == len(filling.ids):  # all of them (a burst's first step): no copy
+                joined, filling = filling, _Batch.empty(self.shape, self.ops)
+            else:
+                joined = filling.select(_rows_of(filling, joining), self.ops).trim_left(self.ops)
+                filling = self._without(filling, set(joining))
+            decoding = _merge(decoding, joined, self.ops)
+        if decode_rows:
+            logits[decode_rows], decoding = self._stepped(
+                decoding, [sequence_ids[r] for r in decode_rows], [tokens[r] for r in decode_rows]
+            )
+        self._set_state(decoding, filling)
         return logits
 
     def release(self, sequence_ids: Sequence[int]) -> int:
         """Free the caches of these sequences; unknown ids are ignored. Returns how many."""
-        gone = {s for s in sequence_ids if s in self._row_of}
+        gone = {s for s in sequence_ids if self.holds(s)}
         if gone:
-            keep = np.array([r for r, s in enumerate(self._batch.ids) if s not in gone], np.int64)
-            self._set_batch(self._batch.select(keep, self.ops).trim_left(self.ops))
+            self._set_state(self._without(self._batch, gone), self._without(self._filling, gone))
         return len(gone)
 
     def release_all(self) -> int:
-        return self.release(list(self._batch.ids))
+        return self.release(list(self._batch.ids) + list(self._filling.ids))
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
@@ -202,34 +270,63 @@ class StatefulEngine:
 
         Cheap, because a batch is never changed in place: each step or release makes a new one.
         """
-        saved = self._batch
+        saved = self._batch, self._filling
         try:
             yield
         except BaseException:
-            self._set_batch(saved)
+            self._set_state(*saved)
             raise
 
     # -- internals -------------------------------------------------------------------------
-    def _rows(self, ids: Sequence[int]) -> np.ndarray:
-        return np.array([self._row_of[s] for s in ids], np.int64)
+    def _without(self, batch: _Batch, gone: set[int]) -> _Batch:
+        if not gone.intersection(batch.ids):
+            return batch
+        keep = np.array([r for r, s in enumerate(batch.ids) if s not in gone], np.int64)
+        return batch.select(keep, self.ops).trim_left(self.ops)
 
-    def _stepped(self, ids: list[int], tokens) -> tuple[np.ndarray, _Batch]:
-        """Decode ``ids``: their logits and the batch that results, not yet committed."""
-        batch = self._batch
-        if ids == batch.ids:  # every live sequence steps, in cache order: no gather
-            return self._run(batch, tokens)
-        rows = self._rows(ids)
+    def _filled(self, ids: list[int], tokens, starts) -> tuple[np.ndarray, _Batch]:
+        """Prompts and chunks of ``ids`` (new ones where ``starts``): their logits and the
+        filling batch that results, not yet committed.
+
+        One forward per width: rows of one forward are padded to its widest, and prefill is
+        compute-bound, so a one-token tail beside a 128-token chunk would cost 128.
+        """
+        logits = np.empty((len(ids), self.shape.vocab_size), np.float32)
+        filling = self._filling
+        stepped = []
+        for width in sorted({len(t) for t in tokens}):
+            rows = [r for r, t in enumerate(tokens) if len(t) == width]
+            going_on = [ids[r] for r in rows if not starts[r]]
+            fresh = _Batch.empty(self.shape, self.ops, rows=len(rows) - len(going_on))
+            fresh.ids = [ids[r] for r in rows if starts[r]]
+            batch = _merge(filling.select(_rows_of(filling, going_on), self.ops), fresh, self.ops)
+            order = {s: i for i, s in enumerate(batch.ids)}
+            in_order = [None] * len(rows)
+            for r in rows:
+                in_order[order[ids[r]]] = tokens[r]
+            batch_logits, result = self._run(batch, in_order)
+            logits[rows] = batch_logits[[order[ids[r]] for r in rows]]
+            stepped.append(result)
+        filling = self._without(filling, {s for s, new in zip(ids, starts, strict=True) if not new})
+        for result in stepped:
+            filling = _merge(filling, result, self.ops)
+        return logits, filling.trim_left(self.ops)
+
+    def _stepped(self, batch: _Batch, ids: list[int], tokens) -> tuple[np.ndarray, _Batch]:
+        """Step ``ids`` of ``batch``: their logits and the batch that results, not yet
+        committed."""
+        if len(ids) == len(batch.ids) and set(ids) == set(batch.ids):
+            # every row steps (in any order): the batch as it is, no gather
+            order = {s: r for r, s in enumerate(batch.ids)}
+            tokens_in_order = [None] * len(ids)
+            for sid, toks in zip(ids, tokens, strict=True):
+                tokens_in_order[order[sid]] = toks
+            logits, stepped = self._run(batch, tokens_in_order)
+            return logits[[order[s] for s in ids]], stepped
+        rows = _rows_of(batch, ids)
         logits, stepped = self._run(batch.select(rows, self.ops), tokens)
         others = np.setdiff1d(np.arange(len(batch.ids)), rows)
         return logits, _merge(batch.select(others, self.ops), stepped, self.ops).trim_left(self.ops)
-
-    def _check_length(self, ids, lengths, tokens) -> None:
-        for sid, length, toks in zip(ids, lengths, tokens, strict=True):
-            if length + len(toks) > self.shape.max_positions:
-                raise EngineError(
-                    f"sequence {sid}: {int(length)} + {len(toks)} tokens exceed the context "
-                    f"window of {self.shape.max_positions}"
-                )
 
     def _run(self, batch: _Batch, tokens) -> tuple[np.ndarray, _Batch]:
         rows = len(tokens)
@@ -253,6 +350,12 @@ class StatefulEngine:
         logits, present = self.forward(input_ids, mask, positions, batch.past)
         return logits, _Batch(batch.ids, list(present), mask, batch.lengths + added)
 
-    def _set_batch(self, batch: _Batch) -> None:
-        self._batch = batch
-        self._row_of = {s: r for r, s in enumerate(batch.ids)}
+    def _set_state(self, decoding: _Batch, filling: _Batch) -> None:
+        self._batch, self._filling = decoding, filling
+        self._row_of = {s: r for r, s in enumerate(decoding.ids)}
+        self._filling_row_of = {s: r for r, s in enumerate(filling.ids)}
+
+
+def _rows_of(batch: _Batch, ids: Sequence[int]) -> np.ndarray:
+    row_of = {s: r for r, s in enumerate(batch.ids)}
+    return np.array([row_of[s] for s in ids], np.int64)

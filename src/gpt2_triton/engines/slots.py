@@ -1,0 +1,224 @@
+"""Per-sequence KV caches in slots of preallocated buffers, written in place.
+
+Each live sequence owns one row ("slot") of 2 x layers buffers ``(max_sequences, heads,
+context window, head_dim)``; its keys and values sit at positions ``[0, length)`` of its
+row, and the forward (``onnx_slots.OnnxSlotForward``) writes a step's new ones at each
+row's own position. Nothing is ever concatenated or padded:
+
+- the slots hold two runs, decoding ``[0, D)`` then filling ``[D, n)`` (sequences whose
+  prompt is still going in, whole or in chunks). A decode step for every decoding
+  sequence is one forward on the rows ``[0, D)``: a view, nothing copied;
+- a prompt, or a chunk of one, runs on its own row(s): new prompts of one width together
+  on fresh rows after the filling run, later chunks a row at a time (ONNX Runtime's
+  kernel takes several new tokens on a non-empty cache for one row only);
+- a sequence joins the decoding run at its first one-token step by trading rows with
+  the first filling one; a finished one's row is refilled with the run's last. Either
+  moves one or two sequences' keys and values, never the batch's.
+
+The buffers are allocated zeroed and untouched, so the operating system gives them memory
+only where positions are written; they are freed when no sequence is left. A step that
+raises commits nothing: it may have written keys and values past a row's length, which
+the next step there overwrites, and rows it traded hold the same sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.engines.stateful import check_step
+
+# (input_ids (B, S), lengths before the step (B,), position_ids (B, S), caches: 2 x layers
+# views (B, heads, window, head_dim) written in place) -> logits (B, vocab)
+SlotForwardFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], np.ndarray]
+
+
+class SlotEngine:
+    """``StatefulEngine``'s contract (``step``, ``release``, ``atomic``...) on slots."""
+
+    def __init__(self, forward: SlotForwardFn, shape: ModelShape, max_sequences: int = 64):
+        self.forward = forward
+        self.shape = shape
+        self.max_sequences = max_sequences
+        self.dtype = getattr(forward, "dtype", np.float32)
+        self._buffers: list[np.ndarray] = []
+        self._ids: list[int] = []  # slot -> sequence id, slots [0, n)
+        self._slot: dict[int, int] = {}
+        self._lengths = np.zeros(max_sequences, np.int64)
+        self._decoding = 0  # D: slots [0, D) decode, [D, n) are filling
+        self._deferred: list[int] | None = None  # releases inside atomic()
+
+    # -- what the gauges and the batcher read ------------------------------------------------
+    @property
+    def cached_sequences(self) -> int:
+        return len(self._ids) - len(self._deferred or ())
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions held: the keys and values written, no padding."""
+        return int(self._lengths[: len(self._ids)].sum())
+
+    def holds(self, sequence_id: int) -> bool:
+        return sequence_id in self._slot and sequence_id not in (self._deferred or ())
+
+    def sequence_length(self, sequence_id: int) -> int:
+        return int(self._lengths[self._slot[sequence_id]])
+
+    # -- the contract ----------------------------------------------------------------------
+    def step(
+        self,
+        tokens: Sequence[Sequence[int]],
+        sequence_ids: Sequence[int] | None = None,
+        starts: Sequence[bool] | None = None,
+    ) -> np.ndarray:
+        starts = check_step(self, tokens, sequence_ids, starts)
+        logits = np.empty((len(tokens), self.shape.vocab_size), np.float32)
+        if sequence_ids is None:  # stateless: each width on scratch rows, kept nowhere
+            for rows in _by_width(tokens, range(len(tokens))):
+                scratch = self._new_buffers(len(rows))
+                logits[rows] = self._prompts([tokens[r] for r in rows], scratch, 0)
+            return logits
+        self._ensure_buffers()
+        filling = {s for s in self._ids[self._decoding :]}
+        new = [r for r in range(len(tokens)) if starts[r]]
+        one_by_one = [r for r in range(len(tokens)) if not starts[r] and len(tokens[r]) > 1]
+        decode = [r for r in range(len(tokens)) if not starts[r] and len(tokens[r]) == 1]
+        for r in decode:  # a filling sequence's first one-token step: it joins the run
+            if sequence_ids[r] in filling:
+                self._swap(self._slot[sequence_ids[r]], self._decoding)
+                self._decoding += 1
+
+        # New prompts on fresh rows after the filling run, one forward per width; they are
+        # the sequences' own slots once the step commits.
+        first = len(self._ids)
+        placed = []
+        for rows in _by_width(tokens, new):
+            start = first + len(placed)
+            views = [b[start : start + len(rows)] for b in self._buffers]
+            logits[rows] = self._prompts([tokens[r] for r in rows], views, 0)
+            placed += rows
+        for r in one_by_one:  # a prompt's later chunk, or several tokens on a decoding row
+            slot = self._slot[sequence_ids[r]]
+            views = [b[slot : slot + 1] for b in self._buffers]
+            logits[r] = self._prompts([tokens[r]], views, int(self._lengths[slot]))[0]
+        if decode:
+            slots = self._gather_front([sequence_ids[r] for r in decode])
+            rows = len(decode)
+            order = np.argsort(slots)  # slots are [0, rows) in some order
+            ids = np.array([tokens[decode[i]][0] for i in order], np.int64).reshape(rows, 1)
+            lengths = self._lengths[:rows]
+            views = [b[:rows] for b in self._buffers]
+            stepped = self.forward(ids, lengths, lengths.reshape(rows, 1), views)
+            logits[[decode[i] for i in order]] = stepped
+
+        # commit
+        for r in one_by_one + decode:
+            self._lengths[self._slot[sequence_ids[r]]] += len(tokens[r])
+        for offset, r in enumerate(placed):
+            slot = first + offset
+            self._ids.append(sequence_ids[r])
+            self._slot[sequence_ids[r]] = slot
+            self._lengths[slot] = len(tokens[r])
+        return logits
+
+    def release(self, sequence_ids: Sequence[int]) -> int:
+        """Free the caches of these sequences; unknown ids are ignored. Returns how many."""
+        gone = [s for s in dict.fromkeys(sequence_ids) if self.holds(s)]
+        if self._deferred is not None:  # applied when the atomic block succeeds
+            self._deferred += gone
+            return len(gone)
+        for sid in gone:
+            self._drop(sid)
+        return len(gone)
+
+    def release_all(self) -> int:
+        return self.release(list(self._ids))
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Undo the releases made inside if it raises: a release and a step fail as one.
+
+        (A step undoes itself: one that raises commits nothing.)
+        """
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+            deferred = self._deferred
+        finally:
+            self._deferred = None
+        for sid in deferred:
+            self._drop(sid)
+
+    # -- internals -------------------------------------------------------------------------
+    def _prompts(self, prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
+        """One forward for prompts (or chunks) of one width on ``views`` rows at ``past``."""
+        width = len(prompts[0])
+        ids = np.array(prompts, np.int64).reshape(len(prompts), width)
+        positions = np.tile(np.arange(past, past + width, dtype=np.int64), (len(prompts), 1))
+        lengths = np.full(len(prompts), past, np.int64)
+        return self.forward(ids, lengths, positions, views)
+
+    def _new_buffers(self, rows: int) -> list[np.ndarray]:
+        shape = (rows, self.shape.num_heads, self.shape.max_positions, self.shape.head_dim)
+        return [np.zeros(shape, self.dtype) for _ in range(2 * self.shape.num_layers)]
+
+    def _ensure_buffers(self) -> None:
+        if not self._buffers:  # zeroed, untouched: memory comes as positions are written
+            self._buffers = self._new_buffers(self.max_sequences)
+
+    def _gather_front(self, ids: list[int]) -> list[int]:
+        """Trade rows within the decoding run until ``ids`` hold slots ``[0, len(ids))``;
+        their slots. Every decoding sequence steps in the common case: nothing moves."""
+        for sid in ids:
+            if self._slot[sid] >= len(ids):
+                free = next(s for s in range(len(ids)) if self._ids[s] not in ids)
+                self._swap(self._slot[sid], free)
+        return [self._slot[sid] for sid in ids]
+
+    def _drop(self, sid: int) -> None:
+        slot = self._slot.pop(sid)
+        last = len(self._ids) - 1
+        if slot < self._decoding:  # keep the runs whole: the decoding run's last fills it,
+            self._move(self._decoding - 1, slot)  # then the filling run's last fills that
+            self._decoding -= 1
+            slot = self._decoding
+        self._move(last, slot)
+        self._ids.pop()
+        self._lengths[last] = 0
+        if not self._ids:  # give the memory back
+            self._buffers = []
+
+    def _move(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
+        length = int(self._lengths[src])
+        for buffer in self._buffers:
+            buffer[dst, :, :length] = buffer[src, :, :length]
+        self._lengths[dst] = length
+        self._ids[dst] = self._ids[src]
+        self._slot[self._ids[dst]] = dst
+
+    def _swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        la, lb = int(self._lengths[a]), int(self._lengths[b])
+        for buffer in self._buffers:
+            kept = buffer[a, :, :la].copy()
+            buffer[a, :, :lb] = buffer[b, :, :lb]
+            buffer[b, :, :la] = kept
+        self._lengths[a], self._lengths[b] = lb, la
+        self._ids[a], self._ids[b] = self._ids[b], self._ids[a]
+        self._slot[self._ids[a]], self._slot[self._ids[b]] = a, b
+
+
+def _by_width(tokens: Sequence[Sequence[int]], rows) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for r in rows:
+        groups.setdefault(len(tokens[r]), []).append(r)
+    return list(groups.values())
