@@ -46,7 +46,7 @@ class RepoSettings:
     engine: str = "onnx"
     max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
     max_queue: int = 1024  # requests waiting to join the running batch
-    max_prefill_tokens: int = 128  # prompt tokens per step while streams decode (chunked)
+    max_prefill_tokens: int = 512  # prompt tokens per step while streams decode (chunked)
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     device: str = "cpu"  # torch engine only: cpu or cuda
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS

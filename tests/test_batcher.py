@@ -438,8 +438,7 @@ def test_a_failing_prefill_fails_only_its_request(engine, codec):
     batcher.submit(GenerationRequest("cat " * 200, max_tokens=5), poison)
     batcher.submit(request(prompts[3]), joiner)  # joins in the same step as the poison
     run_all(batcher, [*running, poison, joiner])
-    # its first chunk (the default budget of 128 tokens) is what fails
-    assert poison.errors == ["engine error: prefill of 128 tokens"] and poison.finals == 1
+    assert poison.errors == ["engine error: prefill of 202 tokens"] and poison.finals == 1
     assert [s.text for s in [*running, joiner]] == solo
     assert all(s.finals == 1 and not s.errors for s in [*running, joiner])
     assert engine.cached_sequences == 0

@@ -100,7 +100,7 @@ class BatcherLimits:
     # one budget's prefill at a time. With none decoding there is no stream to stall, and a
     # step takes IDLE_PREFILL_FACTOR times as many (the engine's activation memory stays
     # bounded by that).
-    max_prefill_tokens: int = 128
+    max_prefill_tokens: int = 512
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
     # whole prompts, and one longer than the budget goes alone.
