@@ -173,3 +173,40 @@ def test_a_sequence_released_or_failed_part_way_through_its_prompt(engine, tiny_
         engine.step([prompt[3:6]], [1])
     engine.step([[3]], [2])
     assert engine.release_all() == 1 and engine.cached_tokens == 0
+
+
+def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(tiny_export):
+    """Joins, leaves, chunks, multi-token steps and stateless steps, at random: the two
+    layouts give the same logits step after step and hold the same sequences."""
+    slots = build_engine("onnx", tiny_export, max_sequences=6, in_place=True)
+    padded = build_engine("onnx", tiny_export, max_sequences=6, in_place=False)
+    rng = np.random.default_rng(7)
+    live, next_id = [], 0
+    for _ in range(60):
+        ids, tokens, starts = [], [], []
+        for sid in live:
+            ids.append(sid)
+            tokens.append(rng.integers(0, 500, 1 if rng.random() < 0.8 else 3).tolist())
+            starts.append(False)
+        for _ in range(int(rng.integers(0, 3))):
+            if len(live) + sum(starts) < 6:
+                ids.append(next_id)
+                tokens.append(rng.integers(0, 500, int(rng.integers(1, 9))).tolist())
+                starts.append(True)
+                next_id += 1
+        if ids:
+            order = rng.permutation(len(ids))  # any row order
+            ids, tokens = [ids[i] for i in order], [tokens[i] for i in order]
+            starts = [starts[i] for i in order]
+            np.testing.assert_allclose(
+                slots.step(tokens, ids, starts), padded.step(tokens, ids, starts), atol=1e-3
+            )
+            live += [s for s, new in zip(ids, starts, strict=True) if new]
+        stateless = [rng.integers(0, 500, 4).tolist(), rng.integers(0, 500, 2).tolist()]
+        np.testing.assert_allclose(slots.step(stateless), padded.step(stateless), atol=1e-3)
+        gone = [s for s in live if rng.random() < 0.2]
+        assert slots.release(gone) == padded.release(gone) == len(gone)
+        live = [s for s in live if s not in gone]
+        assert slots.cached_sequences == padded.cached_sequences == len(live)
+        assert all(slots.sequence_length(s) == padded.sequence_length(s) for s in live)
+    assert slots.release_all() == len(live) and slots.cached_tokens == 0

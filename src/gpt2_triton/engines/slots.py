@@ -91,6 +91,11 @@ class SlotEngine:
                 self._swap(self._slot[sequence_ids[r]], self._decoding)
                 self._decoding += 1
 
+        # Every row that moves, moves now: a forward writes past a row's committed length,
+        # and a move carries only that length.
+        if decode:
+            slots = self._gather_front([sequence_ids[r] for r in decode])
+
         # New prompts on fresh rows after the filling run, one forward per width; they are
         # the sequences' own slots once the step commits.
         first = len(self._ids)
@@ -105,7 +110,6 @@ class SlotEngine:
             views = [b[slot : slot + 1] for b in self._buffers]
             logits[r] = self._prompts([tokens[r]], views, int(self._lengths[slot]))[0]
         if decode:
-            slots = self._gather_front([sequence_ids[r] for r in decode])
             rows = len(decode)
             order = np.argsort(slots)  # slots are [0, rows) in some order
             ids = np.array([tokens[decode[i]][0] for i in order], np.int64).reshape(rows, 1)
