@@ -92,6 +92,8 @@ def template_values(
             **engine,
             "max_sequences": settings.max_sequences,
             "engine_holder": settings.engine_holder,
+            "context_window": shape.max_positions,
+            "vocab_size": shape.vocab_size,
         },
         "sampler": {},
         "next_token": {},

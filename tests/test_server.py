@@ -149,12 +149,15 @@ def test_engine_steps_run_in_gpt2_beside_its_streams_and_bad_ones_fail_alone(tri
                 ("outside the vocabulary", [[10**6]], {}),
                 ("context window", [[5] * 2000], {}),
                 ("input_lengths", [[5, 6]], {"input_lengths": np.array([3], np.int32)}),
+                ("rows", [[5]] * 1000, {}),
+                ("row 0 has 0 tokens", np.zeros((2, 0), np.int64), {}),
             ]:
-                with pytest.raises(InferenceServerException, match=message):
+                with pytest.raises(InferenceServerException, match=message) as failed:
                     if ids is None:
                         client.infer("engine", _inputs(extra))
                     else:
                         step(ids, **extra)
+                assert failed.value.status() == "StatusCode.INVALID_ARGUMENT", message
             pieces += list(stream)
     finally:
         client.close()

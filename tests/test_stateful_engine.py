@@ -2,6 +2,8 @@
 cache layouts: the padded batch (``StatefulEngine``, what the torch and TensorRT engines
 use) and the slots written in place (``SlotEngine``, the ONNX Runtime serving engine)."""
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -210,3 +212,51 @@ def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(tiny
         assert slots.cached_sequences == padded.cached_sequences == len(live)
         assert all(slots.sequence_length(s) == padded.sequence_length(s) for s in live)
     assert slots.release_all() == len(live) and slots.cached_tokens == 0
+
+
+def _request(ids, sequence_ids=None, starts=None, release=None):
+    inputs = {names.INPUT_IDS: np.array(ids, np.int64)}
+    if sequence_ids is not None:
+        inputs[names.SEQUENCE_IDS] = np.array(sequence_ids, np.uint64)
+    if starts is not None:
+        inputs[names.SEQUENCE_START] = np.array(starts, bool)
+    if release is not None:
+        inputs[names.RELEASE_IDS] = np.array(release, np.uint64)
+    return inputs
+
+
+def test_a_request_may_release_an_id_and_start_it_again_or_use_its_room(tiny_export):
+    """protocol.serve releases then steps, as one: the released room and id are free to
+    the step; if the step fails, the released sequences come back as they were."""
+    for in_place in (True, False):
+        engine = build_engine("onnx", tiny_export, max_sequences=2, in_place=in_place)
+        first = protocol.serve(engine, _request([[1, 2, 3]], [7], [True]))
+        restarted = protocol.serve(engine, _request([[1, 2, 3]], [7], [True], release=[7]))
+        np.testing.assert_allclose(first, restarted, atol=1e-5)
+        assert engine.cached_sequences == 1 and engine.sequence_length(7) == 3
+        protocol.serve(engine, _request([[4]], [7]))  # it goes on
+        protocol.serve(engine, _request([[5, 6]], [8], [True]))  # full: 7 and 8
+        protocol.serve(engine, _request([[9, 9]], [9], [True], release=[8]))  # 8's room
+        assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
+        expected = engine.step([[1, 2, 3, 4, 5]])  # stateless: 7's tokens and one more
+
+        engine.forward = FailingForward(engine.forward, "prefill")
+        with pytest.raises(RuntimeError, match="prefill"):
+            protocol.serve(engine, _request([[3, 3]], [10], [True], release=[7, 9]))
+        engine.forward = engine.forward.forward
+        assert engine.cached_sequences == 2, in_place  # 7 and 9 are back, whole
+        assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
+        np.testing.assert_allclose(engine.step([[5]], [7]), expected, atol=1e-4)
+        assert engine.release_all() == 2 and engine.cached_sequences == 0
+
+
+def test_a_vacated_slot_gives_its_memory_back(tiny_export):
+    engine = build_engine("onnx", tiny_export, max_sequences=4)
+    engine.step([[6] * 20, [5] * 300], [1, 2], [True, True])  # slots 0 and 1
+    engine.step([[6], [5]], [1, 2])
+    page = mmap.PAGESIZE // 4  # floats; a row's two edge pages may be shared, and kept
+    assert all(np.count_nonzero(buffer[1]) > 4 * page for buffer in engine._buffers)
+    engine.release([2])  # its row's pages go back to the OS: they read as zeros
+    assert all(np.count_nonzero(buffer[1]) <= 2 * page for buffer in engine._buffers)
+    assert engine.sequence_length(1) == 21 and engine.cached_tokens == 21
+    np.testing.assert_allclose(engine.step([[6]], [1]), engine.step([[6] * 22]), atol=1e-4)

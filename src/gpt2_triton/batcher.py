@@ -39,7 +39,7 @@ import numpy as np
 from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
-from gpt2_triton.request import GenerationRequest
+from gpt2_triton.request import GenerationRequest, check_forward_rows
 from gpt2_triton.sampling import SamplingParams, TokenSampler, sample_batch
 from gpt2_triton.text import TextCodec
 
@@ -306,23 +306,9 @@ class InflightBatcher:
 
         Raises RequestValidationError, QueueFullError, or ShuttingDownError after shutdown.
         """
-        window, vocab = self.limits.max_positions, self.limits.vocab_size or None
-        if not 1 <= len(tokens) <= self.limits.max_active:
-            raise RequestValidationError(
-                f"a forward takes 1 to {self.limits.max_active} rows (max_active), got "
-                f"{len(tokens)}"
-            )
-        for row, toks in enumerate(tokens):
-            if not 1 <= len(toks) <= window:
-                raise RequestValidationError(
-                    f"row {row} has {len(toks)} tokens: 1 to {window} (the context window)"
-                )
-            bad = [t for t in toks if t < 0 or (vocab and t >= vocab)]
-            if bad:
-                raise RequestValidationError(
-                    f"row {row}: token id {bad[0]} is outside the vocabulary"
-                    + (f" [0, {vocab})" if vocab else "")
-                )
+        check_forward_rows(
+            tokens, self.limits.max_active, self.limits.max_positions, self.limits.vocab_size
+        )
         job = _ForwardJob(len(tokens), reply)
         now = time.perf_counter()
         rows = [

@@ -7,7 +7,7 @@ since HTTP ``/generate``, gRPC clients and perf tools shape them differently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,29 @@ class GenerationRequest:
 INPUTS = names.GPT2_INPUTS
 # Request parameters Triton itself defines; anything else arrived as a misspelt input.
 _TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
+
+
+def check_forward_rows(
+    tokens: Sequence[Sequence[int]], max_rows: int, window: int, vocab_size: int = 0
+) -> None:
+    """A stateless forward's rows (the ``engine`` model's steps run by ``gpt2``): 1 to
+    ``max_rows`` rows of 1 to ``window`` token ids in ``[0, vocab_size)`` (``vocab_size``
+    0: not checked here)."""
+    if not 1 <= len(tokens) <= max_rows:
+        raise RequestValidationError(
+            f"a forward takes 1 to {max_rows} rows (max_sequences), got {len(tokens)}"
+        )
+    for row, toks in enumerate(tokens):
+        if not 1 <= len(toks) <= window:
+            raise RequestValidationError(
+                f"row {row} has {len(toks)} tokens: 1 to {window} (the context window)"
+            )
+        bad = [t for t in toks if t < 0 or (vocab_size and t >= vocab_size)]
+        if bad:
+            raise RequestValidationError(
+                f"row {row}: token id {bad[0]} is outside the vocabulary"
+                + (f" [0, {vocab_size})" if vocab_size else "")
+            )
 
 
 def check_parameters(parameters: Mapping[str, object]) -> None:

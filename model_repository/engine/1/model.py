@@ -17,7 +17,8 @@ from gpt2_triton import lifeline, model_config, names
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine_from_params
-from gpt2_triton.errors import EngineError
+from gpt2_triton.errors import EngineError, RequestValidationError
+from gpt2_triton.request import check_forward_rows
 
 STATEFUL_INPUTS = (names.SEQUENCE_IDS, names.SEQUENCE_START, names.RELEASE_IDS)
 
@@ -31,7 +32,12 @@ class TritonPythonModel:
         kind = model_config.require(params, "engine_kind", "engine")
         self.holder = params.get("engine_holder") or "self"
         self.engine = None
+        self.max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
         if self.holder != "self":
+            # what the holder would refuse is refused here, as INVALID_ARG: an error's
+            # code does not survive the decoupled BLS reply (it arrives as INTERNAL)
+            self.window = model_config.int_param(params, "context_window", "engine", minimum=1)
+            self.vocab_size = model_config.int_param(params, "vocab_size", "engine", minimum=1)
             self.logger.log_info(
                 f"engine '{kind}': model '{self.holder}' holds the only copy; this model "
                 "passes stateless steps to it and refuses stateful ones (PLACEMENT=bls "
@@ -39,8 +45,7 @@ class TritonPythonModel:
             )
             return
         folder = Path(args["model_repository"]) / args["model_version"]
-        max_sequences = model_config.int_param(params, "max_sequences", "engine", minimum=1)
-        self.engine = build_engine_from_params(params, folder, "engine", max_sequences)
+        self.engine = build_engine_from_params(params, folder, "engine", self.max_sequences)
         self.gauges = EngineGauges(pb_utils, kind, "engine")
         self.logger.log_info(f"engine '{kind}' ready: {self.engine.shape}")
 
@@ -78,17 +83,15 @@ class TritonPythonModel:
         ids = inputs.get(names.INPUT_IDS)
         if ids is None:
             return _error(f"send {names.INPUT_IDS}", pb_utils.TritonError.INVALID_ARG)
-        if ids.ndim != 2:
-            return _error(
-                f"{names.INPUT_IDS} must be 2-D (batch, sequence), got {ids.shape}",
-                pb_utils.TritonError.INVALID_ARG,
-            )
-        lengths = inputs.get(names.INPUT_LENGTHS)
-        if lengths is None:
-            lengths = np.full(ids.shape[0], ids.shape[1], np.int32)
+        try:
+            tokens = protocol.unpack_tokens(ids, inputs.get(names.INPUT_LENGTHS))
+            check_forward_rows(tokens, self.max_sequences, self.window, self.vocab_size)
+        except (EngineError, RequestValidationError) as exc:
+            return _error(str(exc), pb_utils.TritonError.INVALID_ARG)
+        ids, lengths = protocol.pack_tokens(tokens)
         tensors = [
             pb_utils.Tensor(names.INPUT_IDS, ids[np.newaxis]),
-            pb_utils.Tensor(names.INPUT_LENGTHS, lengths.reshape(1, -1).astype(np.int32)),
+            pb_utils.Tensor(names.INPUT_LENGTHS, lengths[np.newaxis]),
         ]
         try:
             replies = pb_utils.InferenceRequest(

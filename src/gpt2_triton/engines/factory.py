@@ -30,14 +30,15 @@ def read_shape(export_dir: Path) -> ModelShape:
     return ModelShape.from_dict(json.loads(path.read_text())["shape"])
 
 
-def _has_fused_attention(export_dir: Path) -> bool:
+def _takes_in_place_cache(export_dir: Path, shape: ModelShape) -> bool:
     """An export at opset 23 (the default) has the fused ``Attention`` nodes the in-place
-    cache rewrites; an older one (``make export OPSET=18``, for TensorRT before 10.14)
-    runs on the padded cache."""
+    cache rewrites, and ONNX Runtime's kernel for it wants head sizes that are multiples
+    of 8 (GPT-2's is 64); anything else (``make export OPSET=18``, for TensorRT before
+    10.14) runs on the padded cache."""
     from gpt2_triton.export import FUSED_ATTENTION_OPSET
 
     settings = json.loads((Path(export_dir) / SETTINGS_FILE).read_text())
-    return settings.get("opset", 0) >= FUSED_ATTENTION_OPSET
+    return settings.get("opset", 0) >= FUSED_ATTENTION_OPSET and shape.head_dim % 8 == 0
 
 
 def _onnx_file(kind: str, export_dir: Path) -> Path:
@@ -97,7 +98,7 @@ def build_engine(
     (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded batch, what
     the other engines use)."""
     shape = read_shape(export_dir)
-    if in_place and kind in IN_PLACE_KINDS and _has_fused_attention(export_dir):
+    if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward
 
         threads = kwargs.get("threads", 0)

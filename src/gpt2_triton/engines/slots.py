@@ -24,6 +24,8 @@ the next step there overwrites, and rows it traded hold the same sequences.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -49,12 +51,13 @@ class SlotEngine:
         self._slot: dict[int, int] = {}
         self._lengths = np.zeros(max_sequences, np.int64)
         self._decoding = 0  # D: slots [0, D) decode, [D, n) are filling
-        self._deferred: list[int] | None = None  # releases inside atomic()
+        # inside atomic(): what each release took away, to put back if the block fails
+        self._journal: list[tuple[int, bool, int, list[np.ndarray]]] | None = None
 
     # -- what the gauges and the batcher read ------------------------------------------------
     @property
     def cached_sequences(self) -> int:
-        return len(self._ids) - len(self._deferred or ())
+        return len(self._ids)
 
     @property
     def cached_tokens(self) -> int:
@@ -62,7 +65,7 @@ class SlotEngine:
         return int(self._lengths[: len(self._ids)].sum())
 
     def holds(self, sequence_id: int) -> bool:
-        return sequence_id in self._slot and sequence_id not in (self._deferred or ())
+        return sequence_id in self._slot
 
     def sequence_length(self, sequence_id: int) -> int:
         return int(self._lengths[self._slot[sequence_id]])
@@ -131,10 +134,11 @@ class SlotEngine:
     def release(self, sequence_ids: Sequence[int]) -> int:
         """Free the caches of these sequences; unknown ids are ignored. Returns how many."""
         gone = [s for s in dict.fromkeys(sequence_ids) if self.holds(s)]
-        if self._deferred is not None:  # applied when the atomic block succeeds
-            self._deferred += gone
-            return len(gone)
         for sid in gone:
+            if self._journal is not None:  # its keys and values, to put back on failure
+                slot, length = self._slot[sid], int(self._lengths[self._slot[sid]])
+                rows = [b[slot, :, :length].copy() for b in self._buffers]
+                self._journal.append((sid, slot < self._decoding, length, rows))
             self._drop(sid)
         return len(gone)
 
@@ -145,19 +149,22 @@ class SlotEngine:
     def atomic(self) -> Iterator[None]:
         """Undo the releases made inside if it raises: a release and a step fail as one.
 
-        (A step undoes itself: one that raises commits nothing.)
+        Releases take effect at once (a step in the block may start the same id again, or
+        use the room), keeping a copy of what they freed; a step undoes itself (one that
+        raises commits nothing); on failure the released sequences come back.
         """
-        if self._deferred is not None:
+        if self._journal is not None:
             yield
             return
-        self._deferred = []
+        self._journal = []
         try:
             yield
-            deferred = self._deferred
-        finally:
-            self._deferred = None
-        for sid in deferred:
-            self._drop(sid)
+        except BaseException:
+            journal, self._journal = self._journal, None
+            for sid, decoding, length, rows in reversed(journal):
+                self._restore(sid, decoding, length, rows)
+            raise
+        self._journal = None
 
     # -- internals -------------------------------------------------------------------------
     def _prompts(self, prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
@@ -185,6 +192,20 @@ class SlotEngine:
                 self._swap(self._slot[sid], free)
         return [self._slot[sid] for sid in ids]
 
+    def _restore(self, sid: int, decoding: bool, length: int, rows: list[np.ndarray]) -> None:
+        for sequence in [s for s in self._ids if s == sid]:  # a failed block's restart of it
+            self._drop(sequence)
+        self._ensure_buffers()
+        slot = len(self._ids)
+        for buffer, row in zip(self._buffers, rows, strict=True):
+            buffer[slot, :, :length] = row
+        self._ids.append(sid)
+        self._slot[sid] = slot
+        self._lengths[slot] = length
+        if decoding:  # back into the decoding run, as a join does
+            self._swap(slot, self._decoding)
+            self._decoding += 1
+
     def _drop(self, sid: int) -> None:
         slot = self._slot.pop(sid)
         last = len(self._ids) - 1
@@ -197,6 +218,9 @@ class SlotEngine:
         self._lengths[last] = 0
         if not self._ids:  # give the memory back
             self._buffers = []
+        else:  # the vacated row's pages: the OS takes them back, they read as zeros again
+            for buffer in self._buffers:
+                _forget(buffer[last])
 
     def _move(self, src: int, dst: int) -> None:
         if src == dst:
@@ -219,6 +243,31 @@ class SlotEngine:
         self._lengths[a], self._lengths[b] = lb, la
         self._ids[a], self._ids[b] = self._ids[b], self._ids[a]
         self._slot[self._ids[a]], self._slot[self._ids[b]] = a, b
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux
+_libc = None
+
+
+def _forget(row: np.ndarray) -> None:
+    """Let the OS reclaim the whole pages inside ``row`` (a C-contiguous slice of an
+    anonymous mapping): ``madvise(MADV_DONTNEED)``; they read as zeros afterwards.
+    Without it, every row a sequence ever used would stay resident until the engine
+    empties, so memory would creep towards max_sequences x window under steady load."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):  # no madvise: the pages stay until the engine empties
+            _libc = False
+    if not _libc:
+        return
+    start = -(-row.ctypes.data // _PAGE) * _PAGE  # whole pages only: the row's edges may share
+    end = (row.ctypes.data + row.nbytes) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 def _by_width(tokens: Sequence[Sequence[int]], rows) -> list[list[int]]:
