@@ -70,6 +70,9 @@ class Row:
     # PSS sums compare a multi-process server with a single-process one.
     server_rss_mb: float | None = None
     server_pss_mb: float | None = None
+    # the most each process held at once since it started (VmHWM), summed: an upper bound
+    # of the peak (pages several processes share count once per process), for sizing
+    server_peak_rss_mb: float | None = None
 
     def summary(self) -> dict:
         def pct(values, q):
@@ -92,6 +95,7 @@ class Row:
             "tokens_per_s": self.tokens / self.wall_s if self.wall_s else None,
             "server_rss_mb": self.server_rss_mb,
             "server_pss_mb": self.server_pss_mb,
+            "server_peak_rss_mb": self.server_peak_rss_mb,
         }
 
 
@@ -340,25 +344,29 @@ def bench_triton(
             rows[path].wall_s += wave(path, rows[path])
     memory = {pid: server_memory_mb(pid) for pid in {server_pid, peer_pid} - {None}}
     for path, row in rows.items():
-        row.server_rss_mb, row.server_pss_mb = memory[peer_pid if path == PEER_PATH else server_pid]
+        pid = peer_pid if path == PEER_PATH else server_pid
+        row.server_rss_mb, row.server_pss_mb, row.server_peak_rss_mb = memory[pid]
     return list(rows.values())
 
 
-def server_memory_mb(pid: int) -> tuple[float, float]:
-    """RSS and PSS in MiB, summed over the process and its descendants (tritonserver: its
-    Python backend stubs, one process per model instance)."""
+def server_memory_mb(pid: int) -> tuple[float, float, float]:
+    """RSS, PSS and peak RSS (VmHWM) in MiB, summed over the process and its descendants
+    (tritonserver: its Python backend stubs, one process per model instance)."""
     import psutil
 
     process = psutil.Process(pid)
-    rss = pss = 0
+    rss = pss = peak = 0
     for p in [process, *process.children(recursive=True)]:
         try:
             info = p.memory_full_info()  # reads smaps_rollup: PSS too
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, FileNotFoundError):
             continue  # a stub that ended between the listing and the read
         rss += info.rss
         pss += info.pss
-    return rss / 2**20, pss / 2**20
+        hwm = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+        peak += int(hwm[0]) * 1024 if hwm else info.rss
+    return rss / 2**20, pss / 2**20, peak / 2**20
 
 
 # -- the run --------------------------------------------------------------------------------

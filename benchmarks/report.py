@@ -109,8 +109,8 @@ def peer_rows(results: dict) -> list[str]:
     by = _index(results["rows"])
     lines = [
         "| service | peer | concurrency | prompt | ITL p50 | TTFT p50 | tokens/s | "
-        "server memory (PSS) |",
-        "|---|---|---|---|---|---|---|---|",
+        "server memory (PSS) | server peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         if r["system"] not in PEERS:
@@ -123,9 +123,10 @@ def peer_rows(results: dict) -> list[str]:
             _ratio(r[name], other[name])
             for name in ("itl_ms_p50", "ttft_ms_p50", "tokens_per_s", "server_pss_mb")
         ]
+        cells.append(_ratio(r.get("server_peak_rss_mb"), other.get("server_peak_rss_mb")))
         lines.append(
             f"| {r['system']} | {other['system']} | {key[0]} | {key[1]} | "
-            + " | ".join(f"{_fmt(c, '.2f')}x" for c in cells)
+            + " | ".join(f"{_fmt(c, '.2f')}x" if c is not None else "-" for c in cells)
             + " |"
         )
     return lines if len(lines) > 2 else []
@@ -171,20 +172,23 @@ def floor_rows(results: dict) -> list[str]:
 def table(results: dict) -> list[str]:
     lines = [
         "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
-        "latency p50 | latency p90 | latency p99 | tokens/s | server RSS | server PSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "latency p50 | latency p90 | latency p99 | tokens/s | server RSS | server PSS | "
+        "server peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         rss = _fmt(r["server_rss_mb"], ".0f") + " MB" if r["server_rss_mb"] else "-"
         # results from before PSS was measured have no such key
         pss = _fmt(r.get("server_pss_mb"), ".0f") + " MB" if r.get("server_pss_mb") else "-"
+        peak = r.get("server_peak_rss_mb")
+        peak = _fmt(peak, ".0f") + " MB" if peak else "-"
         lines.append(
             f"| {r['system']} | {r['concurrency']} | {r['prompt_tokens']} | "
             f"{_fmt(r['ttft_ms_p50'])} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p90'], '.2f')} ms | {_fmt(r['itl_ms_p99'], '.2f')} ms | "
             f"{_fmt(r['gap_ms_p99'], '.2f')} ms | {_fmt(r['latency_ms_p50'], '.0f')} ms | "
             f"{_fmt(r['latency_ms_p90'], '.0f')} ms | {_fmt(r['latency_ms_p99'], '.0f')} ms | "
-            f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} | {pss} |"
+            f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} | {pss} | {peak} |"
         )
     return lines
 
@@ -274,7 +278,10 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         )
         + "Server RSS and PSS: after the grid point's waves, summed over "
         "the server's processes (tritonserver and every backend stub; llama-server is one); "
-        "PSS shares out pages that several processes map, so it is the one to compare.",
+        "PSS shares out pages that several processes map, so it is the one to compare. "
+        "Server peak RSS: the most each process held at once since it started (VmHWM), "
+        "summed: an upper bound of the server's peak (a page several processes share "
+        "counts once per process), what a memory limit must allow.",
         "",
         *table(results),
         "",

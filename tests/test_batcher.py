@@ -746,3 +746,37 @@ def run_all_forwards(batcher, replies, limit=100):
             return
         batcher.step()
     raise AssertionError("the forward was not answered")
+
+
+def test_the_loop_calls_its_idle_hook_once_each_time_it_runs_out_of_work(batcher, engine):
+    """The Triton adapter gives freed memory back there (heap.release_free_heap)."""
+    from gpt2_triton import heap
+
+    idle, ticks = [], []
+
+    def on_idle():
+        heap.release_free_heap()  # the real hook: harmless here, glibc or not
+        idle.append(batcher.active)
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert condition()
+
+    stop = threading.Event()
+    loop = threading.Thread(target=batcher.run, args=(stop, lambda: ticks.append(1), on_idle))
+    loop.start()
+    try:
+        for round_ in (1, 2):
+            sink = ListSink()
+            batcher.submit(GenerationRequest("The cat", max_tokens=3, sampling=GREEDY), sink)
+            wait_for(lambda r=round_: len(idle) >= r)
+            seen = len(ticks)
+            wait_for(lambda s=seen: len(ticks) >= s + 5)  # five idle turns of the loop later
+            assert sink.finals == 1 and idle == [0] * round_  # once, with nothing active
+    finally:
+        stop.set()
+        batcher.wake()
+        loop.join(60)
+    assert not loop.is_alive()

@@ -76,7 +76,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
-def row(system, c, itl, ttft, tps, pss=None):
+def row(system, c, itl, ttft, tps, pss=None, peak=None):
     """One summary row of the harness at prompt 32 (what the report functions read)."""
     return {
         "system": system,
@@ -86,6 +86,7 @@ def row(system, c, itl, ttft, tps, pss=None):
         "ttft_ms_p50": ttft,
         "tokens_per_s": tps,
         "server_pss_mb": pss,
+        "server_peak_rss_mb": peak,
     }
 
 
@@ -140,10 +141,10 @@ def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
 def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point():
     results = {
         "rows": [
-            row("llama:f32", 1, 10.0, 30.0, 95.0, pss=700.0),
+            row("llama:f32", 1, 10.0, 30.0, 95.0, pss=700.0, peak=800.0),
             row("llama:q8_0", 1, 5.0, 30.0, 190.0, pss=350.0),
             row("llama:f32", 16, 40.0, 300.0, 400.0, pss=720.0),
-            row("triton:onnx", 1, 12.0, 27.0, 80.0, pss=1400.0),
+            row("triton:onnx", 1, 12.0, 27.0, 80.0, pss=1400.0, peak=1200.0),
             row("triton:onnx-int8", 1, 4.5, 15.0, 210.0, pss=700.0),
             row("triton:onnx", 16, 32.0, 240.0, 480.0, pss=1440.0),
             row("triton:torch", 1, 40.0, 90.0, 25.0, pss=1500.0),  # no peer: left out
@@ -151,9 +152,9 @@ def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point(
     }
     lines = peer_rows(results)
     assert lines[2:] == [
-        "| triton:onnx | llama:f32 | 1 | 32 | 1.20x | 0.90x | 0.84x | 2.00x |",
-        "| triton:onnx-int8 | llama:q8_0 | 1 | 32 | 0.90x | 0.50x | 1.11x | 2.00x |",
-        "| triton:onnx | llama:f32 | 16 | 32 | 0.80x | 0.80x | 1.20x | 2.00x |",
+        "| triton:onnx | llama:f32 | 1 | 32 | 1.20x | 0.90x | 0.84x | 2.00x | 1.50x |",
+        "| triton:onnx-int8 | llama:q8_0 | 1 | 32 | 0.90x | 0.50x | 1.11x | 2.00x | - |",
+        "| triton:onnx | llama:f32 | 16 | 32 | 0.80x | 0.80x | 1.20x | 2.00x | - |",
     ]
     assert peer_rows({"rows": results["rows"][3:]}) == []  # a run without the peer
 

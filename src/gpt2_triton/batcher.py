@@ -338,19 +338,29 @@ class InflightBatcher:
             self._wake.notify()
 
     # -- the loop (one thread) --------------------------------------------------------------
-    def run(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        tick: Callable[[], None] = lambda: None,
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         """Run the loop in this thread until ``stop`` is set (set it, then call ``wake()``).
 
         Then shut down here, in the one thread that touches the sequences, so the shutdown
-        never races a step. ``tick`` runs after every step (metrics).
+        never races a step. ``tick`` runs after every step (metrics); ``on_idle`` once each
+        time the loop runs out of work (the Triton adapter gives freed memory back then).
         """
+        busy = False
         try:
             while not stop.is_set():
                 worked = self.step()
                 try:
                     tick()
+                    if busy and not worked:
+                        on_idle()
                 except Exception:
-                    log.exception("the loop's tick failed")
+                    log.exception("the loop's tick or idle hook failed")
+                busy = worked
                 if not worked:
                     self.wait_for_work(0.05)
         finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gpt2_triton import lifeline, model_config, names
+from gpt2_triton import heap, lifeline, model_config, names
 from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, ShuttingDownError
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_chunks
@@ -140,7 +140,7 @@ class TritonPythonModel:
 
     def _run(self):
         try:
-            self.batcher.run(self.stop, self._publish_metrics)
+            self.batcher.run(self.stop, self._publish_metrics, heap.release_free_heap)
         except Exception:
             pb_utils.Logger.log_error(f"gpt2 loop stopped: {traceback.format_exc()}")
 
