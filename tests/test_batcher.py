@@ -780,3 +780,23 @@ def test_the_loop_calls_its_idle_hook_once_each_time_it_runs_out_of_work(batcher
         batcher.wake()
         loop.join(60)
     assert not loop.is_alive()
+
+
+def test_the_idle_hook_waits_for_the_idle_time_it_is_given(batcher, engine):
+    idle, ticks = [], []
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=batcher.run, args=(stop, lambda: ticks.append(1), lambda: idle.append(1), 3600)
+    )
+    loop.start()
+    try:
+        sink = ListSink()
+        batcher.submit(GenerationRequest("The cat", max_tokens=3, sampling=GREEDY), sink)
+        deadline = time.monotonic() + 60
+        while (sink.finals == 0 or len(ticks) < 20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.finals == 1 and len(ticks) >= 20 and not idle  # idle, not for an hour
+    finally:
+        stop.set()
+        batcher.wake()
+        loop.join(60)

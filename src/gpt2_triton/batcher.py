@@ -343,24 +343,30 @@ class InflightBatcher:
         stop: threading.Event,
         tick: Callable[[], None] = lambda: None,
         on_idle: Callable[[], None] = lambda: None,
+        idle_after_s: float = 0.0,
     ) -> None:
         """Run the loop in this thread until ``stop`` is set (set it, then call ``wake()``).
 
         Then shut down here, in the one thread that touches the sequences, so the shutdown
         never races a step. ``tick`` runs after every step (metrics); ``on_idle`` once each
-        time the loop runs out of work (the Triton adapter gives freed memory back then).
+        time the loop has had no work for ``idle_after_s`` (the Triton adapter gives freed
+        memory back then).
         """
-        busy = False
+        owed = False  # work was done since on_idle last ran
+        last_work = 0.0
         try:
             while not stop.is_set():
                 worked = self.step()
                 try:
                     tick()
-                    if busy and not worked:
+                    now = time.monotonic()
+                    if worked:
+                        owed, last_work = True, now
+                    elif owed and now - last_work >= idle_after_s:
+                        owed = False
                         on_idle()
                 except Exception:
                     log.exception("the loop's tick or idle hook failed")
-                busy = worked
                 if not worked:
                     self.wait_for_work(0.05)
         finally:

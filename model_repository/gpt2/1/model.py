@@ -29,6 +29,11 @@ from gpt2_triton.text import TextCodec
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_EVERY_S = 0.5
+# Freed heap goes back to the OS once the loop has been idle this long (heap.py), not at
+# once: a burst that comes right after another then finds its memory still mapped. With
+# the trim at once, back-to-back waves of 16 streams had a median TTFT of 704 ms against
+# 443 ms in the run before it (fresh pages to fault in, and the trim itself, each wave).
+GIVE_BACK_AFTER_S = 1.0
 STOP_TIMEOUT_S = 30  # a step in progress ends first; an engine step takes well under a second
 # response_sender.is_cancelled() is a round trip to the server process: each stream is
 # asked at most every 50 ms, and at most 4 streams a step (those asked longest ago first),
@@ -140,7 +145,9 @@ class TritonPythonModel:
 
     def _run(self):
         try:
-            self.batcher.run(self.stop, self._publish_metrics, heap.release_free_heap)
+            self.batcher.run(
+                self.stop, self._publish_metrics, heap.release_free_heap, GIVE_BACK_AFTER_S
+            )
         except Exception:
             pb_utils.Logger.log_error(f"gpt2 loop stopped: {traceback.format_exc()}")
 
