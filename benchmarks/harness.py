@@ -45,7 +45,7 @@ from benchmarks import bandwidth, peer
 from gpt2_triton import checkpoint, logs
 
 log = logging.getLogger("benchmarks.harness")
-REST_S = 2.0  # the wait before a grid point's memory is read (see bench_triton)
+REST_S = 16.0  # the wait before a grid point's memory is read (see bench_triton)
 
 SAMPLED_PATH = "triton-sampled"  # straight to Triton, like "triton", sampling
 SAMPLED_TEMPERATURE, SAMPLED_TOP_P = 0.8, 0.95  # common chat settings (issue 14)
@@ -344,7 +344,7 @@ def bench_triton(
         for path in urls:
             rows[path].wall_s += wave(path, rows[path])
     # Memory at rest after the waves: the service gives freed heap back once idle for
-    # GIVE_BACK_AFTER_S (model_repository/gpt2/1/model.py, 1 s); what it held at its
+    # GIVE_BACK_AFTER_S (model_repository/gpt2/1/model.py, 15 s); what it held at its
     # peak is the VmHWM column.
     time.sleep(REST_S)
     memory = {pid: server_memory_mb(pid) for pid in {server_pid, peer_pid} - {None}}

@@ -276,8 +276,8 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
             if results.get("peer")
             else ""
         )
-        + "Server RSS and PSS: at rest, 2 s after the grid point's waves (the service "
-        "gives freed heap back after 1 s idle), summed over "
+        + "Server RSS and PSS: at rest, 16 s after the grid point's waves (the service "
+        "gives freed heap back after 15 s idle), summed over "
         "the server's processes (tritonserver and every backend stub; llama-server is one); "
         "PSS shares out pages that several processes map, so it is the one to compare. "
         "Server peak RSS: the most each process held at once since it started (VmHWM), "

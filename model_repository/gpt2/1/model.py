@@ -30,10 +30,12 @@ from gpt2_triton.text import TextCodec
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_EVERY_S = 0.5
 # Freed heap goes back to the OS once the loop has been idle this long (heap.py), not at
-# once: a burst that comes right after another then finds its memory still mapped. With
-# the trim at once, back-to-back waves of 16 streams had a median TTFT of 704 ms against
-# 443 ms in the run before it (fresh pages to fault in, and the trim itself, each wave).
-GIVE_BACK_AFTER_S = 1.0
+# once: a request that comes after a short pause then finds its memory still mapped. The
+# first request after a give-back pays for fresh pages: with 1 s, the benchmark's waves
+# (the service idle while the peer's wave ran) had int8 TTFT p50 73 ms at one stream
+# against 38-47 ms in runs without it, and 704 against 443 ms at 16 streams with the
+# trim at once.
+GIVE_BACK_AFTER_S = 15.0
 STOP_TIMEOUT_S = 30  # a step in progress ends first; an engine step takes well under a second
 # response_sender.is_cancelled() is a round trip to the server process: each stream is
 # asked at most every 50 ms, and at most 4 streams a step (those asked longest ago first),
