@@ -191,6 +191,29 @@ def test_engine_failure_fails_its_rows_and_the_loop_goes_on(batcher, engine):
     assert ok.outputs[-1].finish_reason == "length"
 
 
+def decoding_stream(batcher, tokens=30):
+    """A stream whose prompt is in, decoding: the prefill budget is then the one that
+    protects it (with none decoding a step takes four budgets)."""
+    sink = ListSink()
+    request = GenerationRequest(
+        "The", max_tokens=tokens, min_length=tokens, sampling=GREEDY, stream=True
+    )
+    batcher.submit(request, sink)
+    batcher.step()
+    return sink
+
+
+def burst_beside_a_stream(batcher, engine, prompt, requests=5):
+    """A decoding stream, then ``requests`` of ``prompt`` at once; the engine's forward
+    calls recorded from then on (``engine.forward.calls``)."""
+    running = decoding_stream(batcher)
+    engine.forward = RecordingForward(engine.forward)
+    sinks = [ListSink() for _ in range(requests)]
+    for sink in sinks:
+        batcher.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), sink)
+    return running, sinks
+
+
 class RecordingForward:
     """The real forward (either layout), noting each call's (rows, new tokens per row,
     cached positions)."""
@@ -213,16 +236,7 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     batcher = InflightBatcher(
         engine, codec, limits(engine, max_active=8, max_queue=8, max_prefill_tokens=budget)
     )
-    running = ListSink()  # a stream decoding: the budget is the one that protects it
-    batcher.submit(
-        GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True),
-        running,
-    )
-    batcher.step()
-    engine.forward = RecordingForward(engine.forward)
-    sinks = [ListSink() for _ in range(5)]
-    for sink in sinks:
-        batcher.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), sink)
+    running, sinks = burst_beside_a_stream(batcher, engine, prompt)
     joined = []
     for _ in range(3):
         calls = len(engine.forward.calls)
@@ -301,16 +315,7 @@ def test_without_chunks_whole_prompts_join_within_the_budget_and_a_long_one_goes
         codec,
         limits(engine, max_active=8, max_prefill_tokens=2 * size + 1, chunked_prefill=False),
     )
-    running = ListSink()
-    batcher.submit(
-        GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True),
-        running,
-    )
-    batcher.step()
-    engine.forward = RecordingForward(engine.forward)
-    sinks = [ListSink() for _ in range(5)]
-    for sink in sinks:
-        batcher.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), sink)
+    running, sinks = burst_beside_a_stream(batcher, engine, prompt)
     joined = []
     for _ in range(3):
         batcher.step()
@@ -557,9 +562,7 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     prompt = "The old man walks to the river"
     budget = len(codec.encode(prompt))  # one prompt per step
     batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=budget))
-    running = ListSink()  # a stream decoding: the budget is the one that protects it
-    batcher.submit(GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY), running)
-    batcher.step()
+    running = decoding_stream(batcher)
     sinks = [ListSink() for _ in range(3)]
     for sink in sinks:
         batcher.submit(GenerationRequest(prompt, max_tokens=5, sampling=GREEDY), sink)
@@ -679,10 +682,7 @@ class Replies:
 
 def test_a_forward_runs_in_chunks_beside_a_stream_and_equals_a_stateless_step(engine, codec):
     batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=4))
-    running = ListSink()
-    request = GenerationRequest("The", max_tokens=30, min_length=30, sampling=GREEDY, stream=True)
-    batcher.submit(request, running)
-    batcher.step()
+    running = decoding_stream(batcher)
     rows = [codec.encode("The old man walks to the river every day"), [5, 6]]
     expected = engine.step(rows)  # stateless: keeps nothing
     reply = Replies()

@@ -12,6 +12,25 @@ from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
 
+def session_options(threads: int = 0):
+    """The session settings both ONNX Runtime engines run with."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One decode step is a chain of small matmuls: inter-op parallelism only adds
+    # contention on few cores, so run the graph sequentially with intra-op threads.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    # No arena: the KV caches and a burst's prefill activations go back to the system
+    # when freed instead of staying reserved at their peak. Measured on the GPT-2
+    # small architecture (2 cores): the server held 2084 MB after 16 concurrent
+    # 128-token prompts with the arena, 1428 MB without; step times did not change.
+    options.enable_cpu_mem_arena = False
+    return options
+
+
 class OnnxForward:
     name = "onnx"
 
@@ -21,18 +40,7 @@ class OnnxForward:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise EngineError(f"ONNX model not found: {model_path} (run 'make export')")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One decode step is a chain of small matmuls: inter-op parallelism only adds
-        # contention on few cores, so run the graph sequentially with intra-op threads.
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        # No arena: the KV caches and a burst's prefill activations go back to the system
-        # when freed instead of staying reserved at their peak. Measured on the GPT-2
-        # small architecture (2 cores): the server held 2084 MB after 16 concurrent
-        # 128-token prompts with the arena, 1428 MB without; step times did not change.
-        options.enable_cpu_mem_arena = False
+        options = session_options(threads)
         try:
             self.session = ort.InferenceSession(
                 str(model_path), options, providers=["CPUExecutionProvider"]

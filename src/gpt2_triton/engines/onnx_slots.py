@@ -17,11 +17,11 @@ time, and wants head sizes that are multiples of 8 (GPT-2's is 64); ``SlotEngine
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from gpt2_triton.engines.onnx_forward import session_options
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
@@ -130,13 +130,7 @@ class OnnxSlotForward:
         if not model_path.is_file():
             raise EngineError(f"ONNX model not found: {model_path} (run 'make export')")
         proto = shared_kv_graph(onnx.load(str(model_path), load_external_data=False), shape)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # as OnnxForward: sequential graph, intra-op threads, no arena (onnx_forward.py)
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = False
+        options = session_options(threads)
         # the weights stay in their file beside the export, mapped as before
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(model_path.parent)
