@@ -1,4 +1,6 @@
-"""Give the C heap's free memory back to the operating system.
+"""Give memory the process no longer uses back to the operating system (glibc, Linux).
+
+``release_free_heap``: the C heap's free chunks.
 
 A burst of requests leaves the ``gpt2`` process with its high-water mark: ONNX Runtime's
 activations, the logits and the responses of 16 streams come and go through glibc's
@@ -13,21 +15,47 @@ but made every step ~40% slower (page faults on fresh mappings).
 from __future__ import annotations
 
 import ctypes
-import logging
+import mmap
 
-log = logging.getLogger(__name__)
+import numpy as np
 
-_trim = None
+_libc = None  # the C library, loaded on first use; False where it cannot be
+
+
+def _c_library():
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to give back
+            _libc = False
+    return _libc
 
 
 def release_free_heap() -> None:
     """``malloc_trim(0)`` on glibc; nothing elsewhere. Costs a few milliseconds: call it
     when idle, never per step."""
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to give back
-            _trim = False
-    if _trim:
-        _trim(0)
+    libc = _c_library()
+    if libc:
+        libc.malloc_trim(0)
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def forget_pages(array: np.ndarray) -> None:
+    """Let the OS reclaim the whole pages inside ``array`` (a C-contiguous slice of
+    anonymous memory): ``madvise(MADV_DONTNEED)``; they read as zeros afterwards. The
+    in-place KV cache calls it on a vacated row (engines/slots.py): without it, every row a
+    sequence ever used would stay resident until the engine empties, so memory would creep
+    towards max_sequences x window under steady load."""
+    libc = _c_library()
+    if not libc:
+        return
+    page = mmap.PAGESIZE
+    start = -(-array.ctypes.data // page) * page  # whole pages only: the edges may be shared
+    end = (array.ctypes.data + array.nbytes) // page * page
+    if end > start:
+        libc.madvise(start, end - start, _MADV_DONTNEED)

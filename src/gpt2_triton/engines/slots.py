@@ -24,12 +24,11 @@ the next step there overwrites, and rows it traded hold the same sequences.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from gpt2_triton import heap
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.engines.stateful import check_step
 
@@ -220,7 +219,7 @@ class SlotEngine:
             self._buffers = []
         else:  # the vacated row's pages: the OS takes them back, they read as zeros again
             for buffer in self._buffers:
-                _forget(buffer[last])
+                heap.forget_pages(buffer[last])
 
     def _move(self, src: int, dst: int) -> None:
         if src == dst:
@@ -243,31 +242,6 @@ class SlotEngine:
         self._lengths[a], self._lengths[b] = lb, la
         self._ids[a], self._ids[b] = self._ids[b], self._ids[a]
         self._slot[self._ids[a]], self._slot[self._ids[b]] = a, b
-
-
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4  # Linux
-_libc = None
-
-
-def _forget(row: np.ndarray) -> None:
-    """Let the OS reclaim the whole pages inside ``row`` (a C-contiguous slice of an
-    anonymous mapping): ``madvise(MADV_DONTNEED)``; they read as zeros afterwards.
-    Without it, every row a sequence ever used would stay resident until the engine
-    empties, so memory would creep towards max_sequences x window under steady load."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):  # no madvise: the pages stay until the engine empties
-            _libc = False
-    if not _libc:
-        return
-    start = -(-row.ctypes.data // _PAGE) * _PAGE  # whole pages only: the row's edges may share
-    end = (row.ctypes.data + row.nbytes) // _PAGE * _PAGE
-    if end > start:
-        _libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 def _by_width(tokens: Sequence[Sequence[int]], rows) -> list[list[int]]:
