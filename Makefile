@@ -16,6 +16,8 @@ INT8 ?= 0
 FP16 ?= 0
 MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
+# ENGINE=torch DEVICE=cuda replays decode steps as CUDA graphs; CUDA_GRAPHS=0 runs them eagerly
+CUDA_GRAPHS ?= 1
 # in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
 PLACEMENT ?= in_process
 # The front door (Envoy) listens on HOST:HTTP_PORT/GRPC_PORT; Triton behind it on loopback
@@ -136,7 +138,8 @@ endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
 		--max-sequences $(MAX_SEQUENCES) --engine-placement $(PLACEMENT) \
 		$(if $(MAX_PREFILL_TOKENS),--max-prefill-tokens $(MAX_PREFILL_TOKENS)) \
-		$(if $(filter torch,$(ENGINE)),--device $(DEVICE))
+		$(if $(filter torch,$(ENGINE)),--device $(DEVICE)) \
+		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs)
 
 serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)
 	$(PY) -m gpt2_triton.serve $(SERVE_FLAGS)

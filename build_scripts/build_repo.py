@@ -49,6 +49,7 @@ class RepoSettings:
     max_prefill_tokens: int = 512  # prompt tokens per step while streams decode (chunked)
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     device: str = "cpu"  # torch engine only: cpu or cuda
+    cuda_graphs: bool = True  # torch engine on cuda: decode steps replayed as CUDA graphs
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
     engine_placement: str = "in_process"
 
@@ -85,6 +86,7 @@ def template_values(
         "engine_kind": settings.engine,
         "engine_threads": settings.engine_threads,
         "device": "cuda" if settings.engine == "trt" else settings.device,
+        "cuda_graphs": int(settings.cuda_graphs),
     }
     return {
         "tokenizer": {},
@@ -253,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
     parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="torch engine on cuda: run decode steps eagerly (the baseline graphs are "
+        "measured against)",
+    )
+    parser.add_argument(
         "--engine-placement",
         default=RepoSettings.engine_placement,
         choices=PLACEMENTS,
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prefill_tokens=args.max_prefill_tokens,
             engine_threads=args.engine_threads,
             device=args.device,
+            cuda_graphs=args.cuda_graphs,
             engine_placement=args.engine_placement,
         )
         return f"model repository ready in {build(settings, args.export_dir, args.repository)}"

@@ -41,6 +41,7 @@ from gpt2_triton.engines.factory import (
     build_forward,
     read_shape,
 )
+from gpt2_triton.engines.protocol import host_logits
 from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError, Gpt2TritonError
@@ -172,7 +173,7 @@ def _greedy_batch(
 ) -> list[list[int]]:
     ids = list(range(1, len(prompt_ids) + 1))
     budget = dict(zip(ids, budgets, strict=True))
-    logits = engine.step(prompt_ids, ids, [True] * len(ids))
+    logits = host_logits(engine.step(prompt_ids, ids, [True] * len(ids)))
     outputs = {s: [int(row.argmax())] for s, row in zip(ids, logits, strict=True)}
     live = ids
     while True:
@@ -181,7 +182,7 @@ def _greedy_batch(
         live = [s for s in live if s not in done]
         if not live:
             return [outputs[s] for s in ids]
-        logits = engine.step([[outputs[s][-1]] for s in live], live)
+        logits = host_logits(engine.step([[outputs[s][-1]] for s in live], live))
         for s, row in zip(live, logits, strict=True):
             outputs[s].append(int(row.argmax()))
 
@@ -198,19 +199,19 @@ def check_engine(
     report = EngineReport(name, precision, gated, prompts=len(ref.prompt_ids))
     # Warm-up, not timed: session set-up, first-call allocations, CUDA kernels loading.
     warm = len(ref.prompt_ids) + 1
-    row = engine.step([ref.prompt_ids[0]], [warm], [True])[0]
+    row = host_logits(engine.step([ref.prompt_ids[0]], [warm], [True]))[0]
     engine.step([[int(row.argmax())]], [warm])
     engine.release([warm])
     logits, prompt_times, decode_times, identical = [], [], [], 0
     for i, p in enumerate(ref.prompt_ids):
         started = time.perf_counter()
-        row = engine.step([p], [i + 1], [True])[0]
+        row = host_logits(engine.step([p], [i + 1], [True]))[0]
         prompt_times.append(time.perf_counter() - started)
         logits.append(row)
         tokens = [int(row.argmax())]
         while len(tokens) < ref.budgets[i] and tokens[-1] != eos:
             started = time.perf_counter()
-            row = engine.step([[tokens[-1]]], [i + 1])[0]
+            row = host_logits(engine.step([[tokens[-1]]], [i + 1]))[0]
             decode_times.append(time.perf_counter() - started)
             tokens.append(int(row.argmax()))
         engine.release([i + 1])
@@ -279,7 +280,7 @@ ENGINES = [  # name, kind, precision, device, gated
     ("onnxruntime", "onnx", "fp32", "cpu", True),
     ("onnxruntime", "onnx-int8", "int8 weights, int8 compute", "cpu", False),
     ("torch engine", "torch", "fp32", "cpu", False),
-    ("torch engine", "torch", "fp16 (cuda)", "cuda", False),
+    ("torch engine", "torch", "fp16 (cuda), CUDA graphs", "cuda", False),
     ("onnxruntime", "onnx-fp16", "fp16 export, LayerNorm/softmax fp32 (CPU)", "cpu", False),
     ("tensorrt", "trt", "see engine_settings.json", "cuda", False),
 ]
@@ -353,7 +354,14 @@ def run(
         rows = len(prompt_ids) + 1
         limit = getattr(forward, "max_batch", None) or rows
         if kind in IN_PLACE_KINDS:  # what the server runs: the cache written in place
-            engine = build_engine(kind, export_dir, max_sequences=rows, threads=threads)
+            engine = build_engine(
+                kind,
+                export_dir,
+                max_sequences=rows,
+                threads=threads,
+                device=device,
+                model=copy.deepcopy(model) if kind == "torch" else None,
+            )
         else:
             engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         log.info("checking %s %s", name, precision)

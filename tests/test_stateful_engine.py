@@ -1,6 +1,7 @@
-"""The engine contract on the real ONNX Runtime session of the tiny export, for both KV
-cache layouts: the padded batch (``StatefulEngine``, what the torch and TensorRT engines
-use) and the slots written in place (``SlotEngine``, the ONNX Runtime serving engine)."""
+"""The engine contract on the real engines of the tiny model, for both KV cache layouts:
+the padded batch (``StatefulEngine``, what TensorRT uses) and the slots written in place
+(``SlotEngine``): ONNX Runtime's, and PyTorch's static cache on the CPU, eager and through
+the decode graphs' static inputs (everything of a CUDA graph step but its capture)."""
 
 import mmap
 
@@ -13,8 +14,27 @@ from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError
 
 
-@pytest.fixture(params=["padded", "in_place"])
+def torch_engine(tiny_export, model, max_sequences, static_decode):
+    from gpt2_triton.engines.factory import read_shape
+    from gpt2_triton.engines.slots import SlotEngine
+    from gpt2_triton.engines.torch_slots import TorchSlotForward
+
+    shape = read_shape(tiny_export)
+    forward = TorchSlotForward(model, shape, "cpu", static_decode=static_decode)
+    return SlotEngine(forward, shape, max_sequences)
+
+
+def in_place_engine(kind, tiny_export, model, max_sequences):
+    if kind == "onnx":
+        return build_engine("onnx", tiny_export, max_sequences=max_sequences)
+    return torch_engine(tiny_export, model, max_sequences, static_decode=kind == "torch_static")
+
+
+@pytest.fixture(params=["padded", "in_place", "torch", "torch_static"])
 def engine(request, tiny_export):
+    if request.param.startswith("torch"):
+        model = request.getfixturevalue("tiny_hf_model")
+        return torch_engine(tiny_export, model, 8, static_decode=request.param == "torch_static")
     return build_engine("onnx", tiny_export, max_sequences=8, in_place=request.param == "in_place")
 
 
@@ -177,10 +197,13 @@ def test_a_sequence_released_or_failed_part_way_through_its_prompt(engine, tiny_
     assert engine.release_all() == 1 and engine.cached_tokens == 0
 
 
-def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(tiny_export):
+@pytest.mark.parametrize("kind", ["onnx", "torch", "torch_static"])
+def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(
+    kind, tiny_export, tiny_hf_model
+):
     """Joins, leaves, chunks, multi-token steps and stateless steps, at random: the two
     layouts give the same logits step after step and hold the same sequences."""
-    slots = build_engine("onnx", tiny_export, max_sequences=6, in_place=True)
+    slots = in_place_engine(kind, tiny_export, tiny_hf_model, 6)
     padded = build_engine("onnx", tiny_export, max_sequences=6, in_place=False)
     rng = np.random.default_rng(7)
     live, next_id = [], 0
@@ -225,29 +248,34 @@ def _request(ids, sequence_ids=None, starts=None, release=None):
     return inputs
 
 
-def test_a_request_may_release_an_id_and_start_it_again_or_use_its_room(tiny_export):
+@pytest.mark.parametrize("kind", ["onnx", "padded", "torch_static"])
+def test_a_request_may_release_an_id_and_start_it_again_or_use_its_room(
+    kind, tiny_export, tiny_hf_model
+):
     """protocol.serve releases then steps, as one: the released room and id are free to
     the step; if the step fails, the released sequences come back as they were."""
-    for in_place in (True, False):
-        engine = build_engine("onnx", tiny_export, max_sequences=2, in_place=in_place)
-        first = protocol.serve(engine, _request([[1, 2, 3]], [7], [True]))
-        restarted = protocol.serve(engine, _request([[1, 2, 3]], [7], [True], release=[7]))
-        np.testing.assert_allclose(first, restarted, atol=1e-5)
-        assert engine.cached_sequences == 1 and engine.sequence_length(7) == 3
-        protocol.serve(engine, _request([[4]], [7]))  # it goes on
-        protocol.serve(engine, _request([[5, 6]], [8], [True]))  # full: 7 and 8
-        protocol.serve(engine, _request([[9, 9]], [9], [True], release=[8]))  # 8's room
-        assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
-        expected = engine.step([[1, 2, 3, 4, 5]])  # stateless: 7's tokens and one more
+    if kind == "padded":
+        engine = build_engine("onnx", tiny_export, max_sequences=2, in_place=False)
+    else:
+        engine = in_place_engine(kind, tiny_export, tiny_hf_model, 2)
+    first = protocol.serve(engine, _request([[1, 2, 3]], [7], [True]))
+    restarted = protocol.serve(engine, _request([[1, 2, 3]], [7], [True], release=[7]))
+    np.testing.assert_allclose(first, restarted, atol=1e-5)
+    assert engine.cached_sequences == 1 and engine.sequence_length(7) == 3
+    protocol.serve(engine, _request([[4]], [7]))  # it goes on
+    protocol.serve(engine, _request([[5, 6]], [8], [True]))  # full: 7 and 8
+    protocol.serve(engine, _request([[9, 9]], [9], [True], release=[8]))  # 8's room
+    assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
+    expected = engine.step([[1, 2, 3, 4, 5]])  # stateless: 7's tokens and one more
 
-        engine.forward = FailingForward(engine.forward, "prefill")
-        with pytest.raises(RuntimeError, match="prefill"):
-            protocol.serve(engine, _request([[3, 3]], [10], [True], release=[7, 9]))
-        engine.forward = engine.forward.forward
-        assert engine.cached_sequences == 2, in_place  # 7 and 9 are back, whole
-        assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
-        np.testing.assert_allclose(engine.step([[5]], [7]), expected, atol=1e-4)
-        assert engine.release_all() == 2 and engine.cached_sequences == 0
+    engine.forward = FailingForward(engine.forward, "prefill")
+    with pytest.raises(RuntimeError, match="prefill"):
+        protocol.serve(engine, _request([[3, 3]], [10], [True], release=[7, 9]))
+    engine.forward = engine.forward.forward
+    assert engine.cached_sequences == 2  # 7 and 9 are back, whole
+    assert (engine.sequence_length(7), engine.sequence_length(9)) == (4, 2)
+    np.testing.assert_allclose(engine.step([[5]], [7]), expected, atol=1e-4)
+    assert engine.release_all() == 2 and engine.cached_sequences == 0
 
 
 def test_a_vacated_slot_gives_its_memory_back(tiny_export):

@@ -38,6 +38,7 @@ import numpy as np
 
 from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
+from gpt2_triton.engines.protocol import host_logits
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_forward_rows
 from gpt2_triton.sampling import SamplingParams, TokenSampler, sample_batch
@@ -546,7 +547,7 @@ class InflightBatcher:
         for row in [r for r in ready if rows[r].job]:  # a forward's row: its logits, done
             sequence = rows[row]
             sequence.ended = True
-            sequence.job.row_done(sequence.job_row, logits[row])
+            sequence.job.row_done(sequence.job_row, host_logits(logits[row]))
             finished.append(sequence)
         ready = [r for r in ready if not rows[r].job]
         if len(ready) < len(rows):

@@ -155,8 +155,13 @@ def sample_batch(
     ``suppressed[i]``, when not None, is a token row i must not produce (end-of-text before
     ``min_length``). Each sampler observes the token it produced. Raises SamplingError for
     a sampled row whose logits have no finite maximum; a call that raises leaves every
-    sampler as it was (no draw taken, nothing observed).
+    sampler as it was (no draw taken, nothing observed). Logits that are a torch tensor
+    (the torch engine's, on its device) are sampled there (``device_sampling.py``).
     """
+    if not isinstance(logits, np.ndarray):
+        from gpt2_triton import device_sampling
+
+        return device_sampling.sample_batch(logits, samplers, suppressed)
     batch = logits.shape[0]
     if len(samplers) != batch:
         raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")

@@ -12,7 +12,9 @@ from gpt2_triton.errors import EngineError
 
 # kind -> what it runs; "torch" runs the checkpoint itself, the others an exported file.
 ENGINE_KINDS = ("onnx", "onnx-int8", "torch", "trt")
-IN_PLACE_KINDS = ("onnx", "onnx-int8")  # the KV cache written in place (slots.py)
+# the KV cache written in place (slots.py): ONNX Runtime's rewritten graph (onnx_slots.py),
+# PyTorch's static cache with CUDA graphs (torch_slots.py)
+IN_PLACE_KINDS = ("onnx", "onnx-int8", "torch")
 SETTINGS_FILE = "export_settings.json"
 
 
@@ -50,6 +52,22 @@ def _onnx_file(kind: str, export_dir: Path) -> Path:
     return path
 
 
+def _torch_model(export_dir: Path, model, threads: int, device: str):
+    """The checkpoint a torch engine runs (``model``, or the repository's
+    ``engine/1/checkpoint``), with torch's threads and device checked."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"device {device} asked for, but PyTorch sees no CUDA GPU")
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(export_dir / "checkpoint").eval()
+    return model
+
+
 def build_forward(
     kind: str,
     export_dir: Path,
@@ -59,7 +77,7 @@ def build_forward(
     device: str = "cpu",
     model=None,
 ):
-    """The forward function of engine ``kind``.
+    """The forward function of engine ``kind`` on the padded batch (``StatefulEngine``).
 
     ``model`` (a loaded ``GPT2LMHeadModel``) is needed by ``torch`` only; ``device``
     ``cuda`` runs it in fp16.
@@ -74,14 +92,7 @@ def build_forward(
 
         from gpt2_triton.engines.torch_forward import TorchForward
 
-        if model is None:  # in the model repository: engine/1/checkpoint
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(export_dir / "checkpoint").eval()
-        if threads:
-            torch.set_num_threads(threads)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EngineError(f"device {device} asked for, but PyTorch sees no CUDA GPU")
+        model = _torch_model(export_dir, model, threads, device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         return TorchForward(model, shape, device=device, dtype=dtype)
     if kind == "trt":
@@ -92,12 +103,28 @@ def build_forward(
 
 
 def build_engine(
-    kind: str, export_dir: Path, *, max_sequences: int = 64, in_place: bool = True, **kwargs
+    kind: str,
+    export_dir: Path,
+    *,
+    max_sequences: int = 64,
+    in_place: bool = True,
+    cuda_graphs: bool | None = None,
+    **kwargs,
 ) -> StatefulEngine | SlotEngine:
-    """The serving engine of ``kind``. ONNX Runtime engines write the KV cache in place
-    (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded batch, what
-    the other engines use)."""
+    """The serving engine of ``kind``. ONNX Runtime and PyTorch engines write the KV cache
+    in place (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded
+    batch, what TensorRT uses). ``cuda_graphs`` (torch only): capture decode steps, by
+    default wherever the device is CUDA."""
     shape = read_shape(export_dir)
+    if in_place and kind == "torch":
+        from gpt2_triton.engines.torch_slots import TorchSlotForward
+
+        device = kwargs.get("device", "cpu")
+        model = _torch_model(
+            Path(export_dir), kwargs.get("model"), kwargs.get("threads", 0), device
+        )
+        forward = TorchSlotForward(model, shape, device, cuda_graphs=cuda_graphs)
+        return SlotEngine(forward, shape, max_sequences)
     if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward
 
@@ -111,13 +138,17 @@ def build_engine_from_params(
     params, export_dir: Path, model: str, max_sequences: int
 ) -> StatefulEngine:
     """The engine a Triton model's ``config.pbtxt`` asks for (``engine_kind``,
-    ``engine_threads``, ``device``): the same reading for every model that holds one."""
+    ``engine_threads``, ``device``, ``cuda_graphs``): the same reading for every model that
+    holds one."""
     from gpt2_triton import model_config
 
+    device = params.get("device") or "cpu"
+    graphs = model_config.int_param(params, "cuda_graphs", model) if "cuda_graphs" in params else 1
     return build_engine(
         model_config.require(params, "engine_kind", model),
         export_dir,
         max_sequences=max_sequences,
         threads=model_config.int_param(params, "engine_threads", model),
-        device=params.get("device") or "cpu",
+        device=device,
+        cuda_graphs=bool(graphs) and device.startswith("cuda"),
     )

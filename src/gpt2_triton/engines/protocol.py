@@ -17,6 +17,14 @@ from gpt2_triton.engines.stateful import StatefulEngine
 from gpt2_triton.errors import EngineError
 
 
+def host_logits(logits) -> np.ndarray:
+    """An engine's logits as a numpy array: the torch engine leaves them, a tensor, on its
+    device (for the device sampler); a caller that needs them on the host copies them here."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.float().cpu().numpy()
+
+
 def pack_tokens(tokens: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ``input_ids`` (B, T) and ``input_lengths`` (B,)."""
     lengths = np.fromiter((len(t) for t in tokens), np.int32, len(tokens))
@@ -59,7 +67,7 @@ def serve(engine: StatefulEngine, inputs: Mapping[str, np.ndarray]) -> np.ndarra
             engine.release(release.reshape(-1).tolist())
         if step is None:
             return np.zeros((0, engine.shape.vocab_size), np.float32)
-        return engine.step(*step)
+        return host_logits(engine.step(*step))
 
 
 def _step_args(ids: np.ndarray, inputs: Mapping[str, np.ndarray]) -> tuple:

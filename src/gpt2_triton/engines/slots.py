@@ -37,6 +37,37 @@ from gpt2_triton.engines.stateful import check_step
 SlotForwardFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], np.ndarray]
 
 
+class HostCaches:
+    """Slots in host memory (numpy), the ONNX Runtime forward's: allocated zeroed when the
+    first sequence comes and freed when the last leaves. A forward that keeps its cache
+    elsewhere brings its own (``torch_slots.TorchCaches``: the static cache on the GPU)."""
+
+    def __init__(self, shape: ModelShape, dtype) -> None:
+        self.shape = shape
+        self.dtype = dtype
+
+    def allocate(self, rows: int, persistent: bool) -> list[np.ndarray]:
+        """Buffers of ``rows`` slots: the engine's own (``persistent``) or scratch rows."""
+        s = self.shape
+        return [
+            np.zeros((rows, s.num_heads, s.max_positions, s.head_dim), self.dtype)
+            for _ in range(2 * s.num_layers)
+        ]
+
+    def release(self, buffers: list[np.ndarray]) -> None:
+        """No sequence is left: the buffers go (the engine drops its references)."""
+
+    def copy(self, view: np.ndarray) -> np.ndarray:
+        return view.copy()
+
+    def forget(self, row: np.ndarray) -> None:
+        """A vacated row's pages: the OS takes them back, they read as zeros again."""
+        heap.forget_pages(row)
+
+    def logits(self, rows: int, vocab: int) -> np.ndarray:
+        return np.empty((rows, vocab), np.float32)
+
+
 class SlotEngine:
     """``StatefulEngine``'s contract (``step``, ``release``, ``atomic``...) on slots."""
 
@@ -45,6 +76,7 @@ class SlotEngine:
         self.shape = shape
         self.max_sequences = max_sequences
         self.dtype = getattr(forward, "dtype", np.float32)
+        self.caches = getattr(forward, "caches", None) or HostCaches(shape, self.dtype)
         self._buffers: list[np.ndarray] = []
         self._ids: list[int] = []  # slot -> sequence id, slots [0, n)
         self._slot: dict[int, int] = {}
@@ -77,10 +109,10 @@ class SlotEngine:
         starts: Sequence[bool] | None = None,
     ) -> np.ndarray:
         starts = check_step(self, tokens, sequence_ids, starts)
-        logits = np.empty((len(tokens), self.shape.vocab_size), np.float32)
+        logits = self.caches.logits(len(tokens), self.shape.vocab_size)
         if sequence_ids is None:  # stateless: each width on scratch rows, kept nowhere
             for rows in _by_width(tokens, range(len(tokens))):
-                scratch = self._new_buffers(len(rows))
+                scratch = self.caches.allocate(len(rows), persistent=False)
                 logits[rows] = self._prompts([tokens[r] for r in rows], scratch, 0)
             return logits
         self._ensure_buffers()
@@ -136,7 +168,7 @@ class SlotEngine:
         for sid in gone:
             if self._journal is not None:  # its keys and values, to put back on failure
                 slot, length = self._slot[sid], int(self._lengths[self._slot[sid]])
-                rows = [b[slot, :, :length].copy() for b in self._buffers]
+                rows = [self.caches.copy(b[slot, :, :length]) for b in self._buffers]
                 self._journal.append((sid, slot < self._decoding, length, rows))
             self._drop(sid)
         return len(gone)
@@ -174,13 +206,9 @@ class SlotEngine:
         lengths = np.full(len(prompts), past, np.int64)
         return self.forward(ids, lengths, positions, views)
 
-    def _new_buffers(self, rows: int) -> list[np.ndarray]:
-        shape = (rows, self.shape.num_heads, self.shape.max_positions, self.shape.head_dim)
-        return [np.zeros(shape, self.dtype) for _ in range(2 * self.shape.num_layers)]
-
     def _ensure_buffers(self) -> None:
-        if not self._buffers:  # zeroed, untouched: memory comes as positions are written
-            self._buffers = self._new_buffers(self.max_sequences)
+        if not self._buffers:  # host: zeroed, untouched, memory comes as positions are written
+            self._buffers = self.caches.allocate(self.max_sequences, persistent=True)
 
     def _gather_front(self, ids: list[int]) -> list[int]:
         """Trade rows within the decoding run until ``ids`` hold slots ``[0, len(ids))``;
@@ -216,10 +244,11 @@ class SlotEngine:
         self._ids.pop()
         self._lengths[last] = 0
         if not self._ids:  # give the memory back
+            self.caches.release(self._buffers)
             self._buffers = []
-        else:  # the vacated row's pages: the OS takes them back, they read as zeros again
+        else:
             for buffer in self._buffers:
-                heap.forget_pages(buffer[last])
+                self.caches.forget(buffer[last])
 
     def _move(self, src: int, dst: int) -> None:
         if src == dst:
@@ -236,7 +265,7 @@ class SlotEngine:
             return
         la, lb = int(self._lengths[a]), int(self._lengths[b])
         for buffer in self._buffers:
-            kept = buffer[a, :, :la].copy()
+            kept = self.caches.copy(buffer[a, :, :la])
             buffer[a, :, :lb] = buffer[b, :, :lb]
             buffer[b, :, :la] = kept
         self._lengths[a], self._lengths[b] = lb, la

@@ -1,0 +1,160 @@
+"""Next-token choice on the engine's device, for logits that are a torch tensor there.
+
+The torch engine (``engines/torch_slots.py``) leaves each step's logits on its device.
+Copying them to the host to sample there would move 200 KB a row each step (13 MB at
+batch 64) and run the vocabulary passes on the CPU; here a step is a few batched tensor
+operations over all rows on the device, and what crosses is small: each row's parameters
+and one uniform number in (8 bytes a row per value), the chosen token ids out (8 bytes a
+row). The order is ``sampling.py``'s: repetition penalty -> end-of-text suppression ->
+temperature -> top-k -> top-p -> draw; greedy rows are the argmax of the adjusted row,
+token-identical to the host sampler's.
+
+Seeded streams stay the host sampler's: each sampled row takes one number from its own
+generator (``TokenSampler.rng``) per token, drawn on the host (a handful of nanoseconds)
+and sent with the step, so a seed gives the same stream whatever shares the batch, and a
+call that fails puts every generator back. The draw itself is an inverse-CDF search on the
+device: over the whole distribution (temperature, top-k), or over the nucleus sorted
+likeliest first (top-p; a stable sort, so ties go to the lower token id as on the host).
+The host sampler's top-p is a rejection sampler and its top-k keeps exactly k tokens; this
+one keeps every token tied with the k-th, and its draws differ from the host's for the same
+seed (the same distribution, reached another way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from gpt2_triton.sampling import SamplingError, TokenSampler
+
+_NO_TOP_P = 2.0  # a top_p no mass reaches: the row's nucleus is its whole distribution
+
+
+def sample_batch(
+    logits,
+    samplers: Sequence[TokenSampler],
+    suppressed: Sequence[int | None] | None = None,
+) -> np.ndarray:
+    """``sampling.sample_batch`` for a torch tensor of logits (B, vocab) on any device:
+    the same contract (one token a row, observed by its sampler; SamplingError for a
+    sampled row with no finite maximum, with no draw taken and nothing observed)."""
+    batch = logits.shape[0]
+    if len(samplers) != batch:
+        raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
+    suppressed = suppressed if suppressed is not None else [None] * batch
+    sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
+    states = []  # (generator, its state before this call's draw)
+    try:
+        uniforms = np.empty(len(sampled))
+        for i, row in enumerate(sampled):
+            generator = samplers[row].rng.bit_generator
+            states.append((generator, generator.state))
+            uniforms[i] = samplers[row].rng.random()
+        tokens = _choose(logits, samplers, suppressed, sampled, uniforms)
+        failed = np.flatnonzero(tokens < 0)
+        if failed.size:
+            raise SamplingError(f"row {failed[0]} of the logits has no finite maximum")
+    except BaseException:
+        for generator, state in reversed(states):  # reversed: a shared one ends as it began
+            generator.state = state
+        raise
+    for sampler, token in zip(samplers, tokens, strict=True):
+        sampler.observe(int(token))
+    return tokens
+
+
+def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarray) -> np.ndarray:
+    """Each row's token (int64 on the host), -1 for a sampled row with no finite maximum."""
+    import torch
+
+    device = logits.device
+    work = _adjusted(logits, samplers, suppressed)
+    if not sampled:
+        return work.argmax(dim=1).cpu().numpy()
+    greedy = sorted(set(range(len(samplers))) - set(sampled))
+    params = [samplers[row].params for row in sampled]
+    vocab = work.shape[1]
+    # one copy in: per sampled row 1/temperature, top_k, top_p, its uniform
+    table = np.empty((4, len(sampled)), np.float64)
+    table[0] = [1.0 / p.temperature for p in params]
+    table[1] = [min(p.top_k, vocab) for p in params]
+    table[2] = [p.top_p if p.top_p < 1.0 else _NO_TOP_P for p in params]
+    table[3] = uniforms
+    table = torch.from_numpy(table).to(device)
+    inverse_temperature, top_k, top_p, uniform = table
+    rows = torch.as_tensor(sampled, device=device)
+    scaled = work[rows] * inverse_temperature.to(work.dtype)[:, None]  # (R, V)
+    peak = scaled.max(dim=1).values
+    finite = torch.isfinite(peak)
+    scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))  # no NaN spreads
+    if any(p.top_k for p in params):
+        scaled = _keep_top_k(scaled, top_k.long(), max(p.top_k for p in params))
+    probs = torch.softmax(scaled, dim=1).double()
+    if any(p.top_p < 1.0 for p in params):  # the nucleus, likeliest first
+        probs, order = probs.sort(dim=1, descending=True, stable=True)
+        ahead = probs.cumsum(dim=1) - probs  # the mass of the tokens before each
+        probs = probs * (ahead < top_p[:, None])
+        chosen = order.gather(1, _inverse_cdf(probs, uniform)[:, None])[:, 0]
+    else:
+        chosen = _inverse_cdf(probs, uniform)
+    tokens = torch.empty(len(samplers), dtype=torch.int64, device=device)
+    tokens[rows] = torch.where(finite, chosen, torch.full_like(chosen, -1))
+    if greedy:
+        at = torch.as_tensor(greedy, device=device)
+        tokens[at] = work[at].argmax(dim=1)
+    return tokens.cpu().numpy()  # the only copy out
+
+
+def _adjusted(logits, samplers, suppressed):
+    """The logits with each row's repetition penalty and suppressed token applied (a copy
+    when there is any; the engine's tensor is never written)."""
+    import torch
+
+    penalized = [
+        r for r, s in enumerate(samplers) if s.counts is not None and s.counts.distinct.size
+    ]
+    silenced = [r for r, token in enumerate(suppressed) if token is not None]
+    if not penalized and not silenced:
+        return logits
+    work = logits.clone()
+    device = logits.device
+    if penalized:  # CTRL's penalty on each row's distinct seen tokens, padded with a repeat
+        widest = max(samplers[r].counts.distinct.size for r in penalized)
+        seen = np.empty((len(penalized), widest), np.int64)
+        for i, r in enumerate(penalized):
+            distinct = samplers[r].counts.distinct
+            seen[i, : distinct.size] = distinct
+            seen[i, distinct.size :] = distinct[0]  # the same entry again: the same result
+        factors = [samplers[r].params.repetition_penalty for r in penalized]
+        rows = torch.as_tensor(penalized, device=device)[:, None]
+        seen = torch.from_numpy(seen).to(device)
+        penalty = torch.tensor(factors, dtype=work.dtype, device=device)[:, None]
+        values = work[rows, seen]
+        work[rows, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if silenced:
+        tokens = torch.as_tensor([suppressed[r] for r in silenced], device=device)
+        work[torch.as_tensor(silenced, device=device), tokens] = float("-inf")
+    return work
+
+
+def _keep_top_k(scaled, top_k, largest: int):
+    """Each row's tokens at or above its k-th largest scaled logit (k = 0: all of them)."""
+    import torch
+
+    values = torch.topk(scaled, largest, dim=1).values  # (R, largest), falling
+    kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None])
+    kth = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+    return scaled.masked_fill(scaled < kth, float("-inf"))
+
+
+def _inverse_cdf(probs, uniform):
+    """Per row, the first entry whose cumulative mass passes ``uniform`` of the row's total,
+    never one of zero mass (rounding at the very end falls back to the last one with mass)."""
+    import torch
+
+    cumulative = probs.cumsum(dim=1)
+    total = cumulative[:, -1:].contiguous()
+    index = torch.searchsorted(cumulative, uniform[:, None] * total, right=True)
+    last = torch.searchsorted(cumulative, total)  # where the mass stops growing
+    return torch.minimum(index, last)[:, 0]

@@ -1,0 +1,340 @@
+"""GPT-2 in PyTorch the way serving engines run it: a static KV cache, CUDA graphs, fp16.
+
+The forward of ``SlotEngine`` (``slots.py``) for ``ENGINE=torch``, on the GPU
+(``DEVICE=cuda``) and, with the same code, on the CPU:
+
+- **Static KV cache.** ``TorchCaches`` allocates the slots once: 2 x layers tensors
+  ``(max_sequences + 1, heads, context window, head_dim)`` on the device. A step writes
+  each row's new keys and values at that row's own position (``index_put_``), attention
+  reads the row's positions ``[0, length]`` through a mask; nothing is concatenated or
+  re-padded, and a join or leave moves one sequence's row (``SlotEngine``). The extra
+  last row is scratch: the padding rows of a captured decode step write there.
+- **CUDA graphs for decode steps.** A one-token step for the decoding rows ``[0, B)`` runs
+  as a replay of a graph captured for ``(bucket, window)``: B rounded up to a batch bucket
+  (1, 2, 4, ..., 64 by default) and the longest row's length up to a power of two (the
+  positions attention reads). Each graph is captured on first use. The step's token ids,
+  positions and lengths are copied into the graph's static inputs (one host-to-device
+  copy), the padding rows write into the scratch row, and the logits of the real rows are
+  read back out. Prompts and their chunks run eagerly (their shapes vary too much to be
+  worth capturing).
+- **fp16 where it is fast, fp32 where it matters.** On CUDA the weights and the matmuls are
+  fp16; the residual stream, LayerNorm and the logits stay fp32, and
+  ``scaled_dot_product_attention``'s kernels accumulate the softmax in fp32. On the CPU
+  everything is fp32.
+
+``static_decode`` runs the decode steps through the same static inputs, buckets and
+scratch row without capturing (the CPU's path in the tests: everything but the capture
+itself), ``cuda_graphs`` captures them (CUDA only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gpt2_triton.engines.shape import ModelShape
+from gpt2_triton.errors import EngineError
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes a graph is captured for
+MIN_WINDOW = 64  # the shortest attention window a decode graph reads
+
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def batch_bucket(rows: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket that holds ``rows``; None past the largest."""
+    return next((b for b in buckets if b >= rows), None)
+
+
+def window_bucket(positions: int, window: int) -> int:
+    """``positions`` rounded up to a power of two (at least MIN_WINDOW), at most ``window``."""
+    return min(window, max(MIN_WINDOW, 1 << max(0, math.ceil(math.log2(positions)))))
+
+
+class TorchCaches:
+    """The static KV cache: allocated once, kept while the engine lives (the decode graphs
+    hold its addresses). ``SlotEngine`` takes its buffers from here."""
+
+    def __init__(self, shape: ModelShape, device, dtype) -> None:
+        import torch
+
+        self._torch = torch
+        self.shape = shape
+        self.device = device
+        self.dtype = dtype
+        self.slots: list | None = None  # (max_sequences + 1, heads, window, head_dim) each
+
+    def allocate(self, rows: int, persistent: bool) -> list:
+        """``persistent``: the engine's slots (rows ``[0, rows)`` of the static cache, the
+        same memory each time); otherwise scratch rows for a stateless step."""
+        if not persistent:
+            return self._zeros(rows)
+        if self.slots is None:
+            self.slots = self._zeros(rows + 1)  # + the scratch row for padding
+        if self.slots[0].shape[0] != rows + 1:
+            raise EngineError(f"the static KV cache has {self.slots[0].shape[0] - 1} slots")
+        return [buffer[:rows] for buffer in self.slots]
+
+    def release(self, buffers: list) -> None:
+        """The engine is empty. The memory stays allocated: graphs replay over it."""
+
+    def copy(self, view):
+        return view.clone()
+
+    def forget(self, row) -> None:
+        """A vacated row needs nothing: positions past a row's length are never read."""
+
+    def logits(self, rows: int, vocab: int):
+        return self._torch.empty((rows, vocab), dtype=self._torch.float32, device=self.device)
+
+    def _zeros(self, rows: int) -> list:
+        s = self.shape
+        return [
+            self._torch.zeros(
+                (rows, s.num_heads, s.max_positions, s.head_dim),
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for _ in range(2 * s.num_layers)
+        ]
+
+
+class _Weights:
+    """A ``GPT2LMHeadModel``'s parameters, laid out for the forward below: matmul weights in
+    the compute type, LayerNorm's and the embeddings' in fp32."""
+
+    def __init__(self, model, device, dtype) -> None:
+        import torch
+
+        config = model.config
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(
+            config, "reorder_and_upcast_attn", False
+        ):
+            raise EngineError("the torch engine runs GPT-2's default attention only")
+        if not getattr(config, "scale_attn_weights", True):
+            raise EngineError("the torch engine expects scale_attn_weights=True (GPT-2's)")
+        activation = getattr(config, "activation_function", "gelu_new")
+        if activation not in _GELU:
+            raise EngineError(f"the torch engine does not run activation {activation!r}")
+        self.gelu = _GELU[activation]
+        self.eps = config.layer_norm_epsilon
+        body = model.transformer
+
+        def matmul(weight):  # Conv1D keeps (in, out): x @ weight
+            return weight.detach().to(device, dtype).contiguous()
+
+        def fp32(tensor):
+            return tensor.detach().to(device, torch.float32).contiguous()
+
+        self.wte = fp32(body.wte.weight)  # (vocab, embd)
+        self.wpe = fp32(body.wpe.weight)
+        self.lm_head = model.lm_head.weight.detach().to(device, dtype).t().contiguous()
+        self.ln_f = (fp32(body.ln_f.weight), fp32(body.ln_f.bias))
+        self.layers = [
+            {
+                "ln_1": (fp32(block.ln_1.weight), fp32(block.ln_1.bias)),
+                "c_attn": (matmul(block.attn.c_attn.weight), matmul(block.attn.c_attn.bias)),
+                "c_proj": (matmul(block.attn.c_proj.weight), matmul(block.attn.c_proj.bias)),
+                "ln_2": (fp32(block.ln_2.weight), fp32(block.ln_2.bias)),
+                "c_fc": (matmul(block.mlp.c_fc.weight), matmul(block.mlp.c_fc.bias)),
+                "mlp_proj": (matmul(block.mlp.c_proj.weight), matmul(block.mlp.c_proj.bias)),
+            }
+            for block in body.h
+        ]
+
+
+class TorchSlotForward:
+    """``(input_ids, lengths, position_ids, caches) -> logits``, ``SlotEngine``'s forward:
+    ``caches`` are views of ``self.caches``' buffers, written in place; the logits come
+    back as an fp32 tensor on the device (the device sampler reads them there)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model,
+        shape: ModelShape,
+        device: str = "cpu",
+        *,
+        static_decode: bool | None = None,
+        cuda_graphs: bool | None = None,
+        batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
+    ) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and not torch.cuda.is_available():
+            raise EngineError(f"device {device} asked for, but PyTorch sees no CUDA GPU")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not on_cuda:
+            raise EngineError("CUDA graphs need DEVICE=cuda")
+        self.static_decode = self.cuda_graphs or bool(static_decode)
+        self.compute_dtype = torch.float16 if on_cuda else torch.float32
+        self.dtype = self.compute_dtype  # the KV cache's type
+        self.shape = shape
+        self.weights = _Weights(model, self.device, self.compute_dtype)
+        self.caches = TorchCaches(shape, self.device, self.compute_dtype)
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self._graphs: dict[tuple[int, int], tuple] = {}  # (bucket, window) -> graph, logits
+        self._pool = None  # one memory pool shared by every captured graph
+        self._static = None  # the decode graphs' inputs, sized for the largest bucket
+        self.graph_replays = 0  # steps that ran as a graph (or its eager stand-in)
+
+    # -- the forward ----------------------------------------------------------------------
+    def __call__(self, input_ids, lengths, position_ids, caches):
+        rows, new = input_ids.shape
+        with self._torch.inference_mode():
+            if new == 1 and self.static_decode and self._on_slots(caches):
+                bucket = batch_bucket(rows, self.batch_buckets)
+                if bucket is not None:  # never more rows than the slots hold
+                    bucket = min(bucket, self.caches.slots[0].shape[0] - 1)
+                    return self._decode_static(input_ids, lengths, position_ids, bucket)
+            return self._eager(input_ids, lengths, position_ids, caches)
+
+    def _on_slots(self, caches) -> bool:
+        """Whether ``caches`` are the engine's slots' leading rows (a decode step's)."""
+        slots = self.caches.slots
+        return slots is not None and caches[0].data_ptr() == slots[0].data_ptr()
+
+    def _eager(self, input_ids, lengths, position_ids, caches):
+        torch = self._torch
+        rows, new = input_ids.shape
+        ids = self._to_device(input_ids)
+        positions = self._to_device(position_ids)
+        past = np.asarray(lengths, np.int64)
+        if new > 1 and (past != past[0]).any():
+            raise EngineError("a multi-token step needs one past length for all its rows")
+        span = int(past.max()) + new  # positions attention reads
+        if new == 1:  # each row writes at its own position, reads up to it
+            at = self._to_device(past)
+            mask = torch.arange(span, device=self.device)[None, :] <= at[:, None]
+            mask = mask[:, None, None, :]  # (B, 1, 1, span)
+        else:  # rows share their past: causal over [past, past + new)
+            at = int(past[0])
+            query = torch.arange(at, span, device=self.device)[:, None]
+            mask = (torch.arange(span, device=self.device)[None, :] <= query)[None, None]
+        row_index = torch.arange(rows, device=self.device)
+        return self._forward(ids, positions, caches, row_index, at, mask, span)
+
+    def _forward(self, ids, positions, caches, write_rows, at, mask, span):
+        """The network: ``ids``/``positions`` (B, S); each layer writes its keys and values
+        into ``caches`` (rows ``write_rows`` at position ``at``: a (B,) tensor for one new
+        token per row, an int for S tokens at once) and attends over ``[0, span)`` of rows
+        ``[0, B)`` under ``mask``. Returns the last position's logits (B, vocab) fp32."""
+        torch = self._torch
+        functional = torch.nn.functional
+        w, s = self.weights, self.shape
+        rows, new = ids.shape
+        embd = s.num_heads * s.head_dim
+        x = w.wte[ids] + w.wpe[positions]  # (B, S, E) fp32: the residual stream
+        for layer, p in enumerate(w.layers):
+            h = self._layer_norm(x, p["ln_1"])
+            qkv = torch.addmm(p["c_attn"][1], h.reshape(-1, embd), p["c_attn"][0])
+            q, k, v = qkv.view(rows, new, 3, s.num_heads, s.head_dim).permute(2, 0, 3, 1, 4)
+            keys, values = caches[2 * layer], caches[2 * layer + 1]
+            if isinstance(at, int):  # (B, H, S, D) into positions [at, at + S)
+                keys[:, :, at : at + new] = k
+                values[:, :, at : at + new] = v
+            else:  # one token a row, at each row's own position
+                keys[write_rows, :, at] = k[:, :, 0]
+                values[write_rows, :, at] = v[:, :, 0]
+            attended = functional.scaled_dot_product_attention(
+                q, keys[:rows, :, :span], values[:rows, :, :span], attn_mask=mask
+            )  # (B, H, S, D)
+            merged = attended.transpose(1, 2).reshape(-1, embd)
+            x = x + torch.addmm(p["c_proj"][1], merged, p["c_proj"][0]).view(rows, new, embd)
+            h = self._layer_norm(x, p["ln_2"])
+            h = torch.addmm(p["c_fc"][1], h.reshape(-1, embd), p["c_fc"][0])
+            h = functional.gelu(h, approximate=w.gelu)
+            x = x + torch.addmm(p["mlp_proj"][1], h, p["mlp_proj"][0]).view(rows, new, embd)
+        last = self._layer_norm(x[:, -1], w.ln_f)  # (B, E): only the last position's logits
+        return (last @ w.lm_head).float()
+
+    def _layer_norm(self, x, params):
+        """LayerNorm on the fp32 residual stream; its output in the compute type."""
+        weight, bias = params
+        normed = self._torch.nn.functional.layer_norm(
+            x, (x.shape[-1],), weight, bias, self.weights.eps
+        )
+        return normed.to(self.compute_dtype)
+
+    def _to_device(self, array):
+        tensor = self._torch.from_numpy(np.ascontiguousarray(array, np.int64))
+        return tensor.to(self.device, non_blocking=True)
+
+    # -- decode steps as graphs -------------------------------------------------------------
+    def _decode_static(self, input_ids, lengths, position_ids, bucket):
+        torch = self._torch
+        rows = input_ids.shape[0]
+        lengths = np.asarray(lengths, np.int64)
+        window = window_bucket(int(lengths.max()) + 1, self.shape.max_positions)
+        static = self._static_inputs()
+        # one copy in: token ids, positions, write rows and lengths of the bucket's rows;
+        # the padding rows write into the scratch row at position 0 and attend to it alone
+        staged = np.zeros((4, bucket), np.int64)
+        staged[0, :rows] = np.asarray(input_ids).reshape(-1)
+        staged[1, :rows] = np.asarray(position_ids).reshape(-1)
+        staged[2, :rows] = np.arange(rows)
+        staged[2, rows:] = self.caches.slots[0].shape[0] - 1
+        staged[3, :rows] = lengths
+        static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
+        graph, logits = self._graph(bucket, window)
+        if graph is None:  # CPU: the same body on the same inputs, eagerly
+            logits = self._decode_body(bucket, window)
+        else:
+            graph.replay()
+        self.graph_replays += 1
+        return logits[:rows]
+
+    def _static_inputs(self):
+        if self._static is None:
+            largest = self.batch_buckets[-1]
+            self._static = self._torch.zeros(
+                (4, largest), dtype=self._torch.int64, device=self.device
+            )
+            self._static[2] = self.caches.slots[0].shape[0] - 1  # every row at the scratch row
+        return self._static
+
+    def _decode_body(self, bucket: int, window: int):
+        """One decode step of ``bucket`` rows over ``window`` positions, from the static
+        inputs alone (what a graph captures)."""
+        torch = self._torch
+        static = self._static[:, :bucket]
+        ids, positions = static[0].view(bucket, 1), static[1].view(bucket, 1)
+        write_rows, at = static[2], static[3]
+        mask = torch.arange(window, device=self.device)[None, :] <= at[:, None]
+        caches = self.caches.slots
+        return self._forward(ids, positions, caches, write_rows, at, mask[:, None, None, :], window)
+
+    def _graph(self, bucket: int, window: int):
+        """The captured graph for ``(bucket, window)`` and its output; (None, None) on the
+        CPU."""
+        if not self.cuda_graphs:
+            return None, None
+        key = (bucket, window)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(bucket, window)
+        return self._graphs[key]
+
+    def _capture(self, bucket: int, window: int):
+        torch = self._torch
+        # The static inputs hold the last step's rows. Warm-up runs (on a side stream, as
+        # PyTorch's capture wants) would write real rows' caches: point every row at the
+        # scratch row first, and put the inputs back after.
+        saved = self._static.clone()
+        self._static[2] = self.caches.slots[0].shape[0] - 1
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_body(bucket, window)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_body(bucket, window)
+        self._pool = graph.pool()
+        self._static.copy_(saved)
+        return graph, logits

@@ -1,0 +1,133 @@
+"""The device sampler (``device_sampling.py``) on CPU tensors: the same code and the same
+torch operations as on a GPU. Greedy rows agree with the host sampler token for token;
+sampled rows follow the distribution that temperature, top-k and top-p define; a seed gives
+its stream whatever shares the batch; a failed call takes no draw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_triton.sampling import SamplingError, SamplingParams, TokenSampler, sample_batch
+
+VOCAB = 300
+
+
+def samplers_for(params, prompts=None):
+    prompts = prompts or [()] * len(params)
+    return [TokenSampler(p, seen) for p, seen in zip(params, prompts, strict=True)]
+
+
+def test_greedy_rows_equal_the_host_sampler_with_penalty_and_suppression():
+    logits = np.random.default_rng(0).normal(size=(6, VOCAB)).astype(np.float32)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the lower id wins on both
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.7),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=0.5),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=3.0),
+    ]
+    histories = [(), tuple(np.argsort(-logits[1])[:5]), (), (4, 4, 200), (), (1,)]
+    suppressed = [None, None, None, None, int(logits[4].argmax()), 1]
+    host = sample_batch(logits, samplers_for(params, histories), suppressed)
+    tensor = torch.from_numpy(logits.copy())
+    device = sample_batch(tensor, samplers_for(params, histories), suppressed)
+    np.testing.assert_array_equal(device, host)
+    assert host[2] == 7 and host[4] != logits[4].argmax()
+    np.testing.assert_array_equal(tensor.numpy(), logits)  # the engine's logits untouched
+
+
+def expected_distribution(row: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """What temperature, top-k then top-p define, computed directly (sorting, cumsum)."""
+    scaled = row.astype(np.float64) / params.temperature
+    order = np.argsort(-scaled, kind="stable")
+    probs = np.zeros_like(scaled)
+    kept = order[: params.top_k] if params.top_k else order
+    weights = np.exp(scaled[kept] - scaled[kept].max())
+    weights /= weights.sum()
+    ahead = np.cumsum(weights) - weights
+    nucleus = ahead < params.top_p
+    probs[kept[nucleus]] = weights[nucleus] / weights[nucleus].sum()
+    return probs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=0.5, seed=2),
+        SamplingParams(temperature=1.0, top_k=3, seed=3),
+        SamplingParams(temperature=0.8, top_p=0.6, seed=4),
+        SamplingParams(temperature=1.2, top_k=5, top_p=0.7, seed=5),
+    ],
+)
+def test_sampled_rows_follow_the_distribution_the_parameters_define(params):
+    vocab = 12
+    row = np.linspace(2.0, -1.0, vocab).astype(np.float32)[
+        np.random.default_rng(9).permutation(vocab)
+    ]
+    draws = 20_000
+    logits = torch.from_numpy(np.tile(row, (draws, 1)))
+    samplers = [TokenSampler(params, rng=np.random.default_rng(i)) for i in range(draws)]
+    tokens = sample_batch(logits, samplers)
+    counts = np.bincount(tokens, minlength=vocab) / draws
+    expected = expected_distribution(row, params)
+    assert (counts[expected == 0] == 0).all()  # nothing outside top-k / the nucleus
+    np.testing.assert_allclose(counts, expected, atol=0.015)  # ~4 standard deviations
+
+
+def test_a_seed_gives_its_stream_whatever_shares_the_batch():
+    rng = np.random.default_rng(3)
+    steps = [rng.normal(size=(3, VOCAB)).astype(np.float32) for _ in range(8)]
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234)
+
+    def stream(row, others):
+        mine = TokenSampler(seeded)
+        neighbours = [TokenSampler(SamplingParams(temperature=1.0, top_k=4)) for _ in others]
+        out = []
+        for logits in steps:
+            batch = np.stack([logits[row]] + [logits[o] for o in others])
+            out.append(int(sample_batch(torch.from_numpy(batch), [mine, *neighbours])[0]))
+        return out
+
+    alone = stream(0, [])
+    assert stream(0, [1, 2]) == alone
+    assert stream(0, [2]) == alone
+
+
+def test_a_row_that_cannot_be_sampled_fails_the_call_and_takes_no_draw():
+    logits = np.random.default_rng(1).normal(size=(3, VOCAB)).astype(np.float32)
+    logits[1] = np.nan
+    samplers = samplers_for(
+        [SamplingParams(temperature=1.0, seed=5, repetition_penalty=1.2)] * 3, [(1, 2)] * 3
+    )
+    before = [s.rng.bit_generator.state for s in samplers]
+    with pytest.raises(SamplingError, match="row 1"):
+        sample_batch(torch.from_numpy(logits), samplers)
+    assert [s.rng.bit_generator.state for s in samplers] == before
+    assert all(s.counts.counts == {1: 1, 2: 1} for s in samplers)  # nothing observed
+    logits[1] = 0.0
+    tokens = sample_batch(torch.from_numpy(logits), samplers)
+    assert all(s.counts.counts.get(int(t)) for s, t in zip(samplers, tokens, strict=True))
+
+
+def test_every_row_at_once_on_a_mixed_batch():
+    """Greedy, sampled, suppressed and penalized rows in one call: each row's token is one
+    its own parameters allow."""
+    logits = np.random.default_rng(2).normal(size=(5, VOCAB)).astype(np.float32)
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_k=1),  # top-1: the argmax, sampled
+        SamplingParams(temperature=0.7, top_p=1e-6),  # the nucleus is one token
+        SamplingParams(temperature=1.0, top_k=2, repetition_penalty=10.0),
+        SamplingParams(temperature=1.0),
+    ]
+    best = np.argsort(-logits, axis=1)
+    histories = [(), (), (), (int(best[3, 0]),), ()]
+    suppressed = [None, None, None, None, int(best[4, 0])]
+    tokens = sample_batch(torch.from_numpy(logits), samplers_for(params, histories), suppressed)
+    assert tokens[0] == best[0, 0] and tokens[1] == best[1, 0] and tokens[2] == best[2, 0]
+    assert tokens[3] in best[3, :3] and tokens[4] != best[4, 0]

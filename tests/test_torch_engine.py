@@ -1,0 +1,163 @@
+"""The serving engine of ``ENGINE=torch`` (``engines/torch_slots.py``) on the CPU: the
+static cache's buckets and scratch row, the generation loop with the device sampler, and
+the engine served by a real tritonserver. What a GPU adds (fp16, the capture of the decode
+graphs) runs in ``benchmarks/gpu_bench.sh``."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_batcher import ListSink, run_all
+
+from gpt2_triton.batcher import BatcherLimits, InflightBatcher
+from gpt2_triton.engines.factory import build_engine, read_shape
+from gpt2_triton.engines.slots import SlotEngine
+from gpt2_triton.engines.torch_slots import (
+    MIN_WINDOW,
+    TorchSlotForward,
+    batch_bucket,
+    window_bucket,
+)
+from gpt2_triton.errors import EngineError
+from gpt2_triton.request import GenerationRequest
+from gpt2_triton.sampling import SamplingParams
+from gpt2_triton.text import TextCodec
+
+
+def static_engine(tiny_export, model, max_sequences=6):
+    shape = read_shape(tiny_export)
+    return SlotEngine(
+        TorchSlotForward(model, shape, "cpu", static_decode=True), shape, max_sequences
+    )
+
+
+def test_buckets():
+    buckets = (1, 2, 4, 8)
+    assert [batch_bucket(n, buckets) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+    assert window_bucket(1, 1024) == MIN_WINDOW
+    assert window_bucket(MIN_WINDOW + 1, 1024) == 2 * MIN_WINDOW
+    assert window_bucket(1000, 1024) == 1024 and window_bucket(1024, 1024) == 1024
+    assert window_bucket(200, 128) == 128
+
+
+def test_a_padded_decode_step_writes_no_other_slot(tiny_export, tiny_hf_model):
+    """Three decoding rows run as a bucket of four: the fourth row, a sequence still
+    filling its prompt, keeps every byte of its cache; the padding wrote into scratch."""
+    engine = static_engine(tiny_export, tiny_hf_model)
+    engine.step([[1, 2], [3, 4, 5], [6]], [1, 2, 3], [True, True, True])
+    engine.step([[7], [8], [9]], [1, 2, 3])  # all three decode: slots 0-2
+    engine.step([[10, 11, 12, 13]], [4], [True])  # filling, slot 3
+    before = [b[3].clone() for b in engine._buffers]
+    replays = engine.forward.graph_replays
+    engine.step([[14], [15], [16]], [1, 2, 3])
+    assert engine.forward.graph_replays == replays + 1  # the static path ran, in bucket 4
+    assert all(torch.equal(b[3], kept) for b, kept in zip(engine._buffers, before, strict=True))
+    expected = engine.step([[10, 11, 12, 13, 17]])  # stateless: 4's prompt and one more
+    np.testing.assert_allclose(engine.step([[17]], [4]), expected, atol=1e-4)
+
+
+def test_cuda_graphs_need_cuda(tiny_export, tiny_hf_model):
+    with pytest.raises(EngineError, match="CUDA graphs need DEVICE=cuda"):
+        build_engine("torch", tiny_export, model=tiny_hf_model, cuda_graphs=True)
+
+
+@pytest.fixture()
+def batcher(tiny_export, tiny_hf_model):
+    engine = static_engine(tiny_export, tiny_hf_model, max_sequences=4)
+    limits = BatcherLimits(engine.shape.max_positions, engine.shape.eos_token_id, max_active=4)
+    return InflightBatcher(engine, TextCodec(tiny_export / "tokenizer"), limits)
+
+
+def test_the_loop_on_the_torch_engine_greedy_and_seeded(batcher, tiny_hf_model, tiny_tokenizer):
+    """Greedy equals Hugging Face's generate; a seeded sampled stream is the same alone and
+    beside others (the device sampler on the engine's tensors)."""
+    prompt = "The old man"
+    greedy = ListSink()
+    request = GenerationRequest(
+        prompt, max_tokens=16, sampling=SamplingParams(temperature=0), exclude_input_in_output=True
+    )
+    batcher.submit(request, greedy)
+    run_all(batcher, [greedy])
+    ids = tiny_tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ref = tiny_hf_model.generate(
+        ids, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids)
+    )
+    assert greedy.text == tiny_tokenizer.decode(ref[0, ids.shape[1] :])
+
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=77)
+
+    def sampled(prompt_text):
+        return GenerationRequest(prompt_text, max_tokens=16, sampling=seeded)
+
+    alone = ListSink()
+    batcher.submit(sampled("A small bird"), alone)
+    run_all(batcher, [alone])
+    sinks = [ListSink() for _ in range(3)]
+    batcher.submit(sampled("The chef"), sinks[0])
+    batcher.submit(sampled("A small bird"), sinks[1])
+    batcher.submit(
+        GenerationRequest("Hello", max_tokens=10, sampling=SamplingParams(seed=3)), sinks[2]
+    )
+    run_all(batcher, sinks)
+    assert sinks[1].text == alone.text and alone.outputs[-1].num_output_tokens == 16
+
+
+def test_the_torch_engine_through_triton(
+    tiny_export, artifacts, tiny_hf_model, tiny_tokenizer, tmp_path
+):
+    """ENGINE=torch DEVICE=cpu served by a real tritonserver: greedy streams agree with
+    Hugging Face, concurrent seeded streams equal their solo runs, next_token answers."""
+    from conftest import service
+
+    from build_scripts.build_repo import RepoSettings, build
+    from client import GenerationParams, Gpt2Client
+    from gpt2_triton.reference import greedy_text
+
+    repository = build(RepoSettings("tiny", "torch", max_sequences=4), repository=tmp_path / "repo")
+    with service(repository, tmp_path / "logs") as server, Gpt2Client(server.grpc_url) as client:
+        prompts = ["The cat", "A small bird looks at the old", "The chef", "Hello, my name is"]
+        greedy = GenerationParams(temperature=0, max_tokens=12)
+        for prompt in prompts[:2]:
+            expected = greedy_text(tiny_hf_model, tiny_tokenizer, prompt, 12)
+            assert client.generate(prompt, greedy).text == expected
+        seeded = [
+            GenerationParams(temperature=0.8, top_p=0.9, seed=i + 1, max_tokens=12)
+            for i in range(4)
+        ]
+        solo = [client.generate(p, s).text for p, s in zip(prompts, seeded, strict=True)]
+        together = [None] * 4
+
+        def run(i):
+            with Gpt2Client(server.grpc_url) as own:
+                together[i] = "".join(own.stream(prompts[i], seeded[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert together == solo
+        assert next_token(server.grpc_url, "The cat") == top1(
+            tiny_hf_model, tiny_tokenizer, "The cat"
+        )
+
+
+def next_token(url, prompt):
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        text = grpcclient.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        temperature = grpcclient.InferInput("temperature", [1], "FP32")
+        temperature.set_data_from_numpy(np.array([0.0], np.float32))
+        return client.infer("next_token", [text, temperature]).as_numpy("output_ids").tolist()
+
+
+def top1(model, tokenizer, prompt):
+    with torch.no_grad():
+        return [
+            int(model(tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].argmax())
+        ]
