@@ -19,6 +19,7 @@ from gpt2_triton.engines.torch_slots import (
     MIN_WINDOW,
     TorchSlotForward,
     batch_bucket,
+    batch_buckets,
     window_bucket,
 )
 from gpt2_triton.errors import EngineError
@@ -35,6 +36,9 @@ def static_engine(tiny_export, model, max_sequences=6):
 
 
 def test_buckets():
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)  # every step has a graph
+    assert batch_buckets(6) == (1, 2, 4, 6) and batch_buckets(1) == (1,)
     buckets = (1, 2, 4, 8)
     assert [batch_bucket(n, buckets) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
     assert window_bucket(1, 1024) == MIN_WINDOW
@@ -57,6 +61,53 @@ def test_a_padded_decode_step_writes_no_other_slot(tiny_export, tiny_hf_model):
     assert all(torch.equal(b[3], kept) for b, kept in zip(engine._buffers, before, strict=True))
     expected = engine.step([[10, 11, 12, 13, 17]])  # stateless: 4's prompt and one more
     np.testing.assert_allclose(engine.step([[17]], [4]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch_static"])
+def test_positions_past_each_rows_length_read_as_zeros(kind, tiny_export, tiny_hf_model):
+    """A graph's decode reads a whole window, where a stale NaN would survive the mask:
+    leaves, joins and trades leave zeros behind them in every row."""
+    from test_stateful_engine import in_place_engine
+
+    engine = in_place_engine(kind, tiny_export, tiny_hf_model, 4)
+    rng = np.random.default_rng(5)
+    live, next_id = [], 0
+    for _ in range(25):
+        ids = list(live) + [next_id] * (len(live) < 4)
+        tokens = [[int(rng.integers(0, 500))] for _ in live]
+        tokens += [rng.integers(0, 500, int(rng.integers(1, 30))).tolist()] * (len(ids) > len(live))
+        engine.step(tokens, ids, [False] * len(live) + [True] * (len(ids) - len(live)))
+        if len(ids) > len(live):
+            live.append(next_id)
+            next_id += 1
+        gone = [s for s in live if rng.random() < 0.3]
+        engine.release(gone)
+        live = [s for s in live if s not in gone]
+        for slot, sid in enumerate(engine._ids):
+            length = engine.sequence_length(sid)
+            assert all(not np.asarray(b[slot, :, length:]).any() for b in engine._buffers)
+        for slot in range(len(engine._ids), engine.max_sequences):  # vacated rows
+            assert all(not np.asarray(b[slot]).any() for b in engine._buffers)
+
+
+def test_fp16_compute_gives_fp32_logits(tiny_export, tiny_hf_model):
+    """The GPU's precision path (fp16 matmuls, fp32 residual and LayerNorm) run on the
+    CPU: its logits leave in fp32 (fp16's rounding would tie close candidates) and its
+    greedy tokens agree with fp32's."""
+    shape = read_shape(tiny_export)
+    fp16 = TorchSlotForward(tiny_hf_model, shape, "cpu", dtype=torch.float16)
+    assert fp16.dtype == torch.float16 and fp16.weights.lm_head.dtype == torch.float32
+    engines = [SlotEngine(fp16, shape, 2), static_engine(tiny_export, tiny_hf_model, 2)]
+    prompt = [46, 146, 58, 11, 290, 262]
+    rows = [e.step([prompt], [1], [True])[0] for e in engines]
+    assert rows[0].dtype == torch.float32
+    assert not torch.equal(rows[0], rows[0].half().float())  # not fp16 values
+    np.testing.assert_allclose(rows[0], rows[1], atol=0.05)
+    tokens = [[int(r.argmax())] for r in rows]
+    for _ in range(8):
+        rows = [e.step([t], [1])[0] for e, t in zip(engines, tokens, strict=True)]
+        tokens = [[int(r.argmax())] for r in rows]
+        assert tokens[0] == tokens[1]
 
 
 def test_cuda_graphs_need_cuda(tiny_export, tiny_hf_model):

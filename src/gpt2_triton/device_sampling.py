@@ -15,9 +15,12 @@ and sent with the step, so a seed gives the same stream whatever shares the batc
 call that fails puts every generator back. The draw itself is an inverse-CDF search on the
 device: over the whole distribution (temperature, top-k), or over the nucleus sorted
 likeliest first (top-p; a stable sort, so ties go to the lower token id as on the host).
-The host sampler's top-p is a rejection sampler and its top-k keeps exactly k tokens; this
-one keeps every token tied with the k-th, and its draws differ from the host's for the same
-seed (the same distribution, reached another way).
+Both keep exactly the k likeliest tokens (ties at the cut to the lower id) and the same
+nucleus; the host sampler reaches top-p by rejection, so for the same seed the two draw
+different tokens from the same distribution.
+
+``sampling.sample_batch`` sends logits here when they are a tensor on a GPU; the tests run
+this module on CPU tensors (the same operations).
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     peak = scaled.max(dim=1).values
     finite = torch.isfinite(peak)
     scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))  # no NaN spreads
-    if any(p.top_k for p in params):
-        scaled = _keep_top_k(scaled, top_k.long(), max(p.top_k for p in params))
+    if any(0 < p.top_k < vocab for p in params):  # top_k >= vocab keeps every token
+        scaled = _keep_top_k(scaled, top_k.long(), min(max(p.top_k for p in params), vocab))
     probs = torch.softmax(scaled, dim=1).double()
     if any(p.top_p < 1.0 for p in params):  # the nucleus, likeliest first
         probs, order = probs.sort(dim=1, descending=True, stable=True)
@@ -139,13 +142,18 @@ def _adjusted(logits, samplers, suppressed):
 
 
 def _keep_top_k(scaled, top_k, largest: int):
-    """Each row's tokens at or above its k-th largest scaled logit (k = 0: all of them)."""
+    """Each row's k likeliest tokens (k = 0: all of them), exactly k: of the tokens tied
+    with the k-th value, the lowest ids (the host sampler's rule)."""
     import torch
 
     values = torch.topk(scaled, largest, dim=1).values  # (R, largest), falling
-    kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None])
-    kth = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
-    return scaled.masked_fill(scaled < kth, float("-inf"))
+    kth = values.gather(1, (top_k - 1).clamp(min=0)[:, None])  # (R, 1)
+    above = scaled > kth
+    tied = scaled == kth
+    room = top_k[:, None] - above.sum(dim=1, keepdim=True)  # places left for the ties
+    keep = above | (tied & (tied.cumsum(dim=1) <= room))
+    keep |= top_k[:, None] == 0
+    return scaled.masked_fill(~keep, float("-inf"))
 
 
 def _inverse_cdf(probs, uniform):

@@ -46,16 +46,20 @@ _MADV_DONTNEED = 4  # Linux
 
 
 def forget_pages(array: np.ndarray) -> None:
-    """Let the OS reclaim the whole pages inside ``array`` (a C-contiguous slice of
-    anonymous memory): ``madvise(MADV_DONTNEED)``; they read as zeros afterwards. The
-    in-place KV cache calls it on a vacated row (engines/slots.py): without it, every row a
-    sequence ever used would stay resident until the engine empties, so memory would creep
-    towards max_sequences x window under steady load."""
+    """Zero ``array`` (a C-contiguous slice of anonymous memory) and let the OS reclaim the
+    whole pages inside it: ``madvise(MADV_DONTNEED)`` on those (they read as zeros
+    afterwards), a plain write of zeros on the partial pages at its edges (shared with what
+    lies beside it). The in-place KV cache calls it on a vacated row (engines/slots.py):
+    without it, every row a sequence ever used would stay resident until the engine
+    empties, so memory would creep towards max_sequences x window under steady load."""
     libc = _c_library()
-    if not libc:
-        return
     page = mmap.PAGESIZE
-    start = -(-array.ctypes.data // page) * page  # whole pages only: the edges may be shared
-    end = (array.ctypes.data + array.nbytes) // page * page
-    if end > start:
-        libc.madvise(start, end - start, _MADV_DONTNEED)
+    begin = array.ctypes.data
+    start = -(-begin // page) * page  # whole pages only: the edges may be shared
+    end = (begin + array.nbytes) // page * page
+    if not libc or end <= start:
+        array.fill(0)
+        return
+    libc.madvise(start, end - start, _MADV_DONTNEED)
+    ctypes.memset(begin, 0, start - begin)
+    ctypes.memset(end, 0, begin + array.nbytes - end)

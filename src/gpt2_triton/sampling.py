@@ -156,12 +156,15 @@ def sample_batch(
     ``min_length``). Each sampler observes the token it produced. Raises SamplingError for
     a sampled row whose logits have no finite maximum; a call that raises leaves every
     sampler as it was (no draw taken, nothing observed). Logits that are a torch tensor
-    (the torch engine's, on its device) are sampled there (``device_sampling.py``).
+    on a GPU (the torch engine's) are sampled there (``device_sampling.py``); on the CPU
+    they are read here as they are (a numpy view, no copy).
     """
     if not isinstance(logits, np.ndarray):
-        from gpt2_triton import device_sampling
+        if logits.device.type != "cpu":
+            from gpt2_triton import device_sampling
 
-        return device_sampling.sample_batch(logits, samplers, suppressed)
+            return device_sampling.sample_batch(logits, samplers, suppressed)
+        logits = logits.numpy()
     batch = logits.shape[0]
     if len(samplers) != batch:
         raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")

@@ -124,6 +124,7 @@ def build_engine(
             Path(export_dir), kwargs.get("model"), kwargs.get("threads", 0), device
         )
         forward = TorchSlotForward(model, shape, device, cuda_graphs=cuda_graphs)
+        forward.capture_graphs(max_sequences)  # at load, not in a stream's first steps
         return SlotEngine(forward, shape, max_sequences)
     if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward

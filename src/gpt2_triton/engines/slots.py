@@ -16,9 +16,12 @@ row's own position. Nothing is ever concatenated or padded:
   moves one or two sequences' keys and values, never the batch's.
 
 The buffers are allocated zeroed and untouched, so the operating system gives them memory
-only where positions are written; they are freed when no sequence is left. A step that
-raises commits nothing: it may have written keys and values past a row's length, which
-the next step there overwrites, and rows it traded hold the same sequences.
+only where positions are written; they are freed when no sequence is left (host memory;
+the torch engine's static cache on a GPU stays, its graphs replay over it). Positions at
+or past a row's length hold zeros: a move or a leave clears what it leaves behind, as a
+reader of a whole window (the CUDA graphs' decode) needs. A step that raises commits
+nothing: it may have written keys and values past a row's length, which the next step
+there overwrites, and rows it traded hold the same sequences.
 """
 
 from __future__ import annotations
@@ -46,13 +49,14 @@ class HostCaches:
         self.shape = shape
         self.dtype = dtype
 
-    def allocate(self, rows: int, persistent: bool) -> list[np.ndarray]:
-        """Buffers of ``rows`` slots: the engine's own (``persistent``) or scratch rows."""
+    def allocate(
+        self, rows: int, persistent: bool, positions: int | None = None
+    ) -> list[np.ndarray]:
+        """Buffers of ``rows`` slots: the engine's own (``persistent``, the whole window)
+        or scratch rows of ``positions`` for a stateless step."""
         s = self.shape
-        return [
-            np.zeros((rows, s.num_heads, s.max_positions, s.head_dim), self.dtype)
-            for _ in range(2 * s.num_layers)
-        ]
+        size = (rows, s.num_heads, positions or s.max_positions, s.head_dim)
+        return [np.zeros(size, self.dtype) for _ in range(2 * s.num_layers)]
 
     def release(self, buffers: list[np.ndarray]) -> None:
         """No sequence is left: the buffers go (the engine drops its references)."""
@@ -63,6 +67,9 @@ class HostCaches:
     def forget(self, row: np.ndarray) -> None:
         """A vacated row's pages: the OS takes them back, they read as zeros again."""
         heap.forget_pages(row)
+
+    def clear(self, positions: np.ndarray) -> None:
+        positions.fill(0)
 
     def logits(self, rows: int, vocab: int) -> np.ndarray:
         return np.empty((rows, vocab), np.float32)
@@ -112,7 +119,8 @@ class SlotEngine:
         logits = self.caches.logits(len(tokens), self.shape.vocab_size)
         if sequence_ids is None:  # stateless: each width on scratch rows, kept nowhere
             for rows in _by_width(tokens, range(len(tokens))):
-                scratch = self.caches.allocate(len(rows), persistent=False)
+                width = len(tokens[rows[0]])
+                scratch = self.caches.allocate(len(rows), persistent=False, positions=width)
                 logits[rows] = self._prompts([tokens[r] for r in rows], scratch, 0)
             return logits
         self._ensure_buffers()
@@ -243,19 +251,20 @@ class SlotEngine:
         self._move(last, slot)
         self._ids.pop()
         self._lengths[last] = 0
+        for buffer in self._buffers:  # the vacated row reads as zeros again
+            self.caches.forget(buffer[last])
         if not self._ids:  # give the memory back
             self.caches.release(self._buffers)
             self._buffers = []
-        else:
-            for buffer in self._buffers:
-                self.caches.forget(buffer[last])
 
     def _move(self, src: int, dst: int) -> None:
         if src == dst:
             return
-        length = int(self._lengths[src])
+        length, old = int(self._lengths[src]), int(self._lengths[dst])
         for buffer in self._buffers:
             buffer[dst, :, :length] = buffer[src, :, :length]
+            if old > length:  # what was there past the new length: zeros, as everywhere
+                self.caches.clear(buffer[dst, :, length:old])
         self._lengths[dst] = length
         self._ids[dst] = self._ids[src]
         self._slot[self._ids[dst]] = dst
@@ -268,6 +277,11 @@ class SlotEngine:
             kept = self.caches.copy(buffer[a, :, :la])
             buffer[a, :, :lb] = buffer[b, :, :lb]
             buffer[b, :, :la] = kept
+            # the longer row's old tail, now past the shorter one's length: zeros again
+            if la > lb:
+                self.caches.clear(buffer[a, :, lb:la])
+            elif lb > la:
+                self.caches.clear(buffer[b, :, la:lb])
         self._lengths[a], self._lengths[b] = lb, la
         self._ids[a], self._ids[b] = self._ids[b], self._ids[a]
         self._slot[self._ids[a]], self._slot[self._ids[b]] = a, b

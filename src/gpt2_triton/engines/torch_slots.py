@@ -8,19 +8,25 @@ The forward of ``SlotEngine`` (``slots.py``) for ``ENGINE=torch``, on the GPU
   each row's new keys and values at that row's own position (``index_put_``), attention
   reads the row's positions ``[0, length]`` through a mask; nothing is concatenated or
   re-padded, and a join or leave moves one sequence's row (``SlotEngine``). The extra
-  last row is scratch: the padding rows of a captured decode step write there.
+  last row is scratch: the padding rows of a captured decode step write there. Positions
+  at or past a row's length hold zeros (``SlotEngine`` clears what a move or a leave
+  leaves behind): a graph reads a whole window, and under the mask a stale NaN or inf
+  would still poison the sum.
 - **CUDA graphs for decode steps.** A one-token step for the decoding rows ``[0, B)`` runs
   as a replay of a graph captured for ``(bucket, window)``: B rounded up to a batch bucket
-  (1, 2, 4, ..., 64 by default) and the longest row's length up to a power of two (the
-  positions attention reads). Each graph is captured on first use. The step's token ids,
-  positions and lengths are copied into the graph's static inputs (one host-to-device
+  (the powers of two below ``max_sequences``, and ``max_sequences``) and the longest row's
+  length up to a power of two (the positions attention reads). The factory captures them
+  all when the engine loads (``capture_graphs``), largest first so the smaller ones reuse
+  the shared pool's blocks; one that cannot be captured runs eagerly. The step's token
+  ids, positions and lengths are copied into the graph's static inputs (one host-to-device
   copy), the padding rows write into the scratch row, and the logits of the real rows are
   read back out. Prompts and their chunks run eagerly (their shapes vary too much to be
   worth capturing).
 - **fp16 where it is fast, fp32 where it matters.** On CUDA the weights and the matmuls are
-  fp16; the residual stream, LayerNorm and the logits stay fp32, and
-  ``scaled_dot_product_attention``'s kernels accumulate the softmax in fp32. On the CPU
-  everything is fp32.
+  fp16; the residual stream and LayerNorm stay fp32, ``scaled_dot_product_attention``'s
+  kernels accumulate the softmax in fp32, and the logits leave the last matmul in fp32
+  (fp16 logits are ~0.06 apart at GPT-2's magnitudes: ties that would decide greedy
+  tokens and top-k cuts). On the CPU everything is fp32.
 
 ``static_decode`` runs the decode steps through the same static inputs, buckets and
 scratch row without capturing (the CPU's path in the tests: everything but the capture
@@ -29,17 +35,27 @@ itself), ``cuda_graphs`` captures them (CUDA only).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
+from gpt2_triton import heap
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes a graph is captured for
+log = logging.getLogger(__name__)
+
 MIN_WINDOW = 64  # the shortest attention window a decode graph reads
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def batch_buckets(max_sequences: int) -> tuple[int, ...]:
+    """The decode batch sizes a graph is captured for: the powers of two below
+    ``max_sequences``, and ``max_sequences``."""
+    powers = [1 << i for i in range(max_sequences.bit_length()) if 1 << i < max_sequences]
+    return (*powers, max_sequences)
 
 
 def batch_bucket(rows: int, buckets: tuple[int, ...]) -> int | None:
@@ -53,8 +69,10 @@ def window_bucket(positions: int, window: int) -> int:
 
 
 class TorchCaches:
-    """The static KV cache: allocated once, kept while the engine lives (the decode graphs
-    hold its addresses). ``SlotEngine`` takes its buffers from here."""
+    """The static KV cache, from which ``SlotEngine`` takes its buffers. On CUDA it is
+    allocated once and kept while the engine lives (the decode graphs hold its addresses);
+    on the CPU it is numpy's lazily committed zeros, freed when the engine empties, as the
+    ONNX Runtime engine's (``slots.HostCaches``)."""
 
     def __init__(self, shape: ModelShape, device, dtype) -> None:
         import torch
@@ -63,41 +81,65 @@ class TorchCaches:
         self.shape = shape
         self.device = device
         self.dtype = dtype
+        self.on_cuda = device.type == "cuda"
         self.slots: list | None = None  # (max_sequences + 1, heads, window, head_dim) each
 
-    def allocate(self, rows: int, persistent: bool) -> list:
+    def allocate(self, rows: int, persistent: bool, positions: int | None = None) -> list:
         """``persistent``: the engine's slots (rows ``[0, rows)`` of the static cache, the
-        same memory each time); otherwise scratch rows for a stateless step."""
+        same memory each time); otherwise scratch rows of ``positions`` for a stateless
+        step."""
         if not persistent:
-            return self._zeros(rows)
-        if self.slots is None:
-            self.slots = self._zeros(rows + 1)  # + the scratch row for padding
+            return self._zeros(rows, positions or self.shape.max_positions)
+        if self.slots is None:  # + the scratch row for padding
+            self.slots = self._zeros(rows + 1, self.shape.max_positions)
         if self.slots[0].shape[0] != rows + 1:
             raise EngineError(f"the static KV cache has {self.slots[0].shape[0] - 1} slots")
         return [buffer[:rows] for buffer in self.slots]
 
     def release(self, buffers: list) -> None:
-        """The engine is empty. The memory stays allocated: graphs replay over it."""
+        """The engine is empty: on the CPU the memory goes; on CUDA graphs replay over it."""
+        if not self.on_cuda:
+            self.slots = None
 
     def copy(self, view):
         return view.clone()
 
     def forget(self, row) -> None:
-        """A vacated row needs nothing: positions past a row's length are never read."""
+        """A vacated row reads as zeros again (on the CPU its pages go back to the OS)."""
+        if self.on_cuda:
+            row.zero_()
+        else:
+            heap.forget_pages(row.numpy())
+
+    def clear(self, positions) -> None:
+        positions.zero_()
 
     def logits(self, rows: int, vocab: int):
         return self._torch.empty((rows, vocab), dtype=self._torch.float32, device=self.device)
 
-    def _zeros(self, rows: int) -> list:
-        s = self.shape
-        return [
-            self._torch.zeros(
-                (rows, s.num_heads, s.max_positions, s.head_dim),
-                dtype=self.dtype,
-                device=self.device,
-            )
-            for _ in range(2 * s.num_layers)
-        ]
+    def _zeros(self, rows: int, positions: int) -> list:
+        torch, s = self._torch, self.shape
+        size = (rows, s.num_heads, positions, s.head_dim)
+        if self.on_cuda:
+            return [
+                torch.zeros(size, dtype=self.dtype, device=self.device)
+                for _ in range(2 * s.num_layers)
+            ]
+        # numpy's zeros are calloc'd: memory comes as positions are written (torch.zeros
+        # writes every page at once)
+        kind = torch.empty((), dtype=self.dtype).numpy().dtype
+        return [torch.from_numpy(np.zeros(size, kind)) for _ in range(2 * s.num_layers)]
+
+
+def _has_fp32_output_mm(weight) -> bool:
+    import torch
+
+    try:
+        probe = torch.zeros((1, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+        out = torch.mm(probe, weight[:, :8], out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return out.dtype == torch.float32
 
 
 class _Weights:
@@ -129,7 +171,13 @@ class _Weights:
 
         self.wte = fp32(body.wte.weight)  # (vocab, embd)
         self.wpe = fp32(body.wpe.weight)
-        self.lm_head = model.lm_head.weight.detach().to(device, dtype).t().contiguous()
+        # the logits in fp32: from the fp16 weights with an fp32 output where this PyTorch
+        # has that matmul (mm's out_dtype), else from an fp32 copy of the weights
+        head = model.lm_head.weight.detach().t()
+        self.lm_head = head.to(device, dtype).contiguous()
+        self.fp32_logits_from_fp16 = dtype != torch.float32 and _has_fp32_output_mm(self.lm_head)
+        if dtype != torch.float32 and not self.fp32_logits_from_fp16:
+            self.lm_head = head.to(device, torch.float32).contiguous()
         self.ln_f = (fp32(body.ln_f.weight), fp32(body.ln_f.bias))
         self.layers = [
             {
@@ -159,8 +207,10 @@ class TorchSlotForward:
         *,
         static_decode: bool | None = None,
         cuda_graphs: bool | None = None,
-        batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
+        dtype=None,
     ) -> None:
+        """``dtype``: the compute type (default fp16 on CUDA, fp32 on the CPU; fp16 on the
+        CPU runs the GPU's precision path slowly, for the tests)."""
         import torch
 
         self._torch = torch
@@ -172,12 +222,11 @@ class TorchSlotForward:
         if self.cuda_graphs and not on_cuda:
             raise EngineError("CUDA graphs need DEVICE=cuda")
         self.static_decode = self.cuda_graphs or bool(static_decode)
-        self.compute_dtype = torch.float16 if on_cuda else torch.float32
+        self.compute_dtype = dtype or (torch.float16 if on_cuda else torch.float32)
         self.dtype = self.compute_dtype  # the KV cache's type
         self.shape = shape
         self.weights = _Weights(model, self.device, self.compute_dtype)
         self.caches = TorchCaches(shape, self.device, self.compute_dtype)
-        self.batch_buckets = tuple(sorted(batch_buckets))
         self._graphs: dict[tuple[int, int], tuple] = {}  # (bucket, window) -> graph, logits
         self._pool = None  # one memory pool shared by every captured graph
         self._static = None  # the decode graphs' inputs, sized for the largest bucket
@@ -188,11 +237,12 @@ class TorchSlotForward:
         rows, new = input_ids.shape
         with self._torch.inference_mode():
             if new == 1 and self.static_decode and self._on_slots(caches):
-                bucket = batch_bucket(rows, self.batch_buckets)
-                if bucket is not None:  # never more rows than the slots hold
-                    bucket = min(bucket, self.caches.slots[0].shape[0] - 1)
-                    return self._decode_static(input_ids, lengths, position_ids, bucket)
+                bucket = batch_bucket(rows, batch_buckets(self._slots_held()))
+                return self._decode_static(input_ids, lengths, position_ids, bucket)
             return self._eager(input_ids, lengths, position_ids, caches)
+
+    def _slots_held(self) -> int:
+        return self.caches.slots[0].shape[0] - 1  # the last row is scratch
 
     def _on_slots(self, caches) -> bool:
         """Whether ``caches`` are the engine's slots' leading rows (a decode step's)."""
@@ -251,7 +301,9 @@ class TorchSlotForward:
             h = functional.gelu(h, approximate=w.gelu)
             x = x + torch.addmm(p["mlp_proj"][1], h, p["mlp_proj"][0]).view(rows, new, embd)
         last = self._layer_norm(x[:, -1], w.ln_f)  # (B, E): only the last position's logits
-        return (last @ w.lm_head).float()
+        if w.fp32_logits_from_fp16:
+            return torch.mm(last, w.lm_head, out_dtype=torch.float32)
+        return last.to(w.lm_head.dtype) @ w.lm_head  # fp32 (the CPU; or the fp32 copy)
 
     def _layer_norm(self, x, params):
         """LayerNorm on the fp32 residual stream; its output in the compute type."""
@@ -273,12 +325,13 @@ class TorchSlotForward:
         window = window_bucket(int(lengths.max()) + 1, self.shape.max_positions)
         static = self._static_inputs()
         # one copy in: token ids, positions, write rows and lengths of the bucket's rows;
-        # the padding rows write into the scratch row at position 0 and attend to it alone
+        # the padding rows write into the scratch row at position 0 and attend to position
+        # 0 of slots [rows, bucket) (zeros or another sequence's: their logits are dropped)
         staged = np.zeros((4, bucket), np.int64)
         staged[0, :rows] = np.asarray(input_ids).reshape(-1)
         staged[1, :rows] = np.asarray(position_ids).reshape(-1)
         staged[2, :rows] = np.arange(rows)
-        staged[2, rows:] = self.caches.slots[0].shape[0] - 1
+        staged[2, rows:] = self._slots_held()
         staged[3, :rows] = lengths
         static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
         graph, logits = self._graph(bucket, window)
@@ -290,12 +343,12 @@ class TorchSlotForward:
         return logits[:rows]
 
     def _static_inputs(self):
-        if self._static is None:
-            largest = self.batch_buckets[-1]
+        if self._static is None:  # sized for the largest bucket: every slot
+            largest = self._slots_held()
             self._static = self._torch.zeros(
                 (4, largest), dtype=self._torch.int64, device=self.device
             )
-            self._static[2] = self.caches.slots[0].shape[0] - 1  # every row at the scratch row
+            self._static[2] = largest  # every row at the scratch row
         return self._static
 
     def _decode_body(self, bucket: int, window: int):
@@ -309,6 +362,28 @@ class TorchSlotForward:
         caches = self.caches.slots
         return self._forward(ids, positions, caches, write_rows, at, mask[:, None, None, :], window)
 
+    def capture_graphs(self, max_sequences: int) -> int:
+        """Capture every decode graph the engine can need (each batch bucket up to
+        ``max_sequences``, each window), so that no stream waits for a capture; the
+        number captured. Graphs not captured here are captured on first use."""
+        if not self.cuda_graphs:
+            return 0
+        self.caches.allocate(max_sequences, persistent=True)
+        self._static_inputs()
+        windows, window = [], MIN_WINDOW
+        while True:
+            windows.append(min(window, self.shape.max_positions))
+            if window >= self.shape.max_positions:
+                break
+            window *= 2
+        with self._torch.inference_mode():
+            # largest first: the smaller graphs' intermediates fit in the blocks the larger
+            # ones left in the shared pool
+            for bucket in reversed(batch_buckets(max_sequences)):
+                for window in reversed(windows):
+                    self._graph(bucket, window)
+        return sum(graph is not None for graph, _ in self._graphs.values())
+
     def _graph(self, bucket: int, window: int):
         """The captured graph for ``(bucket, window)`` and its output; (None, None) on the
         CPU."""
@@ -316,25 +391,32 @@ class TorchSlotForward:
             return None, None
         key = (bucket, window)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(bucket, window)
+            try:
+                self._graphs[key] = self._capture(bucket, window)
+            except Exception:  # that shape runs eagerly, as on the CPU; the service goes on
+                log.exception("CUDA graph capture failed for %d rows x %d positions", *key)
+                self._graphs[key] = (None, None)
         return self._graphs[key]
 
     def _capture(self, bucket: int, window: int):
         torch = self._torch
         # The static inputs hold the last step's rows. Warm-up runs (on a side stream, as
         # PyTorch's capture wants) would write real rows' caches: point every row at the
-        # scratch row first, and put the inputs back after.
+        # scratch row first, and put the inputs back after, whatever happens.
         saved = self._static.clone()
-        self._static[2] = self.caches.slots[0].shape[0] - 1
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_body(bucket, window)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_body(bucket, window)
-        self._pool = graph.pool()
-        self._static.copy_(saved)
+        self._static[2] = self._slots_held()
+        try:
+            with torch.cuda.device(self.device):  # cuda:N: its streams, not the current GPU's
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._decode_body(bucket, window)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                    logits = self._decode_body(bucket, window)
+                self._pool = graph.pool()
+        finally:
+            self._static.copy_(saved)
         return graph, logits
