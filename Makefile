@@ -95,7 +95,7 @@ GENAI_VENV ?= .venv-genai
 TOKENIZER ?= model_repository/gpt2/1/tokenizer
 
 .PHONY: help setup tiny train export verify engine repo serve ui demo chat compose-up \
-	compose-down k8s gpu-check bench-model bench soak bench-pa bench-genai perf-analyzer-deps test-tools \
+	compose-down k8s gpu-check gpu-bundle gpu-bench bench-model bench soak bench-pa bench-genai perf-analyzer-deps test-tools \
 	test test-fast lint clean
 
 help:
@@ -223,6 +223,13 @@ bench-genai: perf-analyzer-deps $(GENAI_VENV)/.installed ## genai-perf against a
 
 gpu-check: ## on a GPU machine: torch engine on CUDA through Triton + consistency report
 	bash benchmarks/gpu_check.sh
+
+gpu-bundle: setup ## pack what gpu-bench needs on a GPU machine without network (.gpu_bundle/)
+	$(PY) -m build_scripts.build_bench_model
+	$(PY) -m benchmarks.gpu_bundle --out .gpu_bundle
+
+gpu-bench: ## on a GPU machine: consistency, CUDA graphs vs eager, HF generate, Triton (docs/GPU.md)
+	bash benchmarks/gpu_bench.sh $(GPU_BENCH_FLAGS)
 
 chat: setup ## chat in the terminal with a running server (no browser needed)
 	$(PY) -m client --chat --url $(CLIENT_HOST):$(GRPC_PORT) --wait 60

@@ -142,6 +142,7 @@ def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens:
 
     row = Row("hf-generate", concurrency, prompt_tokens, new_tokens)
     batch = torch.tensor([prompt_ids(tokenizer, prompt_tokens, i) for i in range(concurrency)])
+    batch = batch.to(model.device)  # the GPU benchmark runs it there
     mask = torch.ones_like(batch)
 
     def generate(n: int, record: bool) -> None:
@@ -209,6 +210,7 @@ def bench_triton(
     server_pid: int,
     rounds: int,
     peer_pid: int | None = None,
+    rest_s: float = REST_S,
 ) -> list[Row]:
     """The service at one grid point, over each of ``urls`` (path name -> a gRPC address, or
     the OpenAI API's base URL ``http://.../v1``; for PEER_PATH, llama-server's host:port):
@@ -346,7 +348,7 @@ def bench_triton(
     # Memory at rest after the waves: the service gives freed heap back once idle for
     # GIVE_BACK_AFTER_S (model_repository/gpt2/1/model.py, 15 s); what it held at its
     # peak is the VmHWM column.
-    time.sleep(REST_S)
+    time.sleep(rest_s)
     memory = {pid: server_memory_mb(pid) for pid in {server_pid, peer_pid} - {None}}
     for path, row in rows.items():
         pid = peer_pid if path == PEER_PATH else server_pid

