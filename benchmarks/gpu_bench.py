@@ -8,6 +8,8 @@ GPT-2's tokenizer), on one GPU, in one run, in this order:
 1. ``consistency``: the torch engine in fp16 with its static cache, CUDA graphs and then
    eager, against the fp32 reference (Hugging Face on the CPU): verify.py's check (top-1
    agreement, greedy sequences identical alone and batched, max abs logit difference).
+   Where TensorRT is importable, an fp16 plan is built (opset-18 export, ``build_engine``)
+   and checked the same way through ``trt_forward.py``; where not, the run says so.
 2. ``engine``: a decode step of the engine alone at each concurrency, graphs and eager.
 3. ``hf``: Hugging Face ``generate()`` in fp16 on the same GPU (greedy, exact length).
 4. ``triton``: the service through the pip ``tritonserver`` over gRPC (the front door's
@@ -105,7 +107,8 @@ def plan(args) -> list[str]:
     names = ", ".join(variants(args.device))
     grid = f"concurrency {args.concurrency} x prompt {args.prompt_tokens}, {args.new_tokens} tokens"
     steps = {
-        "consistency": f"torch engine ({names}) vs fp32 reference, {args.prompts} prompts",
+        "consistency": f"torch engine ({names}) vs fp32 reference, {args.prompts} prompts; "
+        "a TensorRT plan too where TensorRT is importable",
         "engine": f"decode step alone ({names}) at concurrency {args.concurrency}",
         "hf": f"Hugging Face generate() on {args.device} at concurrency 1, prompts "
         f"{args.prompt_tokens}",
@@ -187,7 +190,33 @@ def consistency(model_dir: Path, args) -> list[dict]:
         report = verify.check_engine(f"torch {name}", precision, False, engine, ref, tokenizer, eos)
         reports.append(asdict(report))
         del engine
+    plan_engine = tensorrt_engine(model_dir, len(prompt_ids) + 1)
+    if plan_engine is not None:
+        report = verify.check_engine("tensorrt", "fp16", False, plan_engine, ref, tokenizer, eos)
+        reports.append(asdict(report))
     return reports
+
+
+def tensorrt_engine(model_dir: Path, max_batch: int):
+    """An fp16 TensorRT plan of the model through ``trt_forward.py``, built here; None
+    (said in the output) where TensorRT is not importable."""
+    from gpt2_triton.engines.trt_forward import import_tensorrt
+    from gpt2_triton.errors import EngineError
+
+    try:
+        trt = import_tensorrt()
+    except EngineError as exc:
+        print(f"  tensorrt: not run ({exc})", flush=True)
+        return None
+    from build_scripts import build_engine, export_onnx
+    from gpt2_triton.engines.factory import build_forward, read_shape
+    from gpt2_triton.engines.stateful import StatefulEngine
+
+    print(f"  tensorrt {trt.__version__}: export (opset 18, fp16 copy) and build", flush=True)
+    export_dir = export_onnx.run(str(model_dir), opset=18, fp16=True, skip_existing=True)
+    build_engine.build(export_dir, build_engine.EngineSettings("fp16", max_batch=max_batch))
+    shape = read_shape(export_dir)
+    return StatefulEngine(build_forward("trt", export_dir, shape), shape, max_batch)
 
 
 def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:

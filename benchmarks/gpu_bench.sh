@@ -34,8 +34,17 @@ if [[ ! -x $ENV_DIR/bin/python ]]; then
   "$PY" -m venv --without-pip "$ENV_DIR" || exit 1
   site=$("$ENV_DIR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   tar -xJf "$BUNDLE/site.tar.xz" -C "$site" || exit 1
-  # after the bundle's own packages: the machine's (a .pth line is appended to sys.path)
-  "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' >"$site/zz_machine.pth"
+  # Beside the bundle's packages, the machine's, linked one by one: all but those built
+  # for numpy 2, which would fail to import beside numpy 1.26 (transformers imports scipy
+  # and scikit-learn when they are there), and those the bundle brings itself.
+  machine_site=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
+  for entry in "$machine_site"/*; do
+    name=$(basename "$entry")
+    case ${name,,} in
+      numpy* | scipy* | sklearn* | scikit_learn* | pandas* | numba*) continue ;;
+    esac
+    [[ -e $site/$name ]] || ln -s "$entry" "$site/$name"
+  done
   printf '%s\n%s\n' "$PWD" "$PWD/src" >"$site/gpt2_triton.pth"  # this checkout's packages
 fi
 export PATH="$ENV_DIR/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
