@@ -30,22 +30,25 @@ PYTHONPATH="$PWD/src" "$PY" -m benchmarks.gpu_bench --bundle "$BUNDLE" --dry-run
   echo "error: the bundle or the options are not in order (run with --dry-run to see)" >&2
   exit 2
 }
-if [[ ! -x $ENV_DIR/bin/python ]]; then
+if [[ ! -f $ENV_DIR/.complete ]]; then  # written last: a half-made one is made again
+  rm -rf "$ENV_DIR"
   "$PY" -m venv --without-pip "$ENV_DIR" || exit 1
   site=$("$ENV_DIR/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   tar -xJf "$BUNDLE/site.tar.xz" -C "$site" || exit 1
   # Beside the bundle's packages, the machine's, linked one by one: all but those built
   # for numpy 2, which would fail to import beside numpy 1.26 (transformers imports scipy
   # and scikit-learn when they are there), and those the bundle brings itself.
-  machine_site=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
-  for entry in "$machine_site"/*; do
-    name=$(basename "$entry")
-    case ${name,,} in
-      numpy* | scipy* | sklearn* | scikit_learn* | pandas* | numba*) continue ;;
-    esac
-    [[ -e $site/$name ]] || ln -s "$entry" "$site/$name"
-  done
+  while read -r machine_site; do
+    for entry in "$machine_site"/*; do
+      name=$(basename "$entry")
+      case ${name,,} in
+        numpy* | scipy* | sklearn* | scikit_learn* | pandas* | numba*) continue ;;
+      esac
+      [[ -e $site/$name ]] || ln -s "$entry" "$site/$name"
+    done
+  done < <("$PY" -c 'import site; print("\n".join(site.getsitepackages()))')
   printf '%s\n%s\n' "$PWD" "$PWD/src" >"$site/gpt2_triton.pth"  # this checkout's packages
+  touch "$ENV_DIR/.complete"
 fi
 export PATH="$ENV_DIR/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export GPT2_TRITON_ARTIFACTS=${GPT2_TRITON_ARTIFACTS:-artifacts}
@@ -53,6 +56,8 @@ echo "== machine"
 nvidia-smi -L || echo "warning: nvidia-smi did not answer"
 python -c 'import numpy, torch; print("numpy", numpy.__version__, "torch", torch.__version__,
   "cuda", torch.cuda.is_available())' || exit 1
+# the Python backend stub links libpython3.X.so.1.0 (the runtime library, INSTSONAME)
 python -c 'import sysconfig, pathlib; d = pathlib.Path(sysconfig.get_config_var("LIBDIR"));
-name = sysconfig.get_config_var("LDLIBRARY"); print("libpython:", d / name, (d / name).exists())'
+name = sysconfig.get_config_var("INSTSONAME"); print("libpython for the stub:", d / name,
+"found" if (d / name).exists() else "MISSING: the Python backend cannot start")'
 exec python -m benchmarks.gpu_bench --bundle "$BUNDLE" "$@"

@@ -137,7 +137,9 @@ def _record(row: Row, started: float, stamps: list[float], rows: int) -> None:
     row.tokens += rows * len(stamps)
 
 
-def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int) -> Row:
+def bench_hf(
+    model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens: int, repeats: int = 1
+) -> Row:
     import torch
 
     row = Row("hf-generate", concurrency, prompt_tokens, new_tokens)
@@ -162,7 +164,8 @@ def bench_hf(model, tokenizer, concurrency: int, prompt_tokens: int, new_tokens:
             _record(row, started, stamps.times[1:], concurrency)
 
     generate(4, record=False)  # warm-up
-    generate(new_tokens, record=True)
+    for _ in range(repeats):
+        generate(new_tokens, record=True)
     return row
 
 

@@ -83,11 +83,29 @@ def test_positions_past_each_rows_length_read_as_zeros(kind, tiny_export, tiny_h
         gone = [s for s in live if rng.random() < 0.3]
         engine.release(gone)
         live = [s for s in live if s not in gone]
-        for slot, sid in enumerate(engine._ids):
-            length = engine.sequence_length(sid)
-            assert all(not np.asarray(b[slot, :, length:]).any() for b in engine._buffers)
+        assert_zero_tails(engine)
         for slot in range(len(engine._ids), engine.max_sequences):  # vacated rows
             assert all(not np.asarray(b[slot]).any() for b in engine._buffers)
+
+
+def assert_zero_tails(engine):
+    for slot, sid in enumerate(engine._ids):
+        length = engine.sequence_length(sid)
+        assert all(not np.asarray(b[slot, :, length:]).any() for b in engine._buffers), sid
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch_static"])
+def test_a_shorter_sequence_joining_the_decode_run_leaves_zeros(kind, tiny_export, tiny_hf_model):
+    """Two prompts filling, the longer in the first row: the shorter's first decode step
+    trades the two rows, and the row it takes keeps no trace of the longer one."""
+    from test_stateful_engine import in_place_engine
+
+    engine = in_place_engine(kind, tiny_export, tiny_hf_model, 4)
+    engine.step([list(range(1, 21)), [7, 8, 9, 10, 11]], [1, 2], [True, True])
+    assert engine._ids == [1, 2] and engine._decoding == 0  # both filling, 1 in row 0
+    engine.step([[21, 22, 23], [12]], [1, 2])  # 1's next chunk; 2 joins the decode run
+    assert engine._ids[0] == 2 and engine.sequence_length(2) == 6
+    assert_zero_tails(engine)
 
 
 def test_fp16_compute_gives_fp32_logits(tiny_export, tiny_hf_model):

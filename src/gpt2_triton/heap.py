@@ -60,6 +60,8 @@ def forget_pages(array: np.ndarray) -> None:
     if not libc or end <= start:
         array.fill(0)
         return
-    libc.madvise(start, end - start, _MADV_DONTNEED)
+    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:  # refused: zeros by hand
+        array.fill(0)
+        return
     ctypes.memset(begin, 0, start - begin)
     ctypes.memset(end, 0, begin + array.nbytes - end)

@@ -99,6 +99,9 @@ class TritonPythonModel:
             max_sequences=max_active,
         )
         pb_utils.Logger.log_info(f"gpt2: engine '{kind}' in process: {engine.shape}")
+        describe = getattr(engine.forward, "describe", None)  # the torch engine's own line
+        if describe:
+            pb_utils.Logger.log_info(f"gpt2: {describe()}")
         return engine, EngineGauges(pb_utils, kind, "gpt2")
 
     def execute(self, requests):

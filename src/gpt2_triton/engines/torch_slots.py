@@ -362,6 +362,18 @@ class TorchSlotForward:
         caches = self.caches.slots
         return self._forward(ids, positions, caches, write_rows, at, mask[:, None, None, :], window)
 
+    def describe(self) -> str:
+        """One line on what runs: device, precision, graphs captured (and failed), logits."""
+        captured = sum(graph is not None for graph, _ in self._graphs.values())
+        failed = len(self._graphs) - captured
+        w = self.weights
+        logits = "fp16 weights, fp32 output" if w.fp32_logits_from_fp16 else "fp32 weights"
+        graphs = f"{captured} captured, {failed} failed" if self.cuda_graphs else "off"
+        return (
+            f"torch on {self.device}, {str(self.compute_dtype).removeprefix('torch.')}; "
+            f"CUDA graphs: {graphs}; logits: {logits}"
+        )
+
     def capture_graphs(self, max_sequences: int) -> int:
         """Capture every decode graph the engine can need (each batch bucket up to
         ``max_sequences``, each window), so that no stream waits for a capture; the
