@@ -775,6 +775,7 @@ def test_the_loop_calls_its_idle_hook_once_each_time_it_runs_out_of_work(batcher
             seen = len(ticks)
             wait_for(lambda s=seen: len(ticks) >= s + 5)  # five idle turns of the loop later
             assert sink.finals == 1 and idle == [0] * round_  # once, with nothing active
+            assert batcher.stats.idle_hooks == round_  # counted for the metric
     finally:
         stop.set()
         batcher.wake()

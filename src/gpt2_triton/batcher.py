@@ -129,6 +129,7 @@ class BatcherStats:
     first_tokens: int = 0
     step_seconds_total: float = 0.0  # whole steps, engine call included
     engine_seconds_total: float = 0.0  # the engine call alone (BLS in Triton)
+    idle_hooks: int = 0  # times the loop ran out of work and ran its idle hook
 
 
 @dataclass
@@ -366,6 +367,7 @@ class InflightBatcher:
                     elif owed and now - last_work >= idle_after_s:
                         owed = False
                         on_idle()
+                        self.stats.idle_hooks += 1
                 except Exception:
                     log.exception("the loop's tick or idle hook failed")
                 if not worked:

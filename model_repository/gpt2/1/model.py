@@ -264,6 +264,11 @@ class Metrics:
             "Time in the engine call (BLS) of each step",
             counter=True,
         )
+        self.heap_returns = self._metric(
+            "gpt2_idle_heap_returns_total",
+            f"Times the loop, idle for {GIVE_BACK_AFTER_S:g} s, gave its freed heap back",
+            counter=True,
+        )
         self.active = self._metric(names.ACTIVE_SEQUENCES_METRIC, "Sequences in the running batch")
         self.waiting = self._metric(names.WAITING_REQUESTS_METRIC, "Requests queued to join")
         self.published = {}  # counter name -> value already published
@@ -298,5 +303,6 @@ class Metrics:
         self._advance("ttft", self.ttft, s.first_token_seconds_total)
         self._advance("step_time", self.step_time, s.step_seconds_total)
         self._advance("engine_time", self.engine_time, s.engine_seconds_total)
+        self._advance("heap_returns", self.heap_returns, s.idle_hooks)
         self.active.set(s.active)
         self.waiting.set(s.waiting)
