@@ -172,14 +172,11 @@ def bench_model(args) -> Path:
 
 
 def slot_engine(model, device: str, max_sequences: int, **options):
+    from gpt2_triton.engines.factory import torch_slot_engine
     from gpt2_triton.engines.shape import ModelShape
-    from gpt2_triton.engines.slots import SlotEngine
-    from gpt2_triton.engines.torch_slots import TorchSlotForward
 
     shape = ModelShape.from_hf_config(model.config)
-    forward = TorchSlotForward(model, shape, device, **options)
-    forward.capture_graphs(max_sequences)
-    return SlotEngine(forward, shape, max_sequences)
+    return torch_slot_engine(model, shape, device, max_sequences, **options)
 
 
 def consistency(model_dir: Path, args) -> list[dict]:
@@ -203,9 +200,8 @@ def consistency(model_dir: Path, args) -> list[dict]:
         f"torch {name}": (options, precision) for name, options in variants(args.device).items()
     }
     if args.device.startswith("cuda"):  # exact: any difference is the engine's, not fp16's
-        checked = {"torch graphs fp32": ({"cuda_graphs": True, "dtype": torch.float32}, "fp32")} | {
-            name: value for name, value in checked.items()
-        }
+        exact = {"cuda_graphs": True, "dtype": torch.float32}
+        checked = {"torch graphs fp32": (exact, "fp32")} | checked
     reports = []
     for name, (options, kind) in checked.items():
         engine = slot_engine(copy.deepcopy(model), args.device, len(prompt_ids) + 1, **options)

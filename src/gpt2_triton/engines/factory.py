@@ -117,15 +117,11 @@ def build_engine(
     default wherever the device is CUDA."""
     shape = read_shape(export_dir)
     if in_place and kind == "torch":
-        from gpt2_triton.engines.torch_slots import TorchSlotForward
-
         device = kwargs.get("device", "cpu")
         model = _torch_model(
             Path(export_dir), kwargs.get("model"), kwargs.get("threads", 0), device
         )
-        forward = TorchSlotForward(model, shape, device, cuda_graphs=cuda_graphs)
-        forward.capture_graphs(max_sequences)  # at load, not in a stream's first steps
-        return SlotEngine(forward, shape, max_sequences)
+        return torch_slot_engine(model, shape, device, max_sequences, cuda_graphs=cuda_graphs)
     if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward
 
@@ -133,6 +129,17 @@ def build_engine(
         forward = OnnxSlotForward(_onnx_file(kind, Path(export_dir)), shape, threads)
         return SlotEngine(forward, shape, max_sequences)
     return StatefulEngine(build_forward(kind, export_dir, shape, **kwargs), shape, max_sequences)
+
+
+def torch_slot_engine(model, shape: ModelShape, device: str, max_sequences: int, **options):
+    """The torch serving engine over a loaded ``GPT2LMHeadModel`` (``options``: those of
+    ``TorchSlotForward``), its CUDA graphs captured now, at load, not in a stream's first
+    steps."""
+    from gpt2_triton.engines.torch_slots import TorchSlotForward
+
+    forward = TorchSlotForward(model, shape, device, **options)
+    forward.capture_graphs(max_sequences)
+    return SlotEngine(forward, shape, max_sequences)
 
 
 def build_engine_from_params(
