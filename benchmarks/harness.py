@@ -50,6 +50,10 @@ REST_S = 16.0  # the wait before a grid point's memory is read (see bench_triton
 SAMPLED_PATH = "triton-sampled"  # straight to Triton, like "triton", sampling
 SAMPLED_TEMPERATURE, SAMPLED_TOP_P = 0.8, 0.95  # common chat settings (issue 14)
 PEER_PATH = "llama"  # llama-server's /completion over HTTP, streaming
+# Triton's own HTTP generate_stream (server-sent events), read by the same lean client as
+# the peer's (http.client, a JSON event per response): the issue's "same HTTP streaming
+# client" on both sides
+HTTP_PATH = "triton-http"
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Row:
             "latency_ms_p50": pct(self.latency_ms, 50),
             "latency_ms_p90": pct(self.latency_ms, 90),
             "latency_ms_p99": pct(self.latency_ms, 99),
+            "tokens": self.tokens,  # counted over the measured waves (not the warm-up)
             "tokens_per_s": self.tokens / self.wall_s if self.wall_s else None,
             "server_rss_mb": self.server_rss_mb,
             "server_pss_mb": self.server_pss_mb,
@@ -297,6 +302,41 @@ def bench_triton(
         connection.close()
         return started, stamps, tokens
 
+    def triton_http(url: str, client_index: int, barrier: threading.Barrier, path: str):
+        import http.client
+
+        host, port = url.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=300)
+        connection.connect()  # before the barrier, as the other clients connect before it
+        body = json.dumps(
+            {
+                "text_input": prompts[client_index],
+                "max_tokens": new_tokens,
+                "min_length": new_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+        )
+        barrier.wait()
+        started = time.perf_counter()
+        stamps, tokens = [], 0
+        connection.request(
+            "POST", "/v2/models/gpt2/generate_stream", body, {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"Triton answered {response.status}: {response.read()[:500]!r}")
+        while line := response.readline():
+            event = peer.parse_event(line, source="Triton's generate_stream")
+            if event is None:
+                continue
+            if event.get("text_output"):
+                stamps.append(time.perf_counter())
+            if event.get("finish_reason"):
+                tokens = event["num_output_tokens"]
+        connection.close()
+        return started, stamps, tokens
+
     def llama(url: str, client_index: int, barrier: threading.Barrier, path: str):
         import http.client
 
@@ -318,6 +358,8 @@ def bench_triton(
         url = urls[path]
         if path == PEER_PATH:
             call = llama
+        elif path == HTTP_PATH:
+            call = triton_http
         else:
             call = openai_api if url.startswith("http") else native
         started, stamps, tokens = call(url, client_index, barrier, path)
@@ -480,6 +522,8 @@ def run(args) -> dict:
                 if server is None:
                     continue
                 paths = {PEER_PATH: llama.url} if llama else {}  # first: peer, service, ...
+                if llama or args.http:  # the service read by the peer's kind of client
+                    paths[HTTP_PATH] = server.triton.http_url
                 paths["triton"] = server.triton.grpc_url
                 if args.sampling:
                     paths[SAMPLED_PATH] = server.triton.grpc_url
@@ -554,10 +598,17 @@ def main(argv: list[str] | None = None) -> int:
         f"top_p {SAMPLED_TOP_P}) next to greedy, taking turns wave by wave",
     )
     parser.add_argument(
+        "--http",
+        action="store_true",
+        help=f"also measure the service over Triton's HTTP generate_stream ({HTTP_PATH}), "
+        "read by the peer's kind of client (on with --peer)",
+    )
+    parser.add_argument(
         "--peer",
         action="store_true",
         help="also measure llama.cpp's llama-server (built once, see benchmarks/peer.py): "
-        "f32 beside onnx, q8_0 beside onnx-int8, taking turns with the service",
+        "f32 beside onnx, q8_0 beside onnx-int8, taking turns with the service "
+        f"(and with {HTTP_PATH}: the same kind of client on both sides)",
     )
     parser.add_argument(
         "--peer-cache", type=Path, default=None, help="where llama.cpp is built (peer.py)"

@@ -24,11 +24,11 @@ def ratio_rows(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if not r["system"].startswith("triton:"):
+        if r["system"].partition(":")[0] not in SERVICE_PATHS:
             continue
         key = (r["concurrency"], r["prompt_tokens"])
         # the raw loop on the same file: int8 for the int8 engine, fp32 otherwise
-        int8 = r["system"] == "triton:onnx-int8" and ("onnxruntime-loop:int8", *key) in by
+        int8 = r["system"].endswith(":onnx-int8") and ("onnxruntime-loop:int8", *key) in by
         loop = by.get(("onnxruntime-loop:int8" if int8 else "onnxruntime-loop", *key))
         hf = by.get(("hf-generate", *key))
 
@@ -95,8 +95,14 @@ def sampling_rows(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-# Each service beside the peer of the same precision class (benchmarks/peer.py)
-PEERS = {"triton:onnx": "llama:f32", "triton:onnx-int8": "llama:q8_0"}
+# Each engine beside the peer of the same precision class (benchmarks/peer.py)
+PEER_OF_ENGINE = {"onnx": "llama:f32", "onnx-int8": "llama:q8_0"}
+# The service straight to Triton: over gRPC (tritonclient), and over HTTP with the peer's
+# own kind of client (harness.HTTP_PATH); both are set against the peer
+SERVICE_PATHS = ("triton", "triton-http")
+PEERS = {
+    f"{path}:{engine}": peer for path in SERVICE_PATHS for engine, peer in PEER_OF_ENGINE.items()
+}
 
 
 def _ratio(a, b):
@@ -139,7 +145,7 @@ def _floor_engine(system: str) -> str | None:
         return "onnx-int8" if system.endswith(":int8") else "onnx"
     path, _, engine = system.partition(":")
     if path == "llama":  # the peer runs beside the engine it is set against
-        return next((s.partition(":")[2] for s, p in PEERS.items() if p == system), None)
+        return next((e for e, p in PEER_OF_ENGINE.items() if p == system), None)
     return engine or None
 
 
@@ -264,7 +270,7 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "OpenAI-compatible gateway, read with `http.client`; `triton-sampled:<engine>` = "
         "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
         "(`--sampling`); the paths take turns wave by wave at "
-        "each grid point. In the ratios, `triton:onnx-int8` is "
+        "each grid point. In the ratios, `<path>:onnx-int8` is "
         "taken against the int8 loop, the other engines against the fp32 loop. "
         + (
             "`llama:f32` / `llama:q8_0` = the same checkpoint converted to GGUF by llama.cpp's "
@@ -272,7 +278,10 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
             f"{results['peer']['llama_cpp_python']}'s llama.cpp, `-np` = the service's "
             "sequences, continuous batching, the same threads), streaming `/completion` over "
             "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`; "
-            "its waves take turns with `triton:onnx` / `triton:onnx-int8`, peer first. "
+            "`triton-http:<engine>` = the service over Triton's HTTP `generate_stream` "
+            "(server-sent events), read by the peer's own kind of client (`http.client`, a "
+            "JSON event per token): the same client on both sides. The peer's waves take "
+            "turns with the service's (peer, `triton-http`, `triton`), peer first. "
             if results.get("peer")
             else ""
         )

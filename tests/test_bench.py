@@ -30,6 +30,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "--rounds",
             "2",
             "--sampling",
+            "--http",
             "--out",
             str(tmp_path / "out"),
             "--report",
@@ -46,6 +47,8 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "onnxruntime-loop",
             "onnxruntime-loop:int8",
             "triton:onnx",
+            "triton-http:onnx",
+            "triton-http:onnx-int8",
             "front-door:onnx",
             "openai:onnx",
             "triton:onnx-int8",
@@ -69,6 +72,10 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     assert results["weight_bytes"] > 0 and all(f["gb_per_s"] > 0 for f in results["bandwidth"])
     report = (tmp_path / "docs" / "BENCH.md").read_text()
     assert "| triton:onnx | 2 | 8 |" in report
+    # Triton's generate_stream read with http.client: the same token counts as over gRPC
+    assert "| triton-http:onnx-int8 | 2 | 8 |" in report
+    by = {(r["system"], r["concurrency"]): r for r in results["rows"]}
+    assert by[("triton-http:onnx", 2)]["tokens"] == by[("triton:onnx", 2)]["tokens"] > 0
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert "| openai:onnx | 2 | 8 |" in report
     assert "| triton-sampled:onnx | 2 | 8 |" in report and "Sampling against greedy" in report
@@ -99,9 +106,11 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
             row("triton:onnx", 1, 11.0, 25.0, 90.0),
             row("onnxruntime-loop:int8", 1, 5.0, 10.0, 200.0),
             row("triton:onnx-int8", 1, 5.5, 12.0, 180.0),
+            row("triton-http:onnx-int8", 1, 5.0, 11.0, 190.0),
         ]
     }
     lines = ratio_rows(results)
+    assert lines[4] == "| triton-http:onnx-int8 | 1 | 32 | 1.00x | 1.10x | 0.95x | 7.60x |"
     assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
     # the int8 service against the int8 loop (the same file), not the fp32 one
     assert lines[3] == "| triton:onnx-int8 | 1 | 32 | 1.10x | 1.20x | 0.90x | 7.20x |"
@@ -147,6 +156,7 @@ def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point(
             row("triton:onnx", 1, 12.0, 27.0, 80.0, pss=1400.0, peak=1200.0),
             row("triton:onnx-int8", 1, 4.5, 15.0, 210.0, pss=700.0),
             row("triton:onnx", 16, 32.0, 240.0, 480.0, pss=1440.0),
+            row("triton-http:onnx", 16, 30.0, 220.0, 520.0, pss=1440.0),  # the same client
             row("triton:torch", 1, 40.0, 90.0, 25.0, pss=1500.0),  # no peer: left out
         ]
     }
@@ -155,6 +165,7 @@ def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point(
         "| triton:onnx | llama:f32 | 1 | 32 | 1.20x | 0.90x | 0.84x | 2.00x | 1.50x |",
         "| triton:onnx-int8 | llama:q8_0 | 1 | 32 | 0.90x | 0.50x | 1.11x | 2.00x | - |",
         "| triton:onnx | llama:f32 | 16 | 32 | 0.80x | 0.80x | 1.20x | 2.00x | - |",
+        "| triton-http:onnx | llama:f32 | 16 | 32 | 0.75x | 0.73x | 1.30x | 2.00x | - |",
     ]
     assert peer_rows({"rows": results["rows"][3:]}) == []  # a run without the peer
 
