@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from client import ClientError, GenerationParams, Gpt2Client
+from gpt2_triton import names
 from gpt2_triton.reference import greedy_text
 
 pytestmark = pytest.mark.integration
@@ -96,8 +97,37 @@ def test_http_generate_and_generate_stream(triton, http, grpc):
             if line.startswith(b"data:"):
                 events.append(json.loads(line[5:]))
     assert len(events) > 5 and "".join(e["text_output"] for e in events) == expected
-    assert events[-1]["finish_reason"] and not events[0]["finish_reason"]
+    # the pieces carry the text alone; the final one every output
+    assert all(set(e) == {"model_name", "model_version", "text_output"} for e in events[:-1])
+    assert events[-1]["finish_reason"] in {"length", "stop"}
+    counts = ("num_input_tokens", "num_output_tokens")
+    assert [events[-1][k] for k in counts] == [full[k] for k in counts]
     assert http.generate("The cat", GREEDY).text == expected
+
+
+def test_return_flags_put_the_counts_and_finish_reason_on_every_piece(triton):
+    body = {
+        "text_input": "The cat",
+        "max_tokens": 12,
+        "min_length": 12,
+        "temperature": 0,
+        "stream": True,
+    }
+    flags = dict.fromkeys(names.OUTPUT_OF_RETURN_FLAG, True)
+    events = []
+    with post(triton, "/v2/models/gpt2/generate_stream", body | flags) as response:
+        for line in response:
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+    counts = [e["num_output_tokens"] for e in events]  # a piece may hold two tokens
+    assert counts == sorted(set(counts)) and counts[-1] == 12 and len(events) > 5
+    assert len({e["num_input_tokens"] for e in events}) == 1 and events[0]["num_input_tokens"] > 0
+    assert [e["finish_reason"] for e in events] == [""] * (len(events) - 1) + ["length"]
+    # one flag, one output
+    one = {names.RETURN_NUM_OUTPUT_TOKENS: True}
+    with post(triton, "/v2/models/gpt2/generate_stream", body | one) as response:
+        first = json.loads(next(line for line in response if line.startswith(b"data:"))[5:])
+    assert first["num_output_tokens"] == 1 and "finish_reason" not in first
 
 
 def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):

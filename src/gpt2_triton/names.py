@@ -19,6 +19,13 @@ SEED = "seed"
 STOP_WORDS = "stop_words"
 EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
 MIN_LENGTH = "min_length"  # tokens before EOS may end the text (genai-perf sets it)
+# Opt-in outputs on every streamed piece, as Triton's vLLM and TensorRT-LLM backends name
+# them. The final response always carries all four outputs; the pieces before it carry
+# text_output alone unless these ask for more: each extra output is per-token work in the
+# stub, tritonserver and the client for every stream (docs/PERFORMANCE.md).
+RETURN_FINISH_REASON = "return_finish_reason"
+RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
+RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
 
 # every gpt2 input, in config order; the scalars with their Triton datatypes
 GPT2_INPUTS = (
@@ -33,6 +40,9 @@ GPT2_INPUTS = (
     STOP_WORDS,
     EXCLUDE_INPUT_IN_OUTPUT,
     MIN_LENGTH,
+    RETURN_FINISH_REASON,
+    RETURN_NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS,
 )
 SCALAR_DATATYPES = {
     MAX_TOKENS: "INT32",
@@ -44,12 +54,21 @@ SCALAR_DATATYPES = {
     SEED: "UINT64",
     EXCLUDE_INPUT_IN_OUTPUT: "BOOL",
     MIN_LENGTH: "INT32",
+    RETURN_FINISH_REASON: "BOOL",
+    RETURN_NUM_INPUT_TOKENS: "BOOL",
+    RETURN_NUM_OUTPUT_TOKENS: "BOOL",
 }
 
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
 NUM_INPUT_TOKENS = "num_input_tokens"
 NUM_OUTPUT_TOKENS = "num_output_tokens"
+# which output each opt-in flag adds to every streamed piece
+OUTPUT_OF_RETURN_FLAG = {
+    RETURN_FINISH_REASON: FINISH_REASON,
+    RETURN_NUM_INPUT_TOKENS: NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS: NUM_OUTPUT_TOKENS,
+}
 
 # --- tokenizer / engine / sampler (one step) --------------------------------------------
 INPUT_IDS = "input_ids"

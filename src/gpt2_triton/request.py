@@ -29,6 +29,9 @@ class GenerationRequest:
     stop_words: tuple[str, ...] = ()
     exclude_input_in_output: bool = False
     min_length: int = 0  # EOS is not sampled before this many new tokens
+    # outputs asked for on every streamed piece besides text_output (the return_* flags);
+    # the final response carries every output whatever this holds
+    outputs_on_every_piece: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -64,6 +67,11 @@ class GenerationRequest:
                 inputs, names.EXCLUDE_INPUT_IN_OUTPUT, bool, False
             ),
             min_length=scalar_value(inputs, names.MIN_LENGTH, int, 0),
+            outputs_on_every_piece=frozenset(
+                output
+                for flag, output in names.OUTPUT_OF_RETURN_FLAG.items()
+                if scalar_value(inputs, flag, bool, False)
+            ),
         )
 
 
