@@ -49,7 +49,7 @@ def stale_reason(
     ``weights`` is the checkpoint's content fingerprint today: the same path may hold other
     weights since the export (a second training run into the same folder).
     """
-    from gpt2_triton.export import weights_file
+    from gpt2_triton.export import INT8_FORMAT, weights_file
 
     try:
         settings = load_settings(folder)
@@ -62,6 +62,8 @@ def stale_reason(
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
     if int8 and "int8" not in settings.get("files", {}):
         return "it has no int8 model"
+    if int8 and settings.get("int8_format", 1) != INT8_FORMAT:
+        return f"its int8 model is of format {settings.get('int8_format', 1)}, not {INT8_FORMAT}"
     if fp16 and "fp16" not in settings.get("files", {}):
         return "it has no fp16 model"
     if not all(f.is_file() and weights_file(f).is_file() for f in files):
@@ -111,6 +113,7 @@ def run(
     import transformers
 
     from gpt2_triton.export import (
+        INT8_FORMAT,
         MIN_OPSET,
         OPSET,
         export_fp16,
@@ -147,7 +150,7 @@ def run(
         if int8:
             untied = tmp / "model.fp32-untied.onnx"
             export_onnx(model, shape, untied, untie_lm_head=True, opset=opset)
-            quantize_int8(untied, tmp / "model.int8.onnx")
+            quantize_int8(untied, tmp / "model.int8.onnx", shape.vocab_size)
             untied.unlink()
             weights_file(untied).unlink()
             files["int8"] = "model.int8.onnx"
@@ -164,6 +167,7 @@ def run(
                 "shape": shape.to_dict(),
                 "files": files,
                 "opset": opset,
+                **({"int8_format": INT8_FORMAT} if int8 else {}),
                 "logits": "last position only, (batch, vocab)",
                 "versions": {
                     "torch": torch.__version__,

@@ -91,6 +91,80 @@ def test_int8_model_quantizes_every_weight_matmul_the_lm_head_too(tiny_export):
         if a.name == "bits"
     }
     assert bits == {8}
+    assert settings["int8_format"] == 2
+
+
+def test_int8_token_embedding_is_8_bit_and_looks_up_its_dequantized_rows(tiny_export):
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    settings = json.loads((tiny_export / "export_settings.json").read_text())
+    shape = ModelShape.from_dict(settings["shape"])
+    hidden = shape.num_heads * shape.head_dim
+    model = onnx.load(str(tiny_export / "model.int8.onnx"))
+    (lookup,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    codes, scales = inits[lookup.input[0]], inits[lookup.input[2]]
+    assert codes.dtype == np.uint8 and codes.shape == (shape.vocab_size, hidden)
+    # no fp32 token table is left in the int8 file
+    assert not [a for a in inits.values() if a.dtype == np.float32 and a.shape == codes.shape]
+    block = codes.shape[1] // scales.shape[1]
+    rows = (codes.astype(np.float32) - 128).reshape(shape.vocab_size, -1, block) * scales[..., None]
+    # the fp32 table it came from: within half a step of each block's scale
+    fp32 = onnx.load(str(tiny_export / "model.onnx"))
+    (table,) = [
+        numpy_helper.to_array(i)
+        for i in fp32.graph.initializer
+        if tuple(i.dims) == (shape.vocab_size, hidden)
+    ]
+    error = np.abs(rows.reshape(codes.shape) - table).reshape(shape.vocab_size, -1, block)
+    assert (error <= scales[..., None] / 2 + 1e-6).all()
+    # ONNX Runtime's kernel reads it as written: the graph's lookup alone, run
+    ids = np.array([[0, 5, shape.vocab_size - 1]], np.int64)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node(
+                "GatherBlockQuantized",
+                ["codes", "ids", "scales"],
+                ["rows"],
+                domain="com.microsoft",
+                **{a.name: onnx.helper.get_attribute_value(a) for a in lookup.attribute},
+            )
+        ],
+        "lookup",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 3])],
+        [onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+        initializer=[
+            numpy_helper.from_array(codes, "codes"),
+            numpy_helper.from_array(scales, "scales"),
+        ],
+    )
+    opsets = [onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    session = ort.InferenceSession(
+        onnx.helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    looked_up = session.run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(looked_up[0], rows.reshape(codes.shape)[ids[0]], rtol=0, atol=1e-6)
+
+
+def test_an_int8_export_of_an_older_format_is_exported_again(tiny_export, tmp_path):
+    from build_scripts import export_onnx
+
+    settings = json.loads((tiny_export / "export_settings.json").read_text())
+    weights = settings[export_onnx.SOURCE_FINGERPRINT]
+    assert (
+        export_onnx.stale_reason(tiny_export, settings["model"], True, settings["opset"], weights)
+        == ""
+    )
+    old = tmp_path / "old"
+    shutil.copytree(tiny_export, old)
+    del settings["int8_format"]  # as written before the token embedding was quantized
+    (old / "export_settings.json").write_text(json.dumps(settings))
+    reason = export_onnx.stale_reason(old, settings["model"], True, settings["opset"], weights)
+    assert reason == "its int8 model is of format 1, not 2"
+    # an fp32-only request does not care
+    assert export_onnx.stale_reason(old, settings["model"], False, settings["opset"], weights) == ""
 
 
 def test_gemm_with_bias_becomes_matmul_plus_add():
