@@ -148,6 +148,31 @@ def test_int8_token_embedding_is_8_bit_and_looks_up_its_dequantized_rows(tiny_ex
     np.testing.assert_allclose(looked_up[0], rows.reshape(codes.shape)[ids[0]], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["tied", "hidden 24"])
+def test_the_token_embedding_stays_fp32_where_it_cannot_be_quantized_alone(case):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gpt2_triton.export import quantize_token_embedding
+
+    vocab, hidden = 40, 24 if case == "hidden 24" else 32
+    table = numpy_helper.from_array(np.ones((vocab, hidden), np.float32), "wte")
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["rows"])]
+    if case == "tied":
+        nodes.append(helper.make_node("MatMul", ["rows", "wte_t"], ["logits"]))
+        nodes.append(helper.make_node("Transpose", ["wte"], ["wte_t"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+        initializer=[table],
+    )
+    model = helper.make_model(graph)
+    before = model.SerializeToString()
+    assert quantize_token_embedding(model, vocab) is False
+    assert model.SerializeToString() == before
+
+
 def test_an_int8_export_of_an_older_format_is_exported_again(tiny_export, tmp_path):
     from build_scripts import export_onnx
 

@@ -282,8 +282,9 @@ def quantize_token_embedding(model, vocab_size: int) -> bool:
     The fp32 table is 154 MB for GPT-2; ONNX Runtime maps it from the weights file, so its
     pages become resident as prompts touch their rows: a server that has seen varied text
     holds all of it. 8-bit: 39 MB. The lm_head keeps its own 8-bit copy (MatMulNBits, which
-    repacks its weights at load). False when the table is not found or its hidden size
-    takes no block of 16 or more."""
+    repacks its weights at load). False, the graph unchanged, when the table is not found,
+    is shared with another node (still tied to the lm_head) or its hidden size takes no
+    block of 16 or more."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -304,6 +305,9 @@ def quantize_token_embedding(model, vocab_size: int) -> bool:
         None,
     )
     if node is None:
+        return False
+    users = [n for n in graph.node if node.input[0] in n.input]
+    if len(users) > 1:  # still tied to the lm_head (an export without untie_lm_head)
         return False
     table = numpy_helper.to_array(tables[node.input[0]])
     hidden = table.shape[1]
