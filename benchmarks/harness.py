@@ -319,7 +319,7 @@ def bench_triton(
         )
         barrier.wait()
         started = time.perf_counter()
-        stamps, tokens = [], 0
+        stamps, tokens = [], None
         connection.request(
             "POST", "/v2/models/gpt2/generate_stream", body, {"Content-Type": "application/json"}
         )
@@ -335,6 +335,8 @@ def bench_triton(
             if event.get("finish_reason"):
                 tokens = event["num_output_tokens"]
         connection.close()
+        if tokens is None:  # the final event (the only one with the counts) never came
+            raise RuntimeError("Triton's generate_stream ended without its final event")
         return started, stamps, tokens
 
     def llama(url: str, client_index: int, barrier: threading.Barrier, path: str):

@@ -269,7 +269,10 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
         "OpenAI-compatible gateway, read with `http.client`; `triton-sampled:<engine>` = "
         "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
-        "(`--sampling`); the paths take turns wave by wave at "
+        "(`--sampling`); `triton-http:<engine>` = the service over Triton's HTTP "
+        "`generate_stream` (server-sent events, an event per piece of text), read with "
+        "`http.client` like the peer (`--http`, on with `--peer`); the paths take turns "
+        "wave by wave, in a fixed order, at "
         "each grid point. In the ratios, `<path>:onnx-int8` is "
         "taken against the int8 loop, the other engines against the fp32 loop. "
         + (
@@ -277,11 +280,9 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
             f"own tools, served by its `llama-server` (llama-cpp-python "
             f"{results['peer']['llama_cpp_python']}'s llama.cpp, `-np` = the service's "
             "sequences, continuous batching, the same threads), streaming `/completion` over "
-            "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`; "
-            "`triton-http:<engine>` = the service over Triton's HTTP `generate_stream` "
-            "(server-sent events), read by the peer's own kind of client (`http.client`, a "
-            "JSON event per token): the same client on both sides. The peer's waves take "
-            "turns with the service's (peer, `triton-http`, `triton`), peer first. "
+            "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`. "
+            "The peer's waves take turns with the service's in a fixed order: peer, "
+            "`triton-http`, `triton`, then the others. "
             if results.get("peer")
             else ""
         )

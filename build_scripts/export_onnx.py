@@ -62,8 +62,6 @@ def stale_reason(
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
     if int8 and "int8" not in settings.get("files", {}):
         return "it has no int8 model"
-    if int8 and settings.get("int8_format", 1) != INT8_FORMAT:
-        return f"its int8 model is of format {settings.get('int8_format', 1)}, not {INT8_FORMAT}"
     if fp16 and "fp16" not in settings.get("files", {}):
         return "it has no fp16 model"
     if not all(f.is_file() and weights_file(f).is_file() for f in files):
@@ -71,7 +69,15 @@ def stale_reason(
     if weights is None:
         return "the checkpoint is not in the local cache: cannot tell whether it changed"
     changed = fingerprint.difference(settings.get(SOURCE_FINGERPRINT), weights)
-    return f"the checkpoint's {changed}" if changed else ""
+    if changed:
+        return f"the checkpoint's {changed}"
+    # last: the one reason that leaves every other file of the export as it is (run())
+    if int8 and settings.get("int8_format", 1) != INT8_FORMAT:
+        return f"{OLDER_INT8} {settings.get('int8_format', 1)}, not {INT8_FORMAT}"
+    return ""
+
+
+OLDER_INT8 = "its int8 model is of format"  # stale_reason's reason that run() mends in place
 
 
 def check_current(export_dir: Path, how: str) -> dict:
@@ -118,8 +124,6 @@ def run(
         OPSET,
         export_fp16,
         export_onnx,
-        quantize_int8,
-        weights_file,
     )
 
     opset = opset or OPSET
@@ -138,6 +142,11 @@ def run(
                 fingerprint.short(weights),
             )
             return output
+        if reason.startswith(OLDER_INT8):
+            # Only the int8 file is of an older format: quantize it again beside the others
+            # (the fp32 graph, an fp16 graph, a TensorRT plan built from them stay).
+            log.info("quantizing %s's int8 model again in %s: %s", spec.source, output, reason)
+            return requantize_int8(output, spec, opset)
         log.info("exporting %s to %s: %s", spec.source, output, reason)
     tokenizer = checkpoint.load_tokenizer(spec)
     model = checkpoint.load_model(spec)
@@ -148,12 +157,8 @@ def run(
         export_onnx(copy.deepcopy(model) if int8 else model, shape, tmp / "model.onnx", opset=opset)
         files = {"fp32": "model.onnx"}
         if int8:
-            untied = tmp / "model.fp32-untied.onnx"
-            export_onnx(model, shape, untied, untie_lm_head=True, opset=opset)
-            quantize_int8(untied, tmp / "model.int8.onnx", shape.vocab_size)
-            untied.unlink()
-            weights_file(untied).unlink()
-            files["int8"] = "model.int8.onnx"
+            embedding = export_int8(model, shape, tmp, opset)
+            files["int8"] = INT8_FILE
         if fp16:
             export_fp16(tmp / "model.onnx", tmp / "model.fp16.onnx")
             files["fp16"] = "model.fp16.onnx"
@@ -167,7 +172,7 @@ def run(
                 "shape": shape.to_dict(),
                 "files": files,
                 "opset": opset,
-                **({"int8_format": INT8_FORMAT} if int8 else {}),
+                **({"int8_format": INT8_FORMAT, INT8_EMBEDDING: embedding} if int8 else {}),
                 "logits": "last position only, (batch, vocab)",
                 "versions": {
                     "torch": torch.__version__,
@@ -178,6 +183,49 @@ def run(
             },
         )
     log.info("exported %s to %s in %.1f s", spec.source, output, time.perf_counter() - started)
+    return output
+
+
+INT8_FILE = "model.int8.onnx"
+INT8_EMBEDDING = "int8_token_embedding"  # "8-bit", or "fp32" where it could not be
+
+
+def export_int8(model, shape, folder: Path, opset: int) -> str:
+    """``model.int8.onnx`` (and its weights file) in ``folder``, quantized from an export
+    with the lm_head untied; returns how the token embedding is stored."""
+    from gpt2_triton.export import export_onnx, quantize_int8, weights_file
+
+    untied = folder / "model.fp32-untied.onnx"
+    export_onnx(model, shape, untied, untie_lm_head=True, opset=opset)
+    try:
+        quantized = quantize_int8(untied, folder / INT8_FILE, shape.vocab_size)
+    finally:
+        untied.unlink(missing_ok=True)
+        weights_file(untied).unlink(missing_ok=True)
+    if not quantized:
+        log.warning("the token embedding stays fp32 in %s", folder / INT8_FILE)
+    return "8-bit" if quantized else "fp32"
+
+
+def requantize_int8(output: Path, spec, opset: int) -> Path:
+    """Replace an export's int8 files with ones of today's format, the rest untouched. Its
+    settings say the new format only once both files are in place: a run stopped halfway
+    leaves the old format recorded, and the next run does this again."""
+    import os
+    import tempfile
+
+    from gpt2_triton.export import INT8_FORMAT, weights_file
+
+    model = checkpoint.load_model(spec)
+    shape = ModelShape.from_hf_config(model.config)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as folder:
+        embedding = export_int8(model, shape, Path(folder), opset)
+        fresh = Path(folder) / INT8_FILE
+        os.replace(weights_file(fresh), weights_file(output / INT8_FILE))
+        os.replace(fresh, output / INT8_FILE)
+    settings = load_settings(output)
+    settings.update({"int8_format": INT8_FORMAT, INT8_EMBEDDING: embedding})
+    write_json(output / SETTINGS_FILE, settings)
     return output
 
 

@@ -91,7 +91,11 @@ def test_int8_model_quantizes_every_weight_matmul_the_lm_head_too(tiny_export):
         if a.name == "bits"
     }
     assert bits == {8}
-    assert settings["int8_format"] == 2
+    assert settings["int8_format"] == 2 and settings["int8_token_embedding"] == "8-bit"
+    # strict ONNX tooling reads it: no fp32 typing of the table is left behind
+    onnx.shape_inference.infer_shapes(
+        onnx.load(str(tiny_export / "model.int8.onnx")), strict_mode=True
+    )
 
 
 def test_int8_token_embedding_is_8_bit_and_looks_up_its_dequantized_rows(tiny_export):
@@ -173,7 +177,7 @@ def test_the_token_embedding_stays_fp32_where_it_cannot_be_quantized_alone(case)
     assert model.SerializeToString() == before
 
 
-def test_an_int8_export_of_an_older_format_is_exported_again(tiny_export, tmp_path):
+def test_an_int8_export_of_an_older_format_is_quantized_again_in_place(tiny_export, tmp_path):
     from build_scripts import export_onnx
 
     settings = json.loads((tiny_export / "export_settings.json").read_text())
@@ -184,12 +188,27 @@ def test_an_int8_export_of_an_older_format_is_exported_again(tiny_export, tmp_pa
     )
     old = tmp_path / "old"
     shutil.copytree(tiny_export, old)
-    del settings["int8_format"]  # as written before the token embedding was quantized
+    del settings["int8_format"], settings["int8_token_embedding"]  # as written before
     (old / "export_settings.json").write_text(json.dumps(settings))
+    (old / "model.plan").write_bytes(b"a TensorRT plan built from model.onnx")
+    fp32_before = (old / "model.onnx.data").stat().st_mtime_ns
+    int8_before = (old / "model.int8.onnx.data").stat().st_mtime_ns
     reason = export_onnx.stale_reason(old, settings["model"], True, settings["opset"], weights)
     assert reason == "its int8 model is of format 1, not 2"
     # an fp32-only request does not care
     assert export_onnx.stale_reason(old, settings["model"], False, settings["opset"], weights) == ""
+
+    assert export_onnx.run("tiny", old, int8=True, skip_existing=True) == old
+    # the int8 files made again, in today's format; everything else where it was
+    assert (old / "model.plan").read_bytes() == b"a TensorRT plan built from model.onnx"
+    assert (old / "model.onnx.data").stat().st_mtime_ns == fp32_before
+    assert (old / "model.int8.onnx.data").stat().st_mtime_ns != int8_before
+    mended = json.loads((old / "export_settings.json").read_text())
+    assert mended["int8_format"] == 2 and mended["int8_token_embedding"] == "8-bit"
+    assert export_onnx.stale_reason(old, settings["model"], True, settings["opset"], weights) == ""
+    model = onnx.load(str(old / "model.int8.onnx"))
+    assert "GatherBlockQuantized" in [n.op_type for n in model.graph.node]
+    assert not list(old.glob(".int8-*")) and not list(tmp_path.glob(".int8-*"))
 
 
 def test_gemm_with_bias_becomes_matmul_plus_add():

@@ -127,7 +127,8 @@ def test_return_flags_put_the_counts_and_finish_reason_on_every_piece(triton):
     one = {names.RETURN_NUM_OUTPUT_TOKENS: True}
     with post(triton, "/v2/models/gpt2/generate_stream", body | one) as response:
         first = json.loads(next(line for line in response if line.startswith(b"data:"))[5:])
-    assert first["num_output_tokens"] == 1 and "finish_reason" not in first
+    assert set(first) == {"model_name", "model_version", "text_output", "num_output_tokens"}
+    assert 1 <= first["num_output_tokens"] < 12
 
 
 def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):

@@ -240,9 +240,9 @@ INT8_ACCURACY_LEVEL = 4
 INT8_FORMAT = 2
 
 
-def quantize_int8(fp32_untied: Path, out: Path, vocab_size: int) -> None:
+def quantize_int8(fp32_untied: Path, out: Path, vocab_size: int) -> bool:
     """int8 weights for every MatMul/Gemm with a constant weight, the lm_head included,
-    and for the token embedding (``quantize_token_embedding``).
+    and for the token embedding (``quantize_token_embedding``: its result is returned).
 
     Measured on the GPT-2 small architecture, 2 cores (decode step, batch 1 / 16):
     ``quantize_dynamic`` (MatMulInteger, per-channel) 8.0 ms / 43 ms; this 6.2 ms / 29 ms
@@ -270,14 +270,16 @@ def quantize_int8(fp32_untied: Path, out: Path, vocab_size: int) -> None:
     ]
     if left:
         raise ExportError(f"int8 quantization left {len(left)} weight MatMuls in fp32: {left[:3]}")
-    quantize_token_embedding(quantized, vocab_size)
+    embedding = quantize_token_embedding(quantized, vocab_size)
     save_model(quantized, out)
+    return embedding
 
 
 def quantize_token_embedding(model, vocab_size: int) -> bool:
     """Rewrite the token-embedding lookup ``Gather(wte, ids)`` as ONNX Runtime's
     ``GatherBlockQuantized`` over 8-bit weights in blocks along the hidden size, symmetric
-    (uint8 with the default zero point 128), as llama.cpp's q8_0 stores its token table.
+    (uint8 with the default zero point 128), in the int8 matmuls' blocks (llama.cpp's q8_0
+    table is 8-bit too, in blocks of 32).
 
     The fp32 table is 154 MB for GPT-2; ONNX Runtime maps it from the weights file, so its
     pages become resident as prompts touch their rows: a server that has seen varied text
@@ -321,6 +323,10 @@ def quantize_token_embedding(model, vocab_size: int) -> bool:
     name = node.input[0]
     data = numpy_helper.from_array(codes.astype(np.uint8).reshape(vocab_size, hidden), name)
     graph.initializer.remove(tables[name])
+    # the exporter may have typed the table as fp32 in value_info (or as a graph input)
+    for listing in (graph.value_info, graph.input):
+        for info in [i for i in listing if i.name == name]:
+            listing.remove(info)
     graph.initializer.extend([data, numpy_helper.from_array(scales, f"{name}_scales")])
     quantized = helper.make_node(
         "GatherBlockQuantized",

@@ -19,10 +19,11 @@ SEED = "seed"
 STOP_WORDS = "stop_words"
 EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"
 MIN_LENGTH = "min_length"  # tokens before EOS may end the text (genai-perf sets it)
-# Opt-in outputs on every streamed piece, as Triton's vLLM and TensorRT-LLM backends name
-# them. The final response always carries all four outputs; the pieces before it carry
-# text_output alone unless these ask for more: each extra output is per-token work in the
-# stub, tritonserver and the client for every stream (docs/PERFORMANCE.md).
+# Opt-in outputs on every streamed piece, the input names of Triton's vLLM backend (whose
+# num_output_tokens counts each piece's tokens; here it stays the running total). The
+# final response always carries all four outputs; the pieces before it carry text_output
+# alone unless these ask for more: each extra output is per-token work in the stub,
+# tritonserver and the client for every stream (docs/PERFORMANCE.md).
 RETURN_FINISH_REASON = "return_finish_reason"
 RETURN_NUM_INPUT_TOKENS = "return_num_input_tokens"
 RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
