@@ -208,6 +208,19 @@ def bench_ort_loop(
 
 
 # -- (c) the service through Triton --------------------------------------------------------
+def post_events(connection, path: str, body: str, headers: dict, source: str):
+    """POST ``body`` and yield each server-sent event's JSON as its line arrives (an error
+    status or an error event raises, naming ``source``)."""
+    connection.request("POST", path, body, headers)
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"{source} answered {response.status}: {response.read()[:500]!r}")
+    while line := response.readline():
+        event = peer.parse_event(line, source=source)
+        if event is not None:
+            yield event
+
+
 def bench_triton(
     urls: dict[str, str],
     engine: str,
@@ -287,14 +300,7 @@ def bench_triton(
         barrier.wait()
         started = time.perf_counter()
         stamps, tokens = [], 0
-        connection.request("POST", "/v1/completions", body, headers)
-        response = connection.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"the gateway answered {response.status}: {response.read()!r}")
-        while line := response.readline():
-            chunk = peer.parse_event(line, source="the OpenAI gateway")
-            if chunk is None:
-                continue
+        for chunk in post_events(connection, "/v1/completions", body, headers, "the gateway"):
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
@@ -320,16 +326,8 @@ def bench_triton(
         barrier.wait()
         started = time.perf_counter()
         stamps, tokens = [], None
-        connection.request(
-            "POST", "/v2/models/gpt2/generate_stream", body, {"Content-Type": "application/json"}
-        )
-        response = connection.getresponse()
-        if response.status != 200:
-            raise RuntimeError(f"Triton answered {response.status}: {response.read()[:500]!r}")
-        while line := response.readline():
-            event = peer.parse_event(line, source="Triton's generate_stream")
-            if event is None:
-                continue
+        path, headers = "/v2/models/gpt2/generate_stream", {"Content-Type": "application/json"}
+        for event in post_events(connection, path, body, headers, "Triton's generate_stream"):
             if event.get("text_output"):
                 stamps.append(time.perf_counter())
             if event.get("finish_reason"):
