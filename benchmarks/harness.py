@@ -208,19 +208,6 @@ def bench_ort_loop(
 
 
 # -- (c) the service through Triton --------------------------------------------------------
-def post_events(connection, path: str, body: str, headers: dict, source: str):
-    """POST ``body`` and yield each server-sent event's JSON as its line arrives (an error
-    status or an error event raises, naming ``source``)."""
-    connection.request("POST", path, body, headers)
-    response = connection.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"{source} answered {response.status}: {response.read()[:500]!r}")
-    while line := response.readline():
-        event = peer.parse_event(line, source=source)
-        if event is not None:
-            yield event
-
-
 def bench_triton(
     urls: dict[str, str],
     engine: str,
@@ -300,7 +287,7 @@ def bench_triton(
         barrier.wait()
         started = time.perf_counter()
         stamps, tokens = [], 0
-        for chunk in post_events(connection, "/v1/completions", body, headers, "the gateway"):
+        for chunk in peer.post_events(connection, "/v1/completions", body, headers, "the gateway"):
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
             if chunk.get("usage"):
@@ -327,7 +314,7 @@ def bench_triton(
         started = time.perf_counter()
         stamps, tokens = [], None
         path, headers = "/v2/models/gpt2/generate_stream", {"Content-Type": "application/json"}
-        for event in post_events(connection, path, body, headers, "Triton's generate_stream"):
+        for event in peer.post_events(connection, path, body, headers, "Triton's generate_stream"):
             if event.get("text_output"):
                 stamps.append(time.perf_counter())
             if event.get("finish_reason"):

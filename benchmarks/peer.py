@@ -352,17 +352,24 @@ def stream_completion(
     character is incomplete), the last with ``stop`` true, ``tokens_predicted`` and the
     server's ``timings``."""
     body = json.dumps(completion_request(prompt_ids, new_tokens))
-    connection.request("POST", "/completion", body, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    # to the body's end, after the stop event (llama-server then closes the connection)
+    yield from post_events(connection, "/completion", body, headers, "llama-server")
+
+
+def post_events(
+    connection: http.client.HTTPConnection, path: str, body: str, headers: dict, source: str
+) -> Iterator[dict]:
+    """POST ``body`` and yield each server-sent event's JSON as its line arrives (an error
+    status or an error event raises, naming ``source``), until the body ends."""
+    connection.request("POST", path, body, headers)
     response = connection.getresponse()
     if response.status != 200:
-        raise PeerError(f"llama-server answered {response.status}: {response.read()[:500]!r}")
+        raise PeerError(f"{source} answered {response.status}: {response.read()[:500]!r}")
     while line := response.readline():
-        event = parse_event(line)
+        event = parse_event(line, source=source)
         if event is not None:
             yield event
-            if event.get("stop"):
-                break
-    response.read()  # the body's end (llama-server then closes the connection)
 
 
 def main(argv: list[str] | None = None) -> int:
