@@ -80,6 +80,13 @@ def open_page(browser, ui_url):
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     page.goto(ui_url)
     page.wait_for_selector("#chat-input textarea", timeout=30_000)
+    # The textarea is in the first HTML; the page takes input only once its script has
+    # connected to the UI's queue. The status line's load event is the sign: it runs
+    # through that queue and replaces "connecting…".
+    page.wait_for_function(
+        "() => !document.querySelector('#status').innerText.includes('connecting')",
+        timeout=60_000,
+    )
     return page
 
 
@@ -224,37 +231,56 @@ METRIC_AGE_BOUND_S = 2.0
 
 
 class Background:
-    """``count`` equal long streams, each consumed on its own thread. Each one records
-    when its first piece arrived: from then on it is no longer waiting in the server's
-    queue, so it can no longer be counted in ``gpt2_waiting_requests``."""
+    """Keeps ``2 * batch`` equal long streams in flight until cancelled: when one ends
+    another starts, so the server's batch stays full and ``batch`` streams wait in its
+    queue, for as long as the test needs, however slow the machine or the page. Each stream
+    records when its first piece arrived: from then on it is no longer waiting in the
+    server's queue, so it can no longer be counted in ``gpt2_waiting_requests``."""
 
-    def __init__(self, url: str, count: int) -> None:
-        params = GenerationParams(max_tokens=1000, min_length=1000)
-        self.clients = [Gpt2Client(url) for _ in range(count)]
-        self.streams = [client.stream("The dog", params) for client in self.clients]
-        self.first_piece_at: list[float | None] = [None] * count
+    def __init__(self, url: str, batch: int) -> None:
+        self.params = GenerationParams(max_tokens=1000, min_length=1000)
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.streams: list = []
+        self.first_piece_at: list[float | None] = []
+        self.clients = [Gpt2Client(url) for _ in range(2 * batch)]
         self.threads = [
-            threading.Thread(target=self._consume, args=(i,), daemon=True) for i in range(count)
+            threading.Thread(target=self._keep_streaming, args=(client,), daemon=True)
+            for client in self.clients
         ]
         for thread in self.threads:
             thread.start()
 
-    def _consume(self, index: int) -> None:
-        for _ in self.streams[index]:
-            if self.first_piece_at[index] is None:
-                self.first_piece_at[index] = time.monotonic()
+    def _keep_streaming(self, client) -> None:
+        while True:
+            with self.lock:  # a stream started after cancel() would not be cancelled
+                if self.cancelled:
+                    return
+                stream = client.stream("The dog", self.params)
+                self.streams.append(stream)
+                self.first_piece_at.append(None)
+                index = len(self.streams) - 1
+            for _ in stream:
+                if self.first_piece_at[index] is None:
+                    self.first_piece_at[index] = time.monotonic()
 
-    def running(self) -> bool:
-        return any(thread.is_alive() for thread in self.threads)
+    def admitted(self) -> int:
+        """Streams that got a piece: each of them ends on the server, by length or cancel.
+        (One cancelled before its request left may never reach the server.)"""
+        with self.lock:
+            return sum(1 for t in self.first_piece_at if t is not None)
 
     def not_started_by(self, moment: float) -> int:
         """Streams with no piece by ``moment``: an upper bound on those of them that were
         still waiting in the server's queue at any time after ``moment``."""
-        return sum(1 for t in self.first_piece_at if t is None or t > moment)
+        with self.lock:
+            return sum(1 for t in self.first_piece_at if t is None or t > moment)
 
     def cancel(self) -> None:
-        for stream in self.streams:
-            stream.cancel()
+        with self.lock:
+            self.cancelled = True
+            for stream in self.streams:
+                stream.cancel()
 
     def close(self) -> None:
         for thread in self.threads:
@@ -271,15 +297,14 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
     that served one user at a time would let at most one of them through until the first
     reply was done, however long the background streams ran.
 
-    Twice BATCH background streams of equal length: the second BATCH queue behind the
-    first and take their slots when they end, so the batch stays full for two stream
-    lengths however slow the machine; the pages' requests queue behind them. Background
-    streams waiting are told apart from the pages' by the clients' own record: a reading
-    counts only what the background cannot account for."""
+    The background keeps the batch full and ``BATCH`` streams queued until the test is
+    done, so a page's request waits at least one whole stream length behind them, on a
+    machine of any speed. Background streams waiting are told apart from the pages' by the
+    clients' own record: a reading counts only what the background cannot account for."""
     pages = [open_page(browser, ui_url) for _ in range(PAGES)]
     wait_for(lambda: metric(triton, "gpt2_active_sequences") == 0, "earlier requests to end")
     ended_before = ended_requests(triton)
-    background = Background(triton.grpc_url, 2 * BATCH)
+    background = Background(triton.grpc_url, BATCH)
     try:
         wait_for(lambda: metric(triton, "gpt2_active_sequences") >= BATCH, "a full batch")
         for number, page in enumerate(pages):
@@ -287,8 +312,10 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
             page.keyboard.press("Enter")
         # The readings must show it for longer than one publishing interval, so that at
         # least two publications agree: one could be older than the bound if a step ran long.
+        # The deadline only turns a hang into a failure.
         most_waiting, shown_since, shown = 0.0, None, False
-        while background.running():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
             moment = time.monotonic() - METRIC_AGE_BOUND_S  # before the reading is taken
             pages_waiting = metric(triton, "gpt2_waiting_requests") - background.not_started_by(
                 moment
@@ -302,9 +329,14 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
                 shown = True
                 break
             time.sleep(0.1)
+        asked = [
+            page.locator("#chatbot .message.user, #chatbot [data-testid='user']").count()
+            for page in pages
+        ]
         assert shown, (
             f"while the batch was full, at most {most_waiting:.0f} of the {PAGES} pages' "
-            "requests reached the server at once: the page held the others back"
+            f"requests reached the server at once: the page held the others back (messages "
+            f"shown on each page: {asked})"
         )
     finally:
         background.cancel()
@@ -318,7 +350,11 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
         )
         assert page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").count()
     wait_for(
-        lambda: ended_requests(triton) >= ended_before + 2 * BATCH + PAGES,
+        lambda: (
+            ended_requests(triton) >= ended_before + background.admitted() + PAGES
+            and metric(triton, "gpt2_active_sequences") == 0
+            and metric(triton, "gpt2_waiting_requests") == 0
+        ),
         "every request to end",
     )
     for page in pages:
