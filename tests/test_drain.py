@@ -133,7 +133,11 @@ def test_reads_that_hang_do_not_stretch_the_timeout():
 # What a drain may meet instead of a healthy metrics endpoint or admin socket: each one
 # answers every request (read up to its blank line) with one of these, on the raw socket.
 Behaviour = Callable[[socket.socket, threading.Event], None]
-SLACK_S = 1.0  # what a busy 2-core machine may add to a deadline (thread start-up, logging)
+# What a busy 2-core machine may add to a deadline (thread start-up, logging, a stall).
+# The reads the budgets must cut short last READ_TIMEOUT_S, far beyond it: a budget that
+# waited out a read is still told apart from a slow machine.
+SLACK_S = 8.0
+READ_TIMEOUT_S = "30"
 # the warnings the drain logs where it used to crash
 READ_FAILED = "cannot read what is in flight"
 DRAIN_CALL_FAILED = "envoy did not drain its listeners"
@@ -281,11 +285,11 @@ def test_a_well_behaved_idle_replica_drains(hostile):
 @pytest.mark.parametrize("behave", HOSTILE_METRICS.values(), ids=HOSTILE_METRICS.keys())
 def test_a_hostile_metrics_endpoint_is_waited_out_within_the_timeout(hostile, behave, caplog):
     server = hostile(behave)
-    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", "5"]
+    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", READ_TIMEOUT_S]
     with caplog.at_level(logging.WARNING, logger="gpt2_triton.drain"):
-        status, taken = run_hook([*argv, "triton", "--metrics-url", server.url], 2 + 10)
+        status, taken = run_hook([*argv, "triton", "--metrics-url", server.url], 2 + 40)
     # not idle (unknown means wait on), not a crash, and not a second past the budget,
-    # though each read may take 5 s
+    # though each read may take 30 s
     assert status == 1
     assert 2 - 0.05 <= taken <= 2 + SLACK_S, taken
     assert READ_FAILED in caplog.text
@@ -315,11 +319,11 @@ def test_a_hostile_envoy_admin_is_waited_out_within_the_timeout(
 ):
     socket_path = short_dir / "admin.sock"
     hostile(behave, unix_path=socket_path)
-    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", "5"]
+    argv = ["--timeout", "2", "--quiet", "0", "--interval", "0.1", "--read-timeout", READ_TIMEOUT_S]
     with caplog.at_level(logging.WARNING, logger="gpt2_triton.drain"):
-        status, taken = run_hook([*argv, "envoy", "--admin-socket", str(socket_path)], 2 + 10)
+        status, taken = run_hook([*argv, "envoy", "--admin-socket", str(socket_path)], 2 + 40)
     # the drain call's failures are logged, not raised: the wait (or its budget) goes on,
-    # and the call spends the same budget (a silent admin holds it 2 s, not 5)
+    # and the call spends the same budget (a silent admin holds it 2 s, not 30)
     assert status == 1
     assert 2 - 0.05 <= taken <= 2 + SLACK_S, taken
     assert warning in caplog.text
@@ -364,6 +368,14 @@ def stream(server: TritonServer, tokens: int, ended: list[float]) -> None:
     ended.append(time.monotonic())
 
 
+def ran_out(server: TritonServer) -> float:
+    """gpt2_requests_total{finish_reason="length"} on the server's metrics port."""
+    series = 'gpt2_requests_total{finish_reason="length"} '
+    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+    lines = [line for line in text.splitlines() if line.startswith(series)]
+    return float(lines[0].split()[1]) if lines else 0.0
+
+
 @pytest.mark.integration
 def test_a_replica_is_drained_only_once_its_streams_end(bare_triton):
     def in_flight(timeout: float = drain.READ_TIMEOUT_S) -> float | None:
@@ -374,6 +386,7 @@ def test_a_replica_is_drained_only_once_its_streams_end(bare_triton):
     # repeated with longer streams (the tiny model's window allows 1000 new tokens).
     for tokens in (500, 1000, 1000, 1000):
         assert drain.wait_until_idle(in_flight, timeout_s=120, quiet_s=0.5, interval_s=0.1)
+        ran_out_before = ran_out(bare_triton)
         ended: list[float] = []
         streams = [
             threading.Thread(target=stream, args=(bare_triton, tokens, ended)) for _ in range(8)
@@ -390,11 +403,13 @@ def test_a_replica_is_drained_only_once_its_streams_end(bare_triton):
         pytest.fail("in 4 attempts a stream always ended before the drain began")
 
     assert drain.wait_until_idle(in_flight, timeout_s=120, quiet_s=1.0, interval_s=0.1)
-    drained = time.monotonic()
+    # Not one stream was still running when it returned: the server had counted all of
+    # them as run to their end (its counts are published before its gauges, so the idle
+    # gauges the drain saw came with them). The clients may read their last bytes later.
+    assert ran_out(bare_triton) - ran_out_before >= len(streams)
     for thread in streams:
         thread.join(timeout=120)
     assert len(ended) == len(streams)
-    assert max(ended) <= drained  # not one stream was still running when it returned
     assert in_flight() == 0
 
 

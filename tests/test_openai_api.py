@@ -92,7 +92,7 @@ def native(triton):
 
 
 def metrics(server) -> dict[str, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
     return {
         line.split()[0]: float(line.split()[1])
         for line in text.splitlines()
@@ -119,7 +119,7 @@ def greedy(max_tokens: int = 16, **kw) -> GenerationParams:
 def test_models_lists_the_served_model(client, api, native):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL] == [native.model_info()["model"]]
-    assert httpx.get(f"{api}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{api}/health", timeout=60).json() == {"status": "ok"}
 
 
 # --- completions --------------------------------------------------------------------------
@@ -366,7 +366,9 @@ def test_bad_json_is_400(api):
     response = post(api, COMPLETIONS, "{not json")
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
-    no_type = httpx.post(f"{api}{COMPLETIONS}", content=json.dumps({"model": MODEL, "prompt": "x"}))
+    no_type = httpx.post(
+        f"{api}{COMPLETIONS}", content=json.dumps({"model": MODEL, "prompt": "x"}), timeout=60
+    )
     assert no_type.status_code == 400
     assert "application/json" in no_type.json()["error"]["message"]
 
@@ -395,7 +397,7 @@ def test_an_unknown_model_is_404(api, client):
     response = post(api, CHAT, {"model": "gpt-4", "messages": USER})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
-    assert httpx.get(f"{api}/v1/nothing-here").status_code == 404
+    assert httpx.get(f"{api}/v1/nothing-here", timeout=60).status_code == 404
 
 
 def test_triton_unreachable_is_503(artifacts):
@@ -403,12 +405,12 @@ def test_triton_unreachable_is_503(artifacts):
 
     closed = f"127.0.0.1:{_free_ports(1)[0]}"  # nothing listens there
     with gateway(closed, artifacts / "logs" / "openai_api_503.log", ready=False) as base:
-        assert httpx.get(f"{base}/health").status_code == 503
+        assert httpx.get(f"{base}/health", timeout=60).status_code == 503
         for path, body in ((COMPLETIONS, {"prompt": "x"}), (CHAT, {"messages": USER})):
             response = post(base, path, {"model": MODEL, **body})
             assert response.status_code == 503, response.text
             assert response.json()["error"]["type"] == "server_error"
-        assert httpx.get(f"{base}/v1/models").status_code == 503
+        assert httpx.get(f"{base}/v1/models", timeout=60).status_code == 503
         with openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as sdk:
             with pytest.raises(openai.InternalServerError) as caught:
                 sdk.completions.create(model=MODEL, prompt="x", stream=True)
