@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     stop_sampler.set()
     sampling.join(30)
     # The model publishes its metrics every half second: give the last requests a moment
-    # to be counted and their sequences to be let go.
-    sent, deadline = len(soak.outcomes), time.monotonic() + 10
+    # to be counted and their sequences to be let go (the deadline only bounds a hang).
+    sent, deadline = len(soak.outcomes), time.monotonic() + 60
     after = server_metrics(args.metrics_url)
     while time.monotonic() < deadline and (
         any(sequences_held(after).values())
