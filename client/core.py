@@ -370,6 +370,8 @@ class Gpt2Client:
     def _grpc_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         from tritonclient.utils import InferenceServerException
 
+        if cancel.requested.is_set():  # cancelled before it started: send nothing
+            return
         inputs = self._grpc_inputs(prompt, params, stream)
         responses: queue.Queue = queue.Queue()
         client = self._grpc()
@@ -430,6 +432,8 @@ class Gpt2Client:
                 client.close()
 
     def _http_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
+        if cancel.requested.is_set():  # cancelled before it started: send nothing
+            return
         body = {names.TEXT_INPUT: prompt, names.STREAM: stream, **params.as_json()}
         endpoint = "generate_stream" if stream else "generate"
         request = urllib.request.Request(

@@ -75,6 +75,40 @@ def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
     return True
 
 
+def gpt2_metrics(metrics_url: str) -> dict[str, float]:
+    """The gpt2 model's series on a Triton metrics port, by their full names."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("gpt2_")
+    }
+
+
+def wait_until_idle(metrics_url: str, timeout: float = 120) -> dict[str, float]:
+    """Wait until the gpt2 model holds no sequence (running, queued or cached) and return
+    the metrics that showed it: a baseline that counts every request ended before. The
+    model publishes its counters before its gauges (gpt2/1/model.py), so idle gauges come
+    with the counts of the requests that had just left."""
+    seen: dict[str, float] = {}
+
+    def idle() -> bool:
+        seen.clear()
+        seen.update(gpt2_metrics(metrics_url))
+        cached = [v for k, v in seen.items() if k.startswith("gpt2_engine_cached_sequences{")]
+        return (
+            seen.get("gpt2_active_sequences") == 0
+            and seen.get("gpt2_waiting_requests") == 0
+            and not any(cached)
+        )
+
+    if not wait_until(idle, timeout):
+        pytest.fail(f"the gpt2 model did not become idle in {timeout:.0f} s: {seen}")
+    return dict(seen)
+
+
 def envoy_validate(config_file: Path) -> None:
     """The real envoy binary accepts the configuration (``--mode validate``)."""
     import subprocess

@@ -7,7 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -39,6 +39,7 @@ class Script:
     chunked: bool = False  # Transfer-Encoding: chunked (as Triton), cut before the last chunk
     status: int = 200
     then_silent: bool = False  # after the events, keep the connection open and say nothing
+    posted: list[bytes] = field(default_factory=list)  # the bodies of the requests it got
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def sse_server(script: Script) -> Iterator[str]:
         protocol_version = "HTTP/1.1" if script.chunked else "HTTP/1.0"
 
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-            self.rfile.read(int(self.headers["Content-Length"]))
+            script.posted.append(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(script.status)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             if script.chunked:
@@ -138,6 +139,17 @@ def test_error_in_the_first_event_keeps_the_message_and_http_status():
             list(Gpt2Client(url, "http", timeout_s=10).stream("The cat"))
     assert exc.value.status == "INVALID_ARG"
     assert str(exc.value) == "max_tokens must be >= 1, got -5"
+
+
+def test_a_stream_cancelled_before_it_starts_sends_nothing():
+    script = Script([event(" walks"), event(" to", finish_reason="length")])
+    with sse_server(script) as url:
+        client = Gpt2Client(url, "http", timeout_s=10)
+        stream = client.stream("The cat")
+        stream.cancel()  # before the first piece is asked for: the request is not sent
+        assert list(stream) == [] and stream.result is None
+        assert list(client.stream("The cat")) == [" walks", " to"]
+    assert len(script.posted) == 1  # the second stream's only
 
 
 def test_own_cancel_ends_the_stream_quietly():

@@ -1042,17 +1042,17 @@ def test_http_stream_arrives_event_by_event(triton):
     while (event := stream.next_event()) is not None:
         events.append(event)
     stream.connection.close()
-    # The next tests count finish reasons from here: leave once this request is counted.
-    reason = events[-1].get("finish_reason")
-    wait_for(
-        lambda: finished_since(triton, before).get(reason, 0) >= 1,
-        lambda: f"gpt2_requests_total{{{reason}}} to grow: {finished_since(triton, before)}",
-    )
     assert events[0]["finish_reason"] == "" and events[0]["num_output_tokens"] < 64
     assert events[-1]["finish_reason"] in {"length", "stop"}
     assert len(events) > 10, "the door merged the events"
     counts = [e["num_output_tokens"] for e in events]
     assert counts == sorted(counts)
+    # The next tests count finish reasons from here: leave once this request is counted.
+    reason = events[-1]["finish_reason"]
+    wait_for(
+        lambda: finished_since(triton, before).get(reason, 0) >= 1,
+        lambda: f"gpt2_requests_total{{{reason}}} to grow: {finished_since(triton, before)}",
+    )
 
 
 def cut_mid_generation(triton, cut: Callable[[], None], attempts: int = 4) -> None:
@@ -1063,6 +1063,7 @@ def cut_mid_generation(triton, cut: Callable[[], None], attempts: int = 4) -> No
     stream or lost the cut would end every attempt "length"."""
     outcomes = []
     for _ in range(attempts):
+        wait_for(lambda: idle(triton), "an idle server")  # its counts include every end
         before = finished(triton)
         cut()
         ended = wait_for(

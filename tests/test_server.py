@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import wait_until
+from conftest import gpt2_metrics, wait_until, wait_until_idle
 
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton import names
@@ -43,12 +43,7 @@ def http(triton):
 
 
 def metrics(triton) -> dict[str, float]:
-    text = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("gpt2_")
-    }
+    return gpt2_metrics(triton.metrics_url)
 
 
 def post(triton, path, body):
@@ -217,13 +212,13 @@ def _inputs(values):
 
 
 def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
-    # Streams of 96 tokens each: long enough to overlap however far apart a busy machine
-    # starts the threads (each opens its own channel after the barrier).
+    # Streams of 96 tokens each, so that the 8 overlap even when a busy machine starts
+    # their threads some way apart (each opens its own channel after the barrier).
     params = GenerationParams(temperature=0, max_tokens=96, min_length=96)
     solo = {p: grpc.generate(p, params).text for p in PROMPTS}
     results: dict[str, str] = {}
     errors: list[Exception] = []
-    barrier = threading.Barrier(len(PROMPTS))
+    barrier = threading.Barrier(len(PROMPTS), timeout=120)
 
     def run(prompt):
         try:
@@ -233,22 +228,31 @@ def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
         except Exception as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
-    before = metrics_after(triton, "gpt2_engine_steps_total", 0)  # the solo runs' steps
+    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in PROMPTS]
+    # Steps counted at rest: idle gauges come with the counters of every request before,
+    # and after the 8 once all of them are counted as ended.
+    before = wait_until_idle(triton.metrics_url)
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert not errors, errors
     assert results == solo
-    steps = metrics_after(triton, "gpt2_engine_steps_total", before)
+    after: dict[str, float] = {}
+
+    def all_ended() -> bool:
+        after.update(metrics(triton))
+        return ended_requests(after) >= ended_requests(before) + len(PROMPTS)
+
+    assert wait_until(all_ended, timeout=120), f"the 8 requests not counted in 120 s: {after}"
+    steps = after["gpt2_engine_steps_total"] - before["gpt2_engine_steps_total"]
     # in-flight batching: the 8 streams shared steps instead of running one after another
     assert steps < len(PROMPTS) * params.max_tokens * 0.6, steps
 
 
-def metrics_after(triton, name, before, wait_s=1.2):
-    time.sleep(wait_s)  # the model publishes its counters twice a second
-    return metrics(triton)[name] - before
+def ended_requests(series: dict[str, float]) -> float:
+    """Requests ended, whatever their finish reason."""
+    return sum(v for k, v in series.items() if k.startswith("gpt2_requests_total{"))
 
 
 def test_seeded_sampling_is_reproducible(grpc):
@@ -267,9 +271,11 @@ def cancel_a_long_stream(server, client, engine_model: str = "gpt2") -> dict[str
     """Start a stream that cannot end by itself soon, cancel it after a few pieces, and
     wait until the server has counted the cancel and freed the sequence's KV cache; the
     metrics of that state. The wait is on the server's state: the cancel goes through the
-    door to Triton, the loop sees it at its next check and publishes twice a second."""
+    door to Triton, the loop sees it at its next check and publishes twice a second,
+    counters before gauges."""
     cached = f'gpt2_engine_cached_sequences{{engine="onnx",model="{engine_model}"}}'
-    before = metrics(server).get(CANCELLED, 0)
+    baseline = wait_until_idle(server.metrics_url)  # no other request is counted after it
+    before = baseline.get(CANCELLED, 0)
     # no end-of-text before 1000 tokens: the stream is surely running when it is cancelled
     stream = client.stream(
         "The cat", GenerationParams(temperature=0, max_tokens=1000, min_length=1000)
@@ -291,6 +297,9 @@ def cancel_a_long_stream(server, client, engine_model: str = "gpt2") -> dict[str
     assert wait_until(cancelled_and_freed, timeout=120), (
         f"no cancel counted with the sequence and its cache freed in 120 s: {settled}"
     )
+    # This request's own mark: cancelled after a few pieces, it never ran to 1000 tokens.
+    generated = settled["gpt2_output_tokens_total"] - baseline.get("gpt2_output_tokens_total", 0)
+    assert generated < 1000, f"{generated:.0f} tokens: the stream ran to its end"
     return settled
 
 

@@ -107,7 +107,7 @@ def finished_requests(triton, reason: str) -> float:
 
 def metric(triton, series: str) -> float:
     """One series' value on Triton's metrics port (0 before it is first published)."""
-    text = urllib.request.urlopen(triton.metrics_url).read().decode()
+    text = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
     for line in text.splitlines():
         if line.startswith(f"{series} "):
             return float(line.split()[1])
@@ -249,6 +249,7 @@ class Background:
         self.cancelled = False
         self.streams: list = []
         self.first_piece_at: list[float | None] = []
+        self.errors: list[Exception] = []
         self.clients = [Gpt2Client(url) for _ in range(2 * batch)]
         self.threads = [
             threading.Thread(target=self._keep_streaming, args=(client,), daemon=True)
@@ -258,17 +259,22 @@ class Background:
             thread.start()
 
     def _keep_streaming(self, client) -> None:
-        while True:
-            with self.lock:  # a stream started after cancel() would not be cancelled
-                if self.cancelled:
-                    return
-                stream = client.stream("The dog", self.params)
-                self.streams.append(stream)
-                self.first_piece_at.append(None)
-                index = len(self.streams) - 1
-            for _ in stream:
-                if self.first_piece_at[index] is None:
-                    self.first_piece_at[index] = time.monotonic()
+        try:
+            while True:
+                # A stream made after cancel() would not be cancelled; one made before and
+                # first iterated after it sends nothing (the client checks).
+                with self.lock:
+                    if self.cancelled:
+                        return
+                    stream = client.stream("The dog", self.params)
+                    self.streams.append(stream)
+                    self.first_piece_at.append(None)
+                    index = len(self.streams) - 1
+                for _ in stream:
+                    if self.first_piece_at[index] is None:
+                        self.first_piece_at[index] = time.monotonic()
+        except Exception as exc:  # reported by the test: the batch no longer stays full
+            self.errors.append(exc)
 
     def admitted(self) -> int:
         """Streams that got a piece: each of them ends on the server, by length or cancel.
@@ -321,7 +327,7 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
         # The deadline only turns a hang into a failure.
         most_waiting, shown_since, shown = 0.0, None, False
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not background.errors:
             moment = time.monotonic() - METRIC_AGE_BOUND_S  # before the reading is taken
             pages_waiting = metric(triton, "gpt2_waiting_requests") - background.not_started_by(
                 moment
@@ -339,6 +345,7 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
             page.locator("#chatbot .message.user, #chatbot [data-testid='user']").count()
             for page in pages
         ]
+        assert not background.errors, f"a background stream failed: {background.errors[0]!r}"
         assert shown, (
             f"while the batch was full, at most {most_waiting:.0f} of the {PAGES} pages' "
             f"requests reached the server at once: the page held the others back (messages "

@@ -3,11 +3,10 @@
 import itertools
 import threading
 import time
-import urllib.request
 
 import gradio as gr
 import pytest
-from conftest import wait_until
+from conftest import gpt2_metrics, wait_until, wait_until_idle
 
 from gpt2_triton.transcript import render_turn
 from ui.chat import (
@@ -153,16 +152,8 @@ def test_long_history_is_trimmed_by_the_servers_tokenizer(service, triton):
 
 
 def test_stop_cancels_the_request_on_the_server(service, triton):
-    def cancelled():
-        text = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
-        lines = [
-            line
-            for line in text.splitlines()
-            if line.startswith('gpt2_requests_total{finish_reason="cancelled"}')
-        ]
-        return float(lines[0].split()[1]) if lines else 0.0
-
-    before = cancelled()
+    cancelled_series = 'gpt2_requests_total{finish_reason="cancelled"}'
+    baseline = wait_until_idle(triton.metrics_url)  # no other request is counted after it
     settings = Settings(max_tokens=1000, temperature=0, min_tokens=1000)  # surely running
     replies = service.complete("The cat", settings, "s3")
     next(replies)
@@ -172,9 +163,19 @@ def test_stop_cancels_the_request_on_the_server(service, triton):
     assert len(rest) < 5  # the stream ended at once
     # The cancel goes through the door to Triton; the loop sees it at its next check and
     # publishes twice a second: wait for that state, with the deadline only as a bound.
-    assert wait_until(lambda: cancelled() >= before + 1, timeout=120), (
-        "Stop ended the page's stream but the server counted no cancel in 120 s"
-    )
+    after: dict[str, float] = {}
+
+    def counted() -> bool:  # the request's own cancel, not a stale idle reading from before
+        after.update(gpt2_metrics(triton.metrics_url))
+        return after.get(cancelled_series, 0) >= baseline.get(cancelled_series, 0) + 1 and (
+            after.get("gpt2_active_sequences") == 0
+        )
+
+    assert wait_until(counted, timeout=120), f"no cancel counted in 120 s: {after}"
+    assert after.get(cancelled_series, 0) == baseline.get(cancelled_series, 0) + 1
+    # ... and it was this request that was cancelled: it never ran to 1000 tokens
+    generated = after["gpt2_output_tokens_total"] - baseline.get("gpt2_output_tokens_total", 0)
+    assert generated < 1000, f"{generated:.0f} tokens: the stream ran to its end"
 
 
 def test_server_down_is_said_in_plain_words(unused_port):
