@@ -109,7 +109,8 @@ class _Cancellation:
 
 class TextStream:
     """Iterate to get text pieces as they arrive; ``result`` is set at the end;
-    ``cancel()`` stops the request on the server."""
+    ``cancel()`` stops the request on the server. The request is sent when the first piece
+    is asked for: a stream cancelled before that sends nothing and yields nothing."""
 
     def __init__(self, chunks: Iterator[_Chunk], cancel: _Cancellation) -> None:
         self._chunks = chunks
