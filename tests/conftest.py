@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,11 +88,18 @@ def gpt2_metrics(metrics_url: str) -> dict[str, float]:
     }
 
 
+# The gpt2 model publishes its metrics from its loop every 0.5 s (gpt2/1/model.py), also
+# while idle; a reading taken this long after another shows a publication made after it.
+METRICS_SETTLE_S = 1.2
+
+
 def wait_until_idle(metrics_url: str, timeout: float = 120) -> dict[str, float]:
-    """Wait until the gpt2 model holds no sequence (running, queued or cached) and return
-    the metrics that showed it: a baseline that counts every request ended before. The
-    model publishes its counters before its gauges (gpt2/1/model.py), so idle gauges come
-    with the counts of the requests that had just left."""
+    """Wait until the gpt2 model holds no sequence (running, queued or cached), then
+    return a reading published after that: a baseline that counts every request ended
+    before. An idle reading alone may be older than the last requests (one too short to
+    span a publication leaves none); the second one, taken a publication cycle later and
+    idle too, is not. The model publishes counters before gauges, so idle gauges come with
+    the counts of the requests that had just left."""
     seen: dict[str, float] = {}
 
     def idle() -> bool:
@@ -104,7 +112,13 @@ def wait_until_idle(metrics_url: str, timeout: float = 120) -> dict[str, float]:
             and not any(cached)
         )
 
-    if not wait_until(idle, timeout):
+    def settled() -> bool:
+        if not idle():
+            return False
+        time.sleep(METRICS_SETTLE_S)
+        return idle()
+
+    if not wait_until(settled, timeout):
         pytest.fail(f"the gpt2 model did not become idle in {timeout:.0f} s: {seen}")
     return dict(seen)
 
