@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from conftest import free_ports, gpt2_metrics
 
 from gpt2_triton import drain, names
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorSettings
@@ -375,10 +375,7 @@ def stream(server: TritonServer, tokens: int, ended: list[float]) -> None:
 
 def ran_out(server: TritonServer) -> float:
     """gpt2_requests_total{finish_reason="length"} on the server's metrics port."""
-    series = 'gpt2_requests_total{finish_reason="length"} '
-    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
-    lines = [line for line in text.splitlines() if line.startswith(series)]
-    return float(lines[0].split()[1]) if lines else 0.0
+    return gpt2_metrics(server.metrics_url).get('gpt2_requests_total{finish_reason="length"}', 0.0)
 
 
 @pytest.mark.integration

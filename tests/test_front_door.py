@@ -17,11 +17,11 @@ import re
 import select
 import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import conftest
 import numpy as np
 import psutil
 import pytest
@@ -221,13 +221,7 @@ def grpc_status(error: InferenceServerException) -> str:
 
 # -- the server's state -----------------------------------------------------------------
 def gpt2_metrics(service) -> dict[str, float]:
-    with urllib.request.urlopen(service.metrics_url, timeout=30) as response:
-        text = response.read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("gpt2_")
-    }
+    return conftest.gpt2_metrics(service.metrics_url)
 
 
 def finished(service) -> dict[str, float]:

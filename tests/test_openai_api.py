@@ -15,12 +15,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from conftest import gpt2_metrics
 
 from client import GenerationParams, Gpt2Client
 from gpt2_triton.transcript import STOP_WORDS, chat_prompt
@@ -92,12 +92,7 @@ def native(triton):
 
 
 def metrics(server) -> dict[str, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("gpt2_")
-    }
+    return gpt2_metrics(server.metrics_url)
 
 
 def wait_for(condition, what: str) -> None:

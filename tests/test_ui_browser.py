@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import gpt2_metrics
 
 from client import GenerationParams, Gpt2Client
 
@@ -107,11 +108,7 @@ def finished_requests(triton, reason: str) -> float:
 
 def metric(triton, series: str) -> float:
     """One series' value on Triton's metrics port (0 before it is first published)."""
-    text = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
-    for line in text.splitlines():
-        if line.startswith(f"{series} "):
-            return float(line.split()[1])
-    return 0.0
+    return gpt2_metrics(triton.metrics_url).get(series, 0.0)
 
 
 def cancelled_requests(triton) -> float:
