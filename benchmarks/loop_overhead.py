@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     sinks = [_EndSink() for _ in range(args.concurrency)]
-    started = time.perf_counter()
+    wave_started = time.perf_counter()
     for seed, (sink, prompt) in enumerate(zip(sinks, prompts, strict=True), start=1):
         sampling = SamplingParams(temperature=0)
         if args.sampling:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         batcher.step()
         step_times.append(time.perf_counter() - started)
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - wave_started
     steps, inner = np.median(step_times[2:]), np.median(engine_times[2:])
     gaps = 1e3 * np.concatenate([np.diff(s.stamps) for s in sinks])
     print(
