@@ -491,7 +491,27 @@ def test_a_new_row_cached_by_a_step_that_then_failed_is_released(engine, codec):
     assert engine.cached_sequences == 0
 
 
-def test_stopping_the_loop_fails_what_is_left_once_then_refuses_requests(batcher, engine):
+class GatedAfterFirstStep(EngineWrapper):
+    """The real engine; every step after the first waits until ``gate`` is set, so the
+    loop stands still mid-generation for as long as a test needs, however slow it is."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.gate = threading.Event()
+        self.at_gate = threading.Event()  # the second step has begun and waits
+        self.steps = 0
+
+    def step(self, tokens, sequence_ids, starts):
+        self.steps += 1
+        if self.steps > 1:
+            self.at_gate.set()
+            assert self.gate.wait(60), "the test never opened the gate"
+        return super().step(tokens, sequence_ids, starts)
+
+
+def test_stopping_the_loop_fails_what_is_left_once_then_refuses_requests(engine, codec):
+    gated = GatedAfterFirstStep(engine)
+    batcher = InflightBatcher(gated, codec, limits(engine, max_active=4, max_queue=8))
     worker = ResponseWorker()
     sinks = [ListSink() for _ in range(6)]  # four run, two wait
     for sink in sinks:
@@ -502,10 +522,10 @@ def test_stopping_the_loop_fails_what_is_left_once_then_refuses_requests(batcher
     stop = threading.Event()
     loop = threading.Thread(target=batcher.run, args=(stop,))
     loop.start()
-    deadline = time.monotonic() + 60
-    while not sinks[0].outputs and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # the first step has run and queued its pieces; the second waits at the gate
+    assert gated.at_gate.wait(60) and worker.flush(60) and sinks[0].outputs
     stop.set()
+    gated.gate.set()
     batcher.wake()
     loop.join(60)
     assert not loop.is_alive()
