@@ -142,17 +142,24 @@ def free_ports(count: int) -> list[int]:
     return _free_ports(count)
 
 
+_HANDED_OUT: set[int] = set()  # ports given to servers this session: none is given twice
+
+
 def _free_ports(count: int) -> list[int]:
+    """Ports free now, none handed out before in this session: the kernel can offer a port
+    again once its probe socket is closed, even while the server it went to is still
+    starting (and has not bound it yet)."""
     import socket
 
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            ports.append(port)
+    return ports
 
 
 @pytest.fixture()
