@@ -351,6 +351,13 @@ def bench_triton(
             call = openai_api if url.startswith("http") else native
         started, stamps, tokens = call(url, client_index, barrier, path)
         end = time.perf_counter()
+        if tokens != new_tokens or not stamps:  # every path is asked for exactly new_tokens
+            raise RuntimeError(
+                f"{path}: a request ended with {tokens} tokens in {len(stamps)} pieces, "
+                f"not the {new_tokens} tokens asked for"
+            )
+        with lock:
+            spans.append((started, end))
         if row is not None:
             with lock:
                 row.ttft_ms.append(1e3 * (stamps[0] - started))
@@ -360,17 +367,39 @@ def bench_triton(
                 row.latency_ms.append(1e3 * (end - started))
                 row.tokens += tokens
 
+    spans: list[tuple[float, float]] = []  # this wave's requests: (sent, last response)
+    failures: list[BaseException] = []
+
+    def guarded(path: str, row: Row | None, client_index: int, barrier: threading.Barrier):
+        try:
+            one(path, row, client_index, barrier)
+        except BaseException as exc:  # noqa: BLE001 (reported by wave(), in the main thread)
+            with lock:
+                failures.append(exc)
+            barrier.abort()  # the others may still wait for this client at the barrier
+
     def wave(path: str, row: Row | None) -> float:
+        """The wave's span: from its first request sent to its last response, so that
+        client set-up (threads, connections, the gateway's model list) is not counted.
+        A request that fails or comes back short fails the run: a wave that lost a
+        client would report the others' speed as the whole."""
         barrier = threading.Barrier(concurrency)
+        spans.clear()
         threads = [
-            threading.Thread(target=one, args=(path, row, i, barrier)) for i in range(len(prompts))
+            threading.Thread(target=guarded, args=(path, row, i, barrier))
+            for i in range(len(prompts))
         ]
-        started = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return time.perf_counter() - started
+        if failures:
+            real = [f for f in failures if not isinstance(f, threading.BrokenBarrierError)]
+            first = (real or failures)[0]
+            raise RuntimeError(
+                f"{path}: {len(failures)} of {len(prompts)} clients failed"
+            ) from first
+        return max(end for _, end in spans) - min(sent for sent, _ in spans)
 
     for path in urls:
         wave(path, None)  # warm-up

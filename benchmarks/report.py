@@ -261,7 +261,8 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "",
         "Systems: `hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, "
         "one batch of `concurrency` prompts; `onnxruntime-loop` = the in-process ONNX "
-        "Runtime KV-cache loop on the same ONNX file (`StatefulEngine`, argmax); "
+        "Runtime KV-cache loop on the same ONNX file (the in-place `SlotEngine` the "
+        "service runs, argmax); "
         "`onnxruntime-loop:int8` = the same loop on the int8 file; "
         "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
         "at once, each timing its own tokens, straight to Triton's loopback port; "

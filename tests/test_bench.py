@@ -327,3 +327,37 @@ def test_bench_pa_and_genai_need_and_get_triton_s_statistics_api(triton, artifac
                 client.get_model_repository_index()
         finally:
             client.close()
+
+
+def test_a_wave_whose_client_fails_fails_the_run_instead_of_hanging(tiny_tokenizer, unused_port):
+    """A client that cannot connect used to end its thread quietly while the others
+    waited for it at the start barrier for ever (or, failing later, left a wave that
+    reported the rest's speed as the whole)."""
+    import threading
+
+    outcome = []
+
+    def bench():
+        try:
+            harness.bench_triton(
+                {harness.HTTP_PATH: f"127.0.0.1:{unused_port}"},  # nothing listens there
+                "onnx",
+                tiny_tokenizer,
+                3,
+                8,
+                4,
+                server_pid=0,
+                rounds=1,
+                rest_s=0,
+            )
+            outcome.append(None)
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=bench, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the wave hung on its start barrier"
+    assert outcome and isinstance(outcome[0], RuntimeError)
+    assert "3 of 3 clients failed" in str(outcome[0])
+    assert isinstance(outcome[0].__cause__, ConnectionRefusedError)
