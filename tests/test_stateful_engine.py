@@ -237,6 +237,46 @@ def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(
     assert slots.release_all() == len(live) and slots.cached_tokens == 0
 
 
+@pytest.mark.parametrize("kind", ["onnx", "torch_static"])
+def test_releasing_many_at_once_moves_only_rows_that_stay_and_leaves_zeros_behind(
+    kind, tiny_export, tiny_hf_model
+):
+    """Several sequences leave in one release (a step's finishers), decoding and filling
+    alike: the rest keep their logits (against the padded layout), no row that leaves is
+    copied, and every position at or past a row's length reads as zeros again."""
+    slots = in_place_engine(kind, tiny_export, tiny_hf_model, 8)
+    padded = build_engine("onnx", tiny_export, max_sequences=8, in_place=False)
+    moved = []
+    move = slots._move
+    slots._move = lambda src, dst: (moved.append(slots._ids[src]), move(src, dst))
+    rng = np.random.default_rng(11)
+    live, next_id = [], 0
+    for _ in range(40):
+        new = [next_id + i for i in range(int(rng.integers(0, 9 - len(live))))]
+        next_id += len(new)
+        ids = live + new
+        tokens = [[int(rng.integers(0, 500))] for _ in live]
+        tokens += [rng.integers(0, 500, int(rng.integers(1, 6))).tolist() for _ in new]
+        starts = [False] * len(live) + [True] * len(new)
+        if ids:
+            np.testing.assert_allclose(
+                slots.step(tokens, ids, starts), padded.step(tokens, ids, starts), atol=1e-3
+            )
+        live = ids
+        gone = [s for s in live if rng.random() < 0.5]
+        moved.clear()
+        assert slots.release(gone) == padded.release(gone) == len(gone)
+        assert not set(moved) & set(gone), "a row that left was copied"
+        live = [s for s in live if s not in gone]
+        assert all(slots.sequence_length(s) == padded.sequence_length(s) for s in live)
+        for buffer in slots._buffers:
+            rows = np.asarray(buffer.cpu() if hasattr(buffer, "cpu") else buffer)
+            for slot in range(rows.shape[0]):
+                length = int(slots._lengths[slot]) if slot < len(slots._ids) else 0
+                assert not rows[slot, :, length:].any(), f"slot {slot} keeps old values"
+    assert slots.release_all() == len(live) and slots.cached_tokens == 0
+
+
 def _request(ids, sequence_ids=None, starts=None, release=None):
     inputs = {names.INPUT_IDS: np.array(ids, np.int64)}
     if sequence_ids is not None:

@@ -96,6 +96,11 @@ class TorchCaches:
             raise EngineError(f"the static KV cache has {self.slots[0].shape[0] - 1} slots")
         return [buffer[:rows] for buffer in self.slots]
 
+    @property
+    def frees_on_release(self) -> bool:
+        """On CUDA the static cache stays: a row left behind must read as zeros."""
+        return not self.on_cuda
+
     def release(self, buffers: list) -> None:
         """The engine is empty: on the CPU the memory goes; on CUDA graphs replay over it."""
         if not self.on_cuda:
