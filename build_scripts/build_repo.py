@@ -142,6 +142,9 @@ def build(
     spec = checkpoint.resolve(settings.model)
     engine_files: dict[str, Path] = {}
     fingerprints: dict[str, dict | None] = {}  # what the served files were built from
+    # What an engine reads of its export beside the files: the shape and, for ONNX, the
+    # opset (an opset-23 export takes the in-place KV cache: factory._takes_in_place_cache).
+    engine_settings: dict = {}
     if settings.engine == "torch":
         tokenizer = checkpoint.load_tokenizer(spec)
         model = checkpoint.load_model(spec)
@@ -166,6 +169,7 @@ def build(
             else f"run 'make export MODEL={settings.model}' (make repo does)"
         )
         exported = check_current(export_dir, refresh)
+        engine_settings["opset"] = exported.get("opset")
         fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
         shape = ModelShape.from_dict(exported["shape"])
         needed = {
@@ -208,7 +212,7 @@ def build(
         folder.mkdir(parents=True, exist_ok=True)
         for name, src in engine_files.items():
             _link_or_copy(src, folder / name)
-        write_json(folder / SETTINGS_FILE, {"shape": shape.to_dict()})
+        write_json(folder / SETTINGS_FILE, {"shape": shape.to_dict(), **engine_settings})
     for model_name in ("tokenizer", "gpt2"):
         _link_or_copy(tokenizer_dir, repository / model_name / "1" / "tokenizer")
     for model_name, text in rendered.items():

@@ -401,3 +401,20 @@ def test_an_export_older_than_its_checkpoint_is_refused(retrained, tmp_path):
             verify.run(str(retrained.ckpt), retrained.export, tmp_path / "v", 32, 2, 1)
     finally:
         weights.write_bytes(saved)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "onnx-int8"])
+def test_the_served_onnx_engine_writes_its_kv_cache_in_place(tiny_export, tmp_path, kind):
+    """The repository's engine folder keeps what the factory reads of the export: served
+    from it, the engine is the in-place SlotEngine that in-process benchmarks measure (the
+    folder's settings once lost the opset, and every served ONNX engine fell back to the
+    padded cache)."""
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.engines.factory import build_engine
+    from gpt2_triton.engines.slots import SlotEngine
+
+    repository = build(RepoSettings("tiny", kind), tiny_export, tmp_path / "repo")
+    served = build_engine(kind, repository / "gpt2" / "1" / "engine", max_sequences=2)
+    exported = build_engine(kind, tiny_export, max_sequences=2)
+    assert isinstance(exported, SlotEngine)
+    assert type(served) is type(exported)
