@@ -36,6 +36,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -368,37 +369,17 @@ def bench_triton(
                 row.tokens += tokens
 
     spans: list[tuple[float, float]] = []  # this wave's requests: (sent, last response)
-    failures: list[BaseException] = []
-
-    def guarded(path: str, row: Row | None, client_index: int, barrier: threading.Barrier):
-        try:
-            one(path, row, client_index, barrier)
-        except BaseException as exc:  # noqa: BLE001 (reported by wave(), in the main thread)
-            with lock:
-                failures.append(exc)
-            barrier.abort()  # the others may still wait for this client at the barrier
 
     def wave(path: str, row: Row | None) -> float:
         """The wave's span: from its first request sent to its last response, so that
-        client set-up (threads, connections, the gateway's model list) is not counted.
-        A request that fails or comes back short fails the run: a wave that lost a
-        client would report the others' speed as the whole."""
-        barrier = threading.Barrier(concurrency)
+        client set-up (threads; HTTP connections, the gateway's model list) is not counted.
+        A gRPC request opens its channel when it starts (client/core.py): that connection
+        is inside the span, and inside its TTFT."""
         spans.clear()
-        threads = [
-            threading.Thread(target=guarded, args=(path, row, i, barrier))
-            for i in range(len(prompts))
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if failures:
-            real = [f for f in failures if not isinstance(f, threading.BrokenBarrierError)]
-            first = (real or failures)[0]
-            raise RuntimeError(
-                f"{path}: {len(failures)} of {len(prompts)} clients failed"
-            ) from first
+        try:
+            run_wave(len(prompts), lambda index, barrier: one(path, row, index, barrier))
+        except RuntimeError as exc:
+            raise RuntimeError(f"{path}: {exc}") from exc.__cause__
         return max(end for _, end in spans) - min(sent for sent, _ in spans)
 
     for path in urls:
@@ -415,6 +396,36 @@ def bench_triton(
         pid = peer_pid if path == PEER_PATH else server_pid
         row.server_rss_mb, row.server_pss_mb, row.server_peak_rss_mb = memory[pid]
     return list(rows.values())
+
+
+def run_wave(clients: int, client: Callable[[int, threading.Barrier], None]) -> None:
+    """``client(index, barrier)`` on ``clients`` threads at once; each waits at the barrier
+    before its request, so that all start together. A client that fails aborts the barrier
+    (the others may be waiting there for it) and fails the wave: RuntimeError from the
+    first failure. A wave that lost a client would report the others' speed as the
+    whole."""
+    barrier = threading.Barrier(clients)
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def guarded(index: int) -> None:
+        try:
+            client(index, barrier)
+        except BaseException as exc:  # noqa: BLE001 (raised again below, in the caller)
+            with lock:
+                failures.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        real = [f for f in failures if not isinstance(f, threading.BrokenBarrierError)]
+        raise RuntimeError(f"{len(failures)} of {clients} clients failed") from (real or failures)[
+            0
+        ]
 
 
 def server_memory_mb(pid: int) -> tuple[float, float, float]:

@@ -169,7 +169,8 @@ def build(
             else f"run 'make export MODEL={settings.model}' (make repo does)"
         )
         exported = check_current(export_dir, refresh)
-        engine_settings["opset"] = exported.get("opset")
+        if exported.get("opset") is not None:
+            engine_settings["opset"] = exported["opset"]
         fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
         shape = ModelShape.from_dict(exported["shape"])
         needed = {

@@ -361,3 +361,34 @@ def test_a_wave_whose_client_fails_fails_the_run_instead_of_hanging(tiny_tokeniz
     assert outcome and isinstance(outcome[0], RuntimeError)
     assert "3 of 3 clients failed" in str(outcome[0])
     assert isinstance(outcome[0].__cause__, ConnectionRefusedError)
+
+
+def test_a_client_failing_before_the_start_barrier_releases_the_others_waiting_there():
+    """One client fails while the others wait for it at the barrier: they are let go and
+    the wave fails with the first client's error (without the abort they waited for
+    ever)."""
+    import threading
+
+    reached = []
+
+    def client(index, barrier):
+        if index == 0:
+            raise ValueError("client 0 could not connect")
+        reached.append(index)
+        barrier.wait()
+
+    outcome = []
+
+    def wave():
+        try:
+            harness.run_wave(3, client)
+            outcome.append(None)
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wave, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the others waited at the barrier for ever"
+    assert isinstance(outcome[0], RuntimeError) and "3 of 3 clients failed" in str(outcome[0])
+    assert isinstance(outcome[0].__cause__, ValueError)

@@ -418,3 +418,24 @@ def test_the_served_onnx_engine_writes_its_kv_cache_in_place(tiny_export, tmp_pa
     exported = build_engine(kind, tiny_export, max_sequences=2)
     assert isinstance(exported, SlotEngine)
     assert type(served) is type(exported)
+
+
+def test_an_engine_folder_without_the_opset_is_served_padded_and_says_so(
+    tiny_export, tmp_path, caplog
+):
+    """A repository rendered before its engine folder kept the opset: still served, on the
+    padded cache, with a warning that names the fix."""
+    import logging
+    import shutil
+
+    from gpt2_triton.engines.factory import SETTINGS_FILE, build_engine
+    from gpt2_triton.engines.stateful import StatefulEngine
+
+    folder = tmp_path / "engine"
+    shutil.copytree(tiny_export, folder)
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    (folder / SETTINGS_FILE).write_text(json.dumps({"shape": settings["shape"]}))
+    with caplog.at_level(logging.WARNING, logger="gpt2_triton.engines.factory"):
+        engine = build_engine("onnx", folder, max_sequences=2)
+    assert isinstance(engine, StatefulEngine)
+    assert "padded" in caplog.text and "make repo" in caplog.text

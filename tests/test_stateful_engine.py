@@ -11,6 +11,7 @@ import pytest
 from gpt2_triton import names
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine
+from gpt2_triton.engines.slots import HostCaches
 from gpt2_triton.errors import EngineError
 
 
@@ -237,14 +238,38 @@ def test_the_in_place_cache_agrees_with_the_padded_one_under_random_traffic(
     assert slots.release_all() == len(live) and slots.cached_tokens == 0
 
 
-@pytest.mark.parametrize("kind", ["onnx", "torch_static"])
+class KeptHostCaches(HostCaches):
+    """Host buffers that stay when the engine empties, as the static cache does on CUDA
+    (its graphs replay over it): what leaves must be cleared, not freed."""
+
+    frees_on_release = False
+
+    def __init__(self, shape, dtype):
+        super().__init__(shape, dtype)
+        self.kept = None
+
+    def allocate(self, rows, persistent, positions=None):
+        if not persistent:
+            return super().allocate(rows, persistent, positions)
+        if self.kept is None:
+            self.kept = super().allocate(rows, persistent, positions)
+        return self.kept
+
+    def forget(self, row):
+        row.fill(0)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "onnx_kept_buffers", "torch_static"])
 def test_releasing_many_at_once_moves_only_rows_that_stay_and_leaves_zeros_behind(
     kind, tiny_export, tiny_hf_model
 ):
     """Several sequences leave in one release (a step's finishers), decoding and filling
     alike: the rest keep their logits (against the padded layout), no row that leaves is
-    copied, and every position at or past a row's length reads as zeros again."""
-    slots = in_place_engine(kind, tiny_export, tiny_hf_model, 8)
+    copied, and every position at or past a row's length reads as zeros again, also in
+    buffers that stay when every sequence has left."""
+    slots = in_place_engine(kind.removesuffix("_kept_buffers"), tiny_export, tiny_hf_model, 8)
+    if kind.endswith("_kept_buffers"):
+        slots.caches = KeptHostCaches(slots.shape, slots.dtype)
     padded = build_engine("onnx", tiny_export, max_sequences=8, in_place=False)
     moved = []
     move = slots._move
@@ -269,12 +294,14 @@ def test_releasing_many_at_once_moves_only_rows_that_stay_and_leaves_zeros_behin
         assert not set(moved) & set(gone), "a row that left was copied"
         live = [s for s in live if s not in gone]
         assert all(slots.sequence_length(s) == padded.sequence_length(s) for s in live)
-        for buffer in slots._buffers:
+        for buffer in slots._buffers or getattr(slots.caches, "kept", None) or []:
             rows = np.asarray(buffer.cpu() if hasattr(buffer, "cpu") else buffer)
             for slot in range(rows.shape[0]):
                 length = int(slots._lengths[slot]) if slot < len(slots._ids) else 0
                 assert not rows[slot, :, length:].any(), f"slot {slot} keeps old values"
     assert slots.release_all() == len(live) and slots.cached_tokens == 0
+    for buffer in getattr(slots.caches, "kept", None) or []:  # every row cleared
+        assert not buffer.any()
 
 
 def _request(ids, sequence_ids=None, starts=None, release=None):

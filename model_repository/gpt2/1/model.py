@@ -22,6 +22,7 @@ from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, 
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_chunks
 from gpt2_triton.engines.protocol import pack_tokens, unpack_tokens
+from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_parameters
 from gpt2_triton.sending import ResponseWorker
@@ -98,7 +99,10 @@ class TritonPythonModel:
             "gpt2",
             max_sequences=max_active,
         )
-        pb_utils.Logger.log_info(f"gpt2: engine '{kind}' in process: {engine.shape}")
+        layout = "in place" if isinstance(engine, SlotEngine) else "padded"
+        pb_utils.Logger.log_info(
+            f"gpt2: engine '{kind}' in process, KV cache {layout}: {engine.shape}"
+        )
         describe = getattr(engine.forward, "describe", None)  # the torch engine's own line
         if describe:
             pb_utils.Logger.log_info(f"gpt2: {describe()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from gpt2_triton.engines.shape import ModelShape
@@ -16,6 +17,8 @@ ENGINE_KINDS = ("onnx", "onnx-int8", "torch", "trt")
 # PyTorch's static cache with CUDA graphs (torch_slots.py)
 IN_PLACE_KINDS = ("onnx", "onnx-int8", "torch")
 SETTINGS_FILE = "export_settings.json"
+
+log = logging.getLogger(__name__)
 
 
 def takes_prompt_chunks(kind: str) -> bool:
@@ -40,7 +43,20 @@ def _takes_in_place_cache(export_dir: Path, shape: ModelShape) -> bool:
     from gpt2_triton.export import FUSED_ATTENTION_OPSET
 
     settings = json.loads((Path(export_dir) / SETTINGS_FILE).read_text())
-    return settings.get("opset", 0) >= FUSED_ATTENTION_OPSET and shape.head_dim % 8 == 0
+    opset = settings.get("opset") or 0
+    if opset >= FUSED_ATTENTION_OPSET and shape.head_dim % 8 == 0:
+        return True
+    # Not an error (a TensorRT-era export is served this way), but slower at every batch
+    # size above one: say so, with what to do if it was not meant.
+    why = (
+        f"head size {shape.head_dim} is not a multiple of 8"
+        if opset >= FUSED_ATTENTION_OPSET
+        else f"{export_dir / SETTINGS_FILE} names opset {opset or 'none'}, not "
+        f">= {FUSED_ATTENTION_OPSET} (a repository rendered before 2026-11-28 lacks it: "
+        "run 'make repo' again)"
+    )
+    log.warning("the KV cache is padded, not written in place: %s", why)
+    return False
 
 
 def _onnx_file(kind: str, export_dir: Path) -> Path:
