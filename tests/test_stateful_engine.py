@@ -304,6 +304,29 @@ def test_releasing_many_at_once_moves_only_rows_that_stay_and_leaves_zeros_behin
         assert not buffer.any()
 
 
+@pytest.mark.parametrize("kind", ["onnx", "padded"])
+def test_a_block_that_fails_after_its_step_puts_the_released_back_and_the_started_out(
+    kind, tiny_export
+):
+    """Full engine: release two, start two in their room, then fail (a reply that could not
+    be made): the two released come back whole and the two started leave, and the error
+    raised is the block's own (it used to be an IndexError from restoring into no room)."""
+    engine = build_engine("onnx", tiny_export, max_sequences=2, in_place=kind == "onnx")
+    engine.step([[1, 2], [3, 4]], [1, 2], [True, True])
+    with pytest.raises(KeyError, match="after the step"):
+        with engine.atomic():
+            engine.release([1, 2])
+            engine.step([[5], [6]], [3, 4], [True, True])
+            raise KeyError("after the step")
+    assert engine.cached_sequences == 2 and not engine.holds(3) and not engine.holds(4)
+    assert engine.sequence_length(1) == engine.sequence_length(2) == 2
+    again = build_engine("onnx", tiny_export, max_sequences=2, in_place=kind == "onnx")
+    again.step([[1, 2], [3, 4]], [1, 2], [True, True])
+    np.testing.assert_allclose(
+        engine.step([[7], [8]], [1, 2]), again.step([[7], [8]], [1, 2]), atol=1e-4
+    )
+
+
 def _request(ids, sequence_ids=None, starts=None, release=None):
     inputs = {names.INPUT_IDS: np.array(ids, np.int64)}
     if sequence_ids is not None:

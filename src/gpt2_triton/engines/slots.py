@@ -204,16 +204,21 @@ class SlotEngine:
 
         Releases take effect at once (a step in the block may start the same id again, or
         use the room), keeping a copy of what they freed; a step undoes itself (one that
-        raises commits nothing); on failure the released sequences come back.
+        raises commits nothing); on failure the sequences a step in the block started
+        leave, and the released ones come back.
         """
         if self._journal is not None:
             yield
             return
         self._journal = []
+        held = set(self._slot)
         try:
             yield
         except BaseException:
             journal, self._journal = self._journal, None
+            # Sequences a step in the block started (it succeeded, something after it
+            # failed) go first: the released ones come back into their room.
+            self.release([sid for sid in self._ids if sid not in held])
             for sid, decoding, length, rows in reversed(journal):
                 self._restore(sid, decoding, length, rows)
             raise
