@@ -17,7 +17,6 @@ from gpt2_triton import lifeline, model_config, names
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines import protocol
 from gpt2_triton.engines.factory import build_engine_from_params
-from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import check_forward_rows
 
@@ -48,8 +47,9 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.engine = build_engine_from_params(params, folder, "engine", self.max_sequences)
         self.gauges = EngineGauges(pb_utils, kind, "engine")
-        layout = "in place" if isinstance(self.engine, SlotEngine) else "padded"
-        self.logger.log_info(f"engine '{kind}' ready, KV cache {layout}: {self.engine.shape}")
+        self.logger.log_info(
+            f"engine '{kind}' ready, KV cache {self.engine.kv_cache}: {self.engine.shape}"
+        )
 
     def execute(self, requests):
         if self.engine is None:

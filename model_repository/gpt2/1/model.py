@@ -22,7 +22,6 @@ from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, 
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_chunks
 from gpt2_triton.engines.protocol import pack_tokens, unpack_tokens
-from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_parameters
 from gpt2_triton.sending import ResponseWorker
@@ -99,9 +98,8 @@ class TritonPythonModel:
             "gpt2",
             max_sequences=max_active,
         )
-        layout = "in place" if isinstance(engine, SlotEngine) else "padded"
         pb_utils.Logger.log_info(
-            f"gpt2: engine '{kind}' in process, KV cache {layout}: {engine.shape}"
+            f"gpt2: engine '{kind}' in process, KV cache {engine.kv_cache}: {engine.shape}"
         )
         describe = getattr(engine.forward, "describe", None)  # the torch engine's own line
         if describe:

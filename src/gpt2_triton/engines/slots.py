@@ -80,6 +80,8 @@ class HostCaches:
 class SlotEngine:
     """``StatefulEngine``'s contract (``step``, ``release``, ``atomic``...) on slots."""
 
+    kv_cache = "in place"
+
     def __init__(self, forward: SlotForwardFn, shape: ModelShape, max_sequences: int = 64):
         self.forward = forward
         self.shape = shape

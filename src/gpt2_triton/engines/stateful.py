@@ -166,6 +166,8 @@ class StatefulEngine:
     part of it.
     """
 
+    kv_cache = "padded"  # the layout, as the Triton models' load logs name it
+
     def __init__(self, forward: ForwardFn, shape: ModelShape, max_sequences: int = 64) -> None:
         # A forward built for a largest batch (a TensorRT plan's profiles) says so: every
         # live sequence may be in one step, so more of them than that would fail mid-service.
