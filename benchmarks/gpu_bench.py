@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=8, help="waves per point at concurrency 1")
     parser.add_argument("--prompts", type=int, default=16, help="prompts the consistency checks")
+    parser.add_argument(
+        "--response-lanes", type=int, nargs="+", default=None,
+        help="gpt2's sending threads: the graphs service once per value, the eager one with "
+        "the first (default: the repository's default)",
+    )  # fmt: skip
     parser.add_argument("--skip", nargs="*", choices=STEPS, default=[])
     parser.add_argument("--port", type=int, default=18100)
     parser.add_argument(
@@ -87,8 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the Python the bundle must be for (default: 3.12 in a dry run, else this one)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if min(args.concurrency + args.prompt_tokens + [args.new_tokens, args.rounds]) < 1:
-        parser.error("concurrency, prompt tokens, new tokens and rounds must be >= 1")
+    if args.response_lanes is None:
+        from build_scripts.build_repo import RepoSettings
+
+        args.response_lanes = [RepoSettings.response_lanes]
+    numbers = args.concurrency + args.prompt_tokens + args.response_lanes
+    if min(numbers + [args.new_tokens, args.rounds]) < 1:
+        parser.error("concurrency, prompt tokens, new tokens, rounds and lanes must be >= 1")
     return args
 
 
@@ -100,6 +110,19 @@ def variants(device: str) -> dict[str, dict]:
     return {"static": {"static_decode": True}, "eager": {"static_decode": False}}
 
 
+def services(args) -> list[tuple[str, dict, int]]:
+    """The servers the ``triton`` step runs, in order: ``(system, engine options, response
+    lanes)``; the first variant (graphs) once per lanes value, the others with the first.
+    The first is the one the targets are judged on."""
+    several = len(args.response_lanes) > 1
+    out = []
+    for index, (name, options) in enumerate(variants(args.device).items()):
+        for lanes in args.response_lanes if index == 0 else args.response_lanes[:1]:
+            system = f"triton:torch-{name}" + (f"-lanes{lanes}" if several else "")
+            out.append((system, options, lanes))
+    return out
+
+
 def plan(args) -> list[str]:
     """What the run will do, one line a step; raises on settings that cannot run."""
     from build_scripts.build_repo import RepoSettings
@@ -108,19 +131,21 @@ def plan(args) -> list[str]:
     longest = max(args.prompt_tokens + [PUBLISHED["prompt_tokens"]])
     if longest + max(args.new_tokens, PUBLISHED["new_tokens"]) > window:
         raise SystemExit(f"error: prompts of {longest} + new tokens exceed the window {window}")
-    for options in variants(args.device).values():
+    for _, options, lanes in services(args):
         RepoSettings(
             str(args.model or "artifacts/models/gpt2-small-random"),
             "torch",
             max_sequences=max(args.concurrency),
             device=args.device,
             cuda_graphs=options.get("cuda_graphs", True),
+            response_lanes=lanes,
         )
     names = ", ".join(variants(args.device))
+    served = ", ".join(system.removeprefix("triton:torch-") for system, _, _ in services(args))
     grid = f"concurrency {args.concurrency} x prompt {args.prompt_tokens}, {args.new_tokens} tokens"
     exact = ", graphs fp32" if args.device.startswith("cuda") else ""
     steps = {
-        "triton": f"tritonserver, gRPC, {names}: prompt {PUBLISHED['prompt_tokens']}, "
+        "triton": f"tritonserver, gRPC, {served}: prompt {PUBLISHED['prompt_tokens']}, "
         f"{PUBLISHED['new_tokens']} tokens at 1; {grid}, {args.rounds} rounds at 1",
         "engine": f"decode step alone ({names}) at concurrency {args.concurrency}",
         "hf": f"Hugging Face generate() on {args.device} at concurrency 1, prompts "
@@ -254,12 +279,15 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
             ids = list(range(c))
             prompts = rng.integers(0, model.config.vocab_size, (c, 32)).tolist()
             tokens = host_logits(engine.step(prompts, ids, [True] * c)).argmax(-1)
-            times = []
+            times, gpu, cpu = [], [], []
             for _ in range(steps):
-                started = time.perf_counter()
+                marks = _gpu_marks(args.device)
+                started, cpu_started = time.perf_counter(), time.process_time()
                 logits = engine.step([[int(t)] for t in tokens], ids)
                 tokens = logits.argmax(-1).cpu().numpy()  # the copy waits for the step
                 times.append(time.perf_counter() - started)
+                cpu.append(time.process_time() - cpu_started)
+                gpu.append(_gpu_seconds(marks))
             engine.release(ids)
             rows.append(
                 {
@@ -267,6 +295,10 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
                     "concurrency": c,
                     "step_ms_p50": 1e3 * float(np.median(times[4:])),
                     "step_ms_p90": 1e3 * float(np.percentile(times[4:], 90)),
+                    # where a slow step's time went: the GPU's own time from CUDA events
+                    # around the step, and this process's CPU time (all its threads)
+                    "gpu_ms_p50": 1e3 * float(np.median(gpu[4:])) if gpu[0] is not None else None,
+                    "cpu_ms_p50": 1e3 * float(np.median(cpu[4:])),
                     "ran": engine.forward.describe(),
                     "graph_replays": engine.forward.graph_replays,
                 }
@@ -275,6 +307,26 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def _gpu_marks(device: str):
+    """A CUDA event recorded now on the current stream (None on the CPU), and its end."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
+
+
+def _gpu_seconds(marks) -> float | None:
+    if marks is None:
+        return None
+    start, end = marks
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def hf_generate(model_dir: Path, args) -> list[dict]:
@@ -306,7 +358,8 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     grid = [(PUBLISHED["concurrency"], PUBLISHED["prompt_tokens"], PUBLISHED["new_tokens"])]
     grid += [(c, p, args.new_tokens) for p in args.prompt_tokens for c in args.concurrency]
-    for index, (name, options) in enumerate(variants(args.device).items()):
+    for index, (system, options, lanes) in enumerate(services(args)):
+        name = system.removeprefix("triton:torch-")
         # the repository (with a 500 MB checkpoint) outside --out: only results travel back
         repository = checkpoint.artifacts_root() / "gpu_bench" / f"repo-{name}"
         settings = RepoSettings(
@@ -315,6 +368,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
             max_sequences=max(args.concurrency),
             device=args.device,
             cuda_graphs=options.get("cuda_graphs", True),
+            response_lanes=lanes,
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports
         log_file = args.out / f"tritonserver-{name}.log"
@@ -325,16 +379,17 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
                 ran = [line for line in log_file.read_text().splitlines() if "gpt2: torch" in line]
                 for c, p, n in grid:
                     if time.monotonic() > deadline:
-                        record({"system": f"triton:torch-{name}", "skipped": "deadline"})
+                        record({"system": system, "skipped": "deadline"})
                         break
                     print(f"  triton {name}: concurrency {c}, prompt {p}, {n} tokens", flush=True)
                     prompts = [tokenizer.decode(prompt_ids(tokenizer, p, i)) for i in range(c)]
                     params = {"max_tokens": n, "min_length": n, "temperature": 0}
                     rounds = args.rounds if c == 1 else max(args.rounds // 4, 1)
-                    row, extra = load.point(f"triton:torch-{name}", prompts, params, rounds, p)
-                    record(row.summary() | extra | {"ran": ran[-1] if ran else None})
+                    row, extra = load.point(system, prompts, params, rounds, p)
+                    ran_line = ran[-1] if ran else None
+                    record(row.summary() | extra | {"ran": ran_line, "response_lanes": lanes})
         except Exception as exc:  # the other variant still runs
-            record({"system": f"triton:torch-{name}", "error": f"{type(exc).__name__}: {exc}"})
+            record({"system": system, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             shutil.rmtree(repository, ignore_errors=True)
 
@@ -364,7 +419,7 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
     latency targets on the published workload's row (prompt 200, 100 tokens, one
     stream), the others at each prompt length."""
     served = results.get("triton") or []
-    system = f"triton:torch-{next(iter(variants(args.device)))}"
+    system = services(args)[0][0]
     hf = results.get("hf") or []
     lines = []
     published = _find(served, system, 1, PUBLISHED["prompt_tokens"], PUBLISHED["new_tokens"])
@@ -426,12 +481,17 @@ def markdown(results: dict, args) -> str:
             )
         out.append("")
     if results.get("engine"):
-        out += ["## Decode step, engine alone (ms)", "", "| engine | concurrency | p50 | p90 |"]
-        out.append("|---|---|---|---|")
+        out += [
+            "## Decode step, engine alone (ms)",
+            "",
+            "| engine | concurrency | p50 | p90 | GPU p50 | process CPU p50 |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in results["engine"]:
             out.append(
                 f"| {r['engine']} | {r['concurrency']} | {r['step_ms_p50']:.3f} | "
-                f"{r['step_ms_p90']:.3f} |"
+                f"{r['step_ms_p90']:.3f} | {_num(r.get('gpu_ms_p50'), 3)} | "
+                f"{_num(r.get('cpu_ms_p50'), 3)} |"
             )
         out.append("")
     if results.get("consistency"):

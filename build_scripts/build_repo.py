@@ -48,6 +48,9 @@ class RepoSettings:
     max_queue: int = 1024  # requests waiting to join the running batch
     max_prefill_tokens: int = 512  # prompt tokens per step while streams decode (chunked)
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
+    # gpt2's sending threads: each streamed response is a round trip to the server, and
+    # one thread sends ~5,000 a second (src/gpt2_triton/sending.py)
+    response_lanes: int = 4
     device: str = "cpu"  # torch engine only: cpu or cuda
     cuda_graphs: bool = True  # torch engine on cuda: decode steps replayed as CUDA graphs
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
@@ -60,6 +63,8 @@ class RepoSettings:
             )
         if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
             raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
+        if self.response_lanes < 1:
+            raise Gpt2TritonError("response-lanes must be >= 1")
         if self.engine_threads < 0:
             raise Gpt2TritonError("engine-threads must be >= 0")
         if self.engine_placement not in PLACEMENTS:
@@ -105,6 +110,7 @@ def template_values(
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
             "max_prefill_tokens": settings.max_prefill_tokens,
+            "response_lanes": settings.response_lanes,
             "engine_placement": settings.engine_placement,
             **engine,
         },
@@ -258,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         "none decoding)",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
+    parser.add_argument(
+        "--response-lanes",
+        type=int,
+        default=RepoSettings.response_lanes,
+        help="threads sending gpt2's streamed responses (a request keeps one)",
+    )
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
     parser.add_argument(
         "--no-cuda-graphs",
@@ -283,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue=args.max_queue,
             max_prefill_tokens=args.max_prefill_tokens,
             engine_threads=args.engine_threads,
+            response_lanes=args.response_lanes,
             device=args.device,
             cuda_graphs=args.cuda_graphs,
             engine_placement=args.engine_placement,

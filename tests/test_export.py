@@ -439,3 +439,14 @@ def test_an_engine_folder_without_the_opset_is_served_padded_and_says_so(
         engine = build_engine("onnx", folder, max_sequences=2)
     assert isinstance(engine, StatefulEngine)
     assert "padded" in caplog.text and "make repo" in caplog.text
+
+
+def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    repository = build(RepoSettings("tiny", "onnx", response_lanes=3), tiny_export, tmp_path)
+    config = (repository / "gpt2" / "config.pbtxt").read_text()
+    assert 'key: "response_lanes", value: { string_value: "3" }' in config
+    with pytest.raises(Gpt2TritonError, match="response-lanes must be >= 1"):
+        RepoSettings("tiny", "onnx", response_lanes=0)

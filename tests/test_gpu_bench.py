@@ -124,3 +124,19 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     assert [r["system"] for r in results["hf"]] == ["hf-generate"]
     report = (out / "REPORT.md").read_text()
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
+
+
+def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
+    args = gpu_bench.parse_args(["--response-lanes", "4", "1", "8"])
+    assert [(system, lanes) for system, _, lanes in gpu_bench.services(args)] == [
+        ("triton:torch-graphs-lanes4", 4),
+        ("triton:torch-graphs-lanes1", 1),
+        ("triton:torch-graphs-lanes8", 8),
+        ("triton:torch-eager-lanes4", 4),
+    ]
+    one = gpu_bench.parse_args([])  # the repository's default, under the plain names
+    assert [system for system, _, _ in gpu_bench.services(one)] == [
+        "triton:torch-graphs", "triton:torch-eager",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--response-lanes", "0"])

@@ -75,7 +75,11 @@ class TritonPythonModel:
             vocab_size=shape.vocab_size if shape else 0,
         )
         self.batcher = InflightBatcher(self.engine, codec, limits)
-        self.responses = ResponseWorker(max_pending=8 * limits.max_active)
+        self.responses = ResponseWorker(
+            max_pending=8 * limits.max_active,
+            lanes=model_config.int_param(params, "response_lanes", "gpt2", minimum=1),
+        )
+        pb_utils.Logger.log_info(f"gpt2: responses sent on {self.responses.lanes} lanes")
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
         self.last_metrics = 0.0
