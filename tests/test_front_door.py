@@ -1028,7 +1028,9 @@ PIECE = {"model_name", "model_version", "text_output"}
 
 
 def test_http_stream_arrives_event_by_event(triton):
-    body = {"text_input": PROMPT, "max_tokens": 64, "temperature": 0}
+    # 256 tokens: the server sends a piece each round trip while it generates (pieces that
+    # wait join), so the stream has many pieces on any machine
+    body = {"text_input": PROMPT, "max_tokens": 256, "min_length": 256, "temperature": 0}
     counted = {"return_num_output_tokens": True, "return_finish_reason": True}
     before = finished(triton)
     stream = HttpStream(triton, body | counted)
@@ -1036,7 +1038,7 @@ def test_http_stream_arrives_event_by_event(triton):
     while (event := stream.next_event()) is not None:
         events.append(event)
     stream.connection.close()
-    assert events[0]["finish_reason"] == "" and events[0]["num_output_tokens"] < 64
+    assert events[0]["finish_reason"] == "" and events[0]["num_output_tokens"] < 256
     assert events[-1]["finish_reason"] in {"length", "stop"}
     assert len(events) > 10, "the door merged the events"
     counts = [e["num_output_tokens"] for e in events]

@@ -9,6 +9,7 @@ from gpt2_triton.sending import ResponseWorker
 class RecordingSink:
     def __init__(self, fail_after=None, fail_errors=False):
         self.sent = []
+        self.outputs = []
         self.errors = []
         self.threads = set()
         self.fail_after = fail_after
@@ -20,6 +21,7 @@ class RecordingSink:
         if self.fail_after is not None and len(self.sent) >= self.fail_after:
             raise RuntimeError("client gone")
         self.sent.append((output.text, final))
+        self.outputs.append(output)
 
     def send_error(self, message):
         if self.fail_errors:
@@ -32,87 +34,23 @@ class RecordingSink:
     def close(self):
         self.closed += 1
 
+    def text(self):
+        return "".join(text for text, _ in self.sent)
 
-def _out(text):
-    return GenerationOutput(text, "", 3, 1)
-
-
-def test_responses_go_out_in_order_from_the_worker_thread():
-    worker = ResponseWorker(max_pending=4)  # smaller than what is sent: the queue blocks
-    a, b = RecordingSink(), RecordingSink()
-    qa, qb = worker.wrap(a), worker.wrap(b)
-    for i in range(20):
-        qa.send(_out(f"a{i}"), final=False)
-        qb.send(_out(f"b{i}"), final=i == 19)
-    qa.send_error("boom")
-    assert worker.flush(timeout=5)
-    assert a.sent == [(f"a{i}", False) for i in range(20)]
-    assert b.sent == [(f"b{i}", i == 19) for i in range(20)]
-    assert a.errors == ["boom"]
-    assert a.threads == {"gpt2-responses"}
-    worker.close()
-
-
-def test_a_failed_send_reads_as_cancelled_and_the_worker_keeps_going():
-    worker = ResponseWorker()
-    gone, fine = RecordingSink(fail_after=1), RecordingSink()
-    qgone, qfine = worker.wrap(gone), worker.wrap(fine)
-    for i in range(3):
-        qgone.send(_out(f"x{i}"), final=False)
-        qfine.send(_out(f"y{i}"), final=False)
-    assert worker.flush(timeout=5)
-    assert qgone.is_cancelled()
-    assert not qfine.is_cancelled()
-    assert fine.sent == [("y0", False), ("y1", False), ("y2", False)]
-    worker.close()
-
-
-def test_close_sends_what_is_queued():
-    worker = ResponseWorker()
-    sink = RecordingSink()
-    queued = worker.wrap(sink)
-    for i in range(50):
-        queued.send(_out(str(i)), final=i == 49)
-    worker.close()
-    assert len(sink.sent) == 50 and sink.sent[-1] == ("49", True)
-
-
-def test_a_final_or_error_that_cannot_be_sent_ends_the_request_with_a_bare_final_flag():
-    worker = ResponseWorker()
-    streamed, final, error = RecordingSink(0), RecordingSink(1), RecordingSink(fail_errors=True)
-    queued = [worker.wrap(s) for s in (streamed, final, error)]
-    queued[0].send(_out("a"), final=False)  # not the end: the loop will cancel it
-    queued[1].send(_out("b"), final=False)
-    queued[1].send(_out("c"), final=True)
-    queued[2].send_error("boom")
-    assert worker.flush(timeout=5)
-    assert [s.closed for s in (streamed, final, error)] == [0, 1, 1]
-    assert all(q.is_cancelled() for q in queued)
-    worker.close()
-
-
-def test_requests_take_lanes_in_turn_and_each_keeps_its_order():
-    worker = ResponseWorker(max_pending=2, lanes=3)
-    sinks = [RecordingSink() for _ in range(6)]
-    queued = [worker.wrap(s) for s in sinks]
-    for i in range(30):
-        for q in queued:
-            q.send(_out(str(i)), final=i == 29)
-    assert worker.flush(timeout=10)
-    for sink in sinks:
-        assert sink.sent == [(str(i), i == 29) for i in range(30)]
-        assert len(sink.threads) == 1  # one lane, one thread, per request
-    lanes = [next(iter(s.threads)) for s in sinks]
-    assert lanes[:3] == lanes[3:] and len(set(lanes)) == 3
-    worker.close()
+    def finals(self):
+        return [final for _, final in self.sent]
 
 
 class BlockingSink(RecordingSink):
+    """Holds its lane in its first send until released."""
+
     def __init__(self):
         super().__init__()
         self.release = threading.Event()
+        self.entered = threading.Event()
 
     def send(self, output, final):
+        self.entered.set()
         self.release.wait()
         super().send(output, final)
 
@@ -125,38 +63,6 @@ class SignallingSink(RecordingSink):
     def send(self, output, final):
         super().send(output, final)
         self.sent_one.set()
-
-
-def test_a_send_that_waits_holds_up_only_its_own_lane():
-    worker = ResponseWorker(lanes=2)
-    slow, other = BlockingSink(), SignallingSink()
-    queued_slow, queued_other = worker.wrap(slow), worker.wrap(other)
-    queued_slow.send(_out("a"), final=True)
-    queued_other.send(_out("b"), final=True)
-    try:  # the bound only fails a broken worker; a working one answers at once
-        assert other.sent_one.wait(timeout=30)
-        assert slow.sent == [] and not worker.flush(timeout=0.05)
-    finally:
-        slow.release.set()
-    assert worker.flush(timeout=10)
-    assert slow.sent == [("a", True)]
-    worker.close()
-
-
-def test_close_sends_what_every_lane_holds():
-    worker = ResponseWorker(lanes=4)
-    sinks = [RecordingSink() for _ in range(8)]
-    for sink in sinks:
-        queued = worker.wrap(sink)
-        for i in range(10):
-            queued.send(_out(str(i)), final=i == 9)
-    worker.close()
-    assert all(len(s.sent) == 10 and s.sent[-1] == ("9", True) for s in sinks)
-
-
-def test_a_worker_needs_a_lane():
-    with pytest.raises(ValueError, match="at least one lane"):
-        ResponseWorker(lanes=0)
 
 
 class AskedSink(RecordingSink):
@@ -175,7 +81,187 @@ class AskedSink(RecordingSink):
         return self.cancelled
 
 
-def test_before_its_first_piece_a_request_is_asked_at_once():
+def _out(text, generated=1, reason=""):
+    return GenerationOutput(text, reason, 3, generated)
+
+
+def _held_lane(worker):
+    """A request whose first send holds its lane (bound first: the first lane) until
+    ``release`` is set; returns its sink once the lane is held."""
+    blocker = BlockingSink()
+    worker.wrap(blocker).send(_out("x"), final=False)
+    assert blocker.entered.wait(30)  # the bound only fails a broken worker
+    return blocker
+
+
+def test_responses_go_out_in_order_from_the_worker_thread():
+    worker = ResponseWorker(max_pending=4)
+    a, b = RecordingSink(), RecordingSink()
+    qa, qb = worker.wrap(a), worker.wrap(b)
+    for i in range(20):
+        qa.send(_out(f"a{i}"), final=False)
+        qb.send(_out(f"b{i}"), final=i == 19)
+    qa.send_error("boom")
+    assert worker.flush(timeout=5)
+    # pieces may have joined while they waited: the same text, in order, final last
+    assert a.text() == "".join(f"a{i}" for i in range(20)) and not any(a.finals())
+    assert b.text() == "".join(f"b{i}" for i in range(20))
+    assert b.finals()[-1] and not any(b.finals()[:-1])
+    assert a.errors == ["boom"]
+    assert a.threads == {"gpt2-responses"}
+    worker.close()
+
+
+def test_pieces_that_wait_join_into_one_response_with_the_newest_counts():
+    worker = ResponseWorker(lanes=1)
+    blocker = _held_lane(worker)
+    sink = RecordingSink()
+    queued = worker.wrap(sink)
+    for i in range(5):
+        queued.send(_out(f"t{i} ", generated=i + 1), final=False)
+    queued.send(_out("end", generated=6, reason="length"), final=True)
+    blocker.release.set()
+    assert worker.flush(timeout=10)
+    assert sink.sent == [("t0 t1 t2 t3 t4 end", True)]  # one response for the six pieces
+    assert sink.outputs[0].num_output_tokens == 6 and sink.outputs[0].finish_reason == "length"
+    worker.close()
+
+
+def test_a_piece_that_comes_while_the_last_is_being_sent_goes_out_after_it():
+    worker = ResponseWorker(lanes=1)
+    sink = BlockingSink()
+    queued = worker.wrap(sink)
+    queued.send(_out("a"), final=False)
+    assert sink.entered.wait(30)  # "a" is being sent: taken off the queue
+    queued.send(_out("b"), final=False)
+    queued.send(_out("c"), final=True)
+    sink.release.set()
+    assert worker.flush(timeout=10)
+    assert sink.sent == [("a", False), ("bc", True)]
+    worker.close()
+
+
+def test_a_failed_send_reads_as_cancelled_and_the_worker_keeps_going():
+    worker = ResponseWorker()
+    gone, fine = RecordingSink(fail_after=1), RecordingSink()
+    qgone, qfine = worker.wrap(gone), worker.wrap(fine)
+    for i in range(3):
+        qgone.send(_out(f"x{i}"), final=False)
+        assert worker.flush(timeout=5)  # each piece its own response
+        qfine.send(_out(f"y{i}"), final=False)
+    assert worker.flush(timeout=5)
+    assert qgone.is_cancelled()
+    assert not qfine.is_cancelled()
+    assert fine.text() == "y0y1y2"
+    worker.close()
+
+
+def test_close_sends_what_is_queued():
+    worker = ResponseWorker()
+    sink = RecordingSink()
+    queued = worker.wrap(sink)
+    for i in range(50):
+        queued.send(_out(str(i)), final=i == 49)
+    worker.close()
+    assert sink.text() == "".join(str(i) for i in range(50)) and sink.finals()[-1]
+
+
+def test_a_final_or_error_that_cannot_be_sent_ends_the_request_with_a_bare_final_flag():
+    worker = ResponseWorker()
+    streamed, final, error = RecordingSink(0), RecordingSink(1), RecordingSink(fail_errors=True)
+    queued = [worker.wrap(s) for s in (streamed, final, error)]
+    queued[0].send(_out("a"), final=False)  # not the end: the loop will cancel it
+    queued[1].send(_out("b"), final=False)
+    assert worker.flush(timeout=5)  # "b" alone, then the final that fails
+    queued[1].send(_out("c"), final=True)
+    queued[2].send_error("boom")
+    assert worker.flush(timeout=5)
+    assert [s.closed for s in (streamed, final, error)] == [0, 1, 1]
+    assert all(q.is_cancelled() for q in queued)
+    worker.close()
+
+
+def test_requests_are_bound_to_the_lane_with_the_fewest_live_requests():
+    worker = ResponseWorker(max_pending=2, lanes=3)
+    sinks = [RecordingSink() for _ in range(6)]
+    queued = [worker.wrap(s) for s in sinks]
+    for i in range(30):
+        for q in queued:
+            q.send(_out(str(i)), final=False)
+    assert worker.flush(timeout=10)
+    for sink in sinks:
+        assert sink.text() == "".join(str(i) for i in range(30))
+        assert len(sink.threads) == 1  # one lane, one thread, per request
+    lanes = [next(iter(s.threads)) for s in sinks]
+    assert lanes[:3] == lanes[3:] and len(set(lanes)) == 3
+    # the first request ends: its lane has the fewest now, the next request goes there
+    queued[0].send(_out("", reason="length"), final=True)
+    assert worker.flush(timeout=10)
+    later = RecordingSink()
+    worker.wrap(later).send(_out("z"), final=True)
+    assert worker.flush(timeout=10)
+    assert later.threads == sinks[0].threads
+    worker.close()
+
+
+def test_a_request_that_never_sends_takes_no_lane():
+    """A request refused at submit (its sink wrapped, never used) leaves the balance."""
+    worker = ResponseWorker(lanes=2)
+    worker.wrap(RecordingSink())  # refused: never used
+    first, second = RecordingSink(), RecordingSink()
+    worker.wrap(first).send(_out("a"), final=False)
+    worker.wrap(second).send(_out("b"), final=False)
+    assert worker.flush(timeout=10)
+    assert first.threads == {"gpt2-responses-0"} and second.threads == {"gpt2-responses-1"}
+    worker.close()
+
+
+def test_a_send_that_waits_holds_up_only_its_own_lane():
+    worker = ResponseWorker(lanes=2)
+    slow = _held_lane(worker)
+    other = SignallingSink()
+    worker.wrap(other).send(_out("b"), final=True)
+    try:
+        assert other.sent_one.wait(timeout=30)
+        assert slow.sent == [] and not worker.flush(timeout=0.05)
+    finally:
+        slow.release.set()
+    assert worker.flush(timeout=10)
+    assert slow.sent == [("x", False)]
+    worker.close()
+
+
+def test_flush_and_close_keep_their_timeouts_when_a_lane_is_stuck_and_full():
+    worker = ResponseWorker(max_pending=1, lanes=1)
+    stuck = _held_lane(worker)
+    worker.wrap(RecordingSink()).send_error("fills the queue")
+    done = []
+    waiter = threading.Thread(target=lambda: done.append((worker.flush(0.05), worker.close(0.05))))
+    waiter.start()
+    waiter.join(timeout=30)  # only a flush or close that ignores its timeout takes long
+    try:
+        assert not waiter.is_alive() and done == [(False, None)]
+    finally:
+        stuck.release.set()
+
+
+def test_close_sends_what_every_lane_holds():
+    worker = ResponseWorker(lanes=4)
+    sinks = [RecordingSink() for _ in range(8)]
+    for sink in sinks:
+        queued = worker.wrap(sink)
+        for i in range(10):
+            queued.send(_out(str(i)), final=i == 9)
+    worker.close()
+    assert all(s.text() == "0123456789" and s.finals()[-1] for s in sinks)
+
+
+def test_a_worker_needs_a_lane():
+    with pytest.raises(ValueError, match="at least one lane"):
+        ResponseWorker(lanes=0)
+
+
+def test_until_admitted_a_request_is_asked_at_once():
     """A request cancelled while it waited must never be admitted: asked inline."""
     worker = ResponseWorker()
     sink = AskedSink()
@@ -187,14 +273,12 @@ def test_before_its_first_piece_a_request_is_asked_at_once():
     worker.close()
 
 
-def test_after_its_first_piece_a_request_is_asked_on_its_lane_one_asking_at_a_time():
-    worker = ResponseWorker(lanes=2)
-    blocker, sink = BlockingSink(), AskedSink()
-    queued_blocker = worker.wrap(blocker)  # the first lane
-    worker.wrap(AskedSink())  # the second
-    queued = worker.wrap(sink)  # the first again: behind the blocked request
-    queued_blocker.send(_out("x"), final=False)  # holds the lane until released
-    queued.send(_out("a"), final=False)
+def test_once_admitted_a_request_is_asked_on_its_lane_one_asking_at_a_time():
+    worker = ResponseWorker(lanes=1)
+    blocker = _held_lane(worker)
+    sink = AskedSink()
+    queued = worker.wrap(sink)
+    queued.admitted()  # a non-streaming request: admitted, nothing sent yet
     sink.cancelled = True
     try:
         assert not any(queued.is_cancelled() for _ in range(5))  # the last answer: not yet
@@ -202,34 +286,24 @@ def test_after_its_first_piece_a_request_is_asked_on_its_lane_one_asking_at_a_ti
     finally:
         blocker.release.set()
     assert worker.flush(timeout=10)
-    assert sink.askers == ["gpt2-responses-0"]  # five calls, one asking, on the lane
+    assert sink.askers == ["gpt2-responses"]  # five calls, one asking, on the lane
     assert queued.is_cancelled()
-    worker.close()
-
-
-def test_an_asking_that_fails_reads_as_cancelled():
-    worker = ResponseWorker()
-    sink = AskedSink(raises=True)
-    queued = worker.wrap(sink)
-    queued.send(_out("a"), final=False)
-    assert not queued.is_cancelled()  # asked on the lane
-    assert worker.flush(timeout=10)
-    assert queued.is_cancelled() and sink.closed == 0  # the loop ends it, as a cancel
     worker.close()
 
 
 def test_an_asking_runs_ahead_of_the_sends_queued_on_its_lane_and_never_blocks():
     """A cancelled stream must not run on while its asking waits behind a full FIFO."""
     worker = ResponseWorker(max_pending=2, lanes=1)
-    blocker, sink = BlockingSink(), AskedSink()
+    blocker = _held_lane(worker)
+    sink = AskedSink()
     events = []
     sink.send = lambda output, final: events.append(("send", output.text))
     asked = sink.is_cancelled
-    sink.is_cancelled = lambda: events.append(("ask",)) or asked()
-    queued_blocker, queued = worker.wrap(blocker), worker.wrap(sink)
-    queued_blocker.send(_out("x"), final=False)  # the lane is held in this send
+    sink.is_cancelled = lambda: events.append(("ask", threading.current_thread().name)) or asked()
+    queued = worker.wrap(sink)
+    queued.admitted()
     queued.send(_out("a"), final=False)
-    queued.send(_out("b"), final=False)  # the FIFO is full now
+    worker.wrap(RecordingSink()).send_error("fills the queue")
     answers = []
     caller = threading.Thread(target=lambda: answers.append(queued.is_cancelled()))
     caller.start()
@@ -239,5 +313,17 @@ def test_an_asking_runs_ahead_of_the_sends_queued_on_its_lane_and_never_blocks()
     finally:
         blocker.release.set()
     assert worker.flush(timeout=10)
-    assert events == [("ask",), ("send", "a"), ("send", "b")]
+    assert events == [("ask", "gpt2-responses"), ("send", "a")]
+    worker.close()
+
+
+def test_an_asking_that_fails_reads_as_cancelled(caplog):
+    worker = ResponseWorker()
+    sink = AskedSink(raises=True)
+    queued = worker.wrap(sink)
+    queued.admitted()
+    assert not queued.is_cancelled()  # asked on the lane
+    assert worker.flush(timeout=10)
+    assert queued.is_cancelled() and sink.closed == 0  # the loop ends it, as a cancel
+    assert "is_cancelled failed" in caplog.text
     worker.close()

