@@ -437,7 +437,7 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
         if one is None:
             continue
         base = _find(hf, "hf-generate", 1, p)
-        if base and base["itl_ms_p50"]:
+        if base and base["itl_ms_p50"] and one["itl_ms_p50"]:  # 0: a stream came in one piece
             speedup = base["itl_ms_p50"] / one["itl_ms_p50"]
             lines.append(
                 (f"per token vs HF generate() fp16, p{p} >= {TARGET_HF_SPEEDUP:.0f}x",

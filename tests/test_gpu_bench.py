@@ -140,3 +140,19 @@ def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
     ]  # fmt: skip
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--response-lanes", "0"])
+
+
+def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():
+    """Pieces that wait join: a short stream can arrive as one piece, whose ITL reads 0."""
+    args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1", "2"])
+    args.prompt_tokens, args.new_tokens = [8], 6
+
+    def row(system, concurrency, itl):
+        return {
+            "system": system, "concurrency": concurrency, "prompt_tokens": 8, "new_tokens": 6,
+            "tokens_per_s": 10.0 * concurrency, "itl_ms_p50": itl, "ttft_ms_p50": 1.0,
+        }  # fmt: skip
+
+    served = [row("triton:torch-static", 1, 0.0), row("triton:torch-static", 2, 0.0)]
+    results = {"triton": served, "hf": [row("hf-generate", 1, 5.0)]}
+    assert gpu_bench.verdicts(results, args) == [("tokens/s c2 / c1, p8 >= 20x", "2.0x", "missed")]
