@@ -23,7 +23,10 @@ def parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
 def require(params: Mapping[str, str], key: str, model: str) -> str:
     value = params.get(key, "")
     if not value:
-        raise ModelConfigError(f"model '{model}': parameter '{key}' is missing in config.pbtxt")
+        raise ModelConfigError(
+            f"model '{model}': parameter '{key}' is missing in config.pbtxt (a repository "
+            "rendered by an older version: render it again with 'make repo')"
+        )
     return value
 
 
