@@ -138,6 +138,10 @@ class ServedLoad:
                     failed.append(error or "no tokens")
                     continue
                 row.ttft_ms.append(1e3 * (stamps[0] - sent))
+                # ITL as genai-perf and NVIDIA's NIM benchmarks define it (the target's
+                # source): (last piece - first piece) / (tokens - 1). Pieces that wait join
+                # (sending.py): a first piece of k tokens makes it read up to (k - 1) /
+                # (tokens - 1) low; gaps are between pieces, not tokens
                 row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(tokens - 1, 1))
                 row.gap_ms.extend(1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
                 row.latency_ms.append(1e3 * (stamps[-1] - sent))

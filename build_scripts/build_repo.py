@@ -148,9 +148,11 @@ def build(
     spec = checkpoint.resolve(settings.model)
     engine_files: dict[str, Path] = {}
     fingerprints: dict[str, dict | None] = {}  # what the served files were built from
-    # What an engine reads of its export beside the files: the shape and, for ONNX, the
-    # opset (an opset-23 export takes the in-place KV cache: factory._takes_in_place_cache).
-    engine_settings: dict = {}
+    # What an engine reads beside its files (the shape; for ONNX the opset too: an opset-23
+    # export takes the in-place KV cache, factory._takes_in_place_cache) is the export's
+    # own settings file, copied (not linked: an int8 export rewrites it in place); a torch
+    # checkpoint has none, so its shape is written.
+    exported_settings: Path | None = None
     if settings.engine == "torch":
         tokenizer = checkpoint.load_tokenizer(spec)
         model = checkpoint.load_model(spec)
@@ -175,8 +177,7 @@ def build(
             else f"run 'make export MODEL={settings.model}' (make repo does)"
         )
         exported = check_current(export_dir, refresh)
-        if exported.get("opset") is not None:
-            engine_settings["opset"] = exported["opset"]
+        exported_settings = settings_file
         fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
         shape = ModelShape.from_dict(exported["shape"])
         needed = {
@@ -219,7 +220,10 @@ def build(
         folder.mkdir(parents=True, exist_ok=True)
         for name, src in engine_files.items():
             _link_or_copy(src, folder / name)
-        write_json(folder / SETTINGS_FILE, {"shape": shape.to_dict(), **engine_settings})
+        if exported_settings is not None:
+            shutil.copy2(exported_settings, folder / SETTINGS_FILE)
+        else:
+            write_json(folder / SETTINGS_FILE, {"shape": shape.to_dict()})
     for model_name in ("tokenizer", "gpt2"):
         _link_or_copy(tokenizer_dir, repository / model_name / "1" / "tokenizer")
     for model_name, text in rendered.items():

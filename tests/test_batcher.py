@@ -821,20 +821,3 @@ def test_the_idle_hook_waits_for_the_idle_time_it_is_given(batcher, engine):
         stop.set()
         batcher.wake()
         loop.join(60)
-
-
-def test_a_sink_hears_when_its_request_is_admitted_and_not_before(engine, codec):
-    class AdmittedSink(ListSink):
-        admissions = 0
-
-        def admitted(self):
-            self.admissions += 1
-
-    batcher = InflightBatcher(engine, codec, limits(engine, max_active=1, max_queue=4))
-    first, second = AdmittedSink(), AdmittedSink()
-    for sink in (first, second):
-        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
-    batcher.step()
-    assert (first.admissions, second.admissions) == (1, 0)  # one place: the second waits
-    run_all(batcher, [first, second])
-    assert (first.admissions, second.admissions) == (1, 1)

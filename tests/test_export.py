@@ -410,14 +410,19 @@ def test_the_served_onnx_engine_writes_its_kv_cache_in_place(tiny_export, tmp_pa
     folder's settings once lost the opset, and every served ONNX engine fell back to the
     padded cache)."""
     from build_scripts.build_repo import RepoSettings, build
-    from gpt2_triton.engines.factory import build_engine
+    from gpt2_triton.engines.factory import SETTINGS_FILE, build_engine
     from gpt2_triton.engines.slots import SlotEngine
 
     repository = build(RepoSettings("tiny", kind), tiny_export, tmp_path / "repo")
-    served = build_engine(kind, repository / "gpt2" / "1" / "engine", max_sequences=2)
+    folder = repository / "gpt2" / "1" / "engine"
+    served = build_engine(kind, folder, max_sequences=2)
     exported = build_engine(kind, tiny_export, max_sequences=2)
     assert isinstance(exported, SlotEngine)
     assert type(served) is type(exported)
+    # one source: the export's own settings, a copy (an int8 export rewrites the file)
+    copied, source = folder / SETTINGS_FILE, tiny_export / SETTINGS_FILE
+    assert copied.read_text() == source.read_text()
+    assert copied.stat().st_ino != source.stat().st_ino
 
 
 def test_an_engine_folder_without_the_opset_is_served_padded_and_says_so(

@@ -56,10 +56,6 @@ class GenerationOutput:
 
 
 class ResponseSink(Protocol):
-    """Where a request's responses go. A sink may also define ``admitted()``, called when
-    the request leaves the queue for the running batch (``sending.QueuedSink`` then asks
-    ``is_cancelled`` off the loop's thread)."""
-
     def send(self, output: GenerationOutput, final: bool) -> None: ...
 
     def send_error(self, message: str) -> None: ...
@@ -468,7 +464,6 @@ class InflightBatcher:
                     break  # the next step takes it
                 head.cancel_checked_at = time.monotonic()  # just asked
                 self._active.append(self._waiting.popleft())
-                _admitted(head)
             self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._active)
         for sequence in gone:
@@ -715,12 +710,6 @@ def _is_gone(sequence: _Sequence) -> bool:
     except Exception:
         log.warning("is_cancelled failed for %d: dropping it", sequence.sequence_id, exc_info=True)
         return True
-
-
-def _admitted(sequence: _Sequence) -> None:
-    notice = getattr(sequence.sink, "admitted", None)  # optional (ResponseSink)
-    if notice is not None:
-        notice()
 
 
 def _close(sequence: _Sequence) -> None:

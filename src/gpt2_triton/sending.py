@@ -5,7 +5,7 @@ measured on 2 cores, ~0.2 ms on an idle 16-core GPU machine), and the sender rel
 GIL while it waits for the server's answer. Sent inline, 16 live streams add ~8 ms to
 every step; sent here, they go out while the generation loop waits on the next engine call.
 
-Three things keep sending from setting the pace (docs/GPU.md has the H200 runs):
+Two things keep sending from setting the pace (docs/GPU.md has the H200 runs):
 - **Lanes.** One thread sent ~4,400 responses a second on an H200 machine while the
   engine's step took ~1.2 ms. The worker has several lanes, each a thread with its own
   FIFO; a request is bound to the lane with the fewest live requests when it first needs
@@ -14,10 +14,15 @@ Three things keep sending from setting the pace (docs/GPU.md has the H200 runs):
   grows with the number in flight (4 lanes at 64 streams: ~1 ms each). A stream's piece
   that is still queued when the next one comes takes it in (its text grows, its counts are
   the newer ones) instead of queueing a second response: a stream has at most one piece
-  waiting, so a step never waits for sends, and when sending falls behind each response
+  waiting, so a step does not wait for sends, and when sending falls behind each response
   carries several tokens instead of the stream falling behind (as vLLM's output
   collector merges deltas a slow consumer has not taken yet).
-- **Cancellation is asked on the lane** once the request is admitted (``is_cancelled``).
+
+``is_cancelled()`` stays the loop's own round trip (asked of a few streams a step,
+batcher.py). Asked from the lanes instead, ahead of their sends, it crashed tritonserver
+2.51 with SIGSEGV in ``TRITONBACKEND_ResponseFactoryIsCancelled`` in 2 of 3 one-minute
+soaks (0 of 3 asked from the loop); the cause inside the server was not found
+(docs/RELIABILITY.md).
 
 A final (or error) send that raises is followed by the sink's ``close()``, a bare final
 flag: otherwise the server would hold the request in flight forever.
@@ -25,7 +30,6 @@ flag: otherwise the server would hold the request in flight forever.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import queue
@@ -39,7 +43,6 @@ from gpt2_triton.batcher import GenerationOutput, ResponseSink
 log = logging.getLogger(__name__)
 
 _STOP = object()
-_WAKE = object()  # wakes a lane to run its askings
 
 
 class ResponseWorker:
@@ -48,7 +51,8 @@ class ResponseWorker:
     ``max_pending`` bounds the jobs queued on all lanes together (each lane holds its
     share): when sends fall behind further than that, the loop blocks on the next one
     instead of piling up responses without limit. With pieces joining while they wait a
-    stream queues at most one piece, so only requests' ends and errors count against it.
+    stream queues at most one piece; the rest are requests' ends and errors and ``flush``
+    marks.
     """
 
     def __init__(self, max_pending: int = 256, lanes: int = 1) -> None:
@@ -109,29 +113,16 @@ def _left(deadline: float | None) -> float | None:
 
 
 class _Lane:
-    """One sending thread and its FIFO, and the askings (``is_cancelled``) it runs ahead
-    of the FIFO: an asking's answer does not depend on the sends before it, and one that
-    waited behind the queue would let a cancelled stream run on for as long."""
+    """One sending thread and its FIFO."""
 
     def __init__(self, name: str, max_pending: int) -> None:
         self.live = 0  # requests bound here and not yet ended (ResponseWorker.bind)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._asks: collections.deque = collections.deque()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[], None]) -> None:
         self._queue.put(job)
-
-    def ask(self, job: Callable[[], None]) -> None:
-        """Run ``job`` before the next queued send. Never blocks: a full FIFO means the
-        thread is busy and takes the askings before its next send; otherwise a no-op job
-        wakes it."""
-        self._asks.append(job)
-        try:
-            self._queue.put_nowait(_WAKE)
-        except queue.Full:
-            pass
 
     def mark(self, timeout: float | None) -> threading.Event | None:
         """An event set once everything queued before it is sent; None if the FIFO stayed
@@ -155,13 +146,10 @@ class _Lane:
 
     def _run(self) -> None:
         while True:
-            while self._asks:
-                _run_job(self._asks.popleft())
             job = self._queue.get()
             if job is _STOP:
                 return
-            if job is not _WAKE:
-                _run_job(job)
+            _run_job(job)
 
 
 def _run_job(job: Callable[[], None]) -> None:
@@ -188,26 +176,15 @@ class QueuedSink:
 
     A send that fails on the lane's thread marks the sink failed; the loop then sees it
     as cancelled at the next check and frees the sequence. A piece still waiting when the
-    next one comes takes it in (module docstring).
-
-    ``is_cancelled()`` is a round trip too (~75 us idle, more under load: the batcher asks
-    up to 4 streams a step, a large share of a GPU step of ~1.5 ms). While the request
-    waits to be admitted it is asked at once, so a request cancelled while it waited
-    never takes a prefill. Once admitted (``admitted()``) it is asked on its lane, ahead of
-    the sends queued there: the call answers what the last asking found and starts a new
-    one (one at a time), so a cancel is seen one check period later than if asked inline
-    (``cancel_check_interval_s`` at a few streams, ``ceil(streams / checks a step)`` steps
-    at many; docs/API.md).
+    next one comes takes it in (module docstring). ``is_cancelled`` is asked inline, on
+    the caller's (the loop's) thread.
     """
 
     def __init__(self, sink: ResponseSink, worker: ResponseWorker) -> None:
         self.sink = sink
-        self.failed = False  # a send (or an asking) failed on the lane
-        self.cancelled = False  # what the last asking on the lane found
+        self.failed = False  # a send failed on the lane
         self._worker = worker
         self._lane: _Lane | None = None  # bound when first needed, kept to the end
-        self._admitted = False
-        self._asking = False
         self._ended = False  # its last job ran: the lane has one live request less
         self._piece_lock = threading.Lock()
         self._piece: tuple[GenerationOutput, bool] | None = None  # queued, not sent yet
@@ -232,19 +209,8 @@ class QueuedSink:
     def close(self) -> None:
         self.lane.submit(lambda: self._deliver(self.sink.close, True, closes=False))
 
-    def admitted(self) -> None:
-        """The request left the queue for the running batch: ask on the lane from now."""
-        self._admitted = True
-
     def is_cancelled(self) -> bool:
-        if self.failed or self.cancelled:
-            return True
-        if not self._admitted:
-            return self.sink.is_cancelled()
-        if not self._asking:
-            self._asking = True
-            self.lane.ask(self._ask)
-        return False
+        return self.failed or self.sink.is_cancelled()
 
     def _send_piece(self) -> None:
         with self._piece_lock:
@@ -264,12 +230,3 @@ class QueuedSink:
             if final and not self._ended:
                 self._ended = True
                 self._worker.unbind(self.lane)
-
-    def _ask(self) -> None:
-        try:
-            self.cancelled = bool(self.sink.is_cancelled())
-        except Exception:  # the batcher drops it as cancelled, as when asked inline
-            log.warning("is_cancelled failed: the request is dropped", exc_info=True)
-            self.failed = True
-        finally:
-            self._asking = False
