@@ -295,8 +295,9 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
                     "concurrency": c,
                     "step_ms_p50": 1e3 * float(np.median(times[4:])),
                     "step_ms_p90": 1e3 * float(np.percentile(times[4:], 90)),
-                    # where a slow step's time went: the GPU's own time from CUDA events
-                    # around the step, and this process's CPU time (all its threads)
+                    # where a slow step's time went: the elapsed time between CUDA events
+                    # around the step (launch gaps included: not the kernels' own time),
+                    # and this process's CPU time (all its threads)
                     "gpu_ms_p50": 1e3 * float(np.median(gpu[4:])) if gpu[0] is not None else None,
                     "cpu_ms_p50": 1e3 * float(np.median(cpu[4:])),
                     "ran": engine.forward.describe(),
