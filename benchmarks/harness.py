@@ -131,6 +131,17 @@ class _Stamps:
         pass
 
 
+def stream_itl_ms(stamps: list[float], tokens: int) -> float | None:
+    """A stream's inter-token latency as genai-perf and NVIDIA's NIM benchmarks define it
+    (the GPU targets' source): (last piece - first piece) / (tokens - 1). Pieces can carry
+    several tokens (a held-back multi-byte character; pieces that wait join, sending.py):
+    a first piece of k tokens makes it read up to (k - 1) / (tokens - 1) low. None when it
+    cannot be seen: a stream that came in one piece."""
+    if len(stamps) < 2 or tokens < 2:
+        return None
+    return 1e3 * (stamps[-1] - stamps[0]) / (tokens - 1)
+
+
 def _record(row: Row, started: float, stamps: list[float], rows: int) -> None:
     """One batch that produced a token per row at each of ``stamps``."""
     gaps = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False)]
@@ -362,8 +373,9 @@ def bench_triton(
         if row is not None:
             with lock:
                 row.ttft_ms.append(1e3 * (stamps[0] - started))
-                # pieces can merge tokens (a held-back multi-byte character): count tokens
-                row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(tokens - 1, 1))
+                itl = stream_itl_ms(stamps, tokens)
+                if itl is not None:
+                    row.itl_ms.append(itl)
                 row.gap_ms.extend(1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
                 row.latency_ms.append(1e3 * (end - started))
                 row.tokens += tokens

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from benchmarks.harness import Row
+from benchmarks.harness import Row, stream_itl_ms
 
 START_LEAD_S = 0.5  # from submitting a wave to its start: every client connected by then
 TIMEOUT_S = 60.0  # the longest a request may take before it counts as failed
@@ -138,11 +138,9 @@ class ServedLoad:
                     failed.append(error or "no tokens")
                     continue
                 row.ttft_ms.append(1e3 * (stamps[0] - sent))
-                # ITL as genai-perf and NVIDIA's NIM benchmarks define it (the target's
-                # source): (last piece - first piece) / (tokens - 1). Pieces that wait join
-                # (sending.py): a first piece of k tokens makes it read up to (k - 1) /
-                # (tokens - 1) low; gaps are between pieces, not tokens
-                row.itl_ms.append(1e3 * (stamps[-1] - stamps[0]) / max(tokens - 1, 1))
+                itl = stream_itl_ms(stamps, tokens)  # gaps: between pieces, not tokens
+                if itl is not None:
+                    row.itl_ms.append(itl)
                 row.gap_ms.extend(1e3 * (b - a) for a, b in zip(stamps, stamps[1:], strict=False))
                 row.latency_ms.append(1e3 * (stamps[-1] - sent))
                 row.tokens += tokens

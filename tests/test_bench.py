@@ -383,3 +383,9 @@ def test_a_client_failing_before_the_start_barrier_releases_the_others_waiting_t
     error = _raised_within(lambda: harness.run_wave(3, client))
     assert isinstance(error, RuntimeError) and "3 of 3 clients failed" in str(error)
     assert isinstance(error.__cause__, ValueError)
+
+
+def test_a_streams_itl_counts_tokens_and_is_not_read_from_one_piece():
+    assert harness.stream_itl_ms([1.0, 1.004, 1.010], 6) == pytest.approx(2.0)  # 5 gaps
+    assert harness.stream_itl_ms([1.0], 6) is None  # all six tokens in one piece: not seen
+    assert harness.stream_itl_ms([1.0], 1) is None
