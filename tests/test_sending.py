@@ -243,6 +243,7 @@ def test_flush_and_close_keep_their_timeouts_when_a_lane_is_stuck_and_full():
         assert not waiter.is_alive() and done == [(False, None)]
     finally:
         stuck.release.set()
+    worker.close()  # its stop was refused while stuck: give it now
 
 
 def test_close_sends_what_every_lane_holds():

@@ -14,7 +14,8 @@ Two things keep sending from setting the pace (docs/GPU.md has the H200 runs):
   grows with the number in flight (4 lanes at 64 streams: ~1 ms each). A stream's piece
   that is still queued when the next one comes takes it in (its text grows, its counts are
   the newer ones) instead of queueing a second response: a stream has at most one piece
-  waiting, so a step does not wait for sends, and when sending falls behind each response
+  waiting, so a step does not wait for sends (while its lane's queue has room: ends and
+  errors still take places there), and when sending falls behind each response
   carries several tokens instead of the stream falling behind (as vLLM's output
   collector merges deltas a slow consumer has not taken yet).
 
@@ -36,7 +37,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 from gpt2_triton.batcher import GenerationOutput, ResponseSink
 
@@ -167,8 +167,15 @@ def _close(sink: ResponseSink) -> None:
 
 
 def _joined(waiting: GenerationOutput, newer: GenerationOutput) -> GenerationOutput:
-    """A streamed piece still waiting to be sent, with the next one taken in."""
-    return replace(newer, text=waiting.text + newer.text)
+    """A streamed piece still waiting to be sent, with the next one taken in: the text
+    joined, the rest (running totals, the finish reason) the newer piece's. Every field
+    is named, so a field added to GenerationOutput must say here how it joins."""
+    return GenerationOutput(
+        text=waiting.text + newer.text,
+        finish_reason=newer.finish_reason,
+        num_input_tokens=newer.num_input_tokens,
+        num_output_tokens=newer.num_output_tokens,
+    )
 
 
 class QueuedSink:

@@ -52,8 +52,8 @@ def _takes_in_place_cache(export_dir: Path, shape: ModelShape) -> bool:
         f"head size {shape.head_dim} is not a multiple of 8"
         if opset >= FUSED_ATTENTION_OPSET
         else f"{export_dir / SETTINGS_FILE} names opset {opset or 'none'}, not "
-        f">= {FUSED_ATTENTION_OPSET} (a repository rendered before 2026-11-28 lacks it: "
-        "run 'make repo' again)"
+        f">= {FUSED_ATTENTION_OPSET} (if the export has it, render the repository again: "
+        "'make repo')"
     )
     log.warning("the KV cache is padded, not written in place: %s", why)
     return False
