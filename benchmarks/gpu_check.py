@@ -43,8 +43,11 @@ def load(url: str, concurrency: int, new_tokens: int) -> dict:
                     pass
                 ttft.append(stream.result.time_to_first_token_s)
                 totals.append(stream.result.total_s)
+        except threading.BrokenBarrierError:
+            pass  # another client failed first: its error is the one reported
         except Exception as exc:  # reported in the table
             errors.append(str(exc))
+            barrier.abort()  # the others may wait at the barrier for this one
 
     started = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(concurrency)]
