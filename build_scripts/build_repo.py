@@ -31,6 +31,7 @@ from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS
 from gpt2_triton.errors import Gpt2TritonError
 from gpt2_triton.render import render
+from gpt2_triton.sending import MAX_LANES
 
 log = logging.getLogger("build_scripts.build_repo")
 
@@ -63,8 +64,10 @@ class RepoSettings:
             )
         if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
             raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
-        if self.response_lanes < 1:
-            raise Gpt2TritonError("response-lanes must be >= 1")
+        if not 1 <= self.response_lanes <= MAX_LANES:
+            raise Gpt2TritonError(
+                f"response-lanes must be in [1, {MAX_LANES}], got {self.response_lanes}"
+            )
         if self.engine_threads < 0:
             raise Gpt2TritonError("engine-threads must be >= 0")
         if self.engine_placement not in PLACEMENTS:

@@ -453,5 +453,8 @@ def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
     repository = build(RepoSettings("tiny", "onnx", response_lanes=3), tiny_export, tmp_path)
     config = (repository / "gpt2" / "config.pbtxt").read_text()
     assert 'key: "response_lanes", value: { string_value: "3" }' in config
-    with pytest.raises(Gpt2TritonError, match="response-lanes must be >= 1"):
-        RepoSettings("tiny", "onnx", response_lanes=0)
+    for lanes in (0, 65):
+        with pytest.raises(
+            Gpt2TritonError, match=rf"response-lanes must be in \[1, 64\], got {lanes}"
+        ):
+            RepoSettings("tiny", "onnx", response_lanes=lanes)

@@ -37,3 +37,10 @@ def test_a_bad_integer_is_refused_with_its_name(key, minimum, message):
     params = model_config.parameters(CONFIG)
     with pytest.raises(ModelConfigError, match=f"parameter '{key}' {message}"):
         model_config.int_param(params, key, "gpt2", minimum=minimum)
+
+
+def test_an_integer_above_its_maximum_is_refused():
+    params = model_config.parameters(CONFIG)
+    assert model_config.int_param(params, "response_lanes", "gpt2", maximum=4) == 4
+    with pytest.raises(ModelConfigError, match="parameter 'response_lanes' must be <= 3"):
+        model_config.int_param(params, "response_lanes", "gpt2", maximum=3)

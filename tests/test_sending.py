@@ -3,7 +3,7 @@ import threading
 import pytest
 
 from gpt2_triton.batcher import GenerationOutput
-from gpt2_triton.sending import ResponseWorker
+from gpt2_triton.sending import MAX_LANES, ResponseWorker
 
 
 class RecordingSink:
@@ -257,9 +257,10 @@ def test_close_sends_what_every_lane_holds():
     assert all(s.text() == "0123456789" and s.finals()[-1] for s in sinks)
 
 
-def test_a_worker_needs_a_lane():
-    with pytest.raises(ValueError, match="at least one lane"):
-        ResponseWorker(lanes=0)
+@pytest.mark.parametrize("lanes", [0, MAX_LANES + 1])
+def test_a_worker_takes_a_bounded_number_of_lanes(lanes):
+    with pytest.raises(ValueError, match=f"takes 1 to {MAX_LANES} lanes, not {lanes}"):
+        ResponseWorker(lanes=lanes)
 
 
 def test_whether_a_request_was_cancelled_is_asked_on_the_callers_thread():

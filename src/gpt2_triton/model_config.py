@@ -30,7 +30,9 @@ def require(params: Mapping[str, str], key: str, model: str) -> str:
     return value
 
 
-def int_param(params: Mapping[str, str], key: str, model: str, minimum: int = 0) -> int:
+def int_param(
+    params: Mapping[str, str], key: str, model: str, minimum: int = 0, maximum: int | None = None
+) -> int:
     raw = require(params, key, model)
     try:
         value = int(raw)
@@ -40,6 +42,8 @@ def int_param(params: Mapping[str, str], key: str, model: str, minimum: int = 0)
         ) from None
     if value < minimum:
         raise ModelConfigError(f"model '{model}': parameter '{key}' must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ModelConfigError(f"model '{model}': parameter '{key}' must be <= {maximum}")
     return value
 
 

@@ -40,6 +40,10 @@ from collections.abc import Callable
 
 from gpt2_triton.batcher import GenerationOutput, ResponseSink
 
+# Each lane is a thread. The GPU runs measured 1, 4 and 8 (docs/GPU.md); far more would be
+# threads contending for the GIL, and a typo such as 4000 would start that many.
+MAX_LANES = 64
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -56,8 +60,8 @@ class ResponseWorker:
     """
 
     def __init__(self, max_pending: int = 256, lanes: int = 1) -> None:
-        if lanes < 1:
-            raise ValueError("a response worker needs at least one lane")
+        if not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"a response worker takes 1 to {MAX_LANES} lanes, not {lanes}")
         share = max(1, math.ceil(max_pending / lanes))
         self._lanes = [
             _Lane("gpt2-responses" if lanes == 1 else f"gpt2-responses-{i}", share)

@@ -24,7 +24,7 @@ from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_c
 from gpt2_triton.engines.protocol import pack_tokens, unpack_tokens
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_parameters
-from gpt2_triton.sending import ResponseWorker
+from gpt2_triton.sending import MAX_LANES, ResponseWorker
 from gpt2_triton.text import TextCodec
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -77,7 +77,13 @@ class TritonPythonModel:
         self.batcher = InflightBatcher(self.engine, codec, limits)
         self.responses = ResponseWorker(
             max_pending=8 * limits.max_active,
-            lanes=model_config.int_param(params, "response_lanes", "gpt2", minimum=1),
+            # a request keeps its lane: lanes beyond the streams that can be live would idle
+            lanes=min(
+                model_config.int_param(
+                    params, "response_lanes", "gpt2", minimum=1, maximum=MAX_LANES
+                ),
+                max_active,
+            ),
         )
         pb_utils.Logger.log_info(f"gpt2: responses sent on {self.responses.lanes} lanes")
         self.metrics = Metrics(self.batcher.stats)
