@@ -94,6 +94,8 @@ class Row:
             "itl_ms_p50": pct(self.itl_ms, 50),
             "itl_ms_p90": pct(self.itl_ms, 90),
             "itl_ms_p99": pct(self.itl_ms, 99),
+            # issue 14's stall target reads gap p99 against the median gap
+            "gap_ms_p50": pct(self.gap_ms, 50),
             "gap_ms_p99": pct(self.gap_ms, 99),
             "latency_ms_p50": pct(self.latency_ms, 50),
             "latency_ms_p90": pct(self.latency_ms, 90),

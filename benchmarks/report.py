@@ -177,10 +177,10 @@ def floor_rows(results: dict) -> list[str]:
 
 def table(results: dict) -> list[str]:
     lines = [
-        "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p99 | "
+        "| system | conc. | prompt | TTFT p50 | ITL p50 | ITL p90 | ITL p99 | gap p50 | gap p99 | "
         "latency p50 | latency p90 | latency p99 | tokens/s | server RSS | server PSS | "
         "server peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         rss = _fmt(r["server_rss_mb"], ".0f") + " MB" if r["server_rss_mb"] else "-"
@@ -192,6 +192,8 @@ def table(results: dict) -> list[str]:
             f"| {r['system']} | {r['concurrency']} | {r['prompt_tokens']} | "
             f"{_fmt(r['ttft_ms_p50'])} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p90'], '.2f')} ms | {_fmt(r['itl_ms_p99'], '.2f')} ms | "
+            # results from before the median gap was kept have no such key
+            f"{_fmt(r.get('gap_ms_p50'), '.2f')} ms | "
             f"{_fmt(r['gap_ms_p99'], '.2f')} ms | {_fmt(r['latency_ms_p50'], '.0f')} ms | "
             f"{_fmt(r['latency_ms_p90'], '.0f')} ms | {_fmt(r['latency_ms_p99'], '.0f')} ms | "
             f"{_fmt(r['tokens_per_s'], '.0f')} | {rss} | {pss} | {peak} |"
