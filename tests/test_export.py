@@ -449,12 +449,14 @@ def test_an_engine_folder_without_the_opset_is_served_padded_and_says_so(
 def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
     from build_scripts.build_repo import RepoSettings, build
     from gpt2_triton.errors import Gpt2TritonError
+    from gpt2_triton.sending import MAX_LANES
 
     repository = build(RepoSettings("tiny", "onnx", response_lanes=3), tiny_export, tmp_path)
     config = (repository / "gpt2" / "config.pbtxt").read_text()
     assert 'key: "response_lanes", value: { string_value: "3" }' in config
-    for lanes in (0, 65):
+    assert RepoSettings("tiny", "onnx", response_lanes=MAX_LANES).response_lanes == MAX_LANES
+    for lanes in (0, MAX_LANES + 1):
         with pytest.raises(
-            Gpt2TritonError, match=rf"response-lanes must be in \[1, 64\], got {lanes}"
+            Gpt2TritonError, match=rf"response-lanes must be in \[1, {MAX_LANES}\], got {lanes}"
         ):
             RepoSettings("tiny", "onnx", response_lanes=lanes)

@@ -263,6 +263,14 @@ def test_a_worker_takes_a_bounded_number_of_lanes(lanes):
         ResponseWorker(lanes=lanes)
 
 
+def test_a_worker_takes_as_many_lanes_as_the_bound():
+    worker = ResponseWorker(lanes=MAX_LANES)
+    try:
+        assert worker.lanes == MAX_LANES
+    finally:
+        worker.close()
+
+
 def test_whether_a_request_was_cancelled_is_asked_on_the_callers_thread():
     """Asked from the lanes it crashed tritonserver 2.51 (sending.py): the loop asks."""
     worker = ResponseWorker()

@@ -75,17 +75,13 @@ class TritonPythonModel:
             vocab_size=shape.vocab_size if shape else 0,
         )
         self.batcher = InflightBatcher(self.engine, codec, limits)
-        self.responses = ResponseWorker(
-            max_pending=8 * limits.max_active,
-            # a request keeps its lane: lanes beyond the streams that can be live would idle
-            lanes=min(
-                model_config.int_param(
-                    params, "response_lanes", "gpt2", minimum=1, maximum=MAX_LANES
-                ),
-                max_active,
-            ),
+        lanes = model_config.int_param(
+            params, "response_lanes", "gpt2", minimum=1, maximum=MAX_LANES
         )
-        pb_utils.Logger.log_info(f"gpt2: responses sent on {self.responses.lanes} lanes")
+        # a request keeps its lane: lanes beyond the streams that can be live would idle
+        self.responses = ResponseWorker(max_pending=8 * max_active, lanes=min(lanes, max_active))
+        capped = f" (response_lanes {lanes}, capped at max_active)" if lanes > max_active else ""
+        pb_utils.Logger.log_info(f"gpt2: responses sent on {self.responses.lanes} lanes{capped}")
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
         self.last_metrics = 0.0
