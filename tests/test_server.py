@@ -384,6 +384,34 @@ def test_client_cancel_ends_the_stream_quietly(triton, protocol):
         assert 3 <= len(pieces) < 50 and stream.result is None
 
 
+def test_each_grpc_stream_has_a_connection_of_its_own(triton):
+    """Streams opened at once do not share one TCP connection (gRPC Python's default): a
+    shared one, closed under them, failed every stream of the process at once (client/core.py,
+    ``_own_connection_args``)."""
+    import psutil
+
+    port = int(triton.grpc_url.rsplit(":", 1)[1])
+    params = GenerationParams(max_tokens=1000, min_length=1000)
+    with Gpt2Client(triton.grpc_url) as client:
+        streams = [client.stream("The cat", params) for _ in range(3)]
+        pieces = [iter(stream) for stream in streams]
+        try:
+            for piece in pieces:
+                next(piece)  # each stream is live: its request reached the server
+            connections = [
+                c
+                for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            ]
+            assert len(connections) >= len(streams), connections
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for piece in pieces:
+                for _ in piece:  # a cancelled stream ends quietly
+                    pass
+
+
 def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_export, artifacts, grpc):
     """engine_placement bls: the loop calls the `engine` model, whose caches it frees."""
     from conftest import service
