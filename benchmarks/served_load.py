@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from benchmarks.harness import Row, stream_itl_ms
+from client.core import own_connection_args
 
 START_LEAD_S = 0.5  # from submitting a wave to its start: every client connected by then
 TIMEOUT_S = 60.0  # the longest a request may take before it counts as failed
@@ -51,7 +52,8 @@ def _stream(url: str, prompt: str, params: dict, start_at: float) -> tuple:
         if result.get_response().parameters["triton_final_response"].bool_param:
             done.set()
 
-    client = grpcclient.InferenceServerClient(url)
+    # a channel per stream, each on its own connection (client/core.py)
+    client = grpcclient.InferenceServerClient(url, channel_args=own_connection_args())
     try:
         client.start_stream(callback=callback)
         time.sleep(max(0.0, start_at - time.time()))

@@ -107,16 +107,16 @@ class _Cancellation:
             hook()
 
 
-def _own_connection_args() -> list[tuple[str, int]]:
+def own_connection_args() -> list[tuple[str, int]]:
     """tritonclient's own channel arguments, plus a connection of the channel's own.
 
     The client opens a channel per call and closes it after (a stream is its own call).
-    gRPC Python otherwise puts every channel to one address on one shared TCP connection
-    (its global subchannel pool), and with channels opening and closing under live streams
-    that connection was now and then closed: every stream of the process failed at once
-    with "Stream removed (Socket closed)" (2-4 times in four minutes of 35 streams through
-    the front door, and never with a connection per channel; docs/RELIABILITY.md). gRPC
-    Python is moving to the local pool by default for short-lived channels (grpc#42690).
+    gRPC Python otherwise puts every channel to one address with the same arguments on one
+    shared TCP connection (its global subchannel pool). With many streams live and channels
+    opening and closing beside them, that connection was now and then closed under all of
+    them: every stream of the process failed at once with "Stream removed (Socket closed)".
+    Why gRPC closed it is not known; with a connection per channel it was not seen again
+    (docs/RELIABILITY.md). Pass these as ``channel_args`` wherever channels come and go.
     """
     import tritonclient.grpc as grpcclient
 
@@ -372,7 +372,7 @@ class Gpt2Client:
     def _grpc(self):
         import tritonclient.grpc as grpcclient
 
-        return grpcclient.InferenceServerClient(self.url, channel_args=_own_connection_args())
+        return grpcclient.InferenceServerClient(self.url, channel_args=own_connection_args())
 
     def _grpc_inputs(self, prompt: str, params: GenerationParams, stream: bool) -> list:
         import tritonclient.grpc as grpcclient

@@ -29,6 +29,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ADMIN_KEY, service
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+from client.core import own_connection_args
 from gpt2_triton.front_door import FrontDoorError, FrontDoorSettings
 
 pytestmark = pytest.mark.integration
@@ -169,7 +170,8 @@ class GrpcStream:
     """A gRPC ModelStreamInfer stream (a decoupled model refuses unary infer)."""
 
     def __init__(self, url: str, headers: dict | None = None) -> None:
-        self.client = grpcclient.InferenceServerClient(url)
+        # its own connection, as the client's channels (client/core.py)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=own_connection_args())
         self.responses: queue.Queue = queue.Queue()
         # tritonclient calls back with parameters named result and error
         self.client.start_stream(

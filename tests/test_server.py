@@ -391,6 +391,15 @@ def test_each_grpc_stream_has_a_connection_of_its_own(triton):
     import psutil
 
     port = int(triton.grpc_url.rsplit(":", 1)[1])
+
+    def local_ends() -> set:
+        return {
+            c.laddr
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        }
+
+    before = local_ends()  # other clients of this process, if any
     params = GenerationParams(max_tokens=1000, min_length=1000)
     with Gpt2Client(triton.grpc_url) as client:
         streams = [client.stream("The cat", params) for _ in range(3)]
@@ -398,12 +407,8 @@ def test_each_grpc_stream_has_a_connection_of_its_own(triton):
         try:
             for piece in pieces:
                 next(piece)  # each stream is live: its request reached the server
-            connections = [
-                c
-                for c in psutil.Process().net_connections(kind="tcp")
-                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-            ]
-            assert len(connections) >= len(streams), connections
+            new = local_ends() - before
+            assert len(new) >= len(streams), new
         finally:
             for stream in streams:
                 stream.cancel()
