@@ -68,12 +68,13 @@ def front_door_rows(results: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for path, engine, key, r, direct in _against_direct(results, ("front-door", "openai")):
+        # a path whose every stream came in one piece has no ITL (harness.stream_itl_ms)
         lines.append(
             f"| {path} | {engine} | {key[0]} | {key[1]} | {_fmt(direct['itl_ms_p50'], '.2f')} ms | "
             f"{_fmt(r['itl_ms_p50'], '.2f')} ms | "
-            f"{r['itl_ms_p50'] - direct['itl_ms_p50']:+.2f} ms | "
-            f"{r['ttft_ms_p50'] - direct['ttft_ms_p50']:+.1f} ms | "
-            f"{r['tokens_per_s'] / direct['tokens_per_s']:.3f} |"
+            f"{_fmt(_difference(r['itl_ms_p50'], direct['itl_ms_p50']), '+.2f')} ms | "
+            f"{_fmt(_difference(r['ttft_ms_p50'], direct['ttft_ms_p50']), '+.1f')} ms | "
+            f"{_fmt(_ratio(r['tokens_per_s'], direct['tokens_per_s']), '.3f')} |"
         )
     return lines if len(lines) > 2 else []
 
@@ -89,7 +90,7 @@ def sampling_rows(results: dict) -> list[str]:
         lines.append(
             f"| {engine} | {key[0]} | {key[1]} | {_fmt(greedy['tokens_per_s'], '.0f')} | "
             f"{_fmt(r['tokens_per_s'], '.0f')} | "
-            f"{r['tokens_per_s'] / greedy['tokens_per_s']:.3f} | "
+            f"{_fmt(_ratio(r['tokens_per_s'], greedy['tokens_per_s']), '.3f')} | "
             f"{_fmt(greedy['itl_ms_p50'], '.2f')} ms | {_fmt(r['itl_ms_p50'], '.2f')} ms |"
         )
     return lines if len(lines) > 2 else []
@@ -107,6 +108,10 @@ PEERS = {
 
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
+
+
+def _difference(a, b):
+    return None if a is None or b is None else a - b
 
 
 def peer_rows(results: dict) -> list[str]:

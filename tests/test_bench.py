@@ -133,6 +133,21 @@ def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
     assert front_door_rows({"rows": results["rows"][:1]}) == []
 
 
+def test_a_path_whose_streams_came_in_one_piece_reads_as_unmeasured_in_the_report():
+    """No ITL (every stream one piece: harness.stream_itl_ms) is '-', not a crash."""
+    results = {
+        "rows": [
+            row("triton:onnx", 1, 10.0, 20.0, 100.0),
+            row("front-door:onnx", 1, None, 20.5, 99.0),
+            row("triton-sampled:onnx", 1, None, 21.0, 98.0),
+        ]
+    }
+    assert front_door_rows(results)[2] == (
+        "| front-door | onnx | 1 | 32 | 10.00 ms | - ms | - ms | +0.5 ms | 0.990 |"
+    )
+    assert sampling_rows(results)[2] == "| onnx | 1 | 32 | 100 | 98 | 0.980 | 10.00 ms | - ms |"
+
+
 def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
     results = {
         "rows": [
