@@ -387,7 +387,7 @@ def test_client_cancel_ends_the_stream_quietly(triton, protocol):
 def test_each_grpc_stream_has_a_connection_of_its_own(triton):
     """Streams opened at once do not share one TCP connection (gRPC Python's default): a
     shared one, closed under them, failed every stream of the process at once (client/core.py,
-    ``_own_connection_args``)."""
+    ``own_connection_args``)."""
     import psutil
 
     port = int(triton.grpc_url.rsplit(":", 1)[1])
