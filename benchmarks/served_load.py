@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from benchmarks.harness import Row, stream_itl_ms
-from client.core import own_connection_args
+from client.core import grpc_inputs, own_connection_args
 
 START_LEAD_S = 0.5  # from submitting a wave to its start: every client connected by then
 TIMEOUT_S = 60.0  # the longest a request may take before it counts as failed
@@ -30,9 +30,9 @@ def _stream(url: str, prompt: str, params: dict, start_at: float) -> tuple:
     """One request: ``(sent, piece times, tokens, error)``, times on this host's clock."""
     import tritonclient.grpc as grpcclient
 
-    from client import GenerationParams, Gpt2Client
+    from client import GenerationParams
 
-    inputs = Gpt2Client(url)._grpc_inputs(prompt, GenerationParams(**params), stream=True)
+    inputs = grpc_inputs(prompt, GenerationParams(**params), stream=True)
     stamps: list[float] = []
     tokens, errors = [0], []
     done = threading.Event()

@@ -132,6 +132,28 @@ def own_connection_args() -> list[tuple[str, int]]:
     ]
 
 
+def grpc_inputs(prompt: str, params: GenerationParams, stream: bool = True) -> list:
+    """The ``gpt2`` model's inputs for one request, as tritonclient.grpc tensors (for a
+    caller that sends several requests over one stream of its own)."""
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array, datatype):
+        t = grpcclient.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [tensor(names.TEXT_INPUT, np.array([[prompt.encode()]], dtype=object), "BYTES")]
+    values = params.as_json() | {names.STREAM: stream}
+    for name, value in values.items():
+        if name == names.STOP_WORDS:
+            words = np.array([[w.encode() for w in value]], dtype=object)
+            inputs.append(tensor(name, words, "BYTES"))
+        else:
+            dtype, datatype = _DTYPES[name]
+            inputs.append(tensor(name, np.array([[value]], dtype=dtype), datatype))
+    return inputs
+
+
 class TextStream:
     """Iterate to get text pieces as they arrive; ``result`` is set at the end;
     ``cancel()`` stops the request on the server. The request is sent when the first piece
@@ -374,31 +396,12 @@ class Gpt2Client:
 
         return grpcclient.InferenceServerClient(self.url, channel_args=own_connection_args())
 
-    def _grpc_inputs(self, prompt: str, params: GenerationParams, stream: bool) -> list:
-        import tritonclient.grpc as grpcclient
-
-        def tensor(name, array, datatype):
-            t = grpcclient.InferInput(name, list(array.shape), datatype)
-            t.set_data_from_numpy(array)
-            return t
-
-        inputs = [tensor(names.TEXT_INPUT, np.array([[prompt.encode()]], dtype=object), "BYTES")]
-        values = params.as_json() | {names.STREAM: stream}
-        for name, value in values.items():
-            if name == names.STOP_WORDS:
-                words = np.array([[w.encode() for w in value]], dtype=object)
-                inputs.append(tensor(name, words, "BYTES"))
-            else:
-                dtype, datatype = _DTYPES[name]
-                inputs.append(tensor(name, np.array([[value]], dtype=dtype), datatype))
-        return inputs
-
     def _grpc_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         from tritonclient.utils import InferenceServerException
 
         if cancel.requested.is_set():  # cancelled before it started: send nothing
             return
-        inputs = self._grpc_inputs(prompt, params, stream)
+        inputs = grpc_inputs(prompt, params, stream)
         responses: queue.Queue = queue.Queue()
         client = self._grpc()
 

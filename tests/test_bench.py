@@ -79,7 +79,12 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert "| openai:onnx | 2 | 8 |" in report
     assert "| triton-sampled:onnx | 2 | 8 |" in report and "Sampling against greedy" in report
-    assert "memory-bandwidth floor" in report and "| triton:onnx | 8 |" in report
+    # The in-process loop always sees its tokens one by one; a served path has a floor row
+    # only if it has an ITL: on a busy machine a 6-token stream can come in one piece
+    # (pieces that wait join, sending.py), and then it has none.
+    assert "memory-bandwidth floor" in report and "| onnxruntime-loop | 8 |" in report
+    served_itl = by[("triton:onnx", 1)]["itl_ms_p50"]
+    assert ("| triton:onnx | 8 |" in report) == (served_itl is not None)
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 

@@ -412,3 +412,100 @@ def test_a_port_in_use_fails_at_once_naming_it(triton, tmp_path):
     assert result.returncode != 0
     assert str(ports[1]) in result.stderr and "in use" in result.stderr, result.stderr
     assert not (tmp_path / "logs" / "tritonserver.log").exists()  # nothing was started
+
+
+# A Python-backend model beside the service's own, for the tests below: it kills the
+# tritonserver loading it (its parent) while it loads, as long as ``crashes_left`` in its
+# folder counts above 0; or fails to load, when ``fail`` is there.
+_SABOTEUR = """
+import os
+import signal
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = Path(args["model_repository"])
+        if (folder / "fail").exists():
+            raise pb_utils.TritonModelException("this model refuses to load")
+        counter = folder / "crashes_left"
+        left = int(counter.read_text())
+        if left > 0:
+            counter.write_text(str(left - 1))
+            os.kill(os.getppid(), signal.SIGABRT)
+
+    def execute(self, requests):
+        return []
+"""
+_SABOTEUR_CONFIG = """
+name: "saboteur"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 1 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+
+
+def _repository_with_saboteur(triton, tmp_path: Path, crashes: int, fail: bool) -> Path:
+    import shutil
+
+    repository = tmp_path / "repository"
+    shutil.copytree(triton.triton.model_repository, repository)
+    model = repository / "saboteur"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(_SABOTEUR)
+    (model / "config.pbtxt").write_text(_SABOTEUR_CONFIG)
+    (model / "crashes_left").write_text(str(crashes))
+    if fail:
+        (model / "fail").write_text("")
+    return repository
+
+
+@pytest.mark.integration
+def test_a_triton_killed_while_starting_is_started_again(triton, tmp_path):
+    """2.51's Python backend has aborted while loading models on a busy machine; that
+    is no fault of the repository, so the supervisor starts it again (a bounded number of
+    times) and the service comes up."""
+    from conftest import service
+
+    from gpt2_triton.serve import START_CRASH_RETRIES
+
+    repository = _repository_with_saboteur(triton, tmp_path, START_CRASH_RETRIES, fail=False)
+    with service(repository, tmp_path / "logs") as server:
+        replica = server.replicas[0]
+        assert (replica.start_crashes, replica.restarts) == (START_CRASH_RETRIES,) * 2
+        assert (repository / "saboteur" / "crashes_left").read_text() == "0"
+        assert _generate_when_possible(server.grpc_url, "grpc")
+
+
+@pytest.mark.integration
+def test_a_triton_killed_while_starting_once_too_often_fails_with_the_cause(triton, tmp_path):
+    from conftest import service
+
+    from gpt2_triton.serve import START_CRASH_RETRIES
+    from gpt2_triton.triton_server import ServerError
+
+    repository = _repository_with_saboteur(triton, tmp_path, START_CRASH_RETRIES + 1, fail=False)
+    with pytest.raises(ServerError, match=r"replica 0\) was killed by SIGABRT before it was"):
+        with service(repository, tmp_path / "logs"):
+            pass
+    assert (repository / "saboteur" / "crashes_left").read_text() == "0"  # no fourth start
+
+
+@pytest.mark.integration
+def test_a_repository_that_fails_to_load_fails_at_once_without_a_restart(triton, tmp_path):
+    """A model that fails to load would fail the same way again: no restart."""
+    from conftest import service
+
+    from gpt2_triton.triton_server import ServerError
+
+    repository = _repository_with_saboteur(triton, tmp_path, 0, fail=True)
+    with pytest.raises(ServerError, match=r"replica 0\) exited \(code 1\) before it was"):
+        with service(repository, tmp_path / "logs"):
+            pass
+    log = (tmp_path / "logs" / "tritonserver.log").read_text()
+    assert "this model refuses to load" in log
+    assert log.count("Started GRPCInferenceService") <= 1  # started once

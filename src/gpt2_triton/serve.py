@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+# A tritonserver killed by a signal while starting (2.51's Python backend has aborted on a
+# boost::interprocess::lock_exception while loading models on a busy machine) is started
+# again, this many times; one that exits with a code (a model that fails to load, a bad
+# flag) is not: it would fail the same way again.
+START_CRASH_RETRIES = 2
 STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
 
 
@@ -61,7 +66,8 @@ class Replica:
 
     index: int
     server: TritonServer
-    ever_ready: bool = False  # one that dies before it was ever ready is not restarted
+    ever_ready: bool = False  # one that exits before it was ever ready is not restarted
+    start_crashes: int = 0  # killed by a signal before it was ever ready (retried)
     failed: bool = False
     restarts: int = 0
     backoff: float = BACKOFF_FIRST_S
@@ -209,11 +215,13 @@ class Service:
             if stop is not None and stop.is_set():
                 return False
             for replica in self.replicas:
-                if replica.failed or (not replica.ever_ready and not replica.alive()):
+                if replica.failed:  # the supervisor gave up on it (_look_after)
                     server = replica.server
+                    code = server.process.returncode
+                    how = f"was {_describe_exit(code)}" if code < 0 else f"exited (code {code})"
                     raise ServerError(
-                        f"tritonserver (replica {replica.index}) exited (code "
-                        f"{server.process.returncode}) before it was ready" + server.log_tail()
+                        f"tritonserver (replica {replica.index}) {how} before it was ready"
+                        + server.log_tail()
                     )
             if not self.envoy.alive():
                 raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
@@ -333,6 +341,20 @@ class Service:
         if replica.restart_due is None:  # it has just exited
             code = server.process.returncode
             server.stop()  # whatever of its process group is left (stubs), its /dev/shm
+            if not replica.ever_ready and code is not None and code < 0:
+                if replica.start_crashes < START_CRASH_RETRIES:
+                    replica.start_crashes += 1
+                    log.warning(
+                        "tritonserver (replica %d) %s while starting; starting it again "
+                        "(%d of %d; log: %s)",
+                        replica.index,
+                        _describe_exit(code),
+                        replica.start_crashes,
+                        START_CRASH_RETRIES,
+                        server.log_file,
+                    )
+                    replica.restart_due = now
+                    return
             if not replica.ever_ready:
                 log.error(
                     "tritonserver (replica %d) exited (code %s) before it was ready: not "
