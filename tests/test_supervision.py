@@ -414,11 +414,13 @@ def test_a_port_in_use_fails_at_once_naming_it(triton, tmp_path):
     assert not (tmp_path / "logs" / "tritonserver.log").exists()  # nothing was started
 
 
-# A Python-backend model beside the service's own, for the tests below: it kills the
-# tritonserver loading it (its parent) while it loads, as long as ``crashes_left`` in its
-# folder counts above 0; or fails to load, when ``fail`` is there.
+# A Python-backend model beside the service's own, for the tests below. Each load adds a
+# line to ``loads`` in its folder; it then kills the tritonserver loading it (its parent)
+# with SIGABRT as long as ``crashes_left`` counts above 0, or fails to load when ``fail``
+# is there.
 _SABOTEUR = """
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -428,12 +430,16 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"])
+        with open(folder / "loads", "a") as loads:
+            loads.write("load\\n")
         if (folder / "fail").exists():
             raise pb_utils.TritonModelException("this model refuses to load")
         counter = folder / "crashes_left"
         left = int(counter.read_text())
         if left > 0:
             counter.write_text(str(left - 1))
+            # Triton raises SIGABRT again for a core dump: none of a test's making
+            resource.prlimit(os.getppid(), resource.RLIMIT_CORE, (0, 0))
             os.kill(os.getppid(), signal.SIGABRT)
 
     def execute(self, requests):
@@ -479,6 +485,12 @@ def test_a_triton_killed_while_starting_is_started_again(triton, tmp_path):
         assert (replica.start_crashes, replica.restarts) == (START_CRASH_RETRIES,) * 2
         assert (repository / "saboteur" / "crashes_left").read_text() == "0"
         assert _generate_when_possible(server.grpc_url, "grpc")
+    assert _loads(repository) == START_CRASH_RETRIES + 1
+
+
+def _loads(repository: Path) -> int:
+    """How many times a tritonserver began to load the saboteur."""
+    return len((repository / "saboteur" / "loads").read_text().splitlines())
 
 
 @pytest.mark.integration
@@ -492,7 +504,7 @@ def test_a_triton_killed_while_starting_once_too_often_fails_with_the_cause(trit
     with pytest.raises(ServerError, match=r"replica 0\) was killed by SIGABRT before it was"):
         with service(repository, tmp_path / "logs"):
             pass
-    assert (repository / "saboteur" / "crashes_left").read_text() == "0"  # no fourth start
+    assert _loads(repository) == START_CRASH_RETRIES + 1  # no start after the last crash
 
 
 @pytest.mark.integration
@@ -506,6 +518,5 @@ def test_a_repository_that_fails_to_load_fails_at_once_without_a_restart(triton,
     with pytest.raises(ServerError, match=r"replica 0\) exited \(code 1\) before it was"):
         with service(repository, tmp_path / "logs"):
             pass
-    log = (tmp_path / "logs" / "tritonserver.log").read_text()
-    assert "this model refuses to load" in log
-    assert log.count("Started GRPCInferenceService") <= 1  # started once
+    assert "this model refuses to load" in (tmp_path / "logs" / "tritonserver.log").read_text()
+    assert _loads(repository) == 1  # started once

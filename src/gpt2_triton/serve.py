@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
-# A tritonserver killed by a signal while starting (2.51's Python backend has aborted on a
+# A tritonserver that crashes while starting (2.51's Python backend has aborted on a
 # boost::interprocess::lock_exception while loading models on a busy machine) is started
-# again, this many times; one that exits with a code (a model that fails to load, a bad
-# flag) is not: it would fail the same way again.
+# again, this many times, after the usual backoff. One that exits with a code (a model that
+# fails to load, a bad flag) would fail the same way again, and one killed from outside
+# (SIGKILL: the OOM killer, an operator) should not be loaded again at once: not retried.
 START_CRASH_RETRIES = 2
+START_CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)
 STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
 
 
@@ -217,12 +219,19 @@ class Service:
             for replica in self.replicas:
                 if replica.failed:  # the supervisor gave up on it (_look_after)
                     server = replica.server
-                    code = server.process.returncode
-                    how = f"was {_describe_exit(code)}" if code < 0 else f"exited (code {code})"
+                    code = None if server.process is None else server.process.poll()
+                    if code is None:
+                        how = "could not be started again"
+                    elif code < 0:
+                        how = f"was {_describe_exit(code)}"
+                    else:
+                        how = f"exited (code {code})"
                     raise ServerError(
                         f"tritonserver (replica {replica.index}) {how} before it was ready"
                         + server.log_tail()
                     )
+            if not self.supervising():
+                raise ServerError("the supervisor of the tritonserver replicas stopped")
             if not self.envoy.alive():
                 raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
             if (
@@ -234,6 +243,10 @@ class Service:
                 and self.replicas_in_rotation() == len(self.replicas)
                 and (self.gateway is None or _answers_200(f"http://{self.gateway.url}/health"))
             ):
+                # seen ready here, so an exit from now on is a restart's business, even if
+                # the supervisor's own probe had not seen it ready yet
+                for replica in self.replicas:
+                    replica.ever_ready = True
                 return True
             time.sleep(0.2)
         raise ServerError(f"the service is not ready after {timeout:.0f} s: " + self._not_ready())
@@ -341,19 +354,22 @@ class Service:
         if replica.restart_due is None:  # it has just exited
             code = server.process.returncode
             server.stop()  # whatever of its process group is left (stubs), its /dev/shm
-            if not replica.ever_ready and code is not None and code < 0:
+            crashed = code is not None and -code in START_CRASH_SIGNALS
+            if not replica.ever_ready and crashed:
                 if replica.start_crashes < START_CRASH_RETRIES:
                     replica.start_crashes += 1
                     log.warning(
-                        "tritonserver (replica %d) %s while starting; starting it again "
-                        "(%d of %d; log: %s)",
+                        "tritonserver (replica %d) %s while starting; starting it again in "
+                        "%.0f s (%d of %d; log: %s)",
                         replica.index,
                         _describe_exit(code),
+                        replica.backoff,
                         replica.start_crashes,
                         START_CRASH_RETRIES,
                         server.log_file,
                     )
-                    replica.restart_due = now
+                    replica.restart_due = now + replica.backoff
+                    replica.backoff = min(replica.backoff * 2, BACKOFF_MAX_S)
                     return
             if not replica.ever_ready:
                 log.error(
@@ -383,6 +399,9 @@ class Service:
             server.start()
         except Exception:
             log.exception("could not restart tritonserver (replica %d)", replica.index)
+            if not replica.ever_ready:  # starting it is what fails: wait_ready reports it
+                replica.failed = True
+                return
             replica.restart_due = now + replica.backoff
             return
         replica.restarts += 1
