@@ -365,13 +365,6 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
         page.close()
 
 
-def idle(triton) -> bool:
-    return (
-        metric(triton, "gpt2_active_sequences") == 0
-        and metric(triton, "gpt2_waiting_requests") == 0
-    )
-
-
 def wait_for(condition, what: str, timeout_s: float = 120) -> None:
     """Poll a server state; the deadline only turns a hang into a failure."""
     deadline = time.monotonic() + timeout_s

@@ -70,7 +70,7 @@ class Replica:
     server: TritonServer
     ever_ready: bool = False  # one that exits before it was ever ready is not restarted
     start_crashes: int = 0  # killed by a signal before it was ever ready (retried)
-    failed: bool = False
+    failure: str = ""  # why the supervisor gave up on it ("" while it has not)
     restarts: int = 0
     backoff: float = BACKOFF_FIRST_S
     up_since: float = 0.0
@@ -217,18 +217,10 @@ class Service:
             if stop is not None and stop.is_set():
                 return False
             for replica in self.replicas:
-                if replica.failed:  # the supervisor gave up on it (_look_after)
-                    server = replica.server
-                    code = None if server.process is None else server.process.poll()
-                    if code is None:
-                        how = "could not be started again"
-                    elif code < 0:
-                        how = f"was {_describe_exit(code)}"
-                    else:
-                        how = f"exited (code {code})"
+                if replica.failure:  # the supervisor gave up on it (_look_after)
                     raise ServerError(
-                        f"tritonserver (replica {replica.index}) {how} before it was ready"
-                        + server.log_tail()
+                        f"tritonserver (replica {replica.index}) {replica.failure} before it "
+                        "was ready" + replica.server.log_tail()
                     )
             if not self.supervising():
                 raise ServerError("the supervisor of the tritonserver replicas stopped")
@@ -335,7 +327,7 @@ class Service:
             if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
                 gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
             for replica in self.replicas:
-                if replica.failed:
+                if replica.failure:
                     continue
                 try:
                     self._look_after(replica)
@@ -372,13 +364,16 @@ class Service:
                     replica.backoff = min(replica.backoff * 2, BACKOFF_MAX_S)
                     return
             if not replica.ever_ready:
-                log.error(
-                    "tritonserver (replica %d) exited (code %s) before it was ready: not "
-                    "restarting it",
-                    replica.index,
-                    code,
+                replica.failure = (
+                    f"was {_describe_exit(code)}"
+                    if code is not None and code < 0
+                    else f"exited (code {code})"
                 )
-                replica.failed = True
+                log.error(
+                    "tritonserver (replica %d) %s before it was ready: not restarting it",
+                    replica.index,
+                    replica.failure,
+                )
                 return
             if now - replica.up_since > STABLE_AFTER_S:
                 replica.backoff = BACKOFF_FIRST_S
@@ -400,7 +395,7 @@ class Service:
         except Exception:
             log.exception("could not restart tritonserver (replica %d)", replica.index)
             if not replica.ever_ready:  # starting it is what fails: wait_ready reports it
-                replica.failed = True
+                replica.failure = "could not be started again"
                 return
             replica.restart_due = now + replica.backoff
             return
