@@ -121,16 +121,47 @@ def test_started_twice_is_an_error(engine):
 
 
 class FailingForward:
-    """The real forward, except that prompts (``prefill``) or single tokens (``decode``) fail."""
+    """The real forward, except that prompts (``prefill``) or single tokens (``decode``) fail,
+    alone or paired in one forward (``pair``, where the real one has it)."""
 
     def __init__(self, forward, fail_on):
         self.forward = forward
         self.fail_on = fail_on
+        if hasattr(forward, "pair"):
+            self.pair = self._pair
 
-    def __call__(self, input_ids, *rest):
+    def _check(self, input_ids):
         if ("prefill" if input_ids.shape[1] > 1 else "decode") == self.fail_on:
             raise RuntimeError(f"{self.fail_on} failed")
+
+    def __call__(self, input_ids, *rest):
+        self._check(input_ids)
         return self.forward(input_ids, *rest)
+
+    def _pair(self, a, b):
+        for group in (a, b):
+            if group is not None:
+                self._check(group.input_ids)
+        return self.forward.pair(a, b)
+
+
+class CountingForward:
+    """The real forward, counting its forwards; ``paired=False`` hides ``pair``, so the
+    engine runs one forward a group."""
+
+    def __init__(self, forward, paired=True):
+        self.forward = forward
+        self.groups = []  # the groups of each forward: (rows, width) each
+        if paired:
+            self.pair = self._pair
+
+    def __call__(self, input_ids, *rest):
+        self.groups.append([input_ids.shape])
+        return self.forward(input_ids, *rest)
+
+    def _pair(self, a, b):
+        self.groups.append([g.input_ids.shape for g in (a, b) if g is not None])
+        return self.forward.pair(a, b)
 
 
 @pytest.mark.parametrize("fail_on", ["prefill", "decode"])
@@ -180,6 +211,36 @@ def test_a_prompt_in_chunks_gives_the_logits_of_the_whole_prompt(engine, tiny_to
     a, b = engine.step([[4], [4]], [3, 1]), engine.step([[5], [5]], [1, 3])
     np.testing.assert_allclose(a[0], a[1], atol=1e-4)
     np.testing.assert_allclose(b[0], b[1], atol=1e-4)
+
+
+def test_decoding_rows_and_a_chunk_run_as_one_forward_and_agree_with_forwards_apart(
+    tiny_export, tiny_tokenizer
+):
+    """ONNX Runtime's forward takes two groups of rows at once (one weight read a step):
+    the decoding rows with the first prompt or chunk, then the rest two by two. The logits
+    are those of one forward a group."""
+    prompt = tiny_tokenizer("The old man walks to the river every morning because")["input_ids"]
+    engines = [build_engine("onnx", tiny_export, max_sequences=8) for _ in range(2)]
+    paired, apart = CountingForward(engines[0].forward), CountingForward(engines[1].forward, False)
+    engines[0].forward, engines[1].forward = paired, apart
+    steps = [
+        ([prompt[:3], [5, 6]], [1, 2], [True, True]),  # two widths: one forward, two groups
+        ([prompt[3:7], [7]], [1, 2], [False, False]),  # a chunk beside a decoding row
+        ([[8], [9], prompt[7:9], [4, 5, 6]], [2, 1, 3, 4], [False, False, True, True]),
+        ([[8], [9], [10], [11]], [4, 3, 2, 1], None),  # decoding rows alone
+    ]
+    for tokens, ids, starts in steps:
+        got, want = (e.step(tokens, ids, starts) for e in engines)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert paired.groups == [
+        [(1, 3), (1, 2)],
+        [(1, 1), (1, 4)],  # the decoding rows first
+        [(2, 1), (1, 2)],
+        [(1, 3)],
+        [(4, 1)],
+    ]
+    assert len(apart.groups) == 2 + 2 + 3 + 1
+    assert [e.sequence_length(1) for e in engines] == [9, 9]
 
 
 def test_a_sequence_released_or_failed_part_way_through_its_prompt(engine, tiny_tokenizer):

@@ -11,6 +11,10 @@ row's own position. Nothing is ever concatenated or padded:
 - a prompt, or a chunk of one, runs on its own row(s): new prompts of one width together
   on fresh rows after the filling run, later chunks a row at a time (ONNX Runtime's
   kernel takes several new tokens on a non-empty cache for one row only);
+- each of these groups of rows is one forward, or, with a forward that takes two at once
+  (``pair``: ONNX Runtime's), the decoding rows and the first prompt or chunk share one
+  forward, and the rest go two by two: a step that carries a chunk reads the weights
+  once, not twice;
 - a sequence joins the decoding run at its first one-token step by trading rows with
   the first filling one; a finished one's row is refilled with the run's last. Either
   moves one or two sequences' keys and values, never the batch's.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +43,17 @@ from gpt2_triton.engines.stateful import check_step
 # (input_ids (B, S), lengths before the step (B,), position_ids (B, S), caches: 2 x layers
 # views (B, heads, window, head_dim) written in place) -> logits (B, vocab)
 SlotForwardFn = Callable[[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]], np.ndarray]
+
+
+class Group(NamedTuple):
+    """Rows of one width for one forward: ``input_ids`` and ``position_ids`` (rows, width),
+    ``lengths`` (rows,) each row's length before the step, ``caches`` the 2 x layers views
+    ``(rows, heads, capacity, head_dim)`` written in place."""
+
+    input_ids: np.ndarray
+    lengths: np.ndarray
+    position_ids: np.ndarray
+    caches: list
 
 
 class HostCaches:
@@ -142,27 +158,31 @@ class SlotEngine:
         if decode:
             slots = self._gather_front([sequence_ids[r] for r in decode])
 
-        # New prompts on fresh rows after the filling run, one forward per width; they are
-        # the sequences' own slots once the step commits.
+        # Each group of rows one forward needs: the decoding rows (a view, nothing copied),
+        # new prompts of one width on fresh rows after the filling run (the sequences' own
+        # slots once the step commits), a later chunk (or several tokens on a decoding
+        # row) alone on its row.
+        groups: list[tuple[list[int], tuple]] = []  # (rows of logits, the forward's inputs)
+        if decode:
+            rows = len(decode)
+            order = [decode[i] for i in np.argsort(slots)]  # slots are [0, rows) in some order
+            ids = np.array([tokens[r][0] for r in order], np.int64).reshape(rows, 1)
+            lengths = self._lengths[:rows]
+            views = [b[:rows] for b in self._buffers]
+            groups.append((order, (ids, lengths, lengths.reshape(rows, 1), views)))
         first = len(self._ids)
         placed = []
         for rows in _by_width(tokens, new):
             start = first + len(placed)
             views = [b[start : start + len(rows)] for b in self._buffers]
-            logits[rows] = self._prompts([tokens[r] for r in rows], views, 0)
+            groups.append((rows, self._prompt_inputs([tokens[r] for r in rows], views, 0)))
             placed += rows
-        for r in one_by_one:  # a prompt's later chunk, or several tokens on a decoding row
+        for r in one_by_one:
             slot = self._slot[sequence_ids[r]]
             views = [b[slot : slot + 1] for b in self._buffers]
-            logits[r] = self._prompts([tokens[r]], views, int(self._lengths[slot]))[0]
-        if decode:
-            rows = len(decode)
-            order = np.argsort(slots)  # slots are [0, rows) in some order
-            ids = np.array([tokens[decode[i]][0] for i in order], np.int64).reshape(rows, 1)
-            lengths = self._lengths[:rows]
-            views = [b[:rows] for b in self._buffers]
-            stepped = self.forward(ids, lengths, lengths.reshape(rows, 1), views)
-            logits[[decode[i] for i in order]] = stepped
+            past = int(self._lengths[slot])
+            groups.append(([r], self._prompt_inputs([tokens[r]], views, past)))
+        self._run(groups, logits)
 
         # commit
         for r in one_by_one + decode:
@@ -229,11 +249,31 @@ class SlotEngine:
     # -- internals -------------------------------------------------------------------------
     def _prompts(self, prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
         """One forward for prompts (or chunks) of one width on ``views`` rows at ``past``."""
+        return self.forward(*self._prompt_inputs(prompts, views, past))
+
+    @staticmethod
+    def _prompt_inputs(prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
         width = len(prompts[0])
         ids = np.array(prompts, np.int64).reshape(len(prompts), width)
         positions = np.tile(np.arange(past, past + width, dtype=np.int64), (len(prompts), 1))
         lengths = np.full(len(prompts), past, np.int64)
-        return self.forward(ids, lengths, positions, views)
+        return ids, lengths, positions, views
+
+    def _run(self, groups: list[tuple[list[int], tuple]], logits: np.ndarray) -> None:
+        """Each group's forward, its logits into ``logits`` at its rows. A forward that
+        takes two groups at once (``pair``: ONNX Runtime's) gets them two by two, the
+        decoding rows with the first prompt or chunk: one weight read for both."""
+        pair = getattr(self.forward, "pair", None)
+        if pair is None:
+            for rows, inputs in groups:
+                logits[rows] = self.forward(*inputs)
+            return
+        for at in range(0, len(groups), 2):
+            (rows_a, a), *second = groups[at : at + 2]
+            logits_a, logits_b = pair(Group(*a), Group(*second[0][1]) if second else None)
+            logits[rows_a] = logits_a
+            if second:
+                logits[second[0][0]] = logits_b
 
     def _ensure_buffers(self) -> None:
         if not self._buffers:  # host: zeroed, untouched, memory comes as positions are written
