@@ -25,6 +25,7 @@ from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
 from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
+from gpt2_triton.batcher import BatcherLimits
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
@@ -47,7 +48,8 @@ class RepoSettings:
     engine: str = "onnx"
     max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
     max_queue: int = 1024  # requests waiting to join the running batch
-    max_prefill_tokens: int = 512  # prompt tokens per step while streams decode (chunked)
+    # prompt tokens per step while streams decode (chunked): the batcher's default
+    max_prefill_tokens: int = BatcherLimits.max_prefill_tokens
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     # gpt2's sending threads: each streamed response is a round trip to the server, and
     # one thread sent ~4,400 a second on an H200 machine (src/gpt2_triton/sending.py)

@@ -421,7 +421,8 @@ class ScriptedEngine:
 
 
 def test_a_failing_prefill_fails_only_its_request(engine, codec):
-    batcher = InflightBatcher(engine, codec, limits(engine, max_active=8))
+    # a budget the poison's 202 tokens fit in: one prefill of it, which the engine rejects
+    batcher = InflightBatcher(engine, codec, limits(engine, max_active=8, max_prefill_tokens=512))
     prompts = ["The cat", "A small bird", "Our neighbour", "The teacher writes"]
 
     def request(prompt):

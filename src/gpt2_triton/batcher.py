@@ -87,7 +87,10 @@ class ShuttingDownError(Gpt2TritonError):
     """The server is shutting down and takes no new request."""
 
 
-IDLE_PREFILL_FACTOR = 4
+# With no stream decoding a step takes this many budgets of prompt tokens: 512 at the
+# default budget, so a burst of 16 prompts of 32 tokens goes in in one step, as it did
+# when the budget was 512 (and the factor 4); a smaller idle step costs throughput there.
+IDLE_PREFILL_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,10 @@ class BatcherLimits:
     # requests, or a long prompt, goes in over several steps, so running streams stall for
     # one budget's prefill at a time. With none decoding there is no stream to stall, and a
     # step takes IDLE_PREFILL_FACTOR times as many (the engine's activation memory stays
-    # bounded by that).
-    max_prefill_tokens: int = 512
+    # bounded by that). 64: on two cores about one decode step's compute at 16 streams,
+    # which kept the stalls within 2x the median gap (docs/PERFORMANCE.md, 2026-11-28
+    # 12:02-12:32); ONNX Runtime runs the chunk in the decoding rows' forward.
+    max_prefill_tokens: int = 64
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
     # whole prompts, and one longer than the budget goes alone.
