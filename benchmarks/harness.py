@@ -44,6 +44,7 @@ import numpy as np
 
 from benchmarks import bandwidth, peer
 from gpt2_triton import checkpoint, logs
+from gpt2_triton.batcher import CPU_PREFILL_TOKENS
 
 log = logging.getLogger("benchmarks.harness")
 REST_S = 16.0  # the wait before a grid point's memory is read (see bench_triton)
@@ -597,7 +598,8 @@ def run(args) -> dict:
         },
         "new_tokens": args.new_tokens,
         "threads": args.threads,
-        "max_prefill_tokens": args.max_prefill_tokens or RepoSettings.max_prefill_tokens,
+        # the harness serves CPU engines: the CPU's default unless it was given
+        "max_prefill_tokens": args.max_prefill_tokens or CPU_PREFILL_TOKENS,
         "started": started_at,
         "peer": (
             {"llama_cpp_python": peer.LLAMA_CPP_PYTHON, "server": str(peer_files.server)}

@@ -25,7 +25,7 @@ from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
 from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
-from gpt2_triton.batcher import BatcherLimits
+from gpt2_triton.batcher import default_prefill_tokens
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
@@ -48,8 +48,9 @@ class RepoSettings:
     engine: str = "onnx"
     max_sequences: int = 16  # live sequences per engine step (engine and gpt2 agree)
     max_queue: int = 1024  # requests waiting to join the running batch
-    # prompt tokens per step while streams decode (chunked): the batcher's default
-    max_prefill_tokens: int = BatcherLimits.max_prefill_tokens
+    # prompt tokens per step while streams decode (chunked); 0: by where the engine runs
+    # (batcher.default_prefill_tokens: 64 on the CPU, 512 on a GPU)
+    max_prefill_tokens: int = 0
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     # gpt2's sending threads: each streamed response is a round trip to the server, and
     # one thread sent ~4,400 a second on an H200 machine (src/gpt2_triton/sending.py)
@@ -64,6 +65,9 @@ class RepoSettings:
             raise Gpt2TritonError(
                 f"unknown ENGINE={self.engine}; choose one of {', '.join(ENGINE_KINDS)}"
             )
+        if self.max_prefill_tokens == 0:  # frozen: set once, here
+            budget = default_prefill_tokens(self.engine, self.device)
+            object.__setattr__(self, "max_prefill_tokens", budget)
         if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
             raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
         if not 1 <= self.response_lanes <= MAX_LANES:
@@ -269,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-prefill-tokens",
         type=int,
         default=RepoSettings.max_prefill_tokens,
-        help="prompt tokens a step takes while streams decode (chunked prefill; 4x with "
-        "none decoding)",
+        help="prompt tokens a step takes while streams decode (chunked prefill; 8x with "
+        "none decoding); default 0: 64 on the CPU, 512 on a GPU (ENGINE=trt or DEVICE=cuda)",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument(

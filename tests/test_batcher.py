@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_triton.batcher import (
+    IDLE_PREFILL_FACTOR,
     BatcherLimits,
     GenerationOutput,
     InflightBatcher,
@@ -193,7 +194,7 @@ def test_engine_failure_fails_its_rows_and_the_loop_goes_on(batcher, engine):
 
 def decoding_stream(batcher, tokens=30):
     """A stream whose prompt is in, decoding: the prefill budget is then the one that
-    protects it (with none decoding a step takes four budgets)."""
+    protects it (with none decoding a step takes IDLE_PREFILL_FACTOR budgets)."""
     sink = ListSink()
     request = GenerationRequest(
         "The", max_tokens=tokens, min_length=tokens, sampling=GREEDY, stream=True
@@ -252,15 +253,16 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     assert len(texts) == 1 and all(s.outputs[-1].num_output_tokens == 6 for s in sinks)
     assert engine.cached_sequences == 0
 
-    # with no stream decoding there is none to stall: a step takes four budgets
+    # with no stream decoding there is none to stall: a step takes IDLE_PREFILL_FACTOR
+    # budgets, here of one prompt each, with room and requests for more
     idle = InflightBatcher(
-        engine, codec, limits(engine, max_active=8, max_queue=16, max_prefill_tokens=budget)
+        engine, codec, limits(engine, max_active=16, max_queue=16, max_prefill_tokens=size)
     )
-    burst = [ListSink() for _ in range(9)]
+    burst = [ListSink() for _ in range(IDLE_PREFILL_FACTOR + 3)]
     for sink in burst:
         idle.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
     idle.step()
-    assert idle.active == 8  # all it has room for: 8 prompts fit in 4 budgets
+    assert idle.active == IDLE_PREFILL_FACTOR
     run_all(idle, burst)
 
     # the same prompt alone, whole: the same text

@@ -177,6 +177,51 @@ def test_a_step_that_fails_part_way_changes_no_cache(engine, fail_on):
     assert (engine.sequence_length(1), engine.sequence_length(3)) == (3, 3)
 
 
+class FailingSecondForward:
+    """The real forward, except that a step's second forward fails (the first one ran and
+    wrote its keys and values), alone or paired."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.calls = 0
+        if hasattr(forward, "pair"):
+            self.pair = lambda a, b: self._count() or forward.pair(a, b)
+
+    def _count(self):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("the second forward failed")
+
+    def __call__(self, *inputs):
+        self._count()
+        return self.forward(*inputs)
+
+
+def test_a_step_whose_second_forward_fails_commits_nothing(engine, tiny_tokenizer):
+    """Decoding rows, a new prompt and a later chunk: three groups, so at least two
+    forwards (ONNX Runtime pairs two of them); the second fails after the first wrote."""
+    prompt = tiny_tokenizer("The old man walks to the river every morning")["input_ids"]
+
+    def setup(e):
+        e.step([prompt[:4], prompt[:2]], [1, 2], [True, True])
+
+    step = ([[5], prompt[2:5], [7, 8, 9]], [1, 2, 3], [False, False, True])
+    setup(engine)
+    engine.forward = FailingSecondForward(engine.forward)
+    with pytest.raises(RuntimeError, match="second forward"):
+        engine.step(*step)
+    assert engine.cached_sequences == 2 and not engine.holds(3)
+    assert (engine.sequence_length(1), engine.sequence_length(2)) == (4, 2)
+    engine.forward = engine.forward.forward
+    got = [engine.step(*step), engine.step([[6], [1], [2]], [1, 2, 3])]
+    clean = type(engine).__new__(type(engine))  # the same engine's kind, fresh
+    clean.__init__(engine.forward, engine.shape, engine.max_sequences)
+    setup(clean)
+    want = [clean.step(*step), clean.step([[6], [1], [2]], [1, 2, 3])]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "step, message",
     [

@@ -88,9 +88,26 @@ class ShuttingDownError(Gpt2TritonError):
 
 
 # With no stream decoding a step takes this many budgets of prompt tokens: 512 at the
-# default budget, so a burst of 16 prompts of 32 tokens goes in in one step, as it did
-# when the budget was 512 (and the factor 4); a smaller idle step costs throughput there.
+# CPU's budget, so a burst of 16 prompts of 32 tokens goes in in one step, as it did when
+# the budget was 512 and the factor 4 (a smaller idle step cost ~7% of tokens/s there).
 IDLE_PREFILL_FACTOR = 8
+
+# Prompt tokens a step takes while streams decode, by where the engine runs. On two CPU
+# cores 64 is about one decode step's compute at 16 streams: it kept the stalls within 2x
+# the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
+# 5-10% of fp32's tokens/s there (ONNX Runtime runs the chunk in the decoding rows' own
+# forward; docs/PERFORMANCE.md, 2026-11-28). On a GPU a step of 512 prompt tokens of
+# GPT-2 small costs little next to a decode step, and a TensorRT plan takes whole prompts
+# (one longer than the budget goes alone), so 512 stays there.
+CPU_PREFILL_TOKENS = 64
+GPU_PREFILL_TOKENS = 512
+
+
+def default_prefill_tokens(engine: str, device: str) -> int:
+    """The prefill budget for an engine kind on a device (``cpu``, ``cuda``...)."""
+    return (
+        GPU_PREFILL_TOKENS if engine == "trt" or device.startswith("cuda") else CPU_PREFILL_TOKENS
+    )
 
 
 @dataclass(frozen=True)
@@ -103,10 +120,8 @@ class BatcherLimits:
     # requests, or a long prompt, goes in over several steps, so running streams stall for
     # one budget's prefill at a time. With none decoding there is no stream to stall, and a
     # step takes IDLE_PREFILL_FACTOR times as many (the engine's activation memory stays
-    # bounded by that). 64: on two cores about one decode step's compute at 16 streams,
-    # which kept the stalls within 2x the median gap (docs/PERFORMANCE.md, 2026-11-28
-    # 12:02-12:32); ONNX Runtime runs the chunk in the decoding rows' forward.
-    max_prefill_tokens: int = 64
+    # bounded by that). The default is the CPU's (``default_prefill_tokens``).
+    max_prefill_tokens: int = CPU_PREFILL_TOKENS
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
     # whole prompts, and one longer than the budget goes alone.

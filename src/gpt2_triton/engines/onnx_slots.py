@@ -10,11 +10,15 @@ position (``seqlens_k``), and attends over each row's own length: no concatenati
 padding, no mask. The file on disk is untouched (verify.py, TensorRT and the padded
 engine read it as exported).
 
-One forward runs two groups of rows at once: the tokens of both go through every matmul
-as one flat sequence, so the weights are read once, and each layer's attention runs once
-per group, on that group's rows of the cache. A step of decoding rows and a prompt's
-chunk is one forward, not two (vLLM's and SARATHI's chunked prefill do the same); a step
-with one group runs the other as a dummy row of one token on a scratch cache of its own.
+One forward runs up to two groups of rows: the tokens of both go through every matmul as
+one flat sequence, so the weights are read once, and each layer's attention runs once per
+group (q, k and v packed, as the projection gives them), on that group's rows of the
+cache. A step of decoding rows and a prompt's chunk is one forward, not two (vLLM's and
+SARATHI's chunked prefill do the same). The second group's attention sits in an ``If``:
+a forward of one group runs nothing of it, and inside the branch the kernel still writes
+the bound cache in place (ONNX Runtime hands a branch's outputs the If's own buffers).
+The forward checks nothing about the groups: ``SlotEngine`` gives it rows that do not
+overlap, and several new tokens on a non-empty cache in one-row groups only.
 
 ONNX Runtime's CPU kernel takes several new tokens on a non-empty cache for one row at a
 time, and wants head sizes that are multiples of 8 (GPT-2's is 64); ``SlotEngine``

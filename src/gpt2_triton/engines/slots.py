@@ -13,8 +13,9 @@ row's own position. Nothing is ever concatenated or padded:
   kernel takes several new tokens on a non-empty cache for one row only);
 - each of these groups of rows is one forward, or, with a forward that takes two at once
   (``pair``: ONNX Runtime's), the decoding rows and the first prompt or chunk share one
-  forward, and the rest go two by two: a step that carries a chunk reads the weights
-  once, not twice;
+  forward, and the rest go two by two: a step of decoding rows and one chunk (or one
+  width of new prompts) reads the weights once, not twice; a step with more groups (a
+  prompt's last chunk and the next one's first, of other widths) reads them once a pair;
 - a sequence joins the decoding run at its first one-token step by trading rows with
   the first filling one; a finished one's row is refilled with the run's last. Either
   moves one or two sequences' keys and values, never the batch's.
