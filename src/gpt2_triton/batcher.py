@@ -97,9 +97,9 @@ IDLE_PREFILL_FACTOR = 8
 # cores 64 is about one decode step's compute at 16 streams: it kept the stalls within 2x
 # the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
 # 4-12% of the tokens/s of 16 requests sent at once (ONNX Runtime runs the chunk in the
-# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28). On a GPU a step of 512 prompt tokens of
-# GPT-2 small costs little next to a decode step, and a TensorRT plan takes whole prompts
-# (one longer than the budget goes alone), so 512 stays there.
+# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28). On a GPU a step of 512
+# prompt tokens of GPT-2 small costs little next to a decode step, and a TensorRT plan
+# takes whole prompts (one longer than the budget goes alone), so 512 stays there.
 CPU_PREFILL_TOKENS = 64
 GPU_PREFILL_TOKENS = 512
 
