@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from gpt2_triton.batcher import (
+    CPU_PREFILL_TOKENS,
+    GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
     BatcherLimits,
     GenerationOutput,
     InflightBatcher,
     QueueFullError,
     ShuttingDownError,
+    default_prefill_tokens,
 )
 from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError, RequestValidationError
@@ -824,3 +827,17 @@ def test_the_idle_hook_waits_for_the_idle_time_it_is_given(batcher, engine):
         stop.set()
         batcher.wake()
         loop.join(60)
+
+
+def test_the_prefill_budget_follows_where_the_engine_runs():
+    """64 on the CPU, 512 on a GPU (a TensorRT plan, or torch on CUDA), unless given; the
+    repository builder takes the same default."""
+    from build_scripts.build_repo import RepoSettings
+
+    cases = [("onnx", "cpu"), ("onnx-int8", "cpu"), ("torch", "cpu"), ("torch", "cuda")]
+    cases.append(("trt", "cpu"))  # the plan runs on the GPU whatever the setting says
+    want = [CPU_PREFILL_TOKENS] * 3 + [GPU_PREFILL_TOKENS] * 2
+    assert [default_prefill_tokens(e, d) for e, d in cases] == want == [64, 64, 64, 512, 512]
+    built = [RepoSettings("m", engine=e, device=d).max_prefill_tokens for e, d in cases]
+    assert built == want
+    assert RepoSettings("m", engine="trt", max_prefill_tokens=100).max_prefill_tokens == 100

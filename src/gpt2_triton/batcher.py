@@ -90,16 +90,17 @@ class ShuttingDownError(Gpt2TritonError):
 # With no stream decoding a step takes this many budgets of prompt tokens: 512 at the
 # CPU's budget, so a burst of 16 prompts of 32 tokens goes in in one step, as it did when
 # the budget was 512 and the factor 4 (with 4, such bursts kept 0.80-0.85x of the loop's
-# tokens/s in two runs, against 0.95x with 8 in one).
+# tokens/s in two runs, 0.86-0.95x with 8 in four: few, noisy runs). On a GPU (budget
+# 512) an idle step is 4096 tokens: not measured there.
 IDLE_PREFILL_FACTOR = 8
 
 # Prompt tokens a step takes while streams decode, by where the engine runs. On two CPU
-# cores 64 is about one decode step's compute at 16 streams: it kept the stalls within 2x
-# the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
-# 4-12% of the tokens/s of 16 requests sent at once (ONNX Runtime runs the chunk in the
-# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28). On a GPU a step of 512
-# prompt tokens of GPT-2 small costs little next to a decode step, and a TensorRT plan
-# takes whole prompts (one longer than the budget goes alone), so 512 stays there.
+# cores 64 is about one decode step's compute at 16 streams: it kept the stalls at about
+# 2x the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
+# 1-14% of the tokens/s of 16 requests sent at once (ONNX Runtime runs the chunk in the
+# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28). A GPU keeps 512, the budget
+# its runs were measured with (its stalls were not measured), and a TensorRT plan takes
+# whole prompts (one longer than the budget goes alone).
 CPU_PREFILL_TOKENS = 64
 GPU_PREFILL_TOKENS = 512
 

@@ -33,9 +33,13 @@ if [ "$ENGINE" != torch ]; then
     # shellcheck disable=SC2086  # $int8 is one flag or nothing
     run "$PY" -m build_scripts.export_onnx --model "$MODEL" $int8 --opset "$OPSET" --skip-existing
 fi
+# MAX_PREFILL_TOKENS: optional (an overlay may set it); unset, build_repo's default by
+# where the engine runs (64 on the CPU, 512 on a GPU), as `make repo` leaves it
+prefill=""
+if [ -n "${MAX_PREFILL_TOKENS:-}" ]; then prefill="--max-prefill-tokens $MAX_PREFILL_TOKENS"; fi
 device=""
 if [ "$ENGINE" = torch ]; then device="--device $DEVICE"; fi
-# shellcheck disable=SC2086  # $device is a flag and its value, or nothing
+# shellcheck disable=SC2086  # $prefill and $device are a flag and its value, or nothing
 run "$PY" -m build_scripts.build_repo --model "$MODEL" --engine "$ENGINE" \
-    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $device \
+    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $prefill $device \
     --repository "$REPOSITORY" --engine-threads "$ENGINE_THREADS"
