@@ -40,8 +40,8 @@ GROUPS = ("", ".b")  # the suffix of each group's own inputs and outputs
 SEQLENS = "seqlens_k"  # (rows,) int32 a group: each row's length after this step, minus one
 TOTAL = "total_sequence_length"  # scalar int32 a group: its longest row's after this step
 # Where each group's tokens lie among the flat ones, (1,) int64 each: group a at
-# [0, a_end), group b at [b_start, b_end); and whether there is a group b (bool scalar).
-A_END, B_START, B_END, HAS_B = "group_a_end", "group_b_start", "group_b_end", "group_b"
+# [0, a_end), group b at [a_end, b_end); and whether there is a group b (bool scalar).
+A_END, B_END, HAS_B = "group_a_end", "group_b_end", "group_b"
 GROUP_SHAPE = "group_shape"  # (3,) int64 a group: (rows, width, -1)
 LOGIT_POSITIONS = "logit_positions"  # (K,) int64: the flat tokens whose logits come out
 
@@ -193,7 +193,7 @@ def _maybe_group_b(packed, caches, output, attend, elem_type, hidden):
     then = helper.make_graph(
         _group_attention(
             packed,
-            (B_START, B_END),
+            (A_END, B_END),
             group,
             [past_key, past_value, *then_out[1:]],
             then_out[0],
@@ -287,10 +287,7 @@ def _group_inputs_and_outputs(graph, shape: ModelShape, used: set) -> None:
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, flat),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, flat),
-        *(
-            helper.make_tensor_value_info(n, TensorProto.INT64, [1])
-            for n in (A_END, B_START, B_END)
-        ),
+        *(helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in (A_END, B_END)),
         helper.make_tensor_value_info(HAS_B, TensorProto.BOOL, []),
         helper.make_tensor_value_info(LOGIT_POSITIONS, TensorProto.INT64, ["logit_rows"]),
     ]
@@ -376,7 +373,7 @@ class OnnxSlotForward:
             logit_positions.append(offset + width - 1 + width * np.arange(rows, dtype=np.int64))
             offset += rows * width
         binding.bind_cpu_input(LOGIT_POSITIONS, np.concatenate(logit_positions))
-        for name, value in ((A_END, a_tokens), (B_START, a_tokens), (B_END, count)):
+        for name, value in ((A_END, a_tokens), (B_END, count)):
             binding.bind_cpu_input(name, np.array([value], np.int64))
         binding.bind_cpu_input(HAS_B, np.array(b is not None))
         second = b if b is not None else self._absent

@@ -139,10 +139,12 @@ class SlotEngine:
         starts = check_step(self, tokens, sequence_ids, starts)
         logits = self.caches.logits(len(tokens), self.shape.vocab_size)
         if sequence_ids is None:  # stateless: each width on scratch rows, kept nowhere
+            stateless = []
             for rows in _by_width(tokens, range(len(tokens))):
                 width = len(tokens[rows[0]])
                 scratch = self.caches.allocate(len(rows), persistent=False, positions=width)
-                logits[rows] = self._prompts([tokens[r] for r in rows], scratch, 0)
+                stateless.append((rows, self._prompt_group([tokens[r] for r in rows], scratch, 0)))
+            self._run(stateless, logits)
             return logits
         self._ensure_buffers()
         filling = {s for s in self._ids[self._decoding :]}
@@ -163,26 +165,26 @@ class SlotEngine:
         # new prompts of one width on fresh rows after the filling run (the sequences' own
         # slots once the step commits), a later chunk (or several tokens on a decoding
         # row) alone on its row.
-        groups: list[tuple[list[int], tuple]] = []  # (rows of logits, the forward's inputs)
+        groups: list[tuple[list[int], Group]] = []  # (rows of logits, the forward's inputs)
         if decode:
             rows = len(decode)
             order = [decode[i] for i in np.argsort(slots)]  # slots are [0, rows) in some order
             ids = np.array([tokens[r][0] for r in order], np.int64).reshape(rows, 1)
             lengths = self._lengths[:rows]
             views = [b[:rows] for b in self._buffers]
-            groups.append((order, (ids, lengths, lengths.reshape(rows, 1), views)))
+            groups.append((order, Group(ids, lengths, lengths.reshape(rows, 1), views)))
         first = len(self._ids)
         placed = []
         for rows in _by_width(tokens, new):
             start = first + len(placed)
             views = [b[start : start + len(rows)] for b in self._buffers]
-            groups.append((rows, self._prompt_inputs([tokens[r] for r in rows], views, 0)))
+            groups.append((rows, self._prompt_group([tokens[r] for r in rows], views, 0)))
             placed += rows
         for r in one_by_one:
             slot = self._slot[sequence_ids[r]]
             views = [b[slot : slot + 1] for b in self._buffers]
             past = int(self._lengths[slot])
-            groups.append(([r], self._prompt_inputs([tokens[r]], views, past)))
+            groups.append(([r], self._prompt_group([tokens[r]], views, past)))
         self._run(groups, logits)
 
         # commit
@@ -248,19 +250,16 @@ class SlotEngine:
         self._journal = None
 
     # -- internals -------------------------------------------------------------------------
-    def _prompts(self, prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
-        """One forward for prompts (or chunks) of one width on ``views`` rows at ``past``."""
-        return self.forward(*self._prompt_inputs(prompts, views, past))
-
     @staticmethod
-    def _prompt_inputs(prompts: list[Sequence[int]], views: list[np.ndarray], past: int):
+    def _prompt_group(prompts: list[Sequence[int]], views: list[np.ndarray], past: int) -> Group:
+        """Prompts (or chunks) of one width on ``views`` rows at ``past``."""
         width = len(prompts[0])
         ids = np.array(prompts, np.int64).reshape(len(prompts), width)
         positions = np.tile(np.arange(past, past + width, dtype=np.int64), (len(prompts), 1))
         lengths = np.full(len(prompts), past, np.int64)
-        return ids, lengths, positions, views
+        return Group(ids, lengths, positions, views)
 
-    def _run(self, groups: list[tuple[list[int], tuple]], logits: np.ndarray) -> None:
+    def _run(self, groups: list[tuple[list[int], Group]], logits: np.ndarray) -> None:
         """Each group's forward, its logits into ``logits`` at its rows. A forward that
         takes two groups at once (``pair``: ONNX Runtime's) gets them two by two, the
         decoding rows with the first prompt or chunk: one weight read for both."""
@@ -271,7 +270,7 @@ class SlotEngine:
             return
         for at in range(0, len(groups), 2):
             (rows_a, a), *second = groups[at : at + 2]
-            logits_a, logits_b = pair(Group(*a), Group(*second[0][1]) if second else None)
+            logits_a, logits_b = pair(a, second[0][1] if second else None)
             logits[rows_a] = logits_a
             if second:
                 logits[second[0][0]] = logits_b
