@@ -290,6 +290,7 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
                 times.append(time.perf_counter() - started)
                 cpu.append(time.process_time() - cpu_started)
                 gpu.append(_gpu_seconds(marks))
+            launched = kernel_profile(engine, ids, tokens, args.device)
             engine.release(ids)
             rows.append(
                 {
@@ -304,12 +305,51 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
                     "cpu_ms_p50": 1e3 * float(np.median(cpu[4:])),
                     "ran": engine.forward.describe(),
                     "graph_replays": engine.forward.graph_replays,
+                    "launched": launched,
                 }
             )
         del engine
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def kernel_profile(engine, ids: list[int], tokens, device: str, steps: int = 6) -> dict:
+    """What a decode step launches, read by PyTorch's profiler over ``steps`` steps: on
+    CUDA the GPU kernels (CUPTI sees those a graph replays too) with their summed time, so
+    a step's time splits into the kernels' own and the gaps between them; on the CPU the
+    operators PyTorch ran at top level. Per step: count, summed time, and the eight
+    costliest names."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.startswith("cuda")
+    activity = ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as profiler:
+        for _ in range(steps):
+            logits = engine.step([[int(t)] for t in tokens], ids)
+            tokens = logits.argmax(-1).cpu().numpy()
+        if on_cuda:
+            torch.cuda.synchronize()
+    wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
+    events = [
+        e for e in profiler.events()
+        if e.device_type == wanted and (on_cuda or e.cpu_parent is None)
+    ]  # fmt: skip
+    by_name: dict[str, list[float]] = {}
+    for event in events:
+        by_name.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    costliest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:8]
+    return {
+        "what": "GPU kernels" if on_cuda else "top-level CPU operators",
+        "per_step": len(events) / steps,
+        "us_per_step": sum(sum(t) for t in by_name.values()) / steps,
+        "costliest": [
+            {"name": name[:120], "per_step": len(t) / steps, "us_per_step": sum(t) / steps}
+            for name, t in costliest
+        ],
+    }
 
 
 def _gpu_marks(device: str):
@@ -491,16 +531,34 @@ def markdown(results: dict, args) -> str:
         out += [
             "## Decode step, engine alone (ms)",
             "",
-            "| engine | concurrency | p50 | p90 | GPU p50 | process CPU p50 |",
-            "|---|---|---|---|---|---|",
+            "| engine | concurrency | p50 | p90 | GPU p50 | process CPU p50 | launched a step "
+            "| their summed ms |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in results["engine"]:
+            launched = r.get("launched") or {}
             out.append(
                 f"| {r['engine']} | {r['concurrency']} | {r['step_ms_p50']:.3f} | "
                 f"{r['step_ms_p90']:.3f} | {_num(r.get('gpu_ms_p50'), 3)} | "
-                f"{_num(r.get('cpu_ms_p50'), 3)} |"
+                f"{_num(r.get('cpu_ms_p50'), 3)} | {_num(launched.get('per_step'), 0)} | "
+                f"{_num(launched.get('us_per_step') and launched['us_per_step'] / 1e3, 3)} |"
             )
         out.append("")
+        first = results["engine"][0]
+        if first.get("launched"):
+            launched = first["launched"]
+            out += [
+                f"Costliest {launched['what']} a step, {first['engine']}, concurrency "
+                f"{first['concurrency']}:",
+                "",
+                "| name | a step | us a step |",
+                "|---|---|---|",
+            ]
+            out += [
+                f"| `{k['name'][:80]}` | {k['per_step']:.1f} | {k['us_per_step']:.1f} |"
+                for k in launched["costliest"]
+            ]
+            out.append("")
     if results.get("consistency"):
         out += [
             "## Consistency (torch engine vs fp32 reference)",

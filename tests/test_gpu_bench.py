@@ -114,6 +114,10 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     }
     static = [r for r in results["engine"] if r["engine"] == "static"]
     assert all(r["graph_replays"] > 0 for r in static)  # the graphs' inputs path ran
+    for row in results["engine"]:  # what a step ran, from the profiler
+        launched = row["launched"]
+        assert launched["per_step"] > 0 and launched["us_per_step"] > 0
+        assert any("addmm" in k["name"] for k in launched["costliest"])
     for variant in ("static", "eager"):  # both servers, one after the other
         served = [r for r in results["triton"] if r["system"] == f"triton:torch-{variant}"]
         points = [(r["concurrency"], r["prompt_tokens"], r["new_tokens"]) for r in served]
@@ -123,6 +127,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
         assert all("torch on cpu" in r["ran"] for r in served)
     assert [r["system"] for r in results["hf"]] == ["hf-generate"]
     report = (out / "REPORT.md").read_text()
+    assert "Costliest top-level CPU operators a step, static, concurrency 1" in report
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
 
 
