@@ -63,6 +63,35 @@ def test_a_padded_decode_step_writes_no_other_slot(tiny_export, tiny_hf_model):
     np.testing.assert_allclose(engine.step([[17]], [4]), expected, atol=1e-4)
 
 
+def test_eager_steps_never_ask_for_cudnn_attention(tiny_export, tiny_hf_model, monkeypatch):
+    """cuDNN's attention builds a plan for every new shape: prompts, chunks and eager
+    decode steps run with it switched off; the graphs' decode path keeps PyTorch's choice
+    (its shapes are fixed at capture). Fresh prompts run causal, without a mask."""
+    calls = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((torch.backends.cuda.cudnn_sdp_enabled(), kwargs.get("attn_mask") is None))
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    layers = read_shape(tiny_export).num_layers
+    engine = static_engine(tiny_export, tiny_hf_model)
+    engine.step([[1, 2, 3]], [1], [True])  # a fresh prompt: causal
+    assert calls == [(False, True)] * layers
+    calls.clear()
+    engine.step([[4]], [1])  # the graphs' path (captured on CUDA)
+    assert calls == [(True, False)] * layers
+    calls.clear()
+    eager = SlotEngine(
+        TorchSlotForward(tiny_hf_model, read_shape(tiny_export), "cpu"), read_shape(tiny_export), 2
+    )
+    eager.step([[1, 2, 3]], [1], [True])
+    eager.step([[4]], [1])  # an eager decode step: masked
+    assert calls == [(False, True)] * layers + [(False, False)] * layers
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # switched back on after each step
+
+
 @pytest.mark.parametrize("kind", ["onnx", "torch_static"])
 def test_positions_past_each_rows_length_read_as_zeros(kind, tiny_export, tiny_hf_model):
     """A graph's decode reads a whole window, where a stale NaN would survive the mask:

@@ -27,6 +27,14 @@ The forward of ``SlotEngine`` (``slots.py``) for ``ENGINE=torch``, on the GPU
   kernels accumulate the softmax in fp32, and the logits leave the last matmul in fp32
   (fp16 logits are ~0.06 apart at GPT-2's magnitudes: ties that would decide greedy
   tokens and top-k cuts). On the CPU everything is fp32.
+- **No cuDNN attention outside the graphs.** cuDNN's attention kernel needs an execution
+  plan built for each new shape; PyTorch caches plans by shape, but eager steps bring new
+  shapes all the time (every prompt width and batch, every decode span), and a build
+  took tens of ms on an H200 (2026-11-28: a fresh prompt 54 ms against 6.4 ms for the
+  same prompts again; eager decode steps 48 ms against 5.4 ms served, where rounds
+  repeated the spans). The eager forward therefore runs FlashAttention (fresh prompts,
+  causal, no mask), the memory-efficient kernel (masks) or the math fallback; a decode
+  graph keeps PyTorch's choice, since its plan is built once, at capture.
 
 ``static_decode`` runs the decode steps through the same static inputs, buckets and
 scratch row without capturing (the CPU's path in the tests: everything but the capture
@@ -47,6 +55,8 @@ from gpt2_triton.errors import EngineError
 log = logging.getLogger(__name__)
 
 MIN_WINDOW = 64  # the shortest attention window a decode graph reads
+# the attention kernels of the eager forward: none that builds a plan per shape (cuDNN's)
+EAGER_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -236,6 +246,9 @@ class TorchSlotForward:
         self._pool = None  # one memory pool shared by every captured graph
         self._static = None  # the decode graphs' inputs, sized for the largest bucket
         self.graph_replays = 0  # steps that ran as a graph (or its eager stand-in)
+        from torch.nn.attention import SDPBackend
+
+        self._eager_attention = [getattr(SDPBackend, name) for name in EAGER_ATTENTION]
 
     # -- the forward ----------------------------------------------------------------------
     def __call__(self, input_ids, lengths, position_ids, caches):
@@ -255,6 +268,12 @@ class TorchSlotForward:
         return slots is not None and caches[0].data_ptr() == slots[0].data_ptr()
 
     def _eager(self, input_ids, lengths, position_ids, caches):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self._eager_attention):
+            return self._eager_step(input_ids, lengths, position_ids, caches)
+
+    def _eager_step(self, input_ids, lengths, position_ids, caches):
         torch = self._torch
         rows, new = input_ids.shape
         ids = self._to_device(input_ids)
@@ -267,6 +286,8 @@ class TorchSlotForward:
             at = self._to_device(past)
             mask = torch.arange(span, device=self.device)[None, :] <= at[:, None]
             mask = mask[:, None, None, :]  # (B, 1, 1, span)
+        elif past[0] == 0:  # fresh prompts: plain causal attention (FlashAttention's)
+            at, mask = 0, None
         else:  # rows share their past: causal over [past, past + new)
             at = int(past[0])
             query = torch.arange(at, span, device=self.device)[:, None]
@@ -278,7 +299,8 @@ class TorchSlotForward:
         """The network: ``ids``/``positions`` (B, S); each layer writes its keys and values
         into ``caches`` (rows ``write_rows`` at position ``at``: a (B,) tensor for one new
         token per row, an int for S tokens at once) and attends over ``[0, span)`` of rows
-        ``[0, B)`` under ``mask``. Returns the last position's logits (B, vocab) fp32."""
+        ``[0, B)`` under ``mask`` (None: causal, the S tokens being the whole span).
+        Returns the last position's logits (B, vocab) fp32."""
         torch = self._torch
         functional = torch.nn.functional
         w, s = self.weights, self.shape
@@ -297,7 +319,11 @@ class TorchSlotForward:
                 keys[write_rows, :, at] = k[:, :, 0]
                 values[write_rows, :, at] = v[:, :, 0]
             attended = functional.scaled_dot_product_attention(
-                q, keys[:rows, :, :span], values[:rows, :, :span], attn_mask=mask
+                q,
+                keys[:rows, :, :span],
+                values[:rows, :, :span],
+                attn_mask=mask,
+                is_causal=mask is None,
             )  # (B, H, S, D)
             merged = attended.transpose(1, 2).reshape(-1, embd)
             x = x + torch.addmm(p["c_proj"][1], merged, p["c_proj"][0]).view(rows, new, embd)
