@@ -32,7 +32,7 @@ from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.engines.trt_forward import ENGINE_SETTINGS
 from gpt2_triton.errors import Gpt2TritonError
 from gpt2_triton.render import render
-from gpt2_triton.sending import MAX_LANES
+from gpt2_triton.sending import MAX_LANES, default_response_lanes
 
 log = logging.getLogger("build_scripts.build_repo")
 
@@ -52,9 +52,9 @@ class RepoSettings:
     # (batcher.default_prefill_tokens: 64 on the CPU, 512 on a GPU)
     max_prefill_tokens: int = 0
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
-    # gpt2's sending threads: each streamed response is a round trip to the server, and
-    # one thread sent ~4,400 a second on an H200 machine (src/gpt2_triton/sending.py)
-    response_lanes: int = 4
+    # gpt2's sending threads (each streamed response is a round trip to the server); 0: by
+    # where the engine runs (sending.default_response_lanes: 4 on the CPU, 1 on a GPU)
+    response_lanes: int = 0
     device: str = "cpu"  # torch engine only: cpu or cuda
     cuda_graphs: bool = True  # torch engine on cuda: decode steps replayed as CUDA graphs
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
@@ -68,6 +68,9 @@ class RepoSettings:
         if self.max_prefill_tokens == 0:  # frozen: set once, here
             budget = default_prefill_tokens(self.engine, self.device)
             object.__setattr__(self, "max_prefill_tokens", budget)
+        if self.response_lanes == 0:
+            lanes = default_response_lanes(self.engine, self.device)
+            object.__setattr__(self, "response_lanes", lanes)
         if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
             raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
         if not 1 <= self.response_lanes <= MAX_LANES:
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "--response-lanes",
         type=int,
         default=RepoSettings.response_lanes,
-        help="threads sending gpt2's streamed responses (a request keeps one)",
+        help="threads sending gpt2's streamed responses (a request keeps one); default 0: "
+        "4 on the CPU, 1 on a GPU (ENGINE=trt or DEVICE=cuda)",
     )
     parser.add_argument("--device", default="cpu", help="torch engine: cpu or cuda")
     parser.add_argument(

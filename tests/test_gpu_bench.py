@@ -125,10 +125,18 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
         assert all(r["tokens_per_s"] > 0 and r["failed"] == 0 for r in served)
         assert all(r["tokens"] if "tokens" in r else True for r in served)
         assert all("torch on cpu" in r["ran"] for r in served)
-    assert [r["system"] for r in results["hf"]] == ["hf-generate"]
+    assert [r["system"] for r in results["hf"]] == ["hf-generate", "hf-generate-no-cudnn"]
     report = (out / "REPORT.md").read_text()
     assert "Costliest top-level CPU operators a step, static, concurrency 1" in report
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
+
+
+def test_engines_narrows_the_variants_and_refuses_unknown_ones(capsys):
+    args = gpu_bench.parse_args(["--engines", "graphs"])
+    assert [system for system, _, _ in gpu_bench.services(args)] == ["triton:torch-graphs"]
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--engines", "static"])  # the CPU's name, not CUDA's
+    assert "not in ['graphs', 'eager']" in capsys.readouterr().err
 
 
 def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
@@ -164,3 +172,22 @@ def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():
         ("per token vs HF generate() fp16, p8 >= 10x", "-", gpu_bench.ONE_PIECE),
         ("tokens/s c2 / c1, p8 >= 20x", "2.0x", "missed"),
     ]
+
+
+def test_the_per_token_target_is_judged_against_the_faster_generate():
+    args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1"])
+    args.prompt_tokens, args.new_tokens = [8], 6
+
+    def row(system, itl):
+        return {
+            "system": system, "concurrency": 1, "prompt_tokens": 8, "new_tokens": 6,
+            "tokens_per_s": 100.0, "itl_ms_p50": itl, "ttft_ms_p50": 1.0,
+        }  # fmt: skip
+
+    hf = [row("hf-generate", 12.0), row("hf-generate-no-cudnn", 6.0)]
+    results = {"triton": [row("triton:torch-static", 1.0)], "hf": hf}
+    assert gpu_bench.verdicts(results, args) == [
+        ("per token vs HF generate() fp16, p8 >= 10x", "6.0x (vs hf-generate-no-cudnn)", "missed")
+    ]
+    results["hf"] = hf[:1]  # one of them: no name needed
+    assert gpu_bench.verdicts(results, args)[0][1] == "12.0x"
