@@ -44,10 +44,10 @@ from gpt2_triton.batcher import GenerationOutput, ResponseSink
 # threads contending for the GIL, and a typo such as 4000 would start that many.
 MAX_LANES = 64
 # The default number of lanes, by where the engine runs. On a GPU (H200, 2026-11-28) one
-# lane gave 1.3-2.6x the tokens/s of four at 16 and 64 streams in two runs, once a piece
-# that waits joins the next: one lane sends fewer, fuller pieces, and its thread takes the
-# GIL from the generation loop less often. On the CPU a step (25-50 ms) dwarfs a send and
-# four lanes are what the CPU's targets were measured with.
+# lane gave 1.2-2.2x the tokens/s of four at 16 and 64 streams in two runs, once a piece
+# that waits joins the next (not profiled; one lane sends fewer, fuller pieces, and one
+# thread less takes the GIL from the generation loop). On the CPU a step (25-50 ms) dwarfs
+# a send, and four lanes are what the CPU's targets were measured with.
 CPU_RESPONSE_LANES = 4
 GPU_RESPONSE_LANES = 1
 
