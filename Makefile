@@ -18,6 +18,8 @@ MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
 # ENGINE=torch DEVICE=cuda replays decode steps as CUDA graphs; CUDA_GRAPHS=0 runs them eagerly
 CUDA_GRAPHS ?= 1
+# with CUDA graphs, TORCH_COMPILE=1 fuses the decode steps' layer code (torch.compile, at load)
+TORCH_COMPILE ?= 0
 # in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
 PLACEMENT ?= in_process
 # The front door (Envoy) listens on HOST:HTTP_PORT/GRPC_PORT; Triton behind it on loopback
@@ -140,7 +142,8 @@ endif
 		$(if $(MAX_PREFILL_TOKENS),--max-prefill-tokens $(MAX_PREFILL_TOKENS)) \
 		$(if $(RESPONSE_LANES),--response-lanes $(RESPONSE_LANES)) \
 		$(if $(filter torch,$(ENGINE)),--device $(DEVICE)) \
-		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs)
+		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs) \
+		$(if $(filter 1,$(TORCH_COMPILE)),--torch-compile)
 
 serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)
 	$(PY) -m gpt2_triton.serve $(SERVE_FLAGS)

@@ -57,6 +57,9 @@ class RepoSettings:
     response_lanes: int = 0
     device: str = "cpu"  # torch engine only: cpu or cuda
     cuda_graphs: bool = True  # torch engine on cuda: decode steps replayed as CUDA graphs
+    # torch engine on cuda with graphs: the decode steps' layer code through torch.compile
+    # (fewer, fused kernels; compiled at load, for every batch bucket)
+    torch_compile: bool = False
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
     engine_placement: str = "in_process"
 
@@ -84,6 +87,13 @@ class RepoSettings:
                 f"unknown engine placement {self.engine_placement!r}; choose one of "
                 f"{', '.join(PLACEMENTS)}"
             )
+        if self.torch_compile and not (
+            self.engine == "torch" and self.device.startswith("cuda") and self.cuda_graphs
+        ):
+            raise Gpt2TritonError(
+                "torch-compile is for ENGINE=torch DEVICE=cuda with CUDA graphs (it compiles "
+                "the captured decode steps)"
+            )
         if self.device != "cpu" and self.engine != "torch":
             raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
 
@@ -104,6 +114,7 @@ def template_values(
         "engine_threads": settings.engine_threads,
         "device": "cuda" if settings.engine == "trt" else settings.device,
         "cuda_graphs": int(settings.cuda_graphs),
+        "torch_compile": int(settings.torch_compile),
     }
     return {
         "tokenizer": {},
@@ -296,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "measured against)",
     )
     parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch engine on cuda with graphs: the decode steps' layer code through "
+        "torch.compile (fused kernels; compiled at load)",
+    )
+    parser.add_argument(
         "--engine-placement",
         default=RepoSettings.engine_placement,
         choices=PLACEMENTS,
@@ -315,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             response_lanes=args.response_lanes,
             device=args.device,
             cuda_graphs=args.cuda_graphs,
+            torch_compile=args.torch_compile,
             engine_placement=args.engine_placement,
         )
         return f"model repository ready in {build(settings, args.export_dir, args.repository)}"

@@ -460,3 +460,21 @@ def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
             Gpt2TritonError, match=rf"response-lanes must be in \[1, {MAX_LANES}\], got {lanes}"
         ):
             RepoSettings("tiny", "onnx", response_lanes=lanes)
+
+
+def test_torch_compile_reaches_the_config_and_only_where_graphs_run(tiny_export, tmp_path):
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    repository = build(RepoSettings("tiny", "onnx"), tiny_export, tmp_path)
+    for model in ("engine", "gpt2"):
+        config = (repository / model / "config.pbtxt").read_text()
+        assert 'key: "torch_compile", value: { string_value: "0" }' in config
+    assert RepoSettings("m", "torch", device="cuda", torch_compile=True).torch_compile
+    for refused in (
+        {"engine": "onnx"},
+        {"engine": "torch", "device": "cpu"},
+        {"engine": "torch", "device": "cuda", "cuda_graphs": False},
+    ):
+        with pytest.raises(Gpt2TritonError, match="torch-compile is for ENGINE=torch DEVICE=cuda"):
+            RepoSettings("m", torch_compile=True, **refused)

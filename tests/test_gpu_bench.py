@@ -49,7 +49,7 @@ def test_the_dry_run_checks_the_bundle_and_prints_the_plan(tmp_path):
     bundle = fake_bundle(tmp_path / "bundle")
     done = dry_run(bundle)
     assert done.returncode == 0, done.stderr
-    assert "triton: tritonserver, gRPC, graphs, eager" in done.stdout
+    assert "triton: tritonserver, gRPC, graphs, compiled, eager" in done.stdout
     assert "in order" in done.stdout
 
     (bundle / "model" / "config.json").write_text('{"changed": true}')
@@ -125,7 +125,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
         assert all(r["tokens_per_s"] > 0 and r["failed"] == 0 for r in served)
         assert all(r["tokens"] if "tokens" in r else True for r in served)
         assert all("torch on cpu" in r["ran"] for r in served)
-    assert [r["system"] for r in results["hf"]] == ["hf-generate", "hf-generate-no-cudnn"]
+    assert [r["system"] for r in results["hf"]] == ["hf-generate"]  # on CUDA, no-cudnn too
     report = (out / "REPORT.md").read_text()
     assert "Costliest top-level CPU operators a step, static, concurrency 1" in report
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
@@ -136,7 +136,7 @@ def test_engines_narrows_the_variants_and_refuses_unknown_ones(capsys):
     assert [system for system, _, _ in gpu_bench.services(args)] == ["triton:torch-graphs"]
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--engines", "static"])  # the CPU's name, not CUDA's
-    assert "not in ['graphs', 'eager']" in capsys.readouterr().err
+    assert "not in ['graphs', 'compiled', 'eager']" in capsys.readouterr().err
 
 
 def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
@@ -145,12 +145,15 @@ def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
         ("triton:torch-graphs-lanes4", 4),
         ("triton:torch-graphs-lanes1", 1),
         ("triton:torch-graphs-lanes8", 8),
+        ("triton:torch-compiled-lanes4", 4),
         ("triton:torch-eager-lanes4", 4),
     ]
     one = gpu_bench.parse_args([])  # the repository's default, under the plain names
     assert [system for system, _, _ in gpu_bench.services(one)] == [
-        "triton:torch-graphs", "triton:torch-eager",
+        "triton:torch-graphs", "triton:torch-compiled", "triton:torch-eager",
     ]  # fmt: skip
+    compiled = dict(gpu_bench.variants("cuda"))["compiled"]
+    assert compiled == {"cuda_graphs": True, "compile_decode": True}
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--response-lanes", "0"])
 

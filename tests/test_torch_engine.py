@@ -92,6 +92,53 @@ def test_eager_steps_never_ask_for_cudnn_attention(tiny_export, tiny_hf_model, m
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched back on after each step
 
 
+def _decode_run(engine, steps=6):
+    """Two prompts, then ``steps`` greedy decode steps: every step's logits."""
+    out = [engine.step([[1, 2, 3], [4, 5]], [1, 2], [True, True])]
+    for _ in range(steps):
+        tokens = out[-1].argmax(-1)
+        out.append(engine.step([[int(t)] for t in tokens], [1, 2]))
+    return out
+
+
+def test_compiled_decode_steps_compute_what_the_plain_ones_do(tiny_export, tiny_hf_model):
+    """compile_decode: torch.compile fuses the layers' code outside attention; on the CPU
+    (inductor's C++ backend) it must give the plain code's logits. Every bucket is compiled
+    when the engine loads."""
+    shape = read_shape(tiny_export)
+    plain = SlotEngine(TorchSlotForward(tiny_hf_model, shape, "cpu", static_decode=True), shape, 2)
+    forward = TorchSlotForward(tiny_hf_model, shape, "cpu", static_decode=True, compile_decode=True)
+    assert forward.capture_graphs(2) == 0  # the CPU captures nothing; it compiled
+    assert forward.describe().endswith("compiled: on")
+    compiled = SlotEngine(forward, shape, 2)
+    for want, got in zip(_decode_run(plain), _decode_run(compiled), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert forward.graph_replays == 6  # the decode steps went through the compiled path
+    with pytest.raises(EngineError, match="need CUDA graphs or static_decode"):
+        TorchSlotForward(tiny_hf_model, shape, "cpu", compile_decode=True)
+
+
+def test_a_compile_that_fails_leaves_the_plain_code_running(
+    tiny_export, tiny_hf_model, monkeypatch
+):
+    def broken(piece, **options):
+        def call(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    shape = read_shape(tiny_export)
+    forward = TorchSlotForward(tiny_hf_model, shape, "cpu", static_decode=True, compile_decode=True)
+    forward.capture_graphs(2)
+    assert forward.describe().endswith("compiled: failed: RuntimeError: no compiler here")
+    plain = SlotEngine(TorchSlotForward(tiny_hf_model, shape, "cpu", static_decode=True), shape, 2)
+    for want, got in zip(
+        _decode_run(plain), _decode_run(SlotEngine(forward, shape, 2)), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("kind", ["onnx", "torch_static"])
 def test_positions_past_each_rows_length_read_as_zeros(kind, tiny_export, tiny_hf_model):
     """A graph's decode reads a whole window, where a stale NaN would survive the mask:

@@ -81,12 +81,14 @@ class TritonServer:
         host: str = "127.0.0.1",
         log_file: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        ready_timeout: float = 120.0,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.ports = ports
         self.host = host
         self.log_file = log_file
         self.extra_args = extra_args
+        self.ready_timeout = ready_timeout  # for `with`: models that compile at load take long
         self.process: subprocess.Popen | None = None
         self._log_handle = None
 
@@ -193,7 +195,7 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         self.start()
         try:
-            self.wait_ready()
+            self.wait_ready(self.ready_timeout)
         except BaseException:
             self.stop()
             raise

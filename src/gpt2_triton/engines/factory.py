@@ -125,19 +125,24 @@ def build_engine(
     max_sequences: int = 64,
     in_place: bool = True,
     cuda_graphs: bool | None = None,
+    compile_decode: bool = False,
     **kwargs,
 ) -> StatefulEngine | SlotEngine:
     """The serving engine of ``kind``. ONNX Runtime and PyTorch engines write the KV cache
     in place (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded
     batch, what TensorRT uses). ``cuda_graphs`` (torch only): capture decode steps, by
-    default wherever the device is CUDA."""
+    default wherever the device is CUDA; ``compile_decode`` (torch with graphs): their
+    layer code through torch.compile."""
     shape = read_shape(export_dir)
     if in_place and kind == "torch":
         device = kwargs.get("device", "cpu")
         model = _torch_model(
             Path(export_dir), kwargs.get("model"), kwargs.get("threads", 0), device
         )
-        return torch_slot_engine(model, shape, device, max_sequences, cuda_graphs=cuda_graphs)
+        return torch_slot_engine(
+            model, shape, device, max_sequences,
+            cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+        )  # fmt: skip
     if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward
 
@@ -162,12 +167,13 @@ def build_engine_from_params(
     params, export_dir: Path, model: str, max_sequences: int
 ) -> StatefulEngine:
     """The engine a Triton model's ``config.pbtxt`` asks for (``engine_kind``,
-    ``engine_threads``, ``device``, ``cuda_graphs``): the same reading for every model that
-    holds one."""
+    ``engine_threads``, ``device``, ``cuda_graphs``, ``torch_compile``): the same reading for
+    every model that holds one."""
     from gpt2_triton import model_config
 
     device = params.get("device") or "cpu"
     graphs = model_config.int_param(params, "cuda_graphs", model) if "cuda_graphs" in params else 1
+    compiled = "torch_compile" in params and model_config.int_param(params, "torch_compile", model)
     return build_engine(
         model_config.require(params, "engine_kind", model),
         export_dir,
@@ -175,4 +181,5 @@ def build_engine_from_params(
         threads=model_config.int_param(params, "engine_threads", model),
         device=device,
         cuda_graphs=bool(graphs) and device.startswith("cuda"),
+        compile_decode=bool(compiled),
     )

@@ -34,7 +34,12 @@ The forward of ``SlotEngine`` (``slots.py``) for ``ENGINE=torch``, on the GPU
   same prompts again; eager decode steps 48 ms against 5.4 ms served, where rounds
   repeated the spans). The eager forward therefore runs FlashAttention (fresh prompts,
   causal, no mask), the memory-efficient kernel (masks) or the math fallback; a decode
-  graph keeps PyTorch's choice, since its plan is built once, at capture.
+  graph keeps PyTorch's choice, since its plan is built once, at capture (and so does a
+  decode step whose graph could not be captured: its shape is a bucket's, its plan built
+  once). The choice is a process-wide flag that ``sdpa_kernel`` sets and puts back, so
+  eager steps and captures take one lock: a capture never sees an eager step's choice.
+  With ``CUDA_GRAPHS=0`` eager decode steps launch a few more kernels than cuDNN's path
+  (the mask's padding for the memory-efficient kernel: ~256 against ~232 a step).
 
 ``static_decode`` runs the decode steps through the same static inputs, buckets and
 scratch row without capturing (the CPU's path in the tests: everything but the capture
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 MIN_WINDOW = 64  # the shortest attention window a decode graph reads
 # the attention kernels of the eager forward: none that builds a plan per shape (cuDNN's)
 EAGER_ATTENTION = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# held while the attention choice is narrowed (an eager step) and while graphs are captured
+# or compiled with PyTorch's own choice: the choice is process-wide, not per thread
+_ATTENTION_CHOICE = threading.Lock()
 
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -207,6 +216,66 @@ class _Weights:
         ]
 
 
+# -- a layer's code outside attention: plain functions of tensors, so that torch.compile
+# can fuse them (compile_decode) and the eager path runs the very same code ----------------
+def _layer_norm(x, params, eps: float, dtype):
+    """LayerNorm on the fp32 residual stream; its output in the compute type."""
+    import torch
+
+    weight, bias = params
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
+
+
+def _attention_input(x, layer, eps: float, dtype):
+    """A block's q, k and v, packed: (rows, E) fp32 -> (rows, 3E) in the compute type."""
+    import torch
+
+    weight, bias = layer["c_attn"]
+    return torch.addmm(bias, _layer_norm(x, layer["ln_1"], eps, dtype), weight)
+
+
+def _first(ids, positions, wte, wpe, layer, eps: float, dtype, gelu: str):
+    """The embeddings (the residual stream, fp32) and the first block's q, k, v."""
+    x = wte[ids] + wpe[positions]
+    return x, _attention_input(x, layer, eps, dtype)
+
+
+def _block_output(x, attended, layer, eps: float, dtype, gelu: str):
+    """A block after attention: the output projection and residual, LayerNorm, the MLP and
+    its residual: the residual stream (rows, E) fp32."""
+    import torch
+
+    x = x + torch.addmm(layer["c_proj"][1], attended, layer["c_proj"][0])
+    h = _layer_norm(x, layer["ln_2"], eps, dtype)
+    h = torch.nn.functional.gelu(
+        torch.addmm(layer["c_fc"][1], h, layer["c_fc"][0]), approximate=gelu
+    )
+    return x + torch.addmm(layer["mlp_proj"][1], h, layer["mlp_proj"][0])
+
+
+def _between(x, attended, layer, following, eps: float, dtype, gelu: str):
+    """One block's end and the next one's q, k, v: what lies between two attentions."""
+    x = _block_output(x, attended, layer, eps, dtype, gelu)
+    return x, _attention_input(x, following, eps, dtype)
+
+
+_PLAIN = (_first, _between, _block_output)
+
+
+def _compile_where_python_runs(torch) -> None:
+    """Inductor compiles kernels in worker processes started from ``sys.executable``;
+    inside Triton's Python backend that is the backend's stub binary, not a Python, so
+    there the kernels are compiled in this process, one at a time (a slower load)."""
+    import sys
+    from pathlib import Path
+
+    if not Path(sys.executable or "").name.startswith("python"):
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = 1
+        log.info("torch.compile: %r is not a Python; kernels compile in process", sys.executable)
+
+
 class TorchSlotForward:
     """``(input_ids, lengths, position_ids, caches) -> logits``, ``SlotEngine``'s forward:
     ``caches`` are views of ``self.caches``' buffers, written in place; the logits come
@@ -222,10 +291,13 @@ class TorchSlotForward:
         *,
         static_decode: bool | None = None,
         cuda_graphs: bool | None = None,
+        compile_decode: bool = False,
         dtype=None,
     ) -> None:
         """``dtype``: the compute type (default fp16 on CUDA, fp32 on the CPU; fp16 on the
-        CPU runs the GPU's precision path slowly, for the tests)."""
+        CPU runs the GPU's precision path slowly, for the tests). ``compile_decode``: the
+        decode steps' code outside attention goes through ``torch.compile`` (fused kernels,
+        fewer launches), compiled for every batch bucket when the graphs are captured."""
         import torch
 
         self._torch = torch
@@ -237,6 +309,15 @@ class TorchSlotForward:
         if self.cuda_graphs and not on_cuda:
             raise EngineError("CUDA graphs need DEVICE=cuda")
         self.static_decode = self.cuda_graphs or bool(static_decode)
+        if compile_decode and not self.static_decode:
+            raise EngineError("compiled decode steps need CUDA graphs or static_decode")
+        self._pieces = None  # the compiled layer code (compile_decode), else the plain
+        self.compile_failed: str | None = None
+        if compile_decode:  # fullgraph: a graph break is an error at load, not a slow path
+            _compile_where_python_runs(torch)
+            self._pieces = tuple(
+                torch.compile(piece, dynamic=False, fullgraph=True) for piece in _PLAIN
+            )
         self.compute_dtype = dtype or (torch.float16 if on_cuda else torch.float32)
         self.dtype = self.compute_dtype  # the KV cache's type
         self.shape = shape
@@ -270,7 +351,7 @@ class TorchSlotForward:
     def _eager(self, input_ids, lengths, position_ids, caches):
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(self._eager_attention):
+        with _ATTENTION_CHOICE, sdpa_kernel(self._eager_attention):
             return self._eager_step(input_ids, lengths, position_ids, caches)
 
     def _eager_step(self, input_ids, lengths, position_ids, caches):
@@ -295,21 +376,24 @@ class TorchSlotForward:
         row_index = torch.arange(rows, device=self.device)
         return self._forward(ids, positions, caches, row_index, at, mask, span)
 
-    def _forward(self, ids, positions, caches, write_rows, at, mask, span):
+    def _forward(self, ids, positions, caches, write_rows, at, mask, span, pieces=None):
         """The network: ``ids``/``positions`` (B, S); each layer writes its keys and values
         into ``caches`` (rows ``write_rows`` at position ``at``: a (B,) tensor for one new
         token per row, an int for S tokens at once) and attends over ``[0, span)`` of rows
         ``[0, B)`` under ``mask`` (None: causal, the S tokens being the whole span).
-        Returns the last position's logits (B, vocab) fp32."""
+        ``pieces``: the layers' code outside attention (``_PLAIN`` by default; compiled for
+        the decode graphs with ``compile_decode``). Returns the last position's logits (B,
+        vocab) fp32."""
         torch = self._torch
         functional = torch.nn.functional
         w, s = self.weights, self.shape
+        first, between, block_output = pieces or _PLAIN
         rows, new = ids.shape
         embd = s.num_heads * s.head_dim
-        x = w.wte[ids] + w.wpe[positions]  # (B, S, E) fp32: the residual stream
-        for layer, p in enumerate(w.layers):
-            h = self._layer_norm(x, p["ln_1"])
-            qkv = torch.addmm(p["c_attn"][1], h.reshape(-1, embd), p["c_attn"][0])
+        layers, numerics = w.layers, (w.eps, self.compute_dtype, w.gelu)
+        # x: the residual stream (B * S, E) fp32; qkv: the first layer's q, k, v
+        x, qkv = first(ids.reshape(-1), positions.reshape(-1), w.wte, w.wpe, layers[0], *numerics)
+        for layer, p in enumerate(layers):
             q, k, v = qkv.view(rows, new, 3, s.num_heads, s.head_dim).permute(2, 0, 3, 1, 4)
             keys, values = caches[2 * layer], caches[2 * layer + 1]
             if isinstance(at, int):  # (B, H, S, D) into positions [at, at + S)
@@ -326,23 +410,15 @@ class TorchSlotForward:
                 is_causal=mask is None,
             )  # (B, H, S, D)
             merged = attended.transpose(1, 2).reshape(-1, embd)
-            x = x + torch.addmm(p["c_proj"][1], merged, p["c_proj"][0]).view(rows, new, embd)
-            h = self._layer_norm(x, p["ln_2"])
-            h = torch.addmm(p["c_fc"][1], h.reshape(-1, embd), p["c_fc"][0])
-            h = functional.gelu(h, approximate=w.gelu)
-            x = x + torch.addmm(p["mlp_proj"][1], h, p["mlp_proj"][0]).view(rows, new, embd)
-        last = self._layer_norm(x[:, -1], w.ln_f)  # (B, E): only the last position's logits
+            if layer + 1 < len(layers):
+                x, qkv = between(x, merged, p, layers[layer + 1], *numerics)
+            else:
+                x = block_output(x, merged, p, *numerics)
+        last = x.view(rows, new, embd)[:, -1]  # (B, E): only the last position's logits
+        last = _layer_norm(last, w.ln_f, w.eps, self.compute_dtype)
         if w.fp32_logits_from_fp16:
             return torch.mm(last, w.lm_head, out_dtype=torch.float32)
         return last.to(w.lm_head.dtype) @ w.lm_head  # fp32 (the CPU; or the fp32 copy)
-
-    def _layer_norm(self, x, params):
-        """LayerNorm on the fp32 residual stream; its output in the compute type."""
-        weight, bias = params
-        normed = self._torch.nn.functional.layer_norm(
-            x, (x.shape[-1],), weight, bias, self.weights.eps
-        )
-        return normed.to(self.compute_dtype)
 
     def _to_device(self, array):
         tensor = self._torch.from_numpy(np.ascontiguousarray(array, np.int64))
@@ -391,7 +467,8 @@ class TorchSlotForward:
         write_rows, at = static[2], static[3]
         mask = torch.arange(window, device=self.device)[None, :] <= at[:, None]
         caches = self.caches.slots
-        return self._forward(ids, positions, caches, write_rows, at, mask[:, None, None, :], window)
+        mask = mask[:, None, None, :]
+        return self._forward(ids, positions, caches, write_rows, at, mask, window, self._pieces)
 
     def describe(self) -> str:
         """One line on what runs: device, precision, graphs captured (and failed), logits."""
@@ -400,15 +477,24 @@ class TorchSlotForward:
         w = self.weights
         logits = "fp16 weights, fp32 output" if w.fp32_logits_from_fp16 else "fp32 weights"
         graphs = f"{captured} captured, {failed} failed" if self.cuda_graphs else "off"
+        compiled = ""
+        if self._pieces is not None or self.compile_failed:
+            compiled = (
+                f"; compiled: {'failed: ' + self.compile_failed if self.compile_failed else 'on'}"
+            )
         return (
             f"torch on {self.device}, {str(self.compute_dtype).removeprefix('torch.')}; "
-            f"CUDA graphs: {graphs}; logits: {logits}"
+            f"CUDA graphs: {graphs}; logits: {logits}{compiled}"
         )
 
     def capture_graphs(self, max_sequences: int) -> int:
         """Capture every decode graph the engine can need (each batch bucket up to
         ``max_sequences``, each window), so that no stream waits for a capture; the
-        number captured. Graphs not captured here are captured on first use."""
+        number captured. Graphs not captured here are captured on first use. With
+        ``compile_decode`` the layer code is compiled first, for every bucket (on the CPU
+        too); if that fails, the plain code runs and ``describe`` says why."""
+        if self._pieces is not None:
+            self._compile(max_sequences)
         if not self.cuda_graphs:
             return 0
         self.caches.allocate(max_sequences, persistent=True)
@@ -426,6 +512,24 @@ class TorchSlotForward:
                 for window in reversed(windows):
                     self._graph(bucket, window)
         return sum(graph is not None for graph, _ in self._graphs.values())
+
+    def _compile(self, max_sequences: int) -> None:
+        """Run a decode step of every bucket through the compiled pieces, into the scratch
+        row (torch.compile compiles for each shape on its first call); on failure go back to
+        the plain pieces."""
+        self.caches.allocate(max_sequences, persistent=True)
+        static = self._static_inputs()
+        saved = static.clone()
+        static[2] = self._slots_held()  # every row writes into the scratch row
+        try:
+            with _ATTENTION_CHOICE, self._torch.inference_mode():
+                for bucket in batch_buckets(max_sequences):
+                    self._decode_body(bucket, MIN_WINDOW)
+        except Exception as exc:  # the service goes on, uncompiled
+            log.exception("torch.compile of the decode steps failed; they run uncompiled")
+            self._pieces, self.compile_failed = None, f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            static.copy_(saved)
 
     def _graph(self, bucket: int, window: int):
         """The captured graph for ``(bucket, window)`` and its output; (None, None) on the
@@ -449,7 +553,7 @@ class TorchSlotForward:
         saved = self._static.clone()
         self._static[2] = self._slots_held()
         try:
-            with torch.cuda.device(self.device):  # cuda:N: its streams, not the current GPU's
+            with _ATTENTION_CHOICE, torch.cuda.device(self.device):  # cuda:N: its streams
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
