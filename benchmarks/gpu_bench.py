@@ -7,16 +7,17 @@ GPT-2's tokenizer), on one GPU, in one run, the headline first:
 
 1. ``triton``: the service through the pip ``tritonserver`` over gRPC (the front door's
    Envoy does not travel): TTFT, ITL and tokens/s at each concurrency and prompt length,
-   exactly ``--new-tokens`` tokens, with CUDA graphs and then eager, and TensorRT-LLM's
-   published workload (200-token prompts, 100 tokens, concurrency 1), on which the
-   latency targets are judged. The clients run in several processes
+   exactly ``--new-tokens`` tokens, with CUDA graphs, compiled graphs (torch.compile) and
+   eager, and TensorRT-LLM's published workload (200-token prompts, 100 tokens,
+   concurrency 1), on which the latency targets are judged. The clients run in several processes
    (``served_load.py``), each connected before its wave starts.
-2. ``engine``: a decode step of the engine alone at each concurrency, graphs and eager,
-   with what the engine ran (graphs captured, the logits' path).
-3. ``hf``: Hugging Face ``generate()`` in fp16 on the same GPU (greedy, exact length).
+2. ``engine``: a decode step of the engine alone at each concurrency, each variant, with
+   what the engine ran (graphs captured, the logits' path) and what a step launches.
+3. ``hf``: Hugging Face ``generate()`` in fp16 on the same GPU (greedy, exact length), as
+   it comes and without cuDNN's attention.
 4. ``consistency``: the engine with CUDA graphs in fp32 (its tokens must be the
    reference's: random weights put many tokens within fp16's rounding of each other, so
-   only fp32 tells a graph bug from rounding), then in fp16 with graphs and eager,
+   only fp32 tells a graph bug from rounding), then in fp16 with graphs, compiled and eager,
    against the fp32 reference (Hugging Face on the CPU): verify.py's check (top-1
    agreement, greedy sequences identical alone and batched, max abs logit difference).
    Where TensorRT is importable, an fp16 plan is built (opset-18 export, ``build_engine``)
