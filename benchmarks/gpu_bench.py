@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the first (default: the repository's default for the device: 1 on CUDA)",
     )  # fmt: skip
     parser.add_argument(
+        "--prefill-tokens", type=int, nargs="+", default=[0],
+        help="the prefill budget (MAX_PREFILL_TOKENS): the graphs service once per value, "
+        "with the first lanes value (default 0: the repository's, 512 on a GPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--engines", nargs="+", default=None,
         help="the engine variants to run (default: all; on CUDA graphs, compiled, eager)",
     )  # fmt: skip
@@ -111,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     numbers = args.concurrency + args.prompt_tokens + args.response_lanes
     if min(numbers + [args.new_tokens, args.rounds]) < 1:
         parser.error("concurrency, prompt tokens, new tokens, rounds and lanes must be >= 1")
+    if min(args.prefill_tokens) < 0:
+        parser.error("prefill tokens must be >= 0 (0: the repository's default)")
     return args
 
 
@@ -130,15 +137,22 @@ def variants(device: str, only: list[str] | None = None) -> dict[str, dict]:
 
 
 def services(args) -> list[tuple[str, dict, int]]:
-    """The servers the ``triton`` step runs, in order: ``(system, engine options, response
-    lanes)``; the first variant (graphs) once per lanes value, the others with the first.
-    The first is the one the targets are judged on."""
-    several = len(args.response_lanes) > 1
+    """The servers the ``triton`` step runs, in order: ``(system, options, response
+    lanes)``, the options the engine's and ``max_prefill_tokens``; the first variant
+    (graphs) once per lanes value and then once per further prefill budget, the others with
+    the first of each. The first is the one the targets are judged on."""
+    lanes_first, budget_first = args.response_lanes[0], args.prefill_tokens[0]
+    several_lanes, several_budgets = len(args.response_lanes) > 1, len(args.prefill_tokens) > 1
     out = []
     for index, (name, options) in enumerate(variants(args.device, args.engines).items()):
-        for lanes in args.response_lanes if index == 0 else args.response_lanes[:1]:
-            system = f"triton:torch-{name}" + (f"-lanes{lanes}" if several else "")
-            out.append((system, options, lanes))
+        runs = [(lanes_first, budget_first)]
+        if index == 0:
+            runs = [(lanes, budget_first) for lanes in args.response_lanes]
+            runs += [(lanes_first, budget) for budget in args.prefill_tokens[1:]]
+        for lanes, budget in runs:
+            system = f"triton:torch-{name}" + (f"-lanes{lanes}" if several_lanes else "")
+            system += f"-prefill{budget}" if several_budgets else ""
+            out.append((system, options | {"max_prefill_tokens": budget}, lanes))
     return out
 
 
@@ -158,6 +172,7 @@ def plan(args) -> list[str]:
             device=args.device,
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
+            max_prefill_tokens=options.get("max_prefill_tokens", 0),
             response_lanes=lanes,
         )
     names = ", ".join(variants(args.device, args.engines))
@@ -460,6 +475,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
             device=args.device,
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
+            max_prefill_tokens=options.get("max_prefill_tokens", 0),
             response_lanes=lanes,
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports
@@ -482,7 +498,11 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
                     rounds = args.rounds if c == 1 else max(args.rounds // 4, 1)
                     row, extra = load.point(system, prompts, params, rounds, p)
                     ran_line = ran[-1] if ran else None
-                    record(row.summary() | extra | {"ran": ran_line, "response_lanes": lanes})
+                    served_with = {
+                        "response_lanes": lanes,
+                        "max_prefill_tokens": settings.max_prefill_tokens,
+                    }
+                    record(row.summary() | extra | {"ran": ran_line} | served_with)
         except Exception as exc:  # the other variant still runs
             record({"system": system, "error": f"{type(exc).__name__}: {exc}"})
         finally:

@@ -158,6 +158,23 @@ def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
         gpu_bench.parse_args(["--response-lanes", "0"])
 
 
+def test_each_further_prefill_budget_gets_a_graphs_server_with_the_first_lanes():
+    args = gpu_bench.parse_args(["--response-lanes", "1", "4", "--prefill-tokens", "0", "2048"])
+    served = [
+        (system, o["max_prefill_tokens"], lanes) for system, o, lanes in gpu_bench.services(args)
+    ]
+    assert served == [
+        ("triton:torch-graphs-lanes1-prefill0", 0, 1),
+        ("triton:torch-graphs-lanes4-prefill0", 0, 4),
+        ("triton:torch-graphs-lanes1-prefill2048", 2048, 1),
+        ("triton:torch-compiled-lanes1-prefill0", 0, 1),
+        ("triton:torch-eager-lanes1-prefill0", 0, 1),
+    ]
+    assert "graphs-lanes1-prefill2048" in gpu_bench.plan(args)[0]  # the settings are valid
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--prefill-tokens", "-1"])
+
+
 def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():
     """Pieces that wait join: a short stream can arrive as one piece, with no ITL to read."""
     args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1", "2"])
