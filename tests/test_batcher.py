@@ -207,10 +207,11 @@ def decoding_stream(batcher, tokens=30):
     return sink
 
 
-def burst_beside_a_stream(batcher, engine, prompt, requests=5):
-    """A decoding stream, then ``requests`` of ``prompt`` at once; the engine's forward
-    calls recorded from then on (``engine.forward.calls``)."""
-    running = decoding_stream(batcher)
+def burst_beside_streams(batcher, engine, prompt, requests=5, streams=5):
+    """``streams`` decoding streams, then ``requests`` of ``prompt`` at once; the engine's
+    forward calls recorded from then on (``engine.forward.calls``). With as many streams
+    decoding as prompts waiting, a step takes one budget (``_prefill_budget``)."""
+    running = [decoding_stream(batcher) for _ in range(streams)]
     engine.forward = RecordingForward(engine.forward)
     sinks = [ListSink() for _ in range(requests)]
     for sink in sinks:
@@ -238,20 +239,20 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     size = len(codec.encode(prompt))
     budget = 2 * size + 1  # two prompts and one token of a third per step
     batcher = InflightBatcher(
-        engine, codec, limits(engine, max_active=8, max_queue=8, max_prefill_tokens=budget)
+        engine, codec, limits(engine, max_active=16, max_queue=8, max_prefill_tokens=budget)
     )
-    running, sinks = burst_beside_a_stream(batcher, engine, prompt)
+    running, sinks = burst_beside_streams(batcher, engine, prompt)
     joined = []
     for _ in range(3):
         calls = len(engine.forward.calls)
         batcher.step()
-        joined.append(batcher.active - 1)
+        joined.append(batcher.active - len(running))
         # the prompts' forwards never compute more positions than the budget, padding
         # included: decode rows and chunks of other widths are never padded to a chunk's
         prompt_calls = [c for c in engine.forward.calls[calls:] if c[1] > 1]
         assert sum(rows * width for rows, width, _ in prompt_calls) <= budget
     assert joined == [3, 5, 5]  # the third prompt starts with one token, then goes on
-    run_all(batcher, sinks + [running])
+    run_all(batcher, sinks + running)
     texts = {s.text for s in sinks}
     assert len(texts) == 1 and all(s.outputs[-1].num_output_tokens == 6 for s in sinks)
     assert engine.cached_sequences == 0
@@ -274,6 +275,33 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     whole.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), alone)
     run_all(whole, [alone])
     assert alone.text in texts
+
+
+@pytest.mark.parametrize(
+    ("streams", "waiting", "max_active", "joined"),
+    [
+        (1, 5, 16, 5),  # five want to start per one decoding: five budgets, all of them
+        (2, 5, 16, 2),  # two per decoding stream (5 // 2): two budgets
+        (1, 12, 16, IDLE_PREFILL_FACTOR),  # at most an idle step's budgets
+        (1, 12, 4, 3),  # only those with room to join count
+        (5, 3, 16, 1),  # fewer starting than decoding: one budget
+    ],
+)
+def test_the_prefill_budget_grows_with_the_streams_waiting_per_stream_decoding(
+    engine, codec, streams, waiting, max_active, joined
+):
+    """A step's prefill stalls each decoding stream and brings each starting one nearer its
+    first token: one budget (here one prompt) per starting stream per decoding one."""
+    prompt = "The old man walks to the river"
+    size = len(codec.encode(prompt))
+    batcher = InflightBatcher(
+        engine, codec, limits(engine, max_active=max_active, max_prefill_tokens=size)
+    )
+    running, sinks = burst_beside_streams(batcher, engine, prompt, waiting, streams)
+    batcher.step()
+    assert batcher.active - streams == joined
+    run_all(batcher, sinks + running)
+    assert len({s.text for s in sinks}) == 1 and all(s.done for s in sinks)
 
 
 def test_a_long_prompt_goes_in_a_chunk_a_step_while_the_others_keep_decoding(engine, codec):
@@ -318,15 +346,15 @@ def test_without_chunks_whole_prompts_join_within_the_budget_and_a_long_one_goes
     batcher = InflightBatcher(
         engine,
         codec,
-        limits(engine, max_active=8, max_prefill_tokens=2 * size + 1, chunked_prefill=False),
+        limits(engine, max_active=16, max_prefill_tokens=2 * size + 1, chunked_prefill=False),
     )
-    running, sinks = burst_beside_a_stream(batcher, engine, prompt)
+    running, sinks = burst_beside_streams(batcher, engine, prompt)
     joined = []
     for _ in range(3):
         batcher.step()
-        joined.append(batcher.active - 1)
+        joined.append(batcher.active - len(running))
     assert joined == [2, 4, 5]  # two whole prompts per step, then the last one
-    run_all(batcher, sinks + [running])
+    run_all(batcher, sinks + running)
     assert len({s.text for s in sinks}) == 1
     # several new tokens only ever on an empty cache
     assert all(past == 0 for _, width, past in engine.forward.calls if width > 1)
@@ -588,7 +616,7 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     prompt = "The old man walks to the river"
     budget = len(codec.encode(prompt))  # one prompt per step
     batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=budget))
-    running = decoding_stream(batcher)
+    running = [decoding_stream(batcher) for _ in range(3)]  # as many as wait: one budget
     sinks = [ListSink() for _ in range(3)]
     for sink in sinks:
         batcher.submit(GenerationRequest(prompt, max_tokens=5, sampling=GREEDY), sink)
@@ -596,8 +624,8 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     batcher.step()
     assert sinks[0].outputs[-1].finish_reason == "cancelled" and sinks[0].finals == 1
     assert batcher.stats.requests["cancelled"] == 1
-    assert batcher.active == 2  # the next request took the budget in this same step
-    run_all(batcher, [running, *sinks])
+    assert batcher.active == 4  # the next request took the budget in this same step
+    run_all(batcher, [*running, *sinks])
     assert [s.outputs[-1].finish_reason for s in sinks[1:]] == ["length", "length"]
 
 
@@ -708,24 +736,26 @@ class Replies:
 
 def test_a_forward_runs_in_chunks_beside_a_stream_and_equals_a_stateless_step(engine, codec):
     batcher = InflightBatcher(engine, codec, limits(engine, max_prefill_tokens=4))
-    running = decoding_stream(batcher)
+    running = [decoding_stream(batcher) for _ in range(2)]  # as many as the rows: one budget
     rows = [codec.encode("The old man walks to the river every day"), [5, 6]]
     expected = engine.step(rows)  # stateless: keeps nothing
     reply = Replies()
     batcher.submit_forward(rows, reply)
-    before = len(running.outputs)
+    before = [len(stream.outputs) for stream in running]
     steps = 0
     while not reply.answers:
         batcher.step()
         steps += 1
     assert steps >= -(-sum(map(len, rows)) // 4)  # within the budget: several steps
-    assert len(running.outputs) - before == steps  # the stream got a token every step
+    # the streams got a token every step
+    assert [len(s.outputs) - b for s, b in zip(running, before, strict=True)] == [steps] * 2
     logits, error = reply.answers[0]
     assert error is None and logits.shape == expected.shape
     np.testing.assert_allclose(logits, expected, atol=1e-4)
-    assert engine.cached_sequences == 1  # the forward's rows are freed; the stream's stays
-    assert batcher.stats.output_tokens == len(running.outputs) and not batcher.stats.requests
-    run_all(batcher, [running])
+    assert engine.cached_sequences == 2  # the forward's rows are freed; the streams' stay
+    streamed = sum(len(stream.outputs) for stream in running)
+    assert batcher.stats.output_tokens == streamed and not batcher.stats.requests
+    run_all(batcher, running)
     assert len(reply.answers) == 1
 
 

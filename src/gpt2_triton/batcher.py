@@ -3,13 +3,14 @@
 Per step, for all live sequences at once:
     admit new requests and share out a prompt-token budget (chunked prefill: prompts go in
     a chunk a step, in the order they came, so a long prompt or a burst stalls the running
-    streams for at most one budget's prefill per step; those cancelled while waiting leave
-    uncharged) -> drop cancelled ones (each stream asked at most as often as
-    ``BatcherLimits`` allows) -> free the caches still to release -> engine step (prompts
-    of new sequences, last token of the others; if it fails with new rows in it, the
-    running rows again alone and each new row alone, to fail only the rows that cause the
-    error) -> sample all rows at once -> detokenize the new suffix -> send it -> retire
-    finished sequences (EOS, stop word, max_tokens, error) and free their KV caches.
+    streams for one budget's prefill per step, more only while fewer streams decode than
+    wait to start; those cancelled while waiting leave uncharged) -> drop cancelled ones
+    (each stream asked at most as often as ``BatcherLimits`` allows) -> free the caches
+    still to release -> engine step (prompts of new sequences, last token of the others;
+    if it fails with new rows in it, the running rows again alone and each new row alone,
+    to fail only the rows that cause the error) -> sample all rows at once -> detokenize
+    the new suffix -> send it -> retire finished sequences (EOS, stop word, max_tokens,
+    error) and free their KV caches.
 
 A new request joins at the next step without waiting for the others to finish; a finished
 or cancelled one leaves at once. A stateless forward (``submit_forward``: the ``next_token``
@@ -120,9 +121,10 @@ class BatcherLimits:
     max_queue: int = 1024  # requests waiting to join
     # Prompt tokens prefilled in one step while streams are decoding: a burst of new
     # requests, or a long prompt, goes in over several steps, so running streams stall for
-    # one budget's prefill at a time. With none decoding there is no stream to stall, and a
-    # step takes IDLE_PREFILL_FACTOR times as many (the engine's activation memory stays
-    # bounded by that). The default is the CPU's (``default_prefill_tokens``).
+    # one budget's prefill at a time. A step takes one budget per starting stream per
+    # decoding one, up to IDLE_PREFILL_FACTOR budgets, which it takes with none decoding
+    # (the engine's activation memory stays bounded by that): ``_prefill_budget``. The
+    # default is the CPU's (``default_prefill_tokens``).
     max_prefill_tokens: int = CPU_PREFILL_TOKENS
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
@@ -464,12 +466,10 @@ class InflightBatcher:
         return True
 
     def _admit(self) -> None:
-        """Share this step's prompt budget: first the prompts already going in, then new
-        requests while budget and room are left, each in the order they came."""
-        budget = self.limits.max_prefill_tokens
-        if not any(s.started for s in self._active):  # no stream to stall
-            budget *= IDLE_PREFILL_FACTOR
-        full = budget
+        """Share this step's prompt budget (``_prefill_budget``): first the prompts already
+        going in, then new requests while budget and room are left, each in the order they
+        came."""
+        budget = full = self._prefill_budget()
         for sequence in self._active:
             sequence.chunk = 0
             if not sequence.started:
@@ -490,6 +490,24 @@ class InflightBatcher:
         self.stats.active = len(self._active)
         for sequence in gone:
             self._finish(sequence, names.FINISH_CANCELLED, "")
+
+    def _prefill_budget(self) -> int:
+        """This step's prompt tokens: one ``max_prefill_tokens`` for each stream that wants
+        to start (prompts going in, requests waiting with room to join) per stream that
+        decodes, at least one and at most IDLE_PREFILL_FACTOR (that many with none
+        decoding). A step's prefill stalls every decoding stream by its compute and brings
+        every starting stream a step nearer its first token: in a burst's first steps,
+        when a few streams decode and many wait, the few stall longer so that the many
+        start sooner; once as many decode as start, each stall is one budget's compute."""
+        decoding = sum(s.started for s in self._active)
+        if not decoding:  # no stream to stall
+            return self.limits.max_prefill_tokens * IDLE_PREFILL_FACTOR
+        filling = len(self._active) - decoding
+        with self._wake:
+            room = max(self.limits.max_active - len(self._active), 0)
+            queued = min(len(self._waiting), room)
+        factor = min(IDLE_PREFILL_FACTOR, max(1, (filling + queued) // decoding))
+        return self.limits.max_prefill_tokens * factor
 
     def _give_chunk(self, sequence: _Sequence, budget: int, full: int) -> int:
         """Set the prompt tokens ``sequence`` takes this step out of ``budget`` (of ``full``
