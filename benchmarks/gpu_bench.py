@@ -7,17 +7,17 @@ GPT-2's tokenizer), on one GPU, in one run, the headline first:
 
 1. ``triton``: the service through the pip ``tritonserver`` over gRPC (the front door's
    Envoy does not travel): TTFT, ITL and tokens/s at each concurrency and prompt length,
-   exactly ``--new-tokens`` tokens, with CUDA graphs, compiled graphs (torch.compile) and
-   eager, and TensorRT-LLM's published workload (200-token prompts, 100 tokens,
-   concurrency 1), on which the latency targets are judged. The clients run in several processes
-   (``served_load.py``), each connected before its wave starts.
+   exactly ``--new-tokens`` tokens, with CUDA graphs, eager, and graphs whose layer code
+   went through torch.compile, and TensorRT-LLM's published workload (200-token prompts,
+   100 tokens, concurrency 1), on which the latency targets are judged. The clients run in
+   several processes (``served_load.py``), each connected before its wave starts.
 2. ``engine``: a decode step of the engine alone at each concurrency, each variant, with
    what the engine ran (graphs captured, the logits' path) and what a step launches.
 3. ``hf``: Hugging Face ``generate()`` in fp16 on the same GPU (greedy, exact length), as
    it comes and without cuDNN's attention.
 4. ``consistency``: the engine with CUDA graphs in fp32 (its tokens must be the
    reference's: random weights put many tokens within fp16's rounding of each other, so
-   only fp32 tells a graph bug from rounding), then in fp16 with graphs, compiled and eager,
+   only fp32 tells a graph bug from rounding), then in fp16 with graphs, eager and compiled,
    against the fp32 reference (Hugging Face on the CPU): verify.py's check (top-1
    agreement, greedy sequences identical alone and batched, max abs logit difference).
    Where TensorRT is importable, an fp16 plan is built (opset-18 export, ``build_engine``)
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--engines", nargs="+", default=None,
-        help="the engine variants to run (default: all; on CUDA graphs, compiled, eager)",
+        help="the engine variants to run (default: all; on CUDA graphs, eager, compiled)",
     )  # fmt: skip
     parser.add_argument("--skip", nargs="*", choices=STEPS, default=[])
     parser.add_argument("--port", type=int, default=18100)
@@ -126,10 +126,10 @@ def variants(device: str, only: list[str] | None = None) -> dict[str, dict]:
     code went through torch.compile, and eager; on the CPU the graphs' static inputs
     without capture (``static_decode``) and eager."""
     if device.startswith("cuda"):
-        every = {
+        every = {  # compiled last: its compile takes the longest, and may fail
             "graphs": {"cuda_graphs": True},
-            "compiled": {"cuda_graphs": True, "compile_decode": True},  # torch.compile
             "eager": {"cuda_graphs": False},
+            "compiled": {"cuda_graphs": True, "compile_decode": True},  # torch.compile
         }
     else:
         every = {"static": {"static_decode": True}, "eager": {"static_decode": False}}
@@ -241,7 +241,7 @@ def slot_engine(model, device: str, max_sequences: int, **options):
     return torch_slot_engine(model, shape, device, max_sequences, **options)
 
 
-def consistency(model_dir: Path, args) -> list[dict]:
+def consistency(model_dir: Path, args, deadline: float = float("inf")) -> list[dict]:
     from dataclasses import asdict
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -258,15 +258,23 @@ def consistency(model_dir: Path, args) -> list[dict]:
     import torch
 
     precision = "fp16" if args.device.startswith("cuda") else "fp32"
-    checked = {
-        f"torch {name}": (options, precision) for name, options in variants(args.device).items()
-    }
+    engines = variants(args.device, args.engines)
+    checked = {f"torch {name}": (options, precision) for name, options in engines.items()}
     if args.device.startswith("cuda"):  # exact: any difference is the engine's, not fp16's
-        exact = {"cuda_graphs": True, "dtype": torch.float32}
-        checked = {"torch graphs fp32": (exact, "fp32")} | checked
+        exact = {"torch graphs fp32": ({"cuda_graphs": True, "dtype": torch.float32}, "fp32")}
+        if "compiled" in engines:
+            fp32 = engines["compiled"] | {"dtype": torch.float32}
+            exact["torch compiled fp32"] = (fp32, "fp32")
+        checked = exact | checked
     reports = []
     for name, (options, kind) in checked.items():
+        if time.monotonic() > deadline:
+            reports.append({"engine": name, "error": "skipped: past the deadline"})
+            continue
         engine = slot_engine(copy.deepcopy(model), args.device, len(prompt_ids) + 1, **options)
+        if getattr(engine.forward, "compile_failed", None):  # it would check the plain code
+            reports.append({"engine": name, "error": engine.forward.describe()})
+            continue
         report = verify.check_engine(name, kind, False, engine, ref, tokenizer, eos)
         reports.append(asdict(report) | {"ran": engine.forward.describe()})
         del engine
@@ -299,7 +307,25 @@ def tensorrt_engine(model_dir: Path, max_batch: int):
     return StatefulEngine(build_forward("trt", export_dir, shape), shape, max_batch)
 
 
-def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
+def compile_check(device: str) -> dict:
+    """Whether torch.compile works on ``device`` here (the lent machines were never asked:
+    Triton's kernels need a C compiler and Python's headers), in a few seconds."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        add_one = torch.compile(lambda x: x + 1, fullgraph=True)
+        value = add_one(torch.ones(4, device=device))
+        ok = bool((value == 2).all())
+        why = None if ok else "a compiled x + 1 gave a wrong answer"
+    except Exception as exc:
+        ok, why = False, f"{type(exc).__name__}: {exc}"[:300]
+    return {"ok": ok, "why": why, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def engine_steps(
+    model_dir: Path, args, steps: int = 48, deadline: float = float("inf")
+) -> list[dict]:
     """Decode steps of the engine alone, each followed by the argmax's copy to the host
     (what the service's sampler waits for): ms per step at each concurrency."""
     import torch
@@ -311,7 +337,13 @@ def engine_steps(model_dir: Path, args, steps: int = 48) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for name, options in variants(args.device, args.engines).items():
+        if time.monotonic() > deadline:
+            rows.append({"engine": name, "error": "skipped: past the deadline"})
+            continue
         engine = slot_engine(copy.deepcopy(model), args.device, max(args.concurrency), **options)
+        if getattr(engine.forward, "compile_failed", None):  # it would time the plain code
+            rows.append({"engine": name, "error": engine.forward.describe()})
+            continue
         for c in args.concurrency:
             ids = list(range(c))
             prompts = rng.integers(0, model.config.vocab_size, (c, 32)).tolist()
@@ -480,14 +512,21 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports
         log_file = args.out / f"tritonserver-{name}.log"
+        left = deadline - time.monotonic()
+        if left < 60:  # not even its load would fit
+            record({"system": system, "skipped": "deadline"})
+            continue
         try:
             build(settings, repository=repository)
-            # a compiling engine loads for minutes: its kernels compile inside the stub
-            ready = 420.0 if settings.torch_compile else 120.0
+            # a compiling engine loads for minutes (its kernels compile inside the stub)
+            ready = min(420.0 if settings.torch_compile else 120.0, left - 30)
             ports = Ports(port, port + 1, port + 2)
             server = TritonServer(repository, ports, log_file=log_file, ready_timeout=ready)
             with server, ServedLoad(server.grpc_url) as load:
                 ran = [line for line in log_file.read_text().splitlines() if "gpt2: torch" in line]
+                if ran and "compiled: failed" in ran[-1]:  # it would measure the plain code
+                    record({"system": system, "error": ran[-1]})
+                    continue
                 for c, p, n in grid:
                     if time.monotonic() > deadline:
                         record({"system": system, "skipped": "deadline"})
@@ -601,7 +640,8 @@ def markdown(results: dict, args) -> str:
                 f"{r.get('failed', '-')} | {_num(r.get('client_cpu_ms_per_token'), 3)} |"
             )
         out.append("")
-    if results.get("engine"):
+    timed = [r for r in results.get("engine") or [] if "step_ms_p50" in r]
+    if timed:
         out += [
             "## Decode step, engine alone (ms)",
             "",
@@ -609,7 +649,7 @@ def markdown(results: dict, args) -> str:
             "| their summed ms |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in results["engine"]:
+        for r in timed:
             launched = r.get("launched") or {}
             out.append(
                 f"| {r['engine']} | {r['concurrency']} | {r['step_ms_p50']:.3f} | "
@@ -618,8 +658,8 @@ def markdown(results: dict, args) -> str:
                 f"{_num(launched.get('us_per_step') and launched['us_per_step'] / 1e3, 3)} |"
             )
         out.append("")
-        first = results["engine"][0]
-        if first.get("launched"):
+        first = timed[0]
+        if (first.get("launched") or {}).get("costliest"):
             launched = first["launched"]
             out += [
                 f"Costliest {launched['what']} a step, {first['engine']}, concurrency "
@@ -633,7 +673,8 @@ def markdown(results: dict, args) -> str:
                 for k in launched["costliest"]
             ]
             out.append("")
-    if results.get("consistency"):
+    checked = [r for r in results.get("consistency") or [] if "top1_agreement" in r]
+    if checked:
         out += [
             "## Consistency (torch engine vs fp32 reference)",
             "",
@@ -641,7 +682,7 @@ def markdown(results: dict, args) -> str:
             "max abs logit diff | prompt ms | decode ms |",
             "|---|---|---|---|---|---|---|",
         ]
-        for r in results["consistency"]:
+        for r in checked:
             out.append(
                 f"| {r['engine']} | {r['precision']} | {r['top1_agreement']:.1%} | "
                 f"{r['greedy_identical']}/{r['prompts']} / "
@@ -660,6 +701,12 @@ def markdown(results: dict, args) -> str:
     for r in results.get("triton") or []:
         if "skipped" in r or "error" in r:
             out.append(f"- {r['system']}: {r.get('error') or 'skipped (' + r['skipped'] + ')'}")
+    for key in ("engine", "consistency"):
+        for r in results.get(key) or []:
+            if "error" in r:
+                out.append(f"- {key} {r['engine']}: {r['error']}")
+    if results.get("compile_check") and not results["compile_check"]["ok"]:
+        out.append(f"- torch.compile does not work here: {results['compile_check']['why']}")
     for r in results.get("hf") or []:
         if "error" in r:
             out.append(f"- {r['system']}, prompt {r['prompt_tokens']}: {r['error']}")
@@ -716,11 +763,16 @@ def main(argv: list[str] | None = None) -> int:
         write(results, args)
         print(markdown(results, args))
         return 1
+    if "compiled" in args.engines:  # a C compiler, Python's headers, Triton: all needed
+        results["compile_check"] = compile_check(args.device)
+        if not results["compile_check"]["ok"]:
+            args.engines = [e for e in args.engines if e != "compiled"]
+            print("torch.compile does not work here:", results["compile_check"]["why"])
     steps = {
         "triton": lambda: through_triton(model_dir, args, record, deadline),
-        "engine": lambda: engine_steps(model_dir, args),
+        "engine": lambda: engine_steps(model_dir, args, deadline=deadline),
         "hf": lambda: hf_generate(model_dir, args),
-        "consistency": lambda: consistency(model_dir, args),
+        "consistency": lambda: consistency(model_dir, args, deadline),
         "genai-perf": genai_perf,
     }
     for name in STEPS:

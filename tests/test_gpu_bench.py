@@ -49,7 +49,7 @@ def test_the_dry_run_checks_the_bundle_and_prints_the_plan(tmp_path):
     bundle = fake_bundle(tmp_path / "bundle")
     done = dry_run(bundle)
     assert done.returncode == 0, done.stderr
-    assert "triton: tritonserver, gRPC, graphs, compiled, eager" in done.stdout
+    assert "triton: tritonserver, gRPC, graphs, eager, compiled" in done.stdout
     assert "in order" in done.stdout
 
     (bundle / "model" / "config.json").write_text('{"changed": true}')
@@ -136,7 +136,7 @@ def test_engines_narrows_the_variants_and_refuses_unknown_ones(capsys):
     assert [system for system, _, _ in gpu_bench.services(args)] == ["triton:torch-graphs"]
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--engines", "static"])  # the CPU's name, not CUDA's
-    assert "not in ['graphs', 'compiled', 'eager']" in capsys.readouterr().err
+    assert "not in ['graphs', 'eager', 'compiled']" in capsys.readouterr().err
 
 
 def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
@@ -145,12 +145,12 @@ def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
         ("triton:torch-graphs-lanes4", 4),
         ("triton:torch-graphs-lanes1", 1),
         ("triton:torch-graphs-lanes8", 8),
-        ("triton:torch-compiled-lanes4", 4),
         ("triton:torch-eager-lanes4", 4),
+        ("triton:torch-compiled-lanes4", 4),
     ]
     one = gpu_bench.parse_args([])  # the repository's default, under the plain names
     assert [system for system, _, _ in gpu_bench.services(one)] == [
-        "triton:torch-graphs", "triton:torch-compiled", "triton:torch-eager",
+        "triton:torch-graphs", "triton:torch-eager", "triton:torch-compiled",
     ]  # fmt: skip
     compiled = dict(gpu_bench.variants("cuda"))["compiled"]
     assert compiled == {"cuda_graphs": True, "compile_decode": True}
@@ -167,8 +167,8 @@ def test_each_further_prefill_budget_gets_a_graphs_server_with_the_first_lanes()
         ("triton:torch-graphs-lanes1-prefill0", 0, 1),
         ("triton:torch-graphs-lanes4-prefill0", 0, 4),
         ("triton:torch-graphs-lanes1-prefill2048", 2048, 1),
-        ("triton:torch-compiled-lanes1-prefill0", 0, 1),
         ("triton:torch-eager-lanes1-prefill0", 0, 1),
+        ("triton:torch-compiled-lanes1-prefill0", 0, 1),
     ]
     assert "graphs-lanes1-prefill2048" in gpu_bench.plan(args)[0]  # the settings are valid
     with pytest.raises(SystemExit):
@@ -211,3 +211,8 @@ def test_the_per_token_target_is_judged_against_the_faster_generate():
     ]
     results["hf"] = hf[:1]  # one of them: no name needed
     assert gpu_bench.verdicts(results, args)[0][1] == "12.0x"
+
+
+def test_the_compile_check_says_whether_torch_compile_works_here():
+    check = gpu_bench.compile_check("cpu")  # inductor's C++ backend on this machine
+    assert check["ok"] and check["why"] is None and check["seconds"] >= 0

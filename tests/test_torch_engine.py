@@ -118,6 +118,24 @@ def test_compiled_decode_steps_compute_what_the_plain_ones_do(tiny_export, tiny_
         TorchSlotForward(tiny_hf_model, shape, "cpu", compile_decode=True)
 
 
+def test_every_bucket_compiles_past_dynamos_default_limit(tiny_export, tiny_hf_model, monkeypatch):
+    """Dynamo keeps 8 compiled versions of a function by default, across engines; 200
+    slots are 9 buckets: the engine raises the limit. (Traced only: the eager backend.)"""
+    compile_for_real = torch.compile
+
+    def traced_only(piece, **options):
+        return compile_for_real(piece, backend="eager", **options)
+
+    monkeypatch.setattr(torch, "compile", traced_only)
+    torch._dynamo.reset()
+    shape = read_shape(tiny_export)
+    forward = TorchSlotForward(tiny_hf_model, shape, "cpu", static_decode=True, compile_decode=True)
+    assert len(batch_buckets(200)) == 9
+    forward.capture_graphs(200)
+    assert forward.compile_failed is None and "compiled: on" in forward.describe()
+    torch._dynamo.reset()
+
+
 def test_a_compile_that_fails_leaves_the_plain_code_running(
     tiny_export, tiny_hf_model, monkeypatch
 ):

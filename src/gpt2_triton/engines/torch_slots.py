@@ -51,6 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -262,18 +263,22 @@ def _between(x, attended, layer, following, eps: float, dtype, gelu: str):
 _PLAIN = (_first, _between, _block_output)
 
 
-def _compile_where_python_runs(torch) -> None:
-    """Inductor compiles kernels in worker processes started from ``sys.executable``;
-    inside Triton's Python backend that is the backend's stub binary, not a Python, so
-    there the kernels are compiled in this process, one at a time (a slower load)."""
-    import sys
-    from pathlib import Path
+# compiled versions Dynamo keeps of one function, across every engine of the process: one
+# per batch bucket (7 at 64 slots, 9 at 200) and engine; PyTorch's default is 8, past which
+# a fullgraph compile fails
+RECOMPILE_LIMIT = 64
 
-    if not Path(sys.executable or "").name.startswith("python"):
-        import torch._inductor.config as inductor
 
-        inductor.compile_threads = 1
-        log.info("torch.compile: %r is not a Python; kernels compile in process", sys.executable)
+def _raise_recompile_limits() -> None:
+    import torch._dynamo.config as dynamo
+
+    for names, limit in (
+        (("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
+        (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8 * RECOMPILE_LIMIT),
+    ):
+        name = next((n for n in names if hasattr(dynamo, n)), None)
+        if name is not None:
+            setattr(dynamo, name, max(getattr(dynamo, name), limit))
 
 
 class TorchSlotForward:
@@ -313,8 +318,9 @@ class TorchSlotForward:
             raise EngineError("compiled decode steps need CUDA graphs or static_decode")
         self._pieces = None  # the compiled layer code (compile_decode), else the plain
         self.compile_failed: str | None = None
+        self.compile_seconds: float | None = None
         if compile_decode:  # fullgraph: a graph break is an error at load, not a slow path
-            _compile_where_python_runs(torch)
+            _raise_recompile_limits()
             self._pieces = tuple(
                 torch.compile(piece, dynamic=False, fullgraph=True) for piece in _PLAIN
             )
@@ -442,8 +448,9 @@ class TorchSlotForward:
         staged[3, :rows] = lengths
         static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
         graph, logits = self._graph(bucket, window)
-        if graph is None:  # CPU: the same body on the same inputs, eagerly
-            logits = self._decode_body(bucket, window)
+        if graph is None:  # CPU (or a failed capture): the same body, eagerly
+            with _ATTENTION_CHOICE:
+                logits = self._decode_body(bucket, window)
         else:
             graph.replay()
         self.graph_replays += 1
@@ -452,8 +459,10 @@ class TorchSlotForward:
     def _static_inputs(self):
         if self._static is None:  # sized for the largest bucket: every slot
             largest = self._slots_held()
+            # an even width: each input's row starts 16-byte aligned (a compiled graph
+            # copies a misaligned input on every call)
             self._static = self._torch.zeros(
-                (4, largest), dtype=self._torch.int64, device=self.device
+                (4, largest + largest % 2), dtype=self._torch.int64, device=self.device
             )
             self._static[2] = largest  # every row at the scratch row
         return self._static
@@ -478,10 +487,11 @@ class TorchSlotForward:
         logits = "fp16 weights, fp32 output" if w.fp32_logits_from_fp16 else "fp32 weights"
         graphs = f"{captured} captured, {failed} failed" if self.cuda_graphs else "off"
         compiled = ""
-        if self._pieces is not None or self.compile_failed:
-            compiled = (
-                f"; compiled: {'failed: ' + self.compile_failed if self.compile_failed else 'on'}"
-            )
+        if self.compile_failed:
+            compiled = f"; compiled: failed: {self.compile_failed}"
+        elif self._pieces is not None:
+            took = f" ({self.compile_seconds:.0f} s)" if self.compile_seconds is not None else ""
+            compiled = f"; compiled: on{took}"
         return (
             f"torch on {self.device}, {str(self.compute_dtype).removeprefix('torch.')}; "
             f"CUDA graphs: {graphs}; logits: {logits}{compiled}"
@@ -492,11 +502,23 @@ class TorchSlotForward:
         ``max_sequences``, each window), so that no stream waits for a capture; the
         number captured. Graphs not captured here are captured on first use. With
         ``compile_decode`` the layer code is compiled first, for every bucket (on the CPU
-        too); if that fails, the plain code runs and ``describe`` says why."""
+        too); if that fails, or a graph of the compiled code cannot be captured, the plain
+        code runs (its graphs captured again) and ``describe`` says why."""
         if self._pieces is not None:
             self._compile(max_sequences)
         if not self.cuda_graphs:
             return 0
+        captured = self._capture_all(max_sequences)
+        if self._pieces is not None and captured < len(self._graphs):
+            log.error("decode graphs of the compiled code failed to capture; running uncompiled")
+            self._pieces = None
+            self.compile_failed = f"{len(self._graphs) - captured} graphs failed to capture"
+            self._graphs.clear()  # and their memory; the plain code's graphs take their place
+            self._pool = None
+            captured = self._capture_all(max_sequences)
+        return captured
+
+    def _capture_all(self, max_sequences: int) -> int:
         self.caches.allocate(max_sequences, persistent=True)
         self._static_inputs()
         windows, window = [], MIN_WINDOW
@@ -517,15 +539,35 @@ class TorchSlotForward:
         """Run a decode step of every bucket through the compiled pieces, into the scratch
         row (torch.compile compiles for each shape on its first call); on failure go back to
         the plain pieces."""
+        import sys
+        import time
+
+        import torch._inductor.config as inductor
+
+        torch = self._torch
+        buckets = batch_buckets(max_sequences)
+        log.info(
+            "torch.compile of the decode steps: %d buckets, compile threads %s, python %s",
+            len(buckets), inductor.compile_threads, sys.executable,
+        )  # fmt: skip
         self.caches.allocate(max_sequences, persistent=True)
         static = self._static_inputs()
         saved = static.clone()
         static[2] = self._slots_held()  # every row writes into the scratch row
+        started = time.perf_counter()
         try:
-            with _ATTENTION_CHOICE, self._torch.inference_mode():
-                for bucket in batch_buckets(max_sequences):
-                    self._decode_body(bucket, MIN_WINDOW)
+            with _ATTENTION_CHOICE, torch.inference_mode():
+                for bucket in buckets:
+                    self._decode_body(bucket, min(MIN_WINDOW, self.shape.max_positions))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a kernel's failure shows here
+            self.compile_seconds = time.perf_counter() - started
         except Exception as exc:  # the service goes on, uncompiled
+            if self.device.type == "cuda":
+                try:  # a sticky CUDA error is no compile failure: the process is done for
+                    torch.cuda.synchronize(self.device)
+                except Exception:
+                    raise exc from None
             log.exception("torch.compile of the decode steps failed; they run uncompiled")
             self._pieces, self.compile_failed = None, f"{type(exc).__name__}: {exc}"[:200]
         finally:
@@ -552,8 +594,12 @@ class TorchSlotForward:
         # scratch row first, and put the inputs back after, whatever happens.
         saved = self._static.clone()
         self._static[2] = self._slots_held()
+        # compiled code is compiled for every bucket by now: a guard that misses here must
+        # fail the capture (a compile inside it would break it), not compile
+        stance = getattr(torch.compiler, "set_stance", None)
+        no_recompile = stance("fail_on_recompile") if stance and self._pieces else nullcontext()
         try:
-            with _ATTENTION_CHOICE, torch.cuda.device(self.device):  # cuda:N: its streams
+            with _ATTENTION_CHOICE, no_recompile, torch.cuda.device(self.device):
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
