@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-prefill-tokens",
         type=int,
         default=RepoSettings.max_prefill_tokens,
-        help="prompt tokens a step takes while streams decode (chunked prefill; 8x with "
-        "none decoding); default 0: 64 on the CPU, 512 on a GPU (ENGINE=trt or DEVICE=cuda)",
+        help="prompt tokens a step takes while streams decode (chunked prefill; one budget "
+        "per starting stream per decoding one, up to 8x, 8x with none decoding); default 0: "
+        "64 on the CPU, 512 on a GPU (ENGINE=trt or DEVICE=cuda)",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument(
