@@ -99,7 +99,8 @@ IDLE_PREFILL_FACTOR = 8
 # cores 64 is about one decode step's compute at 16 streams: it kept the stalls at about
 # 2x the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
 # 1-14% of the tokens/s of 16 requests sent at once (ONNX Runtime runs the chunk in the
-# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28). A GPU keeps 512, the budget
+# decoding rows' own forward; docs/PERFORMANCE.md, 2026-11-28), a cost most of which the
+# shared budget (_prefill_budget, 15:12 there) took back. A GPU keeps 512, the budget
 # its runs were measured with (its stalls were not measured), and a TensorRT plan takes
 # whole prompts (one longer than the budget goes alone).
 CPU_PREFILL_TOKENS = 64
