@@ -22,7 +22,12 @@ from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError, RequestValidationError
 from gpt2_triton.request import GenerationRequest
 from gpt2_triton.sampling import SamplingParams
-from gpt2_triton.sending import ResponseWorker
+from gpt2_triton.sending import (
+    CPU_RESPONSE_LANES,
+    GPU_RESPONSE_LANES,
+    ResponseWorker,
+    default_response_lanes,
+)
 from gpt2_triton.text import TextCodec
 
 GREEDY = SamplingParams(temperature=0)
@@ -859,15 +864,25 @@ def test_the_idle_hook_waits_for_the_idle_time_it_is_given(batcher, engine):
         loop.join(60)
 
 
-def test_the_prefill_budget_follows_where_the_engine_runs():
-    """64 on the CPU, 512 on a GPU (a TensorRT plan, or torch on CUDA), unless given; the
-    repository builder takes the same default."""
+@pytest.mark.parametrize(
+    ("default", "setting", "on_cpu", "on_gpu"),
+    [
+        (default_prefill_tokens, "max_prefill_tokens", CPU_PREFILL_TOKENS, GPU_PREFILL_TOKENS),
+        (default_response_lanes, "response_lanes", CPU_RESPONSE_LANES, GPU_RESPONSE_LANES),
+    ],
+)
+def test_the_defaults_by_device_follow_where_the_engine_runs(default, setting, on_cpu, on_gpu):
+    """The prefill budget (64 / 512) and the response lanes (4 / 1): the CPU's, or a GPU's
+    (a TensorRT plan, or torch on CUDA), unless given; the repository builder takes the
+    same default."""
     from build_scripts.build_repo import RepoSettings
 
     cases = [("onnx", "cpu"), ("onnx-int8", "cpu"), ("torch", "cpu"), ("torch", "cuda")]
     cases.append(("trt", "cpu"))  # the plan runs on the GPU whatever the setting says
-    want = [CPU_PREFILL_TOKENS] * 3 + [GPU_PREFILL_TOKENS] * 2
-    assert [default_prefill_tokens(e, d) for e, d in cases] == want == [64, 64, 64, 512, 512]
-    built = [RepoSettings("m", engine=e, device=d).max_prefill_tokens for e, d in cases]
-    assert built == want
-    assert RepoSettings("m", engine="trt", max_prefill_tokens=100).max_prefill_tokens == 100
+    want = [on_cpu] * 3 + [on_gpu] * 2
+    assert [default(e, d) for e, d in cases] == want
+    assert [getattr(RepoSettings("m", engine=e, device=d), setting) for e, d in cases] == want
+    assert getattr(RepoSettings("m", engine="trt", **{setting: 3}), setting) == 3
+    assert (CPU_PREFILL_TOKENS, GPU_PREFILL_TOKENS, CPU_RESPONSE_LANES, GPU_RESPONSE_LANES) == (
+        64, 512, 4, 1,
+    )  # fmt: skip

@@ -3,13 +3,7 @@ import threading
 import pytest
 
 from gpt2_triton.batcher import GenerationOutput
-from gpt2_triton.sending import (
-    CPU_RESPONSE_LANES,
-    GPU_RESPONSE_LANES,
-    MAX_LANES,
-    ResponseWorker,
-    default_response_lanes,
-)
+from gpt2_triton.sending import MAX_LANES, ResponseWorker
 
 
 class RecordingSink:
@@ -289,16 +283,3 @@ def test_whether_a_request_was_cancelled_is_asked_on_the_callers_thread():
     assert queued.is_cancelled()
     assert sink.askers == [threading.current_thread().name] * 2
     worker.close()
-
-
-def test_the_lanes_follow_where_the_engine_runs():
-    """Four on the CPU, one on a GPU (a TensorRT plan, or torch on CUDA), unless given; the
-    repository builder takes the same default."""
-    from build_scripts.build_repo import RepoSettings
-
-    cases = [("onnx", "cpu"), ("onnx-int8", "cpu"), ("torch", "cpu"), ("torch", "cuda")]
-    cases.append(("trt", "cpu"))  # the plan runs on the GPU whatever the setting says
-    want = [CPU_RESPONSE_LANES] * 3 + [GPU_RESPONSE_LANES] * 2
-    assert [default_response_lanes(e, d) for e, d in cases] == want == [4, 4, 4, 1, 1]
-    assert [RepoSettings("m", engine=e, device=d).response_lanes for e, d in cases] == want
-    assert RepoSettings("m", engine="trt", response_lanes=3).response_lanes == 3

@@ -107,11 +107,15 @@ CPU_PREFILL_TOKENS = 64
 GPU_PREFILL_TOKENS = 512
 
 
+def runs_on_gpu(engine: str, device: str) -> bool:
+    """Whether an engine kind on a device setting runs on a GPU: a TensorRT plan always,
+    the torch engine on ``cuda``; the defaults that differ by device follow this."""
+    return engine == "trt" or device.startswith("cuda")
+
+
 def default_prefill_tokens(engine: str, device: str) -> int:
     """The prefill budget for an engine kind on a device (``cpu``, ``cuda``...)."""
-    return (
-        GPU_PREFILL_TOKENS if engine == "trt" or device.startswith("cuda") else CPU_PREFILL_TOKENS
-    )
+    return GPU_PREFILL_TOKENS if runs_on_gpu(engine, device) else CPU_PREFILL_TOKENS
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from gpt2_triton.batcher import GenerationOutput, ResponseSink
+from gpt2_triton.batcher import GenerationOutput, ResponseSink, runs_on_gpu
 
 # Each lane is a thread. The GPU runs measured 1, 4 and 8 (docs/GPU.md); far more would be
 # threads contending for the GIL, and a typo such as 4000 would start that many.
@@ -54,8 +54,7 @@ GPU_RESPONSE_LANES = 1
 
 def default_response_lanes(engine: str, device: str) -> int:
     """The number of sending threads for an engine kind on a device (``cpu``, ``cuda``...)."""
-    on_gpu = engine == "trt" or device.startswith("cuda")
-    return GPU_RESPONSE_LANES if on_gpu else CPU_RESPONSE_LANES
+    return GPU_RESPONSE_LANES if runs_on_gpu(engine, device) else CPU_RESPONSE_LANES
 
 
 log = logging.getLogger(__name__)
