@@ -214,9 +214,10 @@ def _inputs(values):
 
 
 def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
-    # Streams of 96 tokens each, so that the 8 overlap even when a busy machine starts
-    # their threads some way apart (each opens its own channel after the barrier).
-    params = GenerationParams(temperature=0, max_tokens=96, min_length=96)
+    # Streams of 256 tokens each, so that the 8 overlap even when a busy machine starts
+    # their threads some way apart (each opens its own channel after the barrier): with 96
+    # a CI run once counted 472 steps against the bar of 461.
+    params = GenerationParams(temperature=0, max_tokens=256, min_length=256)
     solo = {p: grpc.generate(p, params).text for p in PROMPTS}
     results: dict[str, str] = {}
     errors: list[Exception] = []
