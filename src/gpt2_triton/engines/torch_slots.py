@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -551,12 +551,9 @@ class TorchSlotForward:
             len(buckets), inductor.compile_threads, sys.executable,
         )  # fmt: skip
         self.caches.allocate(max_sequences, persistent=True)
-        static = self._static_inputs()
-        saved = static.clone()
-        static[2] = self._slots_held()  # every row writes into the scratch row
         started = time.perf_counter()
         try:
-            with _ATTENTION_CHOICE, torch.inference_mode():
+            with self._rows_at_scratch(), _ATTENTION_CHOICE, torch.inference_mode():
                 for bucket in buckets:
                     self._decode_body(bucket, min(MIN_WINDOW, self.shape.max_positions))
             if self.device.type == "cuda":
@@ -570,6 +567,17 @@ class TorchSlotForward:
                     raise exc from None
             log.exception("torch.compile of the decode steps failed; they run uncompiled")
             self._pieces, self.compile_failed = None, f"{type(exc).__name__}: {exc}"[:200]
+
+    @contextmanager
+    def _rows_at_scratch(self):
+        """Every row of the static inputs pointed at the scratch row, and the inputs put
+        back after, whatever happens: warm-ups, compiles and captures run the decode body
+        on whatever rows the last step left there, and must not write real rows' caches."""
+        static = self._static_inputs()
+        saved = static.clone()
+        static[2] = self._slots_held()
+        try:
+            yield
         finally:
             static.copy_(saved)
 
@@ -589,17 +597,13 @@ class TorchSlotForward:
 
     def _capture(self, bucket: int, window: int):
         torch = self._torch
-        # The static inputs hold the last step's rows. Warm-up runs (on a side stream, as
-        # PyTorch's capture wants) would write real rows' caches: point every row at the
-        # scratch row first, and put the inputs back after, whatever happens.
-        saved = self._static.clone()
-        self._static[2] = self._slots_held()
         # compiled code is compiled for every bucket by now: a guard that misses here must
         # fail the capture (a compile inside it would break it), not compile
         stance = getattr(torch.compiler, "set_stance", None)
         no_recompile = stance("fail_on_recompile") if stance and self._pieces else nullcontext()
-        try:
-            with _ATTENTION_CHOICE, no_recompile, torch.cuda.device(self.device):
+        # warm-up runs on a side stream, as PyTorch's capture wants
+        with self._rows_at_scratch(), _ATTENTION_CHOICE, no_recompile:
+            with torch.cuda.device(self.device):  # cuda:N: its streams, not the current GPU's
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
@@ -610,6 +614,4 @@ class TorchSlotForward:
                 with torch.cuda.graph(graph, pool=self._pool, stream=side):
                     logits = self._decode_body(bucket, window)
                 self._pool = graph.pool()
-        finally:
-            self._static.copy_(saved)
         return graph, logits
