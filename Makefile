@@ -140,6 +140,7 @@ endif
 	$(PY) -m build_scripts.build_repo --model $(MODEL) --engine $(ENGINE) \
 		--max-sequences $(MAX_SEQUENCES) --engine-placement $(PLACEMENT) \
 		$(if $(MAX_PREFILL_TOKENS),--max-prefill-tokens $(MAX_PREFILL_TOKENS)) \
+		$(if $(BURST_WINDOW_MS),--burst-window-ms $(BURST_WINDOW_MS)) \
 		$(if $(RESPONSE_LANES),--response-lanes $(RESPONSE_LANES)) \
 		$(if $(filter torch,$(ENGINE)),--device $(DEVICE)) \
 		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs) \

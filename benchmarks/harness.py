@@ -511,6 +511,7 @@ def run(args) -> dict:
                     kind,
                     max_sequences=max(args.concurrency),
                     engine_threads=args.threads,
+                    burst_window_ms=args.burst_window_ms,
                     **(
                         {"max_prefill_tokens": args.max_prefill_tokens}
                         if args.max_prefill_tokens
@@ -600,6 +601,7 @@ def run(args) -> dict:
         "threads": args.threads,
         # the harness serves CPU engines: the CPU's default unless it was given
         "max_prefill_tokens": args.max_prefill_tokens or CPU_PREFILL_TOKENS,
+        "burst_window_ms": args.burst_window_ms,
         "started": started_at,
         "peer": (
             {"llama_cpp_python": peer.LLAMA_CPP_PYTHON, "server": str(peer_files.server)}
@@ -662,6 +664,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="the service's prompt tokens per step while streams decode (0: make repo's default)",
+    )
+    parser.add_argument(
+        "--burst-window-ms",
+        type=int,
+        default=0,
+        help="the service's admission window for bursts (BURST_WINDOW_MS; 0: none)",
     )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--raw", action="store_true", help="keep every sample in the JSON")

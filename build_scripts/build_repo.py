@@ -25,7 +25,7 @@ from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
 from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
-from gpt2_triton.batcher import default_prefill_tokens
+from gpt2_triton.batcher import MAX_BURST_WINDOW_MS, default_prefill_tokens
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
@@ -51,6 +51,9 @@ class RepoSettings:
     # prompt tokens per step while streams decode (chunked); 0: by where the engine runs
     # (batcher.default_prefill_tokens: 64 on the CPU, 512 on a GPU)
     max_prefill_tokens: int = 0
+    # with no stream running, the first step waits until requests stop arriving for this
+    # long, then takes the burst whole (batcher.BURST_PREFILL_TOKENS); 0: no wait
+    burst_window_ms: int = 0
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     # gpt2's sending threads (each streamed response is a round trip to the server); 0: by
     # where the engine runs (sending.default_response_lanes: 4 on the CPU, 1 on a GPU)
@@ -76,6 +79,10 @@ class RepoSettings:
             object.__setattr__(self, "response_lanes", lanes)
         if min(self.max_sequences, self.max_queue, self.max_prefill_tokens) < 1:
             raise Gpt2TritonError("max-sequences, max-queue and max-prefill-tokens must be >= 1")
+        if not 0 <= self.burst_window_ms <= MAX_BURST_WINDOW_MS:
+            raise Gpt2TritonError(
+                f"burst-window-ms must be in [0, {MAX_BURST_WINDOW_MS}], got {self.burst_window_ms}"
+            )
         if not 1 <= self.response_lanes <= MAX_LANES:
             raise Gpt2TritonError(
                 f"response-lanes must be in [1, {MAX_LANES}], got {self.response_lanes}"
@@ -133,6 +140,7 @@ def template_values(
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
             "max_prefill_tokens": settings.max_prefill_tokens,
+            "burst_window_ms": settings.burst_window_ms,
             "response_lanes": settings.response_lanes,
             "engine_placement": settings.engine_placement,
             **engine,
@@ -291,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         "per starting stream per decoding one, up to 8x, 8x with none decoding); default 0: "
         "64 on the CPU, 512 on a GPU (ENGINE=trt or DEVICE=cuda)",
     )
+    parser.add_argument(
+        "--burst-window-ms",
+        type=int,
+        default=RepoSettings.burst_window_ms,
+        help="with no stream running, the first step waits until requests stop arriving for "
+        "this long, then takes the burst whole (its streams decode together; a lone "
+        "request's first token comes that much later); default 0: no wait",
+    )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument(
         "--response-lanes",
@@ -329,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             max_sequences=args.max_sequences,
             max_queue=args.max_queue,
             max_prefill_tokens=args.max_prefill_tokens,
+            burst_window_ms=args.burst_window_ms,
             engine_threads=args.engine_threads,
             response_lanes=args.response_lanes,
             device=args.device,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_triton.batcher import (
+    BURST_PREFILL_TOKENS,
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
@@ -280,6 +281,68 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     whole.submit(GenerationRequest(prompt, max_tokens=6, sampling=GREEDY, stream=True), alone)
     run_all(whole, [alone])
     assert alone.text in texts
+
+
+def test_a_burst_window_lets_a_burst_arrive_and_takes_it_whole(engine, codec):
+    """With a burst window the idle loop's first step waits for the requests still coming
+    (here until they fill every slot; the window is long enough never to end first), then
+    takes them all in one forward, beyond IDLE_PREFILL_FACTOR budgets; without one the
+    first step takes the first request alone."""
+    prompt = "The old man walks to the river"
+    size = len(codec.encode(prompt))
+    slots = IDLE_PREFILL_FACTOR + 2
+    assert slots * size <= BURST_PREFILL_TOKENS
+    settings = dict(max_active=slots, max_queue=slots, max_prefill_tokens=size)
+
+    def request():
+        return GenerationRequest(prompt, max_tokens=2, min_length=2, sampling=GREEDY)
+
+    alone = InflightBatcher(engine, codec, limits(engine, **settings))
+    first = [ListSink() for _ in range(slots)]
+    alone.submit(request(), first[0])
+    alone.step()
+    assert alone.active == 1
+    for sink in first[1:]:
+        alone.submit(request(), sink)
+    run_all(alone, first)
+
+    windowed = InflightBatcher(
+        engine, codec, limits(engine, burst_window_s=600.0, burst_wait_s=600.0, **settings)
+    )
+    in_window = threading.Event()
+    wait = windowed._wake.wait
+
+    def noted_wait(timeout=None):
+        in_window.set()
+        return wait(timeout)
+
+    windowed._wake.wait = noted_wait
+    engine.forward = RecordingForward(engine.forward)
+    sinks = [ListSink() for _ in range(slots)]
+    windowed.submit(request(), sinks[0])
+    step = threading.Thread(target=windowed.step)
+    step.start()
+    assert in_window.wait(60), "the first step did not wait for the burst"
+    for sink in sinks[1:]:
+        windowed.submit(request(), sink)
+    step.join(60)
+    assert not step.is_alive()
+    assert windowed.active == slots
+    assert engine.forward.calls == [(slots, size, 0)]  # one forward: every prompt, whole
+    run_all(windowed, sinks)
+    assert [s.text for s in sinks] == [s.text for s in first]
+    assert engine.cached_sequences == 0
+
+
+def test_a_burst_window_ends_when_requests_stop_arriving(engine, codec):
+    """A lone request is not held beyond the window: the step goes on once none arrived
+    for that long."""
+    windowed = InflightBatcher(engine, codec, limits(engine, burst_window_s=0.001))
+    sink = ListSink()
+    windowed.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    assert windowed.step() and windowed.active == 1
+    run_all(windowed, [sink])
+    assert sink.finals == 1
 
 
 @pytest.mark.parametrize(

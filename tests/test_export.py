@@ -462,6 +462,21 @@ def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
             RepoSettings("tiny", "onnx", response_lanes=lanes)
 
 
+def test_the_burst_window_reaches_gpt2s_config(tiny_export, tmp_path):
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
+    from gpt2_triton.errors import Gpt2TritonError
+
+    config = build(RepoSettings("tiny", "onnx"), tiny_export, tmp_path) / "gpt2" / "config.pbtxt"
+    assert 'key: "burst_window_ms", value: { string_value: "0" }' in config.read_text()
+    build(RepoSettings("tiny", "onnx", burst_window_ms=6), tiny_export, tmp_path)
+    assert 'key: "burst_window_ms", value: { string_value: "6" }' in config.read_text()
+    for window in (-1, MAX_BURST_WINDOW_MS + 1):
+        bounds = rf"\[0, {MAX_BURST_WINDOW_MS}\]"
+        with pytest.raises(Gpt2TritonError, match=rf"burst-window-ms must be in {bounds}, got"):
+            RepoSettings("tiny", "onnx", burst_window_ms=window)
+
+
 def test_torch_compile_reaches_the_config_and_only_where_graphs_run(tiny_export, tmp_path):
     from build_scripts.build_repo import RepoSettings, build
     from gpt2_triton.errors import Gpt2TritonError

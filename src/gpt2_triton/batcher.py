@@ -95,6 +95,22 @@ class ShuttingDownError(Gpt2TritonError):
 # 512) an idle step is 4096 tokens: not measured there.
 IDLE_PREFILL_FACTOR = 8
 
+# An admission window for bursts, off by default (``burst_window_s``, BURST_WINDOW_MS):
+# with no stream running, the first step waits until requests stop arriving for that long
+# (at most BURST_WAIT_S, or until they fill every slot), then takes the burst whole, up to
+# BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets if more). The server's request
+# thread hands a burst over one request at a time, so without it the first step starts
+# the first request alone, and that stream then carries every later prompt's prefill in
+# its inter-token latency: 16 requests of 128 tokens sent at once on two cores, the first
+# stream's ITL 66-68 ms, against 48-50 ms for every stream of a burst taken whole. The
+# price is every lone request's first token, later by the window; and 16 requests sent at
+# once reached the batcher over 9-26 ms, with gaps of up to 10 ms (measured 2026-11-28,
+# docs/PERFORMANCE.md), so a window short enough to cost a lone request little splits
+# some bursts anyway.
+BURST_PREFILL_TOKENS = 2048
+BURST_WAIT_S = 0.05
+MAX_BURST_WINDOW_MS = 50  # a longer quiet time than the whole wait would never end it
+
 # Prompt tokens a step takes while streams decode, by where the engine runs. On two CPU
 # cores 64 is about one decode step's compute at 16 streams: it kept the stalls at about
 # 2x the median gap at 16 streams of 128-token prompts, where 512 let them reach 5-9x, for
@@ -128,9 +144,15 @@ class BatcherLimits:
     # requests, or a long prompt, goes in over several steps, so running streams stall for
     # one budget's prefill at a time. A step takes one budget per starting stream per
     # decoding one, up to IDLE_PREFILL_FACTOR budgets, which it takes with none decoding
-    # (the engine's activation memory stays bounded by that): ``_prefill_budget``. The
-    # default is the CPU's (``default_prefill_tokens``).
+    # (the engine's activation memory stays bounded by that, or by BURST_PREFILL_TOKENS
+    # with a burst window): ``_prefill_budget``. The default is the CPU's
+    # (``default_prefill_tokens``).
     max_prefill_tokens: int = CPU_PREFILL_TOKENS
+    # With no stream running, how long the first step lets a burst arrive (quiet time
+    # since the last request; 0: it starts at once) and waits at most
+    # (``_let_burst_arrive``).
+    burst_window_s: float = 0.0
+    burst_wait_s: float = BURST_WAIT_S
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
     # whole prompts, and one longer than the budget goes alone.
@@ -263,6 +285,7 @@ class InflightBatcher:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False  # shut down: submit() refuses
+        self._last_arrival = 0.0  # time.monotonic() of the newest submit
         self._active: list[_Sequence] = []
         # Ids of ended sequences whose caches the engine may still hold: kept until a release
         # succeeds (a BLS call can fail), so leaked rows never fill the engine's max_sequences.
@@ -326,6 +349,7 @@ class InflightBatcher:
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
             self._waiting.append(sequence)
+            self._last_arrival = time.monotonic()
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
@@ -365,6 +389,7 @@ class InflightBatcher:
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
             self._waiting.extend(rows)
+            self._last_arrival = time.monotonic()
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
@@ -447,6 +472,7 @@ class InflightBatcher:
 
     # -- the step, in order -----------------------------------------------------------------
     def _step(self) -> bool:
+        self._let_burst_arrive()
         self._admit()
         self._drop_cancelled()
         if not self._active:
@@ -469,6 +495,23 @@ class InflightBatcher:
         self._retire(finished)
         self.stats.step_seconds_total += time.perf_counter() - step_started
         return True
+
+    def _let_burst_arrive(self) -> None:
+        """With no stream running and requests waiting, wait until none has arrived for
+        ``burst_window_s`` (at most ``burst_wait_s``, or until they fill every slot): the
+        server's request thread hands over a burst one request at a time, and a first step
+        taken at the first arrival would start that one alone."""
+        quiet = self.limits.burst_window_s
+        if self._active or not quiet:
+            return
+        deadline = time.monotonic() + self.limits.burst_wait_s
+        with self._wake:
+            while self._waiting and len(self._waiting) < self.limits.max_active:
+                now = time.monotonic()
+                until = min(self._last_arrival + quiet, deadline)
+                if now >= until or self._closed:
+                    return
+                self._wake.wait(until - now)
 
     def _admit(self) -> None:
         """Share this step's prompt budget (``_prefill_budget``): first the prompts already
@@ -500,19 +543,24 @@ class InflightBatcher:
         """This step's prompt tokens: one ``max_prefill_tokens`` for each stream that wants
         to start (prompts going in, requests waiting with room to join) per stream that
         decodes, at least one and at most IDLE_PREFILL_FACTOR (that many with none
-        decoding). A step's prefill stalls every decoding stream by its compute and brings
-        every starting stream a step nearer its first token: in a burst's first steps,
-        when a few streams decode and many wait, the few stall longer so that the many
-        start sooner; once as many decode as start, each stall is one budget's compute."""
+        decoding, or BURST_PREFILL_TOKENS if more with a burst window). A step's prefill
+        stalls every decoding stream by its compute and brings every starting stream a step
+        nearer its first token: in a burst's first steps, when a few streams decode and
+        many wait, the few stall longer so that the many start sooner; once as many decode
+        as start, each stall is one budget's compute."""
+        budget = self.limits.max_prefill_tokens
+        idle = budget * IDLE_PREFILL_FACTOR  # no stream to stall
+        if self.limits.burst_window_s:
+            idle = max(idle, BURST_PREFILL_TOKENS)
         decoding = sum(s.started for s in self._active)
-        if not decoding:  # no stream to stall
-            return self.limits.max_prefill_tokens * IDLE_PREFILL_FACTOR
+        if not decoding:
+            return idle
         filling = len(self._active) - decoding
         with self._wake:
             room = max(self.limits.max_active - len(self._active), 0)
             queued = min(len(self._waiting), room)
         factor = min(IDLE_PREFILL_FACTOR, max(1, (filling + queued) // decoding))
-        return self.limits.max_prefill_tokens * factor
+        return budget * factor
 
     def _give_chunk(self, sequence: _Sequence, budget: int, full: int) -> int:
         """Set the prompt tokens ``sequence`` takes this step out of ``budget`` (of ``full``

@@ -67,6 +67,8 @@ class TritonPythonModel:
             max_prefill_tokens=model_config.int_param(
                 params, "max_prefill_tokens", "gpt2", minimum=1
             ),
+            burst_window_s=model_config.int_param(params, "burst_window_ms", "gpt2", minimum=0)
+            / 1e3,
             chunked_prefill=takes_prompt_chunks(
                 model_config.require(params, "engine_kind", "gpt2")
             ),
