@@ -12,6 +12,7 @@ from gpt2_triton.batcher import (
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
+    SHUTTING_DOWN,
     BatcherLimits,
     GenerationOutput,
     InflightBatcher,
@@ -283,6 +284,35 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     assert alone.text in texts
 
 
+def step_in_thread(batcher) -> threading.Thread:
+    """``batcher.step()`` on a daemon thread: a window that never ends must not hang the
+    run (the caller joins it, and checks that it ended)."""
+    thread = threading.Thread(target=batcher.step, daemon=True)
+    thread.start()
+    return thread
+
+
+def windowed(engine, codec, window_s=600.0, **kwargs):
+    """A batcher whose burst window, unless told, would outlast any test: a step that
+    returns waited for something other than the window's quiet time or its bound."""
+    settings = dict(burst_window_s=window_s, burst_wait_s=600.0) | kwargs
+    return InflightBatcher(engine, codec, limits(engine, **settings))
+
+
+def window_entered(batcher) -> threading.Event:
+    """Set once the batcher waits on its condition: inside a burst window (its loop is
+    not running, so nothing else waits there)."""
+    entered = threading.Event()
+    wait = batcher._wake.wait
+
+    def noted_wait(timeout=None):
+        entered.set()
+        return wait(timeout)
+
+    batcher._wake.wait = noted_wait
+    return entered
+
+
 def test_a_burst_window_lets_a_burst_arrive_and_takes_it_whole(engine, codec):
     """With a burst window the idle loop's first step waits for the requests still coming
     (here until they fill every slot; the window is long enough never to end first), then
@@ -306,43 +336,72 @@ def test_a_burst_window_lets_a_burst_arrive_and_takes_it_whole(engine, codec):
         alone.submit(request(), sink)
     run_all(alone, first)
 
-    windowed = InflightBatcher(
-        engine, codec, limits(engine, burst_window_s=600.0, burst_wait_s=600.0, **settings)
-    )
-    in_window = threading.Event()
-    wait = windowed._wake.wait
-
-    def noted_wait(timeout=None):
-        in_window.set()
-        return wait(timeout)
-
-    windowed._wake.wait = noted_wait
+    batcher = windowed(engine, codec, **settings)
+    in_window = window_entered(batcher)
     engine.forward = RecordingForward(engine.forward)
     sinks = [ListSink() for _ in range(slots)]
-    windowed.submit(request(), sinks[0])
-    step = threading.Thread(target=windowed.step)
-    step.start()
+    batcher.submit(request(), sinks[0])
+    step = step_in_thread(batcher)
     assert in_window.wait(60), "the first step did not wait for the burst"
     for sink in sinks[1:]:
-        windowed.submit(request(), sink)
+        batcher.submit(request(), sink)
     step.join(60)
     assert not step.is_alive()
-    assert windowed.active == slots
+    assert batcher.active == slots
     assert engine.forward.calls == [(slots, size, 0)]  # one forward: every prompt, whole
-    run_all(windowed, sinks)
+    run_all(batcher, sinks)
     assert [s.text for s in sinks] == [s.text for s in first]
     assert engine.cached_sequences == 0
 
 
 def test_a_burst_window_ends_when_requests_stop_arriving(engine, codec):
-    """A lone request is not held beyond the window: the step goes on once none arrived
-    for that long."""
-    windowed = InflightBatcher(engine, codec, limits(engine, burst_window_s=0.001))
+    """A lone request is held only until none has arrived for the window: with a wait
+    bound that never comes, the step goes on."""
+    batcher = windowed(engine, codec, window_s=0.001)
     sink = ListSink()
-    windowed.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
-    assert windowed.step() and windowed.active == 1
-    run_all(windowed, [sink])
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    step = step_in_thread(batcher)
+    step.join(60)
+    assert not step.is_alive() and batcher.active == 1
+    run_all(batcher, [sink])
     assert sink.finals == 1
+
+
+def test_a_burst_window_waits_only_for_streams_after_the_loop_ran_out_of_work(engine, codec):
+    """A forward streams nothing: it never waits. Nor does a request the loop finds when
+    its last step did work (steady load, e.g. one-token requests ending as they start):
+    only the first step after a step that found nothing."""
+    batcher = windowed(engine, codec)
+    reply = Replies()
+    batcher.submit_forward([[5, 6]], reply)
+    step = step_in_thread(batcher)
+    step.join(60)
+    assert not step.is_alive() and reply.answers and reply.answers[0][1] is None
+    sink = ListSink()  # the forward's step did work: the next step does not wait
+    batcher.submit(GenerationRequest("The cat", max_tokens=1, sampling=GREEDY), sink)
+    step = step_in_thread(batcher)
+    step.join(60)
+    assert not step.is_alive() and sink.finals == 1
+    assert not batcher.step()  # no work: the loop is idle, and the next arrival would wait
+
+
+def test_stopping_the_loop_ends_a_burst_window_without_a_step(engine, codec):
+    """run()'s stop ends the window at once; the request waiting gets the shutdown error
+    and the engine runs nothing."""
+    batcher = windowed(engine, codec)
+    engine.forward = RecordingForward(engine.forward)
+    in_window = window_entered(batcher)
+    sink = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    stop = threading.Event()
+    loop = threading.Thread(target=batcher.run, args=(stop,), daemon=True)
+    loop.start()
+    assert in_window.wait(60), "the loop's first step did not wait"
+    stop.set()
+    batcher.wake()
+    loop.join(60)
+    assert not loop.is_alive()
+    assert sink.errors == [SHUTTING_DOWN] and engine.forward.calls == []
 
 
 @pytest.mark.parametrize(

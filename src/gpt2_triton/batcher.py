@@ -96,20 +96,23 @@ class ShuttingDownError(Gpt2TritonError):
 IDLE_PREFILL_FACTOR = 8
 
 # An admission window for bursts, off by default (``burst_window_s``, BURST_WINDOW_MS):
-# with no stream running, the first step waits until requests stop arriving for that long
-# (at most BURST_WAIT_S, or until they fill every slot), then takes the burst whole, up to
-# BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets if more). The server's request
+# the first step after the loop ran out of work waits until requests stop arriving for
+# that long (at most BURST_WAIT_S, or until they fill every slot or the step's budget),
+# then takes the burst whole, up to BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets
+# if more: 4096 at a GPU's budget, where it was not measured). The server's request
 # thread hands a burst over one request at a time, so without it the first step starts
 # the first request alone, and that stream then carries every later prompt's prefill in
 # its inter-token latency: 16 requests of 128 tokens sent at once on two cores, the first
-# stream's ITL 66-68 ms, against 48-50 ms for every stream of a burst taken whole. The
+# stream's ITL 66-68 ms, against 48-50 ms for every stream of a burst taken whole (hand
+# runs; docs/PERFORMANCE.md, 17:25). Forwards (``submit_forward``) do not wait: they
+# stream nothing. The
 # price is every lone request's first token, later by the window; and 16 requests sent at
 # once reached the batcher over 9-26 ms, with gaps of up to 10 ms (measured 2026-11-28,
 # docs/PERFORMANCE.md), so a window short enough to cost a lone request little splits
 # some bursts anyway.
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
-MAX_BURST_WINDOW_MS = 50  # a longer quiet time than the whole wait would never end it
+MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
 
 # Prompt tokens a step takes while streams decode, by where the engine runs. On two CPU
 # cores 64 is about one decode step's compute at 16 streams: it kept the stalls at about
@@ -148,8 +151,8 @@ class BatcherLimits:
     # with a burst window): ``_prefill_budget``. The default is the CPU's
     # (``default_prefill_tokens``).
     max_prefill_tokens: int = CPU_PREFILL_TOKENS
-    # With no stream running, how long the first step lets a burst arrive (quiet time
-    # since the last request; 0: it starts at once) and waits at most
+    # After the loop ran out of work, how long its first step lets a burst arrive (quiet
+    # time since the last request; 0: it starts at once) and waits at most
     # (``_let_burst_arrive``).
     burst_window_s: float = 0.0
     burst_wait_s: float = BURST_WAIT_S
@@ -286,6 +289,8 @@ class InflightBatcher:
         self._wake = threading.Condition()
         self._closed = False  # shut down: submit() refuses
         self._last_arrival = 0.0  # time.monotonic() of the newest submit
+        self._idle = True  # the last step found no work: the next may wait for a burst
+        self._stop: threading.Event | None = None  # run()'s: a burst window ends on it
         self._active: list[_Sequence] = []
         # Ids of ended sequences whose caches the engine may still hold: kept until a release
         # succeeds (a BLS call can fail), so leaked rows never fill the engine's max_sequences.
@@ -410,6 +415,7 @@ class InflightBatcher:
         """
         owed = False  # work was done since on_idle last ran
         last_work = 0.0
+        self._stop = stop
         try:
             while not stop.is_set():
                 worked = self.step()
@@ -472,9 +478,11 @@ class InflightBatcher:
 
     # -- the step, in order -----------------------------------------------------------------
     def _step(self) -> bool:
-        self._let_burst_arrive()
+        if self._idle and not self._let_burst_arrive():
+            return False  # stopping: run() ends, and its shutdown fails what waits
         self._admit()
         self._drop_cancelled()
+        self._idle = not self._active
         if not self._active:
             return False
         self._release_pending()
@@ -496,22 +504,31 @@ class InflightBatcher:
         self.stats.step_seconds_total += time.perf_counter() - step_started
         return True
 
-    def _let_burst_arrive(self) -> None:
-        """With no stream running and requests waiting, wait until none has arrived for
-        ``burst_window_s`` (at most ``burst_wait_s``, or until they fill every slot): the
-        server's request thread hands over a burst one request at a time, and a first step
-        taken at the first arrival would start that one alone."""
+    def _let_burst_arrive(self) -> bool:
+        """The first step after the loop ran out of work, with a generation request
+        waiting: wait until none has arrived for ``burst_window_s`` (at most
+        ``burst_wait_s``, or until the waiting requests fill every slot, the queue or this
+        step's prompt budget). The server's request thread hands over a burst one request
+        at a time, and a first step taken at the first arrival would start that one alone.
+        Returns False when ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
         if self._active or not quiet:
-            return
+            return True
         deadline = time.monotonic() + self.limits.burst_wait_s
+        full = min(self.limits.max_active, self.limits.max_queue)
+        budget = self._prefill_budget()
         with self._wake:
-            while self._waiting and len(self._waiting) < self.limits.max_active:
+            while self._waiting and not self._waiting[0].job:  # a forward streams nothing
+                if self._stop is not None and self._stop.is_set():
+                    return False
                 now = time.monotonic()
                 until = min(self._last_arrival + quiet, deadline)
-                if now >= until or self._closed:
-                    return
+                if now >= until or len(self._waiting) >= full:
+                    break
+                if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
+                    break  # no later request would fit in this step
                 self._wake.wait(until - now)
+        return True
 
     def _admit(self) -> None:
         """Share this step's prompt budget (``_prefill_budget``): first the prompts already

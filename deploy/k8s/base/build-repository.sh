@@ -37,9 +37,12 @@ fi
 # where the engine runs (64 on the CPU, 512 on a GPU), as `make repo` leaves it
 prefill=""
 if [ -n "${MAX_PREFILL_TOKENS:-}" ]; then prefill="--max-prefill-tokens $MAX_PREFILL_TOKENS"; fi
+# BURST_WINDOW_MS: optional too (an overlay may set it); unset, no burst window
+burst=""
+if [ -n "${BURST_WINDOW_MS:-}" ]; then burst="--burst-window-ms $BURST_WINDOW_MS"; fi
 device=""
 if [ "$ENGINE" = torch ]; then device="--device $DEVICE"; fi
-# shellcheck disable=SC2086  # $prefill and $device are a flag and its value, or nothing
+# shellcheck disable=SC2086  # $prefill, $burst and $device: a flag and its value, or nothing
 run "$PY" -m build_scripts.build_repo --model "$MODEL" --engine "$ENGINE" \
-    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $prefill $device \
+    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $prefill $burst $device \
     --repository "$REPOSITORY" --engine-threads "$ENGINE_THREADS"

@@ -18,7 +18,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from gpt2_triton import heap, lifeline, model_config, names
-from gpt2_triton.batcher import BatcherLimits, InflightBatcher, QueueFullError, ShuttingDownError
+from gpt2_triton.batcher import (
+    MAX_BURST_WINDOW_MS,
+    BatcherLimits,
+    InflightBatcher,
+    QueueFullError,
+    ShuttingDownError,
+)
 from gpt2_triton.engine_gauges import EngineGauges
 from gpt2_triton.engines.factory import build_engine_from_params, takes_prompt_chunks
 from gpt2_triton.engines.protocol import pack_tokens, unpack_tokens
@@ -67,7 +73,9 @@ class TritonPythonModel:
             max_prefill_tokens=model_config.int_param(
                 params, "max_prefill_tokens", "gpt2", minimum=1
             ),
-            burst_window_s=model_config.int_param(params, "burst_window_ms", "gpt2", minimum=0)
+            burst_window_s=model_config.int_param(
+                params, "burst_window_ms", "gpt2", minimum=0, maximum=MAX_BURST_WINDOW_MS
+            )
             / 1e3,
             chunked_prefill=takes_prompt_chunks(
                 model_config.require(params, "engine_kind", "gpt2")
