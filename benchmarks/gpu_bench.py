@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with the first lanes value (default 0: the repository's, 512 on a GPU)",
     )  # fmt: skip
     parser.add_argument(
+        "--burst-window-ms", type=int, nargs="+", default=[0],
+        help="the burst window (BURST_WINDOW_MS): the graphs service once per further value, "
+        "with the first lanes and budget (default 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--engines", nargs="+", default=None,
         help="the engine variants to run (default: all; on CUDA graphs, eager, compiled)",
     )  # fmt: skip
@@ -118,6 +123,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("concurrency, prompt tokens, new tokens, rounds and lanes must be >= 1")
     if min(args.prefill_tokens) < 0:
         parser.error("prefill tokens must be >= 0 (0: the repository's default)")
+    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
+
+    if not all(0 <= w <= MAX_BURST_WINDOW_MS for w in args.burst_window_ms):
+        parser.error(f"burst windows must be in [0, {MAX_BURST_WINDOW_MS}] ms (0: none)")
     return args
 
 
@@ -138,21 +147,27 @@ def variants(device: str, only: list[str] | None = None) -> dict[str, dict]:
 
 def services(args) -> list[tuple[str, dict, int]]:
     """The servers the ``triton`` step runs, in order: ``(system, options, response
-    lanes)``, the options the engine's and ``max_prefill_tokens``; the first variant
-    (graphs) once per lanes value and then once per further prefill budget, the others with
-    the first of each. The first is the one the targets are judged on."""
+    lanes)``, the options the engine's, ``max_prefill_tokens`` and ``burst_window_ms``; the
+    first variant (graphs) once per lanes value, then once per further prefill budget and
+    once per further burst window, the others with the first of each. The first is the one
+    the targets are judged on."""
     lanes_first, budget_first = args.response_lanes[0], args.prefill_tokens[0]
+    window_first = args.burst_window_ms[0]
     several_lanes, several_budgets = len(args.response_lanes) > 1, len(args.prefill_tokens) > 1
+    several_windows = len(args.burst_window_ms) > 1
     out = []
     for index, (name, options) in enumerate(variants(args.device, args.engines).items()):
-        runs = [(lanes_first, budget_first)]
+        runs = [(lanes_first, budget_first, window_first)]
         if index == 0:
-            runs = [(lanes, budget_first) for lanes in args.response_lanes]
-            runs += [(lanes_first, budget) for budget in args.prefill_tokens[1:]]
-        for lanes, budget in runs:
+            runs = [(lanes, budget_first, window_first) for lanes in args.response_lanes]
+            runs += [(lanes_first, budget, window_first) for budget in args.prefill_tokens[1:]]
+            runs += [(lanes_first, budget_first, w) for w in args.burst_window_ms[1:]]
+        for lanes, budget, window in runs:
             system = f"triton:torch-{name}" + (f"-lanes{lanes}" if several_lanes else "")
             system += f"-prefill{budget}" if several_budgets else ""
-            out.append((system, options | {"max_prefill_tokens": budget}, lanes))
+            system += f"-window{window}" if several_windows else ""
+            served = {"max_prefill_tokens": budget, "burst_window_ms": window}
+            out.append((system, options | served, lanes))
     return out
 
 
@@ -173,6 +188,7 @@ def plan(args) -> list[str]:
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
+            burst_window_ms=options.get("burst_window_ms", 0),
             response_lanes=lanes,
         )
     names = ", ".join(variants(args.device, args.engines))
@@ -508,6 +524,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
+            burst_window_ms=options.get("burst_window_ms", 0),
             response_lanes=lanes,
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports
@@ -540,6 +557,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
                     served_with = {
                         "response_lanes": lanes,
                         "max_prefill_tokens": settings.max_prefill_tokens,
+                        "burst_window_ms": settings.burst_window_ms,
                     }
                     record(row.summary() | extra | {"ran": ran_line} | served_with)
         except Exception as exc:  # the other variant still runs

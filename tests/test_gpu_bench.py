@@ -175,6 +175,27 @@ def test_each_further_prefill_budget_gets_a_graphs_server_with_the_first_lanes()
         gpu_bench.parse_args(["--prefill-tokens", "-1"])
 
 
+def test_each_further_burst_window_gets_a_graphs_server_with_the_first_lanes_and_budget():
+    args = gpu_bench.parse_args(["--prefill-tokens", "0", "2048", "--burst-window-ms", "0", "2"])
+    served = [
+        (system, o["max_prefill_tokens"], o["burst_window_ms"], lanes)
+        for system, o, lanes in gpu_bench.services(args)
+    ]
+    assert served == [
+        ("triton:torch-graphs-prefill0-window0", 0, 0, 1),
+        ("triton:torch-graphs-prefill2048-window0", 2048, 0, 1),
+        ("triton:torch-graphs-prefill0-window2", 0, 2, 1),
+        ("triton:torch-eager-prefill0-window0", 0, 0, 1),
+        ("triton:torch-compiled-prefill0-window0", 0, 0, 1),
+    ]
+    assert "graphs-prefill0-window2" in gpu_bench.plan(args)[0]  # the settings are valid
+    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
+
+    for window in (-1, MAX_BURST_WINDOW_MS + 1):
+        with pytest.raises(SystemExit):
+            gpu_bench.parse_args(["--burst-window-ms", str(window)])
+
+
 def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():
     """Pieces that wait join: a short stream can arrive as one piece, with no ITL to read."""
     args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1", "2"])
