@@ -123,6 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("concurrency, prompt tokens, new tokens, rounds and lanes must be >= 1")
     if min(args.prefill_tokens) < 0:
         parser.error("prefill tokens must be >= 0 (0: the repository's default)")
+    listed = {
+        "response lanes": args.response_lanes,
+        "prefill tokens": args.prefill_tokens,
+        "burst windows": args.burst_window_ms,
+    }
+    for what, values in listed.items():
+        if len(set(values)) < len(values):  # two servers under one name: one's rows lost
+            parser.error(f"{what}: each value once, got {values}")
     from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
 
     if not all(0 <= w <= MAX_BURST_WINDOW_MS for w in args.burst_window_ms):

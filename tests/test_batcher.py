@@ -370,19 +370,65 @@ def test_a_burst_window_ends_when_requests_stop_arriving(engine, codec):
 def test_a_burst_window_waits_only_for_streams_after_the_loop_ran_out_of_work(engine, codec):
     """A forward streams nothing: it never waits. Nor does a request the loop finds when
     its last step did work (steady load, e.g. one-token requests ending as they start):
-    only the first step after a step that found nothing."""
-    batcher = windowed(engine, codec)
+    only the first step after a step that found nothing, which here ends once the
+    requests fill the two slots."""
+    batcher = windowed(engine, codec, max_active=2, max_queue=2)
+    in_window = window_entered(batcher)
     reply = Replies()
     batcher.submit_forward([[5, 6]], reply)
     step = step_in_thread(batcher)
     step.join(60)
     assert not step.is_alive() and reply.answers and reply.answers[0][1] is None
-    sink = ListSink()  # the forward's step did work: the next step does not wait
-    batcher.submit(GenerationRequest("The cat", max_tokens=1, sampling=GREEDY), sink)
+    one_token = ListSink()  # the forward's step did work: the next step does not wait
+    batcher.submit(GenerationRequest("The cat", max_tokens=1, sampling=GREEDY), one_token)
     step = step_in_thread(batcher)
     step.join(60)
-    assert not step.is_alive() and sink.finals == 1
-    assert not batcher.step()  # no work: the loop is idle, and the next arrival would wait
+    assert not step.is_alive() and one_token.finals == 1
+    assert not in_window.is_set()
+    assert not batcher.step()  # no work: the loop ran out of it
+    sinks = [ListSink(), ListSink()]
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sinks[0])
+    step = step_in_thread(batcher)
+    assert in_window.wait(60), "the first step after the loop ran out of work did not wait"
+    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), sinks[1])
+    step.join(60)
+    assert not step.is_alive() and batcher.active == 2
+    run_all(batcher, sinks)
+
+
+def test_a_forward_waiting_behind_a_stream_ends_a_burst_window(engine, codec):
+    batcher = windowed(engine, codec)
+    in_window = window_entered(batcher)
+    sink, reply = ListSink(), Replies()
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    batcher.submit_forward([[5, 6]], reply)
+    step = step_in_thread(batcher)
+    step.join(60)
+    assert not step.is_alive() and not in_window.is_set()
+    assert reply.answers and reply.answers[0][1] is None
+    run_all(batcher, [sink])
+
+
+@pytest.mark.parametrize("limit", ["slots", "queue", "budget"])
+def test_a_burst_window_ends_once_no_later_request_could_join_the_step(engine, codec, limit):
+    """The window (here longer than any test) ends as soon as the waiting requests fill
+    every slot, the queue or the step's prompt budget: a later one could not join."""
+    prompt, count = "The cat", 2
+    settings = {"slots": dict(max_active=2, max_queue=8), "queue": dict(max_active=8, max_queue=2)}
+    if limit == "budget":
+        prompt = "The old man walks to the river"
+        while len(codec.encode(prompt)) < 300:
+            prompt += " and the river walks to the old man"
+        count = -(-BURST_PREFILL_TOKENS // len(codec.encode(prompt)))  # they reach the budget
+        settings[limit] = dict(max_active=count + 4, max_queue=count + 4)
+    batcher = windowed(engine, codec, **settings[limit])
+    sinks = [ListSink() for _ in range(count)]
+    for sink in sinks:
+        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
+    step = step_in_thread(batcher)
+    step.join(60)
+    assert not step.is_alive() and batcher.active == count
+    run_all(batcher, sinks)
 
 
 def test_stopping_the_loop_ends_a_burst_window_without_a_step(engine, codec):

@@ -194,6 +194,9 @@ def test_each_further_burst_window_gets_a_graphs_server_with_the_first_lanes_and
     for window in (-1, MAX_BURST_WINDOW_MS + 1):
         with pytest.raises(SystemExit):
             gpu_bench.parse_args(["--burst-window-ms", str(window)])
+    for option in ("--burst-window-ms", "--prefill-tokens", "--response-lanes"):
+        with pytest.raises(SystemExit):  # a repeated value: two servers under one name
+            gpu_bench.parse_args([option, "2", "2"])
 
 
 def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():

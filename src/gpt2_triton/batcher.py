@@ -393,8 +393,7 @@ class InflightBatcher:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
-            self._waiting.extend(rows)
-            self._last_arrival = time.monotonic()
+            self._waiting.extend(rows)  # not an arrival a burst window waits on
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
@@ -505,12 +504,13 @@ class InflightBatcher:
         return True
 
     def _let_burst_arrive(self) -> bool:
-        """The first step after the loop ran out of work, with a generation request
-        waiting: wait until none has arrived for ``burst_window_s`` (at most
-        ``burst_wait_s``, or until the waiting requests fill every slot, the queue or this
-        step's prompt budget). The server's request thread hands over a burst one request
-        at a time, and a first step taken at the first arrival would start that one alone.
-        Returns False when ``run()``'s stop was set meanwhile."""
+        """The first step after the loop ran out of work, with only generation requests
+        waiting (a forward streams nothing: it never waits, nor do those beside it): wait
+        until none has arrived for ``burst_window_s`` (at most ``burst_wait_s``, or until
+        the waiting requests fill every slot, the queue or this step's prompt budget). The
+        server's request thread hands over a burst one request at a time, and a first step
+        taken at the first arrival would start that one alone. Returns False when
+        ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
         if self._active or not quiet:
             return True
@@ -518,7 +518,7 @@ class InflightBatcher:
         full = min(self.limits.max_active, self.limits.max_queue)
         budget = self._prefill_budget()
         with self._wake:
-            while self._waiting and not self._waiting[0].job:  # a forward streams nothing
+            while self._waiting and not any(s.job for s in self._waiting):
                 if self._stop is not None and self._stop.is_set():
                     return False
                 now = time.monotonic()
