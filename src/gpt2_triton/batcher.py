@@ -97,19 +97,18 @@ IDLE_PREFILL_FACTOR = 8
 
 # An admission window for bursts, off by default (``burst_window_s``, BURST_WINDOW_MS):
 # the first step after the loop ran out of work waits until requests stop arriving for
-# that long (at most BURST_WAIT_S, or until they fill every slot or the step's budget),
-# then takes the burst whole, up to BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets
-# if more: 4096 at a GPU's budget, where it was not measured). The server's request
-# thread hands a burst over one request at a time, so without it the first step starts
-# the first request alone, and that stream then carries every later prompt's prefill in
-# its inter-token latency: 16 requests of 128 tokens sent at once on two cores, the first
-# stream's ITL 66-68 ms, against 48-50 ms for every stream of a burst taken whole (hand
-# runs; docs/PERFORMANCE.md, 17:25). Forwards (``submit_forward``) do not wait: they
-# stream nothing. The
-# price is every lone request's first token, later by the window; and 16 requests sent at
-# once reached the batcher over 9-26 ms, with gaps of up to 10 ms (measured 2026-11-28,
-# docs/PERFORMANCE.md), so a window short enough to cost a lone request little splits
-# some bursts anyway.
+# that long (at most BURST_WAIT_S, or until they fill every slot, the queue or the step's
+# budget), then takes the burst whole, up to BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR
+# budgets if more: 4096 at a GPU's budget, where it was not measured). Forwards
+# (``submit_forward``) never wait: they stream nothing. Why: the server's request thread
+# hands a burst over one request at a time, so without a window the first step starts the
+# first request alone, and that stream then carries every later prompt's prefill in its
+# inter-token latency (16 requests of 128 tokens sent at once on two cores: the first
+# stream's ITL 66-68 ms, 48-50 ms for every stream of a burst taken whole; hand runs,
+# docs/PERFORMANCE.md, 17:25). The price is the first token of every request that finds
+# the loop idle, later by the window; and those 16 requests reached the batcher over
+# 9-26 ms, with gaps of up to 10 ms, so a window short enough to cost little splits some
+# bursts anyway.
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
 MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
@@ -512,7 +511,7 @@ class InflightBatcher:
         taken at the first arrival would start that one alone. Returns False when
         ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
-        if self._active or not quiet:
+        if not quiet:  # (an idle loop has no stream running)
             return True
         deadline = time.monotonic() + self.limits.burst_wait_s
         full = min(self.limits.max_active, self.limits.max_queue)
