@@ -63,6 +63,8 @@ HF_NO_CUDNN = "hf-generate-no-cudnn"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from gpt2_triton.batcher import DEFAULT_BURST_WINDOW_MS, MAX_BURST_WINDOW_MS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=Path(".gpu_bundle"))
     parser.add_argument(
@@ -86,9 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with the first lanes value (default 0: the repository's, 512 on a GPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--burst-window-ms", type=int, nargs="+", default=[0],
-        help="the burst window (BURST_WINDOW_MS): the graphs service once per further value, "
-        "with the first lanes and budget (default 0: none)",
+        "--burst-window-ms", type=int, nargs="+", default=[DEFAULT_BURST_WINDOW_MS],
+        help="the burst window (BURST_WINDOW_MS, 0: none): the graphs service once per "
+        "further value, with the first lanes and budget (default: the repository's, "
+        f"{DEFAULT_BURST_WINDOW_MS})",
     )  # fmt: skip
     parser.add_argument(
         "--engines", nargs="+", default=None,
@@ -131,8 +134,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for what, values in listed.items():
         if len(set(values)) < len(values):  # two servers under one name: one's rows lost
             parser.error(f"{what}: each value once, got {values}")
-    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
-
     if not all(0 <= w <= MAX_BURST_WINDOW_MS for w in args.burst_window_ms):
         parser.error(f"burst windows must be in [0, {MAX_BURST_WINDOW_MS}] ms (0: none)")
     return args

@@ -25,7 +25,11 @@ from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
 from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
-from gpt2_triton.batcher import MAX_BURST_WINDOW_MS, default_prefill_tokens
+from gpt2_triton.batcher import (
+    DEFAULT_BURST_WINDOW_MS,
+    MAX_BURST_WINDOW_MS,
+    default_prefill_tokens,
+)
 from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import ENGINE_KINDS, SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
@@ -51,9 +55,10 @@ class RepoSettings:
     # prompt tokens per step while streams decode (chunked); 0: by where the engine runs
     # (batcher.default_prefill_tokens: 64 on the CPU, 512 on a GPU)
     max_prefill_tokens: int = 0
-    # with no stream running, the first step waits until requests stop arriving for this
-    # long, then takes the burst whole (batcher.BURST_PREFILL_TOKENS); 0: no wait
-    burst_window_ms: int = 0
+    # with no stream running, after an idle start that brought a burst, the first step waits
+    # until requests stop arriving for this long, then takes the burst whole
+    # (batcher.DEFAULT_BURST_WINDOW_MS, BURST_PREFILL_TOKENS); 0: never
+    burst_window_ms: int = DEFAULT_BURST_WINDOW_MS
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     # gpt2's sending threads (each streamed response is a round trip to the server); 0: by
     # where the engine runs (sending.default_response_lanes: 4 on the CPU, 1 on a GPU)
@@ -303,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         "--burst-window-ms",
         type=int,
         default=RepoSettings.burst_window_ms,
-        help="with no stream running, the first step waits until requests stop arriving for "
-        "this long, then takes the burst whole (its streams decode together; a lone "
-        "request's first token comes that much later); default 0: no wait",
+        help="with no stream running, when the last idle start brought a burst, the first "
+        "step waits until requests stop arriving for this long, then takes the burst whole "
+        "(its streams decode together; a lone request after a burst gets its first token "
+        f"that much later); 0: never; default {DEFAULT_BURST_WINDOW_MS}",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument(

@@ -265,10 +265,10 @@ def test_a_burst_of_prompts_goes_in_chunks_within_the_prefill_budget(engine, cod
     assert engine.cached_sequences == 0
 
     # with no stream decoding there is none to stall: a step takes IDLE_PREFILL_FACTOR
-    # budgets, here of one prompt each, with room and requests for more
-    idle = InflightBatcher(
-        engine, codec, limits(engine, max_active=16, max_queue=16, max_prefill_tokens=size)
-    )
+    # budgets, here of one prompt each, with room and requests for more (without a burst
+    # window: with one, up to BURST_PREFILL_TOKENS)
+    settings = dict(max_active=16, max_queue=16, max_prefill_tokens=size, burst_window_s=0.0)
+    idle = InflightBatcher(engine, codec, limits(engine, **settings))
     burst = [ListSink() for _ in range(IDLE_PREFILL_FACTOR + 3)]
     for sink in burst:
         idle.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
@@ -448,6 +448,56 @@ def test_stopping_the_loop_ends_a_burst_window_without_a_step(engine, codec):
     loop.join(60)
     assert not loop.is_alive()
     assert sink.errors == [SHUTTING_DOWN] and engine.forward.calls == []
+
+
+def idle_start(batcher, sinks) -> int:
+    """Submit a request for each of ``sinks`` to an idle loop, take its first step, run
+    them to the end and let the loop find no work; return how many first steps after an
+    idle loop have waited for a burst so far."""
+    for sink in sinks:
+        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    assert batcher.step()
+    waited = batcher.stats.burst_windows
+    run_all(batcher, sinks)
+    assert not batcher.step()  # the loop ran out of work
+    return waited
+
+
+def test_the_burst_window_waits_only_after_an_idle_start_that_brought_a_burst(engine, codec):
+    """A fresh loop's first start waits. A start that waited and got one request turns
+    the wait off; one that did not wait turns it on when another request follows within
+    the window (here longer than any test), or when it found more than one; a start that
+    waited and got several keeps it on. (The waits here end at once: a bound of 0.)"""
+    batcher = windowed(engine, codec, burst_wait_s=0.0)
+    assert idle_start(batcher, [ListSink()]) == 1  # a fresh loop waits: a lone one came
+    assert idle_start(batcher, [ListSink()]) == 1  # so the next does not
+    lone, follower = ListSink(), ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), lone)
+    assert batcher.step() and batcher.stats.burst_windows == 1  # no wait
+    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), follower)
+    run_all(batcher, [lone, follower])
+    assert not batcher.step()
+    assert idle_start(batcher, [ListSink(), ListSink()]) == 2  # the follower: a burst
+    assert idle_start(batcher, [ListSink()]) == 3  # that one waited and got two: on
+    assert idle_start(batcher, [ListSink(), ListSink()]) == 3  # a lone one: off
+    assert idle_start(batcher, [ListSink()]) == 4  # the two found at once: on again
+    assert idle_start(batcher, [ListSink()]) == 4  # a lone one: off
+
+
+def test_a_request_after_the_window_is_no_burst(engine, codec):
+    """The next arrival marks a start that did not wait as a burst only within the window
+    (here 1 ns: no two submits come that close); forwards are no arrivals."""
+    batcher = windowed(engine, codec, window_s=1e-9)
+    assert idle_start(batcher, [ListSink()]) == 1  # a fresh loop waits: a lone one came
+    first, second = ListSink(), ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), first)
+    assert batcher.step()
+    reply = Replies()
+    batcher.submit_forward([[5, 6]], reply)
+    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), second)
+    run_all(batcher, [first, second])
+    assert reply.answers and not batcher.step()
+    assert idle_start(batcher, [ListSink()]) == 1  # no burst came: no wait
 
 
 @pytest.mark.parametrize(

@@ -464,13 +464,14 @@ def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
 
 def test_the_burst_window_reaches_gpt2s_config(tiny_export, tmp_path):
     from build_scripts.build_repo import RepoSettings, build
-    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
+    from gpt2_triton.batcher import DEFAULT_BURST_WINDOW_MS, MAX_BURST_WINDOW_MS
     from gpt2_triton.errors import Gpt2TritonError
 
+    assert DEFAULT_BURST_WINDOW_MS == 6
     config = build(RepoSettings("tiny", "onnx"), tiny_export, tmp_path) / "gpt2" / "config.pbtxt"
-    assert 'key: "burst_window_ms", value: { string_value: "0" }' in config.read_text()
-    build(RepoSettings("tiny", "onnx", burst_window_ms=6), tiny_export, tmp_path)
     assert 'key: "burst_window_ms", value: { string_value: "6" }' in config.read_text()
+    build(RepoSettings("tiny", "onnx", burst_window_ms=0), tiny_export, tmp_path)
+    assert 'key: "burst_window_ms", value: { string_value: "0" }' in config.read_text()
     for window in (-1, MAX_BURST_WINDOW_MS + 1):
         bounds = rf"\[0, {MAX_BURST_WINDOW_MS}\]"
         with pytest.raises(Gpt2TritonError, match=rf"burst-window-ms must be in {bounds}, got"):

@@ -685,9 +685,9 @@ def pod_only_flags(command: list[str]) -> tuple[list[str], dict[str, str]]:
         ("cpu", {"MODEL": "tiny", "ENGINE": "onnx-int8"}),
         ("cpu", {"PLACEMENT": "bls", "MAX_SEQUENCES": "8"}),
         ("cpu", {"MAX_PREFILL_TOKENS": "512"}),
-        ("cpu", {"BURST_WINDOW_MS": "6"}),
+        ("cpu", {"BURST_WINDOW_MS": "0"}),
     ],
-    ids=["cpu", "gpu", "tiny-int8", "bls", "prefill-512", "burst-window-6"],
+    ids=["cpu", "gpu", "tiny-int8", "bls", "prefill-512", "burst-window-0"],
 )
 def test_the_init_container_builds_what_make_repo_builds(rendered, overlay, override):
     docs = rendered[overlay]

@@ -251,6 +251,9 @@ def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
     steps = after["gpt2_engine_steps_total"] - before["gpt2_engine_steps_total"]
     # in-flight batching: the 8 streams shared steps instead of running one after another
     assert steps < len(PROMPTS) * params.max_tokens * 0.6, steps
+    # the burst window's counter is published: a fresh loop's first idle start waits
+    # (BURST_WINDOW_MS's default), whatever came before these 8
+    assert after.get("gpt2_burst_windows_total", 0) >= 1, after
 
 
 def ended_requests(series: dict[str, float]) -> float:

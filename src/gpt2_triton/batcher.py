@@ -95,20 +95,25 @@ class ShuttingDownError(Gpt2TritonError):
 # 512) an idle step is 4096 tokens: not measured there.
 IDLE_PREFILL_FACTOR = 8
 
-# An admission window for bursts, off by default (``burst_window_s``, BURST_WINDOW_MS):
-# the first step after the loop ran out of work waits until requests stop arriving for
-# that long (at most BURST_WAIT_S, or until they fill every slot, the queue or the step's
-# budget), then takes the burst whole, up to BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR
-# budgets if more: 4096 at a GPU's budget, where it was not measured). Forwards
-# (``submit_forward``) never wait: they stream nothing. Why: the server's request thread
-# hands a burst over one request at a time, so without a window the first step starts the
-# first request alone, and that stream then carries every later prompt's prefill in its
-# inter-token latency (16 requests of 128 tokens sent at once on two cores: the first
-# stream's ITL 66-68 ms, 48-50 ms for every stream of a burst taken whole; hand runs,
-# docs/PERFORMANCE.md, 17:25). The price is the first token of every request that finds
-# the loop idle, later by the window; and those 16 requests reached the batcher over
-# 9-26 ms, with gaps of up to 10 ms, so a window short enough to cost little splits some
-# bursts anyway.
+# An admission window for bursts (``burst_window_s``, BURST_WINDOW_MS; 0 turns it off): the
+# first step after the loop ran out of work, when the previous such start brought a burst,
+# waits until requests stop arriving for that long (at most BURST_WAIT_S, or until they
+# fill every slot, the queue or the step's budget), then takes the burst whole, up to
+# BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets if more: 4096 at a GPU's budget,
+# where it was not measured). Forwards (``submit_forward``) never wait: they stream nothing.
+# Why: the server's request thread hands a burst over one request at a time, so a first
+# step taken at the first arrival starts that request alone, and its stream then carries
+# every later prompt's prefill in its inter-token latency (16 requests of 128 tokens sent
+# at once on two cores: the first stream's ITL 66-68 ms, 48-50 ms for every stream of a
+# burst taken whole; hand runs, docs/PERFORMANCE.md, 17:25). Those 16 requests reached the
+# batcher over 9-26 ms, with gaps of up to 10 ms; with 2 or 4 ms one wave in three still
+# started with one or two requests alone, so 6 ms. Why only after a burst: a lone request
+# would pay the whole window in its first token, and most chat traffic comes one request at
+# a time; a start that waited for nothing (one request) turns the wait off again, and one
+# that did not wait learns of a burst from the requests that follow it within the window
+# (``_let_burst_arrive``, ``submit``). So a lone request pays the window at most once after
+# a burst, and the first burst after the server starts (or after lone traffic) is split.
+DEFAULT_BURST_WINDOW_MS = 6
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
 MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
@@ -150,10 +155,10 @@ class BatcherLimits:
     # with a burst window): ``_prefill_budget``. The default is the CPU's
     # (``default_prefill_tokens``).
     max_prefill_tokens: int = CPU_PREFILL_TOKENS
-    # After the loop ran out of work, how long its first step lets a burst arrive (quiet
-    # time since the last request; 0: it starts at once) and waits at most
-    # (``_let_burst_arrive``).
-    burst_window_s: float = 0.0
+    # After the loop ran out of work, and the previous such start brought a burst, how long
+    # its first step lets a burst arrive (quiet time since the last request; 0: never) and
+    # waits at most (``_let_burst_arrive``).
+    burst_window_s: float = DEFAULT_BURST_WINDOW_MS / 1000
     burst_wait_s: float = BURST_WAIT_S
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
@@ -183,6 +188,7 @@ class BatcherStats:
     step_seconds_total: float = 0.0  # whole steps, engine call included
     engine_seconds_total: float = 0.0  # the engine call alone (BLS in Triton)
     idle_hooks: int = 0  # times the loop ran out of work and ran its idle hook
+    burst_windows: int = 0  # first steps after the loop ran out of work that let a burst arrive
 
 
 @dataclass
@@ -289,6 +295,11 @@ class InflightBatcher:
         self._closed = False  # shut down: submit() refuses
         self._last_arrival = 0.0  # time.monotonic() of the newest submit
         self._idle = True  # the last step found no work: the next may wait for a burst
+        # whether the last idle start brought a burst (at first: assume so), so the next one
+        # waits; and whether submit() should tell from the next arrival (a start that did
+        # not wait, with one request)
+        self._bursty = True
+        self._watching_for_burst = False
         self._stop: threading.Event | None = None  # run()'s: a burst window ends on it
         self._active: list[_Sequence] = []
         # Ids of ended sequences whose caches the engine may still hold: kept until a release
@@ -353,7 +364,11 @@ class InflightBatcher:
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
             self._waiting.append(sequence)
-            self._last_arrival = time.monotonic()
+            now = time.monotonic()
+            if self._watching_for_burst:  # the loop started at once on the one before
+                self._watching_for_burst = False
+                self._bursty = now - self._last_arrival < self.limits.burst_window_s
+            self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
@@ -482,6 +497,8 @@ class InflightBatcher:
         self._drop_cancelled()
         self._idle = not self._active
         if not self._active:
+            with self._wake:  # that start's requests are over: the next arrival starts anew
+                self._watching_for_burst = False
             return False
         self._release_pending()
         batch = [s for s in self._active if s.started or s.chunk]
@@ -504,12 +521,14 @@ class InflightBatcher:
 
     def _let_burst_arrive(self) -> bool:
         """The first step after the loop ran out of work, with only generation requests
-        waiting (a forward streams nothing: it never waits, nor do those beside it): wait
-        until none has arrived for ``burst_window_s`` (at most ``burst_wait_s``, or until
-        the waiting requests fill every slot, the queue or this step's prompt budget). The
-        server's request thread hands over a burst one request at a time, and a first step
-        taken at the first arrival would start that one alone. Returns False when
-        ``run()``'s stop was set meanwhile."""
+        waiting (a forward streams nothing: it never waits, nor do those beside it), when
+        the previous such start brought a burst: wait until none has arrived for
+        ``burst_window_s`` (at most ``burst_wait_s``, or until the waiting requests fill
+        every slot, the queue or this step's prompt budget). The server's request thread
+        hands over a burst one request at a time, and a first step taken at the first
+        arrival would start that one alone. A start that finds more than one request, or
+        gets another within the window (``submit``), brought a burst; one that waited and
+        got one did not. Returns False when ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
         if not quiet:  # (an idle loop has no stream running)
             return True
@@ -517,6 +536,14 @@ class InflightBatcher:
         full = min(self.limits.max_active, self.limits.max_queue)
         budget = self._prefill_budget()
         with self._wake:
+            if not self._waiting or any(s.job for s in self._waiting):
+                return True
+            if not self._bursty:  # start at once, and tell from the next arrival
+                self._bursty = len(self._waiting) > 1
+                self._watching_for_burst = not self._bursty
+                return True
+            self._watching_for_burst = False
+            self.stats.burst_windows += 1
             while self._waiting and not any(s.job for s in self._waiting):
                 if self._stop is not None and self._stop.is_set():
                     return False
@@ -527,6 +554,7 @@ class InflightBatcher:
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
+            self._bursty = sum(not s.job for s in self._waiting) > 1
         return True
 
     def _admit(self) -> None:

@@ -37,7 +37,8 @@ fi
 # where the engine runs (64 on the CPU, 512 on a GPU), as `make repo` leaves it
 prefill=""
 if [ -n "${MAX_PREFILL_TOKENS:-}" ]; then prefill="--max-prefill-tokens $MAX_PREFILL_TOKENS"; fi
-# BURST_WINDOW_MS: optional too (an overlay may set it); unset, no burst window
+# BURST_WINDOW_MS: optional too (an overlay may set it; 0 turns the window off); unset,
+# build_repo's default (6 ms, after an idle start that brought a burst)
 burst=""
 if [ -n "${BURST_WINDOW_MS:-}" ]; then burst="--burst-window-ms $BURST_WINDOW_MS"; fi
 device=""

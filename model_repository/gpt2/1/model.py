@@ -297,6 +297,11 @@ class Metrics:
             f"Times the loop, idle for {GIVE_BACK_AFTER_S:g} s, gave its freed heap back",
             counter=True,
         )
+        self.burst_windows = self._metric(
+            "gpt2_burst_windows_total",
+            "First steps after an idle loop that waited for the rest of a burst",
+            counter=True,
+        )
         self.active = self._metric(names.ACTIVE_SEQUENCES_METRIC, "Sequences in the running batch")
         self.waiting = self._metric(names.WAITING_REQUESTS_METRIC, "Requests queued to join")
         self.published = {}  # counter name -> value already published
@@ -332,5 +337,6 @@ class Metrics:
         self._advance("step_time", self.step_time, s.step_seconds_total)
         self._advance("engine_time", self.engine_time, s.engine_seconds_total)
         self._advance("heap_returns", self.heap_returns, s.idle_hooks)
+        self._advance("burst_windows", self.burst_windows, s.burst_windows)
         self.active.set(s.active)
         self.waiting.set(s.waiting)
