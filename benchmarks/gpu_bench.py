@@ -63,7 +63,7 @@ HF_NO_CUDNN = "hf-generate-no-cudnn"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from gpt2_triton.batcher import DEFAULT_BURST_WINDOW_MS, MAX_BURST_WINDOW_MS
+    from gpt2_triton.batcher import MAX_BURST_WINDOW_MS, default_burst_window_ms
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=Path(".gpu_bundle"))
@@ -88,10 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with the first lanes value (default 0: the repository's, 512 on a GPU)",
     )  # fmt: skip
     parser.add_argument(
-        "--burst-window-ms", type=int, nargs="+", default=[DEFAULT_BURST_WINDOW_MS],
+        "--burst-window-ms", type=int, nargs="+", default=None,
         help="the burst window (BURST_WINDOW_MS, 0: none): the graphs service once per "
-        "further value, with the first lanes and budget (default: the repository's, "
-        f"{DEFAULT_BURST_WINDOW_MS})",
+        "further value, with the first lanes and budget (default: the repository's for the "
+        "device, 0 on CUDA)",
     )  # fmt: skip
     parser.add_argument(
         "--engines", nargs="+", default=None,
@@ -126,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("concurrency, prompt tokens, new tokens, rounds and lanes must be >= 1")
     if min(args.prefill_tokens) < 0:
         parser.error("prefill tokens must be >= 0 (0: the repository's default)")
+    if args.burst_window_ms is None:
+        args.burst_window_ms = [default_burst_window_ms("torch", args.device)]
     listed = {
         "response lanes": args.response_lanes,
         "prefill tokens": args.prefill_tokens,
@@ -197,7 +199,7 @@ def plan(args) -> list[str]:
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
-            burst_window_ms=options.get("burst_window_ms", 0),
+            burst_window_ms=options["burst_window_ms"],
             response_lanes=lanes,
         )
     names = ", ".join(variants(args.device, args.engines))
@@ -533,7 +535,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
             cuda_graphs=options.get("cuda_graphs", True),
             torch_compile=options.get("compile_decode", False),
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
-            burst_window_ms=options.get("burst_window_ms", 0),
+            burst_window_ms=options["burst_window_ms"],
             response_lanes=lanes,
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports

@@ -44,7 +44,7 @@ import numpy as np
 
 from benchmarks import bandwidth, peer
 from gpt2_triton import checkpoint, logs
-from gpt2_triton.batcher import CPU_PREFILL_TOKENS, DEFAULT_BURST_WINDOW_MS
+from gpt2_triton.batcher import CPU_BURST_WINDOW_MS, CPU_PREFILL_TOKENS
 
 log = logging.getLogger("benchmarks.harness")
 REST_S = 16.0  # the wait before a grid point's memory is read (see bench_triton)
@@ -668,9 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--burst-window-ms",
         type=int,
-        default=DEFAULT_BURST_WINDOW_MS,
+        default=CPU_BURST_WINDOW_MS,
         help="the service's admission window for bursts (BURST_WINDOW_MS; 0: none; "
-        f"default {DEFAULT_BURST_WINDOW_MS}, the repository's)",
+        f"default {CPU_BURST_WINDOW_MS}, the repository's on the CPU)",
     )
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--raw", action="store_true", help="keep every sample in the JSON")

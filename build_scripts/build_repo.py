@@ -26,8 +26,8 @@ from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.batcher import (
-    DEFAULT_BURST_WINDOW_MS,
     MAX_BURST_WINDOW_MS,
+    default_burst_window_ms,
     default_prefill_tokens,
 )
 from gpt2_triton.cli import run_step
@@ -56,9 +56,10 @@ class RepoSettings:
     # (batcher.default_prefill_tokens: 64 on the CPU, 512 on a GPU)
     max_prefill_tokens: int = 0
     # with no stream running, after an idle start that brought a burst, the first step waits
-    # until requests stop arriving for this long, then takes the burst whole
-    # (batcher.DEFAULT_BURST_WINDOW_MS, BURST_PREFILL_TOKENS); 0: never
-    burst_window_ms: int = DEFAULT_BURST_WINDOW_MS
+    # until requests stop arriving for this long, then takes the burst whole; 0: never;
+    # None: by where the engine runs (batcher.default_burst_window_ms: 6 on the CPU, off on
+    # a GPU, where it was not measured)
+    burst_window_ms: int | None = None
     engine_threads: int = 0  # ONNX Runtime / torch intra-op threads (0: all cores)
     # gpt2's sending threads (each streamed response is a round trip to the server); 0: by
     # where the engine runs (sending.default_response_lanes: 4 on the CPU, 1 on a GPU)
@@ -79,6 +80,9 @@ class RepoSettings:
         if self.max_prefill_tokens == 0:  # frozen: set once, here
             budget = default_prefill_tokens(self.engine, self.device)
             object.__setattr__(self, "max_prefill_tokens", budget)
+        if self.burst_window_ms is None:
+            window = default_burst_window_ms(self.engine, self.device)
+            object.__setattr__(self, "burst_window_ms", window)
         if self.response_lanes == 0:
             lanes = default_response_lanes(self.engine, self.device)
             object.__setattr__(self, "response_lanes", lanes)
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         help="with no stream running, when the last idle start brought a burst, the first "
         "step waits until requests stop arriving for this long, then takes the burst whole "
         "(its streams decode together; a lone request after a burst gets its first token "
-        f"that much later); 0: never; default {DEFAULT_BURST_WINDOW_MS}",
+        "that much later); 0: never; default: 6 on the CPU, 0 on a GPU (ENGINE=trt or "
+        "DEVICE=cuda), where it was not measured",
     )
     parser.add_argument("--engine-threads", type=int, default=RepoSettings.engine_threads)
     parser.add_argument(

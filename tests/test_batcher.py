@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_triton.batcher import (
+    BURST_MIN_REQUESTS,
     BURST_PREFILL_TOKENS,
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
@@ -450,54 +451,139 @@ def test_stopping_the_loop_ends_a_burst_window_without_a_step(engine, codec):
     assert sink.errors == [SHUTTING_DOWN] and engine.forward.calls == []
 
 
-def idle_start(batcher, sinks) -> int:
+def idle_start(batcher, sinks, prompt="The cat") -> int:
     """Submit a request for each of ``sinks`` to an idle loop, take its first step, run
     them to the end and let the loop find no work; return how many first steps after an
-    idle loop have waited for a burst so far."""
+    idle loop have held the burst window so far."""
     for sink in sinks:
-        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
     assert batcher.step()
-    waited = batcher.stats.burst_windows
+    held = batcher.stats.burst_windows
     run_all(batcher, sinks)
     assert not batcher.step()  # the loop ran out of work
-    return waited
+    return held
+
+
+def sinks(count):
+    return [ListSink() for _ in range(count)]
 
 
 def test_the_burst_window_waits_only_after_an_idle_start_that_brought_a_burst(engine, codec):
-    """A fresh loop's first start waits. A start that waited and got one request turns
-    the wait off; one that did not wait turns it on when another request follows within
-    the window (here longer than any test), or when it found more than one; a start that
-    waited and got several keeps it on. (The waits here end at once: a bound of 0.)"""
+    """A fresh loop's first start waits. A start that waited and got fewer than
+    BURST_MIN_REQUESTS turns the wait off; one that did not wait turns it on when it found
+    that many, or when that many came in a chain, each within the window of the one before
+    (here longer than any test); a start that waited and got that many keeps it on. (The
+    waits here end at once: a bound of 0.)"""
+    assert BURST_MIN_REQUESTS == 3
     batcher = windowed(engine, codec, burst_wait_s=0.0)
-    assert idle_start(batcher, [ListSink()]) == 1  # a fresh loop waits: a lone one came
-    assert idle_start(batcher, [ListSink()]) == 1  # so the next does not
-    lone, follower = ListSink(), ListSink()
-    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), lone)
+    assert idle_start(batcher, sinks(2)) == 1  # a fresh loop waits: two came, no burst
+    assert idle_start(batcher, sinks(1)) == 1  # so the next does not
+    first, chain = ListSink(), sinks(2)
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), first)
     assert batcher.step() and batcher.stats.burst_windows == 1  # no wait
-    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), follower)
-    run_all(batcher, [lone, follower])
+    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), chain[0])
+    batcher.step()
+    assert batcher.stats.burst_windows == 1  # the loop is busy: no idle start
+    batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), chain[1])
+    run_all(batcher, [first, *chain])
     assert not batcher.step()
-    assert idle_start(batcher, [ListSink(), ListSink()]) == 2  # the follower: a burst
-    assert idle_start(batcher, [ListSink()]) == 3  # that one waited and got two: on
-    assert idle_start(batcher, [ListSink(), ListSink()]) == 3  # a lone one: off
-    assert idle_start(batcher, [ListSink()]) == 4  # the two found at once: on again
-    assert idle_start(batcher, [ListSink()]) == 4  # a lone one: off
+    assert idle_start(batcher, sinks(3)) == 2  # three in a chain: a burst, so this waits
+    assert idle_start(batcher, sinks(1)) == 3  # that one got three: on
+    assert idle_start(batcher, sinks(1)) == 3  # a lone one: off
+    assert idle_start(batcher, sinks(3)) == 3  # three found at once: on again
+    assert idle_start(batcher, sinks(2)) == 4  # two: off
+    assert idle_start(batcher, sinks(2)) == 4  # two found at once are no burst
+    assert idle_start(batcher, sinks(1)) == 4
 
 
-def test_a_request_after_the_window_is_no_burst(engine, codec):
-    """The next arrival marks a start that did not wait as a burst only within the window
-    (here 1 ns: no two submits come that close); forwards are no arrivals."""
+def test_a_chain_broken_by_a_late_request_or_the_loop_running_out_of_work_is_no_burst(
+    engine, codec
+):
+    """The arrivals after a start that did not wait count only within the window of the
+    one before (1 ns: no two submits come that close), and only until the loop runs out
+    of work."""
     batcher = windowed(engine, codec, window_s=1e-9)
-    assert idle_start(batcher, [ListSink()]) == 1  # a fresh loop waits: a lone one came
-    first, second = ListSink(), ListSink()
+    assert idle_start(batcher, sinks(1)) == 1  # a fresh loop waits: a lone one came
+    assert idle_start(batcher, sinks(2)) == 1  # no wait; the third comes late:
+    late = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), late)
+    run_all(batcher, [late])
+    assert not batcher.step()
+    assert idle_start(batcher, sinks(1)) == 1  # no burst came: no wait
+
+    batcher = windowed(engine, codec, burst_wait_s=0.0)  # a window longer than any test
+    assert idle_start(batcher, sinks(1)) == 1
+    assert idle_start(batcher, sinks(2)) == 1  # two, then the loop ran out of work:
+    assert idle_start(batcher, sinks(1)) == 1  # this third one is no burst's
+
+
+def test_a_burst_is_a_chain_of_arrivals_each_within_the_window_of_the_one_before(engine, codec):
+    """On the batcher's clock (set by the test, so no timing of the machine's): after a
+    start that did not wait, three arrivals each within 6 ms of the one before are a burst;
+    a gap of more breaks the chain, and later arrivals start none."""
+    now = [100.0]
+    batcher = windowed(engine, codec, window_s=0.006, burst_wait_s=0.0)
+    batcher._clock = lambda: now[0]
+
+    def arrive(at, sink, prompt="The cat"):
+        now[0] = at
+        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
+
+    assert idle_start(batcher, sinks(1)) == 1  # a fresh loop waits: a lone one came
+    for times, burst in (
+        ([200.0, 200.020, 200.021, 200.022], False),
+        ([300.0, 300.005, 300.010], True),
+    ):
+        chain = sinks(len(times))
+        arrive(times[0], chain[0])
+        assert batcher.step() and batcher.stats.burst_windows == 1  # no wait
+        for at, sink in zip(times[1:], chain[1:], strict=True):
+            arrive(at, sink)
+        run_all(batcher, chain)
+        assert not batcher.step()
+        now[0] += 1.0
+        assert idle_start(batcher, sinks(1)) == 1 + burst
+
+
+def test_forwards_are_no_arrivals_of_a_burst(engine, codec):
+    """Forwards after a start that did not wait do not count toward a burst (the window
+    here is longer than any test): the next idle start still does not wait."""
+    batcher = windowed(engine, codec, burst_wait_s=0.0)
+    assert idle_start(batcher, sinks(1)) == 1  # a fresh loop waits: a lone one came
+    first, second, replies = ListSink(), ListSink(), [Replies(), Replies()]
     batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), first)
     assert batcher.step()
-    reply = Replies()
-    batcher.submit_forward([[5, 6]], reply)
+    for reply in replies:
+        batcher.submit_forward([[5, 6]], reply)
     batcher.submit(GenerationRequest("The dog", max_tokens=2, sampling=GREEDY), second)
     run_all(batcher, [first, second])
-    assert reply.answers and not batcher.step()
-    assert idle_start(batcher, [ListSink()]) == 1  # no burst came: no wait
+    assert all(r.answers for r in replies) and not batcher.step()
+    assert idle_start(batcher, sinks(1)) == 1  # two requests and two forwards: no burst
+
+
+def test_only_a_start_that_held_the_window_takes_the_burst_budget(engine, codec):
+    """A start that did not wait takes IDLE_PREFILL_FACTOR budgets, as with no window; the
+    one that held it takes up to BURST_PREFILL_TOKENS."""
+    prompt = "The old man walks to the river"
+    size = len(codec.encode(prompt))
+    count = IDLE_PREFILL_FACTOR + 3
+    assert count * size <= BURST_PREFILL_TOKENS
+    settings = dict(max_active=16, max_queue=16, max_prefill_tokens=size, burst_wait_s=0.0)
+    batcher = windowed(engine, codec, **settings)
+    assert idle_start(batcher, sinks(1), prompt) == 1  # a lone one: the wait is off
+    burst = sinks(count)
+    for sink in burst:
+        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
+    batcher.step()
+    assert batcher.stats.burst_windows == 1 and batcher.active == IDLE_PREFILL_FACTOR
+    run_all(batcher, burst)
+    assert not batcher.step()
+    burst = sinks(count)  # that start found a burst: this one holds the window
+    for sink in burst:
+        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
+    batcher.step()
+    assert batcher.stats.burst_windows == 2 and batcher.active == count
+    run_all(batcher, burst)
 
 
 @pytest.mark.parametrize(

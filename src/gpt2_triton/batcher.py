@@ -96,24 +96,30 @@ class ShuttingDownError(Gpt2TritonError):
 IDLE_PREFILL_FACTOR = 8
 
 # An admission window for bursts (``burst_window_s``, BURST_WINDOW_MS; 0 turns it off): the
-# first step after the loop ran out of work, when the previous such start brought a burst,
-# waits until requests stop arriving for that long (at most BURST_WAIT_S, or until they
-# fill every slot, the queue or the step's budget), then takes the burst whole, up to
-# BURST_PREFILL_TOKENS (or IDLE_PREFILL_FACTOR budgets if more: 4096 at a GPU's budget,
-# where it was not measured). Forwards (``submit_forward``) never wait: they stream nothing.
-# Why: the server's request thread hands a burst over one request at a time, so a first
-# step taken at the first arrival starts that request alone, and its stream then carries
-# every later prompt's prefill in its inter-token latency (16 requests of 128 tokens sent
-# at once on two cores: the first stream's ITL 66-68 ms, 48-50 ms for every stream of a
-# burst taken whole; hand runs, docs/PERFORMANCE.md, 17:25). Those 16 requests reached the
-# batcher over 9-26 ms, with gaps of up to 10 ms; with 2 or 4 ms one wave in three still
-# started with one or two requests alone, so 6 ms. Why only after a burst: a lone request
-# would pay the whole window in its first token, and most chat traffic comes one request at
-# a time; a start that waited for nothing (one request) turns the wait off again, and one
-# that did not wait learns of a burst from the requests that follow it within the window
-# (``_let_burst_arrive``, ``submit``). So a lone request pays the window at most once after
-# a burst, and the first burst after the server starts (or after lone traffic) is split.
-DEFAULT_BURST_WINDOW_MS = 6
+# first step after the loop ran out of work, when the previous such start brought a burst
+# (BURST_MIN_REQUESTS or more requests, each within the window of the one before), waits
+# until requests stop arriving for that long (at most BURST_WAIT_S, or until they fill
+# every slot, the queue or the step's budget), then takes the burst whole: up to
+# BURST_PREFILL_TOKENS in that step (or IDLE_PREFILL_FACTOR budgets if more). Forwards
+# (``submit_forward``) never wait and are no arrivals: they stream nothing. Why: the
+# server's request thread hands a burst over one request at a time, so a first step taken
+# at the first arrival starts that request alone, and its stream then carries every later
+# prompt's prefill in its inter-token latency (16 requests of 128 tokens sent at once on
+# two cores: the first stream's ITL 66-68 ms, 48-50 ms for every stream of a burst taken
+# whole; hand runs, docs/PERFORMANCE.md, 17:25). Those 16 requests reached the batcher over
+# 9-26 ms, with gaps of up to 10 ms; with 2 or 4 ms one wave in three still started with
+# one or two requests alone, so 6 ms. Why only after a burst: a lone request would pay the
+# whole window in its first token, and most chat traffic comes one request at a time. A
+# start that waited and got fewer than BURST_MIN_REQUESTS turns the wait off; one that did
+# not wait turns it on when it found that many, or when that many arrive in a chain, each
+# within the window of the one before (``_let_burst_arrive``, ``submit``). Three, not two:
+# two unrelated requests 6 ms apart are common at a few requests a second, three in a row
+# are not. So a lone request pays the window at most once after a burst, a fresh loop's
+# first start waits, and the first burst after lone traffic is split. A GPU's default is
+# off: there a first token takes ~10 ms, and the window was not measured there.
+CPU_BURST_WINDOW_MS = 6
+GPU_BURST_WINDOW_MS = 0
+BURST_MIN_REQUESTS = 3
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
 MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
@@ -141,6 +147,11 @@ def default_prefill_tokens(engine: str, device: str) -> int:
     return GPU_PREFILL_TOKENS if runs_on_gpu(engine, device) else CPU_PREFILL_TOKENS
 
 
+def default_burst_window_ms(engine: str, device: str) -> int:
+    """The burst window for an engine kind on a device: the CPU's, or off on a GPU."""
+    return GPU_BURST_WINDOW_MS if runs_on_gpu(engine, device) else CPU_BURST_WINDOW_MS
+
+
 @dataclass(frozen=True)
 class BatcherLimits:
     max_positions: int  # the model's context window
@@ -158,7 +169,7 @@ class BatcherLimits:
     # After the loop ran out of work, and the previous such start brought a burst, how long
     # its first step lets a burst arrive (quiet time since the last request; 0: never) and
     # waits at most (``_let_burst_arrive``).
-    burst_window_s: float = DEFAULT_BURST_WINDOW_MS / 1000
+    burst_window_s: float = CPU_BURST_WINDOW_MS / 1000
     burst_wait_s: float = BURST_WAIT_S
     # Whether a prompt may be split across steps (chunked prefill). An engine that cannot
     # take several new tokens on a non-empty cache (a TensorRT plan: trt_profiles.py) gets
@@ -188,7 +199,7 @@ class BatcherStats:
     step_seconds_total: float = 0.0  # whole steps, engine call included
     engine_seconds_total: float = 0.0  # the engine call alone (BLS in Triton)
     idle_hooks: int = 0  # times the loop ran out of work and ran its idle hook
-    burst_windows: int = 0  # first steps after the loop ran out of work that let a burst arrive
+    burst_windows: int = 0  # first steps after the loop ran out of work that held the window
 
 
 @dataclass
@@ -293,13 +304,16 @@ class InflightBatcher:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False  # shut down: submit() refuses
-        self._last_arrival = 0.0  # time.monotonic() of the newest submit
+        self._clock = time.monotonic  # of arrivals and the burst window (tests set their own)
+        self._last_arrival = 0.0  # self._clock() of the newest submit
         self._idle = True  # the last step found no work: the next may wait for a burst
         # whether the last idle start brought a burst (at first: assume so), so the next one
-        # waits; and whether submit() should tell from the next arrival (a start that did
-        # not wait, with one request)
+        # waits; the requests of a start that did not wait so far, while arrivals keep
+        # within the window of each other (0: none watched); whether this step takes a
+        # burst (its budget: BURST_PREFILL_TOKENS)
         self._bursty = True
-        self._watching_for_burst = False
+        self._burst_chain = 0
+        self._taking_burst = False
         self._stop: threading.Event | None = None  # run()'s: a burst window ends on it
         self._active: list[_Sequence] = []
         # Ids of ended sequences whose caches the engine may still hold: kept until a release
@@ -364,10 +378,14 @@ class InflightBatcher:
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
             self._waiting.append(sequence)
-            now = time.monotonic()
-            if self._watching_for_burst:  # the loop started at once on the one before
-                self._watching_for_burst = False
-                self._bursty = now - self._last_arrival < self.limits.burst_window_s
+            now = self._clock()
+            if self._burst_chain:  # counting the arrivals after a start that did not wait
+                if now - self._last_arrival < self.limits.burst_window_s:
+                    self._burst_chain += 1
+                else:
+                    self._burst_chain = 0  # the chain broke: no burst
+                if self._burst_chain >= BURST_MIN_REQUESTS:
+                    self._bursty, self._burst_chain = True, 0
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -492,13 +510,14 @@ class InflightBatcher:
     # -- the step, in order -----------------------------------------------------------------
     def _step(self) -> bool:
         if self._idle and not self._let_burst_arrive():
-            return False  # stopping: run() ends, and its shutdown fails what waits
+            return False  # nothing waits, or stopping: run() ends, its shutdown fails them
         self._admit()
+        self._taking_burst = False
         self._drop_cancelled()
         self._idle = not self._active
         if not self._active:
             with self._wake:  # that start's requests are over: the next arrival starts anew
-                self._watching_for_burst = False
+                self._burst_chain = 0
             return False
         self._release_pending()
         batch = [s for s in self._active if s.started or s.chunk]
@@ -524,37 +543,42 @@ class InflightBatcher:
         waiting (a forward streams nothing: it never waits, nor do those beside it), when
         the previous such start brought a burst: wait until none has arrived for
         ``burst_window_s`` (at most ``burst_wait_s``, or until the waiting requests fill
-        every slot, the queue or this step's prompt budget). The server's request thread
-        hands over a burst one request at a time, and a first step taken at the first
-        arrival would start that one alone. A start that finds more than one request, or
-        gets another within the window (``submit``), brought a burst; one that waited and
-        got one did not. Returns False when ``run()``'s stop was set meanwhile."""
+        every slot, the queue or the burst's prompt budget), and let this step take up to
+        BURST_PREFILL_TOKENS. The server's request thread hands over a burst one request at
+        a time, and a first step taken at the first arrival would start that one alone. A
+        start brought a burst when BURST_MIN_REQUESTS or more came, each within the window
+        of the one before (``submit`` counts those after a start that did not wait).
+        Returns False when nothing waits (the step admits nothing, so that a request
+        arriving now meets the window in the next) or ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
         if not quiet:  # (an idle loop has no stream running)
             return True
-        deadline = time.monotonic() + self.limits.burst_wait_s
         full = min(self.limits.max_active, self.limits.max_queue)
-        budget = self._prefill_budget()
         with self._wake:
-            if not self._waiting or any(s.job for s in self._waiting):
+            if not self._waiting:
+                return False
+            if any(s.job for s in self._waiting):
                 return True
-            if not self._bursty:  # start at once, and tell from the next arrival
-                self._bursty = len(self._waiting) > 1
-                self._watching_for_burst = not self._bursty
+            if not self._bursty:  # start at once, and count the arrivals that follow
+                self._bursty = len(self._waiting) >= BURST_MIN_REQUESTS
+                self._burst_chain = 0 if self._bursty else len(self._waiting)
                 return True
-            self._watching_for_burst = False
+            self._burst_chain = 0
+            self._taking_burst = True
             self.stats.burst_windows += 1
+            budget = self._prefill_budget()  # the burst's: no stream decodes
+            deadline = self._clock() + self.limits.burst_wait_s
             while self._waiting and not any(s.job for s in self._waiting):
                 if self._stop is not None and self._stop.is_set():
                     return False
-                now = time.monotonic()
+                now = self._clock()
                 until = min(self._last_arrival + quiet, deadline)
                 if now >= until or len(self._waiting) >= full:
                     break
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
-            self._bursty = sum(not s.job for s in self._waiting) > 1
+            self._bursty = sum(not s.job for s in self._waiting) >= BURST_MIN_REQUESTS
         return True
 
     def _admit(self) -> None:
@@ -587,14 +611,14 @@ class InflightBatcher:
         """This step's prompt tokens: one ``max_prefill_tokens`` for each stream that wants
         to start (prompts going in, requests waiting with room to join) per stream that
         decodes, at least one and at most IDLE_PREFILL_FACTOR (that many with none
-        decoding, or BURST_PREFILL_TOKENS if more with a burst window). A step's prefill
+        decoding, or BURST_PREFILL_TOKENS if more in the step that takes a burst). A step's prefill
         stalls every decoding stream by its compute and brings every starting stream a step
         nearer its first token: in a burst's first steps, when a few streams decode and
         many wait, the few stall longer so that the many start sooner; once as many decode
         as start, each stall is one budget's compute."""
         budget = self.limits.max_prefill_tokens
         idle = budget * IDLE_PREFILL_FACTOR  # no stream to stall
-        if self.limits.burst_window_s:
+        if self._taking_burst:
             idle = max(idle, BURST_PREFILL_TOKENS)
         decoding = sum(s.started for s in self._active)
         if not decoding:

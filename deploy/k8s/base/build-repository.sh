@@ -38,7 +38,7 @@ fi
 prefill=""
 if [ -n "${MAX_PREFILL_TOKENS:-}" ]; then prefill="--max-prefill-tokens $MAX_PREFILL_TOKENS"; fi
 # BURST_WINDOW_MS: optional too (an overlay may set it; 0 turns the window off); unset,
-# build_repo's default (6 ms, after an idle start that brought a burst)
+# build_repo's default by where the engine runs (6 ms on the CPU, off on a GPU)
 burst=""
 if [ -n "${BURST_WINDOW_MS:-}" ]; then burst="--burst-window-ms $BURST_WINDOW_MS"; fi
 device=""

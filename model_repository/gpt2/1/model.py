@@ -299,7 +299,7 @@ class Metrics:
         )
         self.burst_windows = self._metric(
             "gpt2_burst_windows_total",
-            "First steps after an idle loop that waited for the rest of a burst",
+            "First steps after an idle loop that held the burst window",
             counter=True,
         )
         self.active = self._metric(names.ACTIVE_SEQUENCES_METRIC, "Sequences in the running batch")
