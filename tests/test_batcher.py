@@ -517,32 +517,89 @@ def test_a_chain_broken_by_a_late_request_or_the_loop_running_out_of_work_is_no_
     assert idle_start(batcher, sinks(1)) == 1  # this third one is no burst's
 
 
-def test_a_burst_is_a_chain_of_arrivals_each_within_the_window_of_the_one_before(engine, codec):
-    """On the batcher's clock (set by the test, so no timing of the machine's): after a
-    start that did not wait, three arrivals each within 6 ms of the one before are a burst;
-    a gap of more breaks the chain, and later arrivals start none."""
+WINDOW = 2**-7  # s: times built from it are exact in binary, so the gaps compare exactly
+
+
+def clocked(engine, codec, **kwargs):
+    """A batcher with a WINDOW-long burst window and a wait bound of 0, on a clock the
+    test sets (``now[0]``), so that no timing of the machine's comes in."""
     now = [100.0]
-    batcher = windowed(engine, codec, window_s=0.006, burst_wait_s=0.0)
+    batcher = windowed(engine, codec, window_s=WINDOW, burst_wait_s=0.0, **kwargs)
     batcher._clock = lambda: now[0]
+    return batcher, now
 
-    def arrive(at, sink, prompt="The cat"):
-        now[0] = at
-        batcher.submit(GenerationRequest(prompt, max_tokens=2, sampling=GREEDY), sink)
 
+def test_a_burst_is_a_chain_of_arrivals_each_within_the_window_of_the_one_before(engine, codec):
+    """After a start that did not wait, three arrivals each less than the window after the
+    one before are a burst; a gap of the window or more breaks the chain, and later
+    arrivals start none."""
+    batcher, now = clocked(engine, codec)
     assert idle_start(batcher, sinks(1)) == 1  # a fresh loop waits: a lone one came
-    for times, burst in (
-        ([200.0, 200.020, 200.021, 200.022], False),
-        ([300.0, 300.005, 300.010], True),
-    ):
+    cases = [
+        ([200, 200 + 3 * WINDOW, 200 + 3.25 * WINDOW, 200 + 3.5 * WINDOW], False),
+        ([300, 300 + WINDOW, 300 + 2 * WINDOW], False),  # a window apart: not within it
+        ([400, 400 + WINDOW / 2, 400 + WINDOW], True),
+    ]
+    for times, burst in cases:
         chain = sinks(len(times))
-        arrive(times[0], chain[0])
-        assert batcher.step() and batcher.stats.burst_windows == 1  # no wait
-        for at, sink in zip(times[1:], chain[1:], strict=True):
-            arrive(at, sink)
+        for at, sink in zip(times, chain, strict=True):
+            now[0] = at
+            batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+            if sink is chain[0]:
+                assert batcher.step() and batcher.stats.burst_windows == 1  # no wait
         run_all(batcher, chain)
         assert not batcher.step()
         now[0] += 1.0
-        assert idle_start(batcher, sinks(1)) == 1 + burst
+        assert idle_start(batcher, sinks(1)) == 1 + burst, times
+
+
+def test_requests_found_waiting_count_as_a_burst_only_by_their_own_gaps(engine, codec):
+    """Requests that piled up while the loop was busy elsewhere are a burst only if they
+    arrived each within the window of the one before."""
+    batcher, now = clocked(engine, codec)
+    assert idle_start(batcher, sinks(1)) == 1  # a fresh loop waits: a lone one came
+    for times, burst in (
+        ([500, 500 + 2 * WINDOW, 500 + 4 * WINDOW], False),
+        ([600, 600, 600], True),
+    ):
+        found = sinks(len(times))
+        for at, sink in zip(times, found, strict=True):
+            now[0] = at
+            batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+        assert batcher.step() and batcher.stats.burst_windows == 1  # found, not waited for
+        run_all(batcher, found)
+        assert not batcher.step()
+        now[0] += 1.0
+        assert idle_start(batcher, sinks(1)) == 1 + burst, times
+
+
+def test_a_burst_fills_at_most_the_slots(engine, codec):
+    """With two slots a burst is two requests: a held start that fills them keeps the
+    wait on."""
+    batcher, now = clocked(engine, codec, max_active=2, max_queue=2)
+    assert idle_start(batcher, sinks(2)) == 1
+    assert idle_start(batcher, sinks(2)) == 2
+    assert idle_start(batcher, sinks(1)) == 3  # then a lone one turns it off
+    assert idle_start(batcher, sinks(1)) == 3
+
+
+def test_an_idle_step_that_finds_nothing_waiting_admits_nothing(engine, codec):
+    """A request that arrives after an idle step found the queue empty waits for the next
+    step, which holds the window for it, rather than slipping into this one unheld."""
+    batcher = windowed(engine, codec, burst_wait_s=0.0)
+    check = batcher._let_burst_arrive
+    late = ListSink()
+
+    def then_one_arrives():
+        found = check()
+        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), late)
+        return found
+
+    batcher._let_burst_arrive = then_one_arrives
+    assert not batcher.step() and batcher.active == 0
+    batcher._let_burst_arrive = check
+    assert batcher.step() and batcher.stats.burst_windows == 1 and batcher.active == 1
+    run_all(batcher, [late])
 
 
 def test_forwards_are_no_arrivals_of_a_burst(engine, codec):

@@ -212,6 +212,7 @@ class _Sequence:
     sampler: TokenSampler
     detokenizer: IncrementalDetokenizer
     submitted_at: float
+    arrived_at: float = 0.0  # the batcher's clock at submit (a burst's chain of arrivals)
     history: list[int] = field(default_factory=list)  # prompt + generated ids
     generated: int = 0
     prefilled: int = 0  # prompt tokens the engine holds
@@ -378,13 +379,13 @@ class InflightBatcher:
                     f"{len(self._waiting)} requests are already waiting; retry later"
                 )
             self._waiting.append(sequence)
-            now = self._clock()
+            now = sequence.arrived_at = self._clock()
             if self._burst_chain:  # counting the arrivals after a start that did not wait
                 if now - self._last_arrival < self.limits.burst_window_s:
                     self._burst_chain += 1
                 else:
                     self._burst_chain = 0  # the chain broke: no burst
-                if self._burst_chain >= BURST_MIN_REQUESTS:
+                if self._burst_chain >= self._burst_size:
                     self._bursty, self._burst_chain = True, 0
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
@@ -509,6 +510,7 @@ class InflightBatcher:
 
     # -- the step, in order -----------------------------------------------------------------
     def _step(self) -> bool:
+        self._taking_burst = False  # (left set if the last step's _admit raised)
         if self._idle and not self._let_burst_arrive():
             return False  # nothing waits, or stopping: run() ends, its shutdown fails them
         self._admit()
@@ -560,8 +562,9 @@ class InflightBatcher:
             if any(s.job for s in self._waiting):
                 return True
             if not self._bursty:  # start at once, and count the arrivals that follow
-                self._bursty = len(self._waiting) >= BURST_MIN_REQUESTS
-                self._burst_chain = 0 if self._bursty else len(self._waiting)
+                chain = self._waiting_chain()
+                self._bursty = chain >= self._burst_size
+                self._burst_chain = 0 if self._bursty else chain
                 return True
             self._burst_chain = 0
             self._taking_burst = True
@@ -578,8 +581,27 @@ class InflightBatcher:
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
-            self._bursty = sum(not s.job for s in self._waiting) >= BURST_MIN_REQUESTS
+            self._bursty = self._waiting_chain() >= self._burst_size
         return True
+
+    @property
+    def _burst_size(self) -> int:
+        """Requests that make a burst: BURST_MIN_REQUESTS, or fewer if the slots or the
+        queue hold fewer (a held start could not keep the wait on otherwise)."""
+        return min(BURST_MIN_REQUESTS, self.limits.max_active, self.limits.max_queue)
+
+    def _waiting_chain(self) -> int:
+        """How many waiting generation requests, counted back from the newest, arrived
+        each within the window of the one before (under ``self._wake``): those found at a
+        start may have piled up apart while the loop was busy elsewhere."""
+        chain, later = 0, None
+        for sequence in reversed(self._waiting):
+            if sequence.job:
+                continue
+            if later is not None and later - sequence.arrived_at >= self.limits.burst_window_s:
+                break
+            chain, later = chain + 1, sequence.arrived_at
+        return chain
 
     def _admit(self) -> None:
         """Share this step's prompt budget (``_prefill_budget``): first the prompts already
