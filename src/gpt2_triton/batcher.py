@@ -310,8 +310,9 @@ class InflightBatcher:
         self._idle = True  # the last step found no work: the next may wait for a burst
         # whether the last idle start brought a burst (at first: assume so), so the next one
         # waits; the requests of a start that did not wait so far, while arrivals keep
-        # within the window of each other (0: none watched); whether this step takes a
-        # burst (its budget: BURST_PREFILL_TOKENS)
+        # within the window of each other (0: none watched); whether this step holds the
+        # window (its budget: BURST_PREFILL_TOKENS; set by _let_burst_arrive, cleared by
+        # the next step)
         self._bursty = True
         self._burst_chain = 0
         self._taking_burst = False
@@ -510,11 +511,10 @@ class InflightBatcher:
 
     # -- the step, in order -----------------------------------------------------------------
     def _step(self) -> bool:
-        self._taking_burst = False  # (left set if the last step's _admit raised)
+        self._taking_burst = False  # this step's _let_burst_arrive sets it
         if self._idle and not self._let_burst_arrive():
             return False  # nothing waits, or stopping: run() ends, its shutdown fails them
         self._admit()
-        self._taking_burst = False
         self._drop_cancelled()
         self._idle = not self._active
         if not self._active:
@@ -633,11 +633,11 @@ class InflightBatcher:
         """This step's prompt tokens: one ``max_prefill_tokens`` for each stream that wants
         to start (prompts going in, requests waiting with room to join) per stream that
         decodes, at least one and at most IDLE_PREFILL_FACTOR (that many with none
-        decoding, or BURST_PREFILL_TOKENS if more in the step that takes a burst). A step's prefill
-        stalls every decoding stream by its compute and brings every starting stream a step
-        nearer its first token: in a burst's first steps, when a few streams decode and
-        many wait, the few stall longer so that the many start sooner; once as many decode
-        as start, each stall is one budget's compute."""
+        decoding, or BURST_PREFILL_TOKENS if more in the step that holds the burst window).
+        A step's prefill stalls every decoding stream by its compute and brings every
+        starting stream a step nearer its first token: in a burst's first steps, when a few
+        streams decode and many wait, the few stall longer so that the many start sooner;
+        once as many decode as start, each stall is one budget's compute."""
         budget = self.limits.max_prefill_tokens
         idle = budget * IDLE_PREFILL_FACTOR  # no stream to stall
         if self._taking_burst:
