@@ -110,9 +110,10 @@ IDLE_PREFILL_FACTOR = 8
 # 9-26 ms, with gaps of up to 10 ms; with 2 or 4 ms one wave in three still started with
 # one or two requests alone, so 6 ms. Why only after a burst: a lone request would pay the
 # whole window in its first token, and most chat traffic comes one request at a time. A
-# start that waited and got fewer than BURST_MIN_REQUESTS turns the wait off; one that did
-# not wait turns it on when it found that many, or when that many arrive in a chain, each
-# within the window of the one before (``_let_burst_arrive``, ``submit``). Three, not two:
+# start that waited and got fewer than BURST_MIN_REQUESTS (or the slots, if fewer) in a
+# chain, each within the window of the one before, turns the wait off; one that did not
+# wait turns it on when the requests it found, or those arriving after it, make such a
+# chain (``_let_burst_arrive``, ``_waiting_chain``, ``submit``). Three, not two:
 # two unrelated requests 6 ms apart are common at a few requests a second, three in a row
 # are not. So a lone request pays the window at most once after a burst, a fresh loop's
 # first start waits, and the first burst after lone traffic is split. A GPU's default is
@@ -548,8 +549,9 @@ class InflightBatcher:
         every slot, the queue or the burst's prompt budget), and let this step take up to
         BURST_PREFILL_TOKENS. The server's request thread hands over a burst one request at
         a time, and a first step taken at the first arrival would start that one alone. A
-        start brought a burst when BURST_MIN_REQUESTS or more came, each within the window
-        of the one before (``submit`` counts those after a start that did not wait).
+        start brought a burst when ``_burst_size`` or more came, each within the window of
+        the one before (``_waiting_chain``; ``submit`` counts those after a start that did
+        not wait).
         Returns False when nothing waits (the step admits nothing, so that a request
         arriving now meets the window in the next) or ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
