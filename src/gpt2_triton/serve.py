@@ -19,15 +19,13 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpt2_triton import logs
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorError, FrontDoorSettings
 from gpt2_triton.openai_gateway import GatewayProcess
-from gpt2_triton.triton_server import Ports, ServerError, TritonServer
+from gpt2_triton.triton_server import Ports, ServerError, TritonServer, answers_200
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +225,10 @@ class Service:
             if not self.envoy.alive():
                 raise FrontDoorError(f"envoy exited; see {self.envoy.log_file}")
             if (
-                all(
-                    _answers_200(f"http://{r.server.http_url}/v2/health/ready")
-                    for r in self.replicas
-                )
-                and _answers_200(url)
+                all(r.server.answers_ready() for r in self.replicas)
+                and answers_200(url)
                 and self.replicas_in_rotation() == len(self.replicas)
-                and (self.gateway is None or _answers_200(f"http://{self.gateway.url}/health"))
+                and (self.gateway is None or answers_200(f"http://{self.gateway.url}/health"))
             ):
                 # seen ready here, so an exit from now on is a restart's business, even if
                 # the supervisor's own probe had not seen it ready yet
@@ -255,12 +250,11 @@ class Service:
             pass
         for replica in self.replicas:
             server = replica.server
-            ready = _answers_200(f"http://{server.http_url}/v2/health/ready")
-            if not ready:
+            if not server.answers_ready():
                 parts.append(f"replica {replica.index} not ready{server.log_tail()}")
             elif not in_rotation.get(server.http_url, False):
                 parts.append(f"replica {replica.index} ready but not in the front door's rotation")
-        if self.gateway is not None and not _answers_200(f"http://{self.gateway.url}/health"):
+        if self.gateway is not None and not answers_200(f"http://{self.gateway.url}/health"):
             parts.append(f"the OpenAI gateway is not ready (log: {self.gateway.log_file})")
         return "; ".join(parts) or "the front door does not answer ready"
 
@@ -340,7 +334,7 @@ class Service:
         server = replica.server
         if replica.alive():
             if not replica.ever_ready:
-                replica.ever_ready = _answers_200(f"http://{server.http_url}/v2/health/ready")
+                replica.ever_ready = server.answers_ready()
             return
         now = time.monotonic()
         if replica.restart_due is None:  # it has just exited
@@ -438,14 +432,6 @@ def _check_ports(front: FrontDoorSettings, replicas: list[Ports], openai: bool) 
         if port in seen:
             raise ServerError(f"port {port} is both the {seen[port]} and the {name} port")
         seen[port] = name
-
-
-def _answers_200(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def _describe_exit(code: int | None) -> str:

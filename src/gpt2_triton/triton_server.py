@@ -145,21 +145,25 @@ class TritonServer:
         )
         return self
 
+    def answers_ready(self) -> bool:
+        """Ready to serve and to be watched: its health says ready and its metrics port
+        answers. Triton opens the metrics port last, tens of ms after the HTTP one; what
+        reads the metrics at once (the drain, the tests' baselines) would take a refused
+        connection there for a server gone (seen in a clean-clone CI run, 2026-11-28)."""
+        return answers_200(f"http://{self.http_url}/v2/health/ready") and answers_200(
+            self.metrics_url
+        )
+
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 raise ServerError(
                     f"tritonserver exited (code {code}) before it was ready" + self.log_tail()
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if self.answers_ready():
+                return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self.log_tail())
 
@@ -203,3 +207,12 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def answers_200(url: str) -> bool:
+    """Whether ``url`` answers 200 within 2 s (False for a refused or failed request)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
