@@ -157,6 +157,19 @@ def test_top_p_ties_at_the_cut_keep_the_lower_ids():
     assert inside == [0, 2, 3, 5, 7]
 
 
+def test_a_draw_at_either_end_of_the_mass_lands_on_a_token_that_has_mass():
+    # rounding can put a draw's target at the very end of the mass (or at 0): the walk
+    # must then give the last (first) token with mass, never a suppressed one or one past
+    # the vocabulary; here the first token and the last ten have none
+    probs = np.exp(RNG.normal(size=600)).astype(np.float32)
+    probs[0] = probs[590:] = 0.0
+    blocks = np.add.reduceat(probs, np.arange(0, probs.size, sampling._BLOCK))
+    walk = sampling._BlockWalk(probs, blocks)
+    assert walk.token(1.0) == 589
+    assert walk.token(np.nextafter(1.0, 0.0)) == 589
+    assert walk.token(0.0) == 1
+
+
 def test_top_p_keeps_the_nucleus():
     logits = np.full(3000, -20.0, np.float32)
     logits[[10, 20, 30]] = [5.0, 4.0, 3.0]  # ~99.9% of the mass
