@@ -70,6 +70,10 @@ class Row:
     gap_ms: list[float] = field(default_factory=list)  # every gap between two tokens
     latency_ms: list[float] = field(default_factory=list)  # per request
     wall_s: float = 0.0
+    # each measured wave's wall time, in order (the service's paths): a wave of one path
+    # and the same round's wave of another ran a few seconds apart, so their ratio, round
+    # by round, shows how far one run's ratio can be trusted
+    wave_s: list[float] = field(default_factory=list)
     tokens: int = 0
     # after the grid point's waves, summed over the server's processes (tritonserver and
     # every backend stub; llama-server is one process). RSS counts a page shared by two
@@ -103,6 +107,7 @@ class Row:
             "latency_ms_p99": pct(self.latency_ms, 99),
             "tokens": self.tokens,  # counted over the measured waves (not the warm-up)
             "tokens_per_s": self.tokens / self.wall_s if self.wall_s else None,
+            "wave_s": self.wave_s or None,
             "server_rss_mb": self.server_rss_mb,
             "server_pss_mb": self.server_pss_mb,
             "server_peak_rss_mb": self.server_peak_rss_mb,
@@ -401,7 +406,9 @@ def bench_triton(
         wave(path, None)  # warm-up
     for _ in range(rounds):
         for path in urls:
-            rows[path].wall_s += wave(path, rows[path])
+            wall = wave(path, rows[path])
+            rows[path].wall_s += wall
+            rows[path].wave_s.append(wall)
     # Memory at rest after the waves: the service gives freed heap back once idle for
     # GIVE_BACK_AFTER_S (model_repository/gpt2/1/model.py, 15 s); what it held at its
     # peak is the VmHWM column.

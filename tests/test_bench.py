@@ -150,7 +150,7 @@ def test_a_path_whose_streams_came_in_one_piece_reads_as_unmeasured_in_the_repor
     assert front_door_rows(results)[2] == (
         "| front-door | onnx | 1 | 32 | 10.00 ms | - ms | - ms | +0.5 ms | 0.990 |"
     )
-    assert sampling_rows(results)[2] == "| onnx | 1 | 32 | 100 | 98 | 0.980 | 10.00 ms | - ms |"
+    assert sampling_rows(results)[2] == "| onnx | 1 | 32 | 100 | 98 | 0.980 | - | 10.00 ms | - ms |"
 
 
 def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
@@ -163,8 +163,14 @@ def test_sampled_tokens_per_s_are_set_against_greedy_at_the_same_point():
         ]
     }
     lines = sampling_rows(results)
-    assert lines[2:] == ["| onnx | 16 | 32 | 400 | 388 | 0.970 | 30.00 ms | 31.00 ms |"]
+    assert lines[2:] == ["| onnx | 16 | 32 | 400 | 388 | 0.970 | - | 30.00 ms | 31.00 ms |"]
     assert sampling_rows({"rows": results["rows"][:1]}) == []
+    # with each wave's time, round by round: sampled over the same round's greedy wave
+    results["rows"][0]["wave_s"] = [2.0, 2.0, 2.2]
+    results["rows"][1]["wave_s"] = [2.1, 2.0, 2.4]
+    assert sampling_rows(results)[2].split(" | ")[6] == "0.917-1.000"
+    results["rows"][1]["wave_s"] = [2.1, 2.0]  # rounds that do not pair: no range
+    assert sampling_rows(results)[2].split(" | ")[6] == "-"
 
 
 def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point():
