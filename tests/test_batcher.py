@@ -1,5 +1,6 @@
 """The generation loop on the real tiny engine (ONNX Runtime) with in-memory sinks."""
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import pytest
 from gpt2_triton.batcher import (
     BURST_MIN_REQUESTS,
     BURST_PREFILL_TOKENS,
+    BURST_STRAGGLER_FACTOR,
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
@@ -571,6 +573,103 @@ def test_requests_found_waiting_count_as_a_burst_only_by_their_own_gaps(engine, 
         assert not batcher.step()
         now[0] += 1.0
         assert idle_start(batcher, sinks(1)) == 1 + burst, times
+
+
+class HeldWindow:
+    """A step in a thread on a clocked batcher whose wait bound never comes: the test
+    moves the clock (``at``) and learns whether the window held on at that time (the step
+    read it and waited again) or ended (the step returned), by states, not by time."""
+
+    def __init__(self, batcher, now) -> None:
+        self.batcher, self.now = batcher, now
+        self.read = None  # the time the batcher's clock last gave
+        self.waited = queue.SimpleQueue()  # that time, at each of the window's waits
+
+        def clock():
+            self.read = now[0]
+            return self.read
+
+        def noted_wait(timeout=None, wait=batcher._wake.wait):
+            self.waited.put(self.read)
+            return wait(timeout)
+
+        batcher._clock, batcher._wake.wait = clock, noted_wait
+        self.step = step_in_thread(batcher)
+        self.waited.get(timeout=60)  # it holds the window
+
+    def at(self, time_s: float) -> bool:
+        """Move the clock to ``time_s`` and wake the window: True if it held on."""
+        self.now[0] = time_s
+        with self.batcher._wake:
+            self.batcher._wake.notify_all()
+        while self.step.is_alive():
+            try:
+                if self.waited.get(timeout=0.05) == time_s:
+                    return True  # it read this time, and waited on
+            except queue.Empty:
+                pass
+        return False
+
+
+def test_a_held_window_waits_longer_until_as_many_came_as_the_last_burst(engine, codec):
+    """Until as many requests have come as the last burst brought, the quiet time that
+    ends a held window is BURST_STRAGGLER_FACTOR windows; from then on one window. A lone
+    request after a burst pays the longer wait once."""
+    assert BURST_STRAGGLER_FACTOR == 3
+    batcher = windowed(engine, codec, window_s=WINDOW, max_active=8, max_queue=8)
+    now = [100.0]
+    batcher._clock = lambda: now[0]  # HeldWindow notes each reading of it
+
+    def arrive(count):
+        burst = sinks(count)
+        for sink in burst:
+            batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+        return burst
+
+    first = arrive(1)  # a fresh loop's start: one window (no burst seen yet)
+    window = HeldWindow(batcher, now)
+    assert not window.at(100 + WINDOW)
+    run_all(batcher, first)
+    assert not batcher.step()
+    assert idle_start(batcher, sinks(4)) == 1  # the wait is off; four found at once: on
+
+    now[0] = 200.0
+    second = arrive(1)
+    window = HeldWindow(batcher, now)
+    assert window.at(200 + 2 * WINDOW)  # a gap of two windows: fewer than four came
+    second += arrive(4)  # now five: one window from the last
+    assert window.at(200 + 2.5 * WINDOW)
+    assert not window.at(200 + 3 * WINDOW)
+    assert batcher.active == 5 and batcher.stats.burst_windows == 2
+    run_all(batcher, second)
+    assert not batcher.step()
+
+    now[0] = 250.0
+    third = arrive(4)
+    window = HeldWindow(batcher, now)
+    assert window.at(250 + 2 * WINDOW)  # four: fewer than the five of the last burst
+    assert not window.at(250 + 3 * WINDOW)
+    assert batcher.active == 4
+    run_all(batcher, third)
+    assert not batcher.step()
+
+    now[0] = 300.0
+    lone = arrive(1)
+    window = HeldWindow(batcher, now)
+    assert window.at(300 + 2.75 * WINDOW)
+    assert not window.at(300 + 3 * WINDOW)  # three windows, and the lone one goes in
+    assert batcher.active == 1
+    run_all(batcher, lone)
+    assert not batcher.step()
+    assert idle_start(batcher, sinks(1)) == 4  # it turned the wait off
+    assert idle_start(batcher, sinks(3)) == 4  # three found at once: a burst of three
+
+    now[0] = 400.0
+    last = arrive(2)
+    window = HeldWindow(batcher, now)
+    assert window.at(400 + 2 * WINDOW)  # fewer than the three found last time
+    assert not window.at(400 + 3 * WINDOW)
+    run_all(batcher, last)
 
 
 def test_a_burst_fills_at_most_the_slots(engine, codec):

@@ -116,11 +116,17 @@ IDLE_PREFILL_FACTOR = 8
 # chain (``_let_burst_arrive``, ``_waiting_chain``, ``submit``). Three, not two:
 # two unrelated requests 6 ms apart are common at a few requests a second, three in a row
 # are not. So a lone request pays the window at most once after a burst, a fresh loop's
-# first start waits, and the first burst after lone traffic is split. A GPU's default is
-# off: there a first token takes ~10 ms, and the window was not measured there.
+# first start waits, and the first burst after lone traffic is split. Until as many
+# requests have come as the last burst brought, the quiet time that ends the wait is
+# BURST_STRAGGLER_FACTOR windows: a gap of more than one window inside a burst split one
+# wave in about ten at 16 streams (each split also turning the wait off for the next
+# burst: two waves; PERFORMANCE.md, 23:51), and a lone request after a burst pays that
+# longer wait once. A GPU's default is off: there a first token takes ~10 ms, and the
+# window was not measured there.
 CPU_BURST_WINDOW_MS = 6
 GPU_BURST_WINDOW_MS = 0
 BURST_MIN_REQUESTS = 3
+BURST_STRAGGLER_FACTOR = 3
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
 MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
@@ -316,6 +322,9 @@ class InflightBatcher:
         # the next step)
         self._bursty = True
         self._burst_chain = 0
+        # the requests the last burst brought (until they have come again, a held window's
+        # quiet time is BURST_STRAGGLER_FACTOR windows); at first: one
+        self._burst_seen = 1
         self._taking_burst = False
         self._stop: threading.Event | None = None  # run()'s: a burst window ends on it
         self._active: list[_Sequence] = []
@@ -388,7 +397,8 @@ class InflightBatcher:
                 else:
                     self._burst_chain = 0  # the chain broke: no burst
                 if self._burst_chain >= self._burst_size:
-                    self._bursty, self._burst_chain = True, 0
+                    self._bursty, self._burst_seen = True, self._burst_chain
+                    self._burst_chain = 0
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -545,7 +555,8 @@ class InflightBatcher:
         """The first step after the loop ran out of work, with only generation requests
         waiting (a forward streams nothing: it never waits, nor do those beside it), when
         the previous such start brought a burst: wait until none has arrived for
-        ``burst_window_s`` (at most ``burst_wait_s``, or until the waiting requests fill
+        ``burst_window_s`` (BURST_STRAGGLER_FACTOR times that while fewer wait than the
+        last burst brought; at most ``burst_wait_s``, or until the waiting requests fill
         every slot, the queue or the burst's prompt budget), and let this step take up to
         BURST_PREFILL_TOKENS. The server's request thread hands over a burst one request at
         a time, and a first step taken at the first arrival would start that one alone. A
@@ -567,6 +578,8 @@ class InflightBatcher:
                 chain = self._waiting_chain()
                 self._bursty = chain >= self._burst_size
                 self._burst_chain = 0 if self._bursty else chain
+                if self._bursty:
+                    self._burst_seen = chain
                 return True
             self._burst_chain = 0
             self._taking_burst = True
@@ -577,12 +590,16 @@ class InflightBatcher:
                 if self._stop is not None and self._stop.is_set():
                     return False
                 now = self._clock()
-                until = min(self._last_arrival + quiet, deadline)
+                gap = quiet
+                if len(self._waiting) < self._burst_seen:  # more may be on their way
+                    gap = quiet * BURST_STRAGGLER_FACTOR
+                until = min(self._last_arrival + gap, deadline)
                 if now >= until or len(self._waiting) >= full:
                     break
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
+            self._burst_seen = sum(1 for s in self._waiting if not s.job)
             self._bursty = self._waiting_chain() >= self._burst_size
         return True
 
