@@ -12,6 +12,7 @@ from gpt2_triton.batcher import (
     BURST_MIN_REQUESTS,
     BURST_PREFILL_TOKENS,
     BURST_STRAGGLER_FACTOR,
+    BURST_STRAGGLER_MIN_REQUESTS,
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
@@ -584,21 +585,25 @@ class HeldWindow:
         self.batcher, self.now = batcher, now
         self.read = None  # the time the batcher's clock last gave
         self.waited = queue.SimpleQueue()  # that time, at each of the window's waits
+        wait = getattr(batcher._wake, "unnoted_wait", batcher._wake.wait)
 
         def clock():
             self.read = now[0]
             return self.read
 
-        def noted_wait(timeout=None, wait=batcher._wake.wait):
+        def noted_wait(timeout=None):
             self.waited.put(self.read)
             return wait(timeout)
 
         batcher._clock, batcher._wake.wait = clock, noted_wait
+        batcher._wake.unnoted_wait = wait  # the next HeldWindow wraps this one, not ours
         self.step = step_in_thread(batcher)
-        self.waited.get(timeout=60)  # it holds the window
+        self._next_wait("the step did not hold the window")
 
     def at(self, time_s: float) -> bool:
         """Move the clock to ``time_s`` and wake the window: True if it held on."""
+        while not self.waited.empty():  # waits before this time
+            self.waited.get_nowait()
         self.now[0] = time_s
         with self.batcher._wake:
             self.batcher._wake.notify_all()
@@ -610,13 +615,20 @@ class HeldWindow:
                 pass
         return False
 
+    def _next_wait(self, failure: str) -> None:
+        while self.waited.empty():
+            assert self.step.is_alive(), failure
+            time.sleep(0.01)  # polling a state: how long it takes does not matter
+        self.waited.get_nowait()
 
-def test_a_held_window_waits_longer_until_as_many_came_as_the_last_burst(engine, codec):
-    """Until as many requests have come as the last burst brought, the quiet time that
-    ends a held window is BURST_STRAGGLER_FACTOR windows; from then on one window. A lone
-    request after a burst pays the longer wait once."""
-    assert BURST_STRAGGLER_FACTOR == 3
-    batcher = windowed(engine, codec, window_s=WINDOW, max_active=8, max_queue=8)
+
+def test_a_held_window_waits_longer_until_as_many_came_as_the_last_big_burst(engine, codec):
+    """After a burst of BURST_STRAGGLER_MIN_REQUESTS or more, until as many requests have
+    come again, the quiet time that ends a held window is BURST_STRAGGLER_FACTOR windows;
+    from then on, or after a smaller burst, one window. A lone request after a big burst
+    pays the longer wait once."""
+    assert (BURST_STRAGGLER_FACTOR, BURST_STRAGGLER_MIN_REQUESTS) == (3, 6)
+    batcher = windowed(engine, codec, window_s=WINDOW, max_active=16, max_queue=16)
     now = [100.0]
     batcher._clock = lambda: now[0]  # HeldWindow notes each reading of it
 
@@ -626,50 +638,94 @@ def test_a_held_window_waits_longer_until_as_many_came_as_the_last_burst(engine,
             batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
         return burst
 
-    first = arrive(1)  # a fresh loop's start: one window (no burst seen yet)
-    window = HeldWindow(batcher, now)
-    assert not window.at(100 + WINDOW)
-    run_all(batcher, first)
-    assert not batcher.step()
-    assert idle_start(batcher, sinks(4)) == 1  # the wait is off; four found at once: on
+    def held(count, start, gaps, ends):
+        """``count`` requests arrive at ``start``: the window holds on at each of ``gaps``
+        (in windows after ``start``) and ends at ``ends``, with all of them taken."""
+        burst = arrive(count)
+        window = HeldWindow(batcher, now)
+        for gap in gaps:
+            assert window.at(start + gap * WINDOW), (count, gap)
+        assert not window.at(start + ends * WINDOW), (count, ends)
+        assert batcher.active == count
+        run_all(batcher, burst)
+        assert not batcher.step()
+
+    held(1, 100.0, [], 1)  # a fresh loop's start: one window (no burst seen yet)
+    assert idle_start(batcher, sinks(6)) == 1  # the wait is off; six found at once: on
 
     now[0] = 200.0
     second = arrive(1)
     window = HeldWindow(batcher, now)
-    assert window.at(200 + 2 * WINDOW)  # a gap of two windows: fewer than four came
-    second += arrive(4)  # now five: one window from the last
+    assert window.at(200 + 2 * WINDOW)  # a gap of two windows: fewer than six came
+    second += arrive(6)  # now seven: one window from the last
     assert window.at(200 + 2.5 * WINDOW)
     assert not window.at(200 + 3 * WINDOW)
-    assert batcher.active == 5 and batcher.stats.burst_windows == 2
+    assert batcher.active == 7 and batcher.stats.burst_windows == 2
     run_all(batcher, second)
     assert not batcher.step()
 
     now[0] = 250.0
-    third = arrive(4)
+    held(6, 250.0, [2], 3)  # six: fewer than the seven of the last burst
+    now[0] = 260.0
+    late = arrive(5)  # the last of six comes two windows after the others: still a burst
     window = HeldWindow(batcher, now)
-    assert window.at(250 + 2 * WINDOW)  # four: fewer than the five of the last burst
-    assert not window.at(250 + 3 * WINDOW)
-    assert batcher.active == 4
-    run_all(batcher, third)
+    assert window.at(260 + 2 * WINDOW)
+    late += arrive(1)
+    assert not window.at(260 + 3 * WINDOW) and batcher.active == 6
+    run_all(batcher, late)
     assert not batcher.step()
-
     now[0] = 300.0
-    lone = arrive(1)
-    window = HeldWindow(batcher, now)
-    assert window.at(300 + 2.75 * WINDOW)
-    assert not window.at(300 + 3 * WINDOW)  # three windows, and the lone one goes in
-    assert batcher.active == 1
+    held(1, 300.0, [2.75], 3)  # a lone one after a big burst: three windows
+    assert batcher.stats.burst_windows == 5  # (the one after the late one held, too)
+    assert idle_start(batcher, sinks(1)) == 5  # the lone one turned the wait off
+
+    now[0] = 400.0  # seven in a chain after a start that did not wait: counted to the end
+    chain = arrive(1)
+    assert batcher.step() and batcher.stats.burst_windows == 5
+    for _ in range(6):
+        now[0] += WINDOW / 4
+        chain += arrive(1)
+    run_all(batcher, chain)
+    assert not batcher.step()
+    now[0] = 500.0
+    held(1, 500.0, [2.75], 3)  # fewer than seven: three windows
+    assert idle_start(batcher, sinks(3)) == 6  # off again; three found at once: a burst
+    now[0] = 600.0
+    held(2, 600.0, [], 1)  # after a burst of three (a small one): one window
+    assert batcher.stats.burst_windows == 7
+
+
+def test_a_forward_that_ends_a_held_window_leaves_the_last_bursts_size(engine, codec):
+    """A forward ends a held window at once; the requests taken then are no measure of
+    the burst, so the next held window still waits longer for a big burst's stragglers."""
+    batcher = windowed(engine, codec, window_s=WINDOW, max_active=16, max_queue=16)
+    now = [100.0]
+    batcher._clock = lambda: now[0]
+    lone = sinks(1)  # a fresh loop's start holds the window; then the wait is off
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), lone[0])
+    assert not HeldWindow(batcher, now).at(100 + WINDOW)
     run_all(batcher, lone)
     assert not batcher.step()
-    assert idle_start(batcher, sinks(1)) == 4  # it turned the wait off
-    assert idle_start(batcher, sinks(3)) == 4  # three found at once: a burst of three
-
-    now[0] = 400.0
-    last = arrive(2)
+    assert idle_start(batcher, sinks(8)) == 1  # eight found at once: a burst of eight
+    now[0] = 200.0
+    first = sinks(3)
+    for sink in first:
+        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
     window = HeldWindow(batcher, now)
-    assert window.at(400 + 2 * WINDOW)  # fewer than the three found last time
-    assert not window.at(400 + 3 * WINDOW)
-    run_all(batcher, last)
+    reply = Replies()
+    batcher.submit_forward([[5, 6]], reply)  # ends the window: three came, and a forward
+    window.step.join(60)
+    assert not window.step.is_alive() and batcher.stats.burst_windows == 2
+    run_all(batcher, first)
+    assert reply.answers and not batcher.step()
+    now[0] = 300.0
+    later = sinks(4)
+    for sink in later:
+        batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
+    window = HeldWindow(batcher, now)
+    assert window.at(300 + 2 * WINDOW)  # four: fewer than the eight of the last burst
+    assert not window.at(300 + 3 * WINDOW)
+    run_all(batcher, later)
 
 
 def test_a_burst_fills_at_most_the_slots(engine, codec):

@@ -116,17 +116,20 @@ IDLE_PREFILL_FACTOR = 8
 # chain (``_let_burst_arrive``, ``_waiting_chain``, ``submit``). Three, not two:
 # two unrelated requests 6 ms apart are common at a few requests a second, three in a row
 # are not. So a lone request pays the window at most once after a burst, a fresh loop's
-# first start waits, and the first burst after lone traffic is split. Until as many
-# requests have come as the last burst brought, the quiet time that ends the wait is
-# BURST_STRAGGLER_FACTOR windows: a gap of more than one window inside a burst split one
-# wave in about ten at 16 streams (each split also turning the wait off for the next
-# burst: two waves; PERFORMANCE.md, 23:51), and a lone request after a burst pays that
-# longer wait once. A GPU's default is off: there a first token takes ~10 ms, and the
-# window was not measured there.
+# first start waits, and the first burst after lone traffic is split. After a burst of
+# BURST_STRAGGLER_MIN_REQUESTS or more, until as many requests have come again, the quiet
+# time that ends the wait is BURST_STRAGGLER_FACTOR windows: a gap of more than one window
+# inside a burst split one wave in about ten at 16 streams (each split also turning the
+# wait off for the next burst: two waves; PERFORMANCE.md, 23:51), and a lone request after
+# such a burst pays that longer wait once. Not after smaller bursts: three requests a few
+# ms apart happen in random traffic, whose p99 TTFT the longer wait raised (a fake-engine
+# simulation, 20-50 requests/s: 15-18 ms -> 27-34 ms). A GPU's default is off: there a
+# first token takes ~10 ms, and the window was not measured there.
 CPU_BURST_WINDOW_MS = 6
 GPU_BURST_WINDOW_MS = 0
 BURST_MIN_REQUESTS = 3
 BURST_STRAGGLER_FACTOR = 3
+BURST_STRAGGLER_MIN_REQUESTS = 2 * BURST_MIN_REQUESTS
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
 MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
@@ -322,8 +325,9 @@ class InflightBatcher:
         # the next step)
         self._bursty = True
         self._burst_chain = 0
-        # the requests the last burst brought (until they have come again, a held window's
-        # quiet time is BURST_STRAGGLER_FACTOR windows); at first: one
+        # the requests the last burst brought (if BURST_STRAGGLER_MIN_REQUESTS or more, a
+        # held window's quiet time is BURST_STRAGGLER_FACTOR windows until they have come
+        # again); at first: one
         self._burst_seen = 1
         self._taking_burst = False
         self._stop: threading.Event | None = None  # run()'s: a burst window ends on it
@@ -395,10 +399,9 @@ class InflightBatcher:
                 if now - self._last_arrival < self.limits.burst_window_s:
                     self._burst_chain += 1
                 else:
-                    self._burst_chain = 0  # the chain broke: no burst
-                if self._burst_chain >= self._burst_size:
+                    self._burst_chain = 0  # the chain broke: it ends here
+                if self._burst_chain >= self._burst_size:  # a burst: counted to its end
                     self._bursty, self._burst_seen = True, self._burst_chain
-                    self._burst_chain = 0
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -556,8 +559,9 @@ class InflightBatcher:
         waiting (a forward streams nothing: it never waits, nor do those beside it), when
         the previous such start brought a burst: wait until none has arrived for
         ``burst_window_s`` (BURST_STRAGGLER_FACTOR times that while fewer wait than the
-        last burst brought; at most ``burst_wait_s``, or until the waiting requests fill
-        every slot, the queue or the burst's prompt budget), and let this step take up to
+        last burst brought, if that was BURST_STRAGGLER_MIN_REQUESTS or more; at most
+        ``burst_wait_s``, or until the waiting requests fill every slot, the queue or the
+        burst's prompt budget), and let this step take up to
         BURST_PREFILL_TOKENS. The server's request thread hands over a burst one request at
         a time, and a first step taken at the first arrival would start that one alone. A
         start brought a burst when ``_burst_size`` or more came, each within the window of
@@ -575,32 +579,38 @@ class InflightBatcher:
             if any(s.job for s in self._waiting):
                 return True
             if not self._bursty:  # start at once, and count the arrivals that follow
-                chain = self._waiting_chain()
-                self._bursty = chain >= self._burst_size
-                self._burst_chain = 0 if self._bursty else chain
-                if self._bursty:
-                    self._burst_seen = chain
+                chain = self._burst_chain = self._waiting_chain()
+                if chain >= self._burst_size:
+                    self._bursty, self._burst_seen = True, chain
                 return True
             self._burst_chain = 0
             self._taking_burst = True
             self.stats.burst_windows += 1
             budget = self._prefill_budget()  # the burst's: no stream decodes
             deadline = self._clock() + self.limits.burst_wait_s
+            widest = quiet  # the longest quiet time the wait allowed
             while self._waiting and not any(s.job for s in self._waiting):
                 if self._stop is not None and self._stop.is_set():
                     return False
                 now = self._clock()
                 gap = quiet
-                if len(self._waiting) < self._burst_seen:  # more may be on their way
-                    gap = quiet * BURST_STRAGGLER_FACTOR
+                seen = self._burst_seen
+                if seen >= BURST_STRAGGLER_MIN_REQUESTS and len(self._waiting) < seen:
+                    gap = quiet * BURST_STRAGGLER_FACTOR  # more of a big burst may be coming
+                widest = max(widest, gap)
                 until = min(self._last_arrival + gap, deadline)
                 if now >= until or len(self._waiting) >= full:
                     break
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
-            self._burst_seen = sum(1 for s in self._waiting if not s.job)
-            self._bursty = self._waiting_chain() >= self._burst_size
+            # a burst's requests, each within the gap the wait allowed of the one before (a
+            # straggler it waited for is one of them); a forward that ended the wait early
+            # leaves the last burst's size as it was
+            chain = self._waiting_chain(widest)
+            self._bursty = chain >= self._burst_size
+            if not any(s.job for s in self._waiting):
+                self._burst_seen = chain
         return True
 
     @property
@@ -609,15 +619,17 @@ class InflightBatcher:
         queue hold fewer (a held start could not keep the wait on otherwise)."""
         return min(BURST_MIN_REQUESTS, self.limits.max_active, self.limits.max_queue)
 
-    def _waiting_chain(self) -> int:
+    def _waiting_chain(self, within: float = 0.0) -> int:
         """How many waiting generation requests, counted back from the newest, arrived
-        each within the window of the one before (under ``self._wake``): those found at a
-        start may have piled up apart while the loop was busy elsewhere."""
+        each within ``within`` (by default the window) of the one before (under
+        ``self._wake``): those found at a start may have piled up apart while the loop was
+        busy elsewhere."""
+        within = within or self.limits.burst_window_s
         chain, later = 0, None
         for sequence in reversed(self._waiting):
             if sequence.job:
                 continue
-            if later is not None and later - sequence.arrived_at >= self.limits.burst_window_s:
+            if later is not None and later - sequence.arrived_at >= within:
                 break
             chain, later = chain + 1, sequence.arrived_at
         return chain
