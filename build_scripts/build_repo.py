@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         default=RepoSettings.burst_window_ms,
         help="with no stream running, when the last idle start brought a burst, the first "
         "step waits until requests stop arriving for this long, then takes the burst whole "
-        "(three times that while fewer have come than the last burst brought; its streams "
+        "(three times that while fewer have come than the last burst brought, if six or "
+        "more; its streams "
         "decode together; a lone request after a burst gets its first token up to three "
         "times that much later); 0: never; default: 6 on the CPU, 0 on a GPU (ENGINE=trt or "
         "DEVICE=cuda), where it was not measured",

@@ -6,6 +6,7 @@ offline by the project itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -165,6 +166,33 @@ def _free_ports(count: int) -> list[int]:
 @pytest.fixture()
 def unused_port() -> int:
     return _free_ports(1)[0]
+
+
+def _free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive ports, each free now and none handed out before
+    in this session (the harness serves on --port and the seven after it: a server of an
+    earlier test may hold one of those, so each is tried)."""
+    import socket
+
+    while True:
+        first = _free_ports(1)[0]
+        block = range(first, first + count)
+        if block[-1] > 65535 or any(port in _HANDED_OUT for port in block[1:]):
+            continue
+        try:
+            with contextlib.ExitStack() as probes:
+                for port in block[1:]:
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _HANDED_OUT.update(block)
+        return first
+
+
+@pytest.fixture()
+def unused_port_block() -> int:
+    """The first of eight consecutive free ports (``benchmarks.harness --port``)."""
+    return _free_port_block(8)
 
 
 @pytest.fixture()

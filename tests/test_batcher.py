@@ -616,10 +616,10 @@ class HeldWindow:
         return False
 
     def _next_wait(self, failure: str) -> None:
-        while self.waited.empty():
-            assert self.step.is_alive(), failure
-            time.sleep(0.01)  # polling a state: how long it takes does not matter
-        self.waited.get_nowait()
+        try:
+            self.waited.get(timeout=60)  # a bound for a hung step, not a timing
+        except queue.Empty:
+            raise AssertionError(failure) from None
 
 
 def test_a_held_window_waits_longer_until_as_many_came_as_the_last_big_burst(engine, codec):

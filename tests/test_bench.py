@@ -10,7 +10,9 @@ from benchmarks.report import floor_rows, front_door_rows, peer_rows, ratio_rows
 
 
 @pytest.mark.integration
-def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_path, unused_port):
+def test_harness_measures_every_system_and_writes_the_report(
+    tiny_export, tmp_path, unused_port_block
+):
     code = harness.main(
         [
             "--model",
@@ -26,7 +28,7 @@ def test_harness_measures_every_system_and_writes_the_report(tiny_export, tmp_pa
             "onnx",
             "onnx-int8",
             "--port",
-            str(unused_port),
+            str(unused_port_block),
             "--rounds",
             "2",
             "--sampling",

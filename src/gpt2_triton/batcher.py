@@ -132,7 +132,9 @@ BURST_STRAGGLER_FACTOR = 3
 BURST_STRAGGLER_MIN_REQUESTS = 2 * BURST_MIN_REQUESTS
 BURST_PREFILL_TOKENS = 2048
 BURST_WAIT_S = 0.05
-MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)  # a longer one would never end the wait
+# a longer window would never end the wait (the straggler wait, three windows, reaches the
+# bound from 17 ms)
+MAX_BURST_WINDOW_MS = round(BURST_WAIT_S * 1000)
 
 # Prompt tokens a step takes while streams decode, by where the engine runs. On two CPU
 # cores 64 is about one decode step's compute at 16 streams: it kept the stalls at about
@@ -401,7 +403,8 @@ class InflightBatcher:
                 else:
                     self._burst_chain = 0  # the chain broke: it ends here
                 if self._burst_chain >= self._burst_size:  # a burst: counted to its end
-                    self._bursty, self._burst_seen = True, self._burst_chain
+                    self._bursty = True
+                    self._burst_seen = min(self._burst_chain, self._burst_most)
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -581,7 +584,7 @@ class InflightBatcher:
             if not self._bursty:  # start at once, and count the arrivals that follow
                 chain = self._burst_chain = self._waiting_chain()
                 if chain >= self._burst_size:
-                    self._bursty, self._burst_seen = True, chain
+                    self._bursty, self._burst_seen = True, min(chain, self._burst_most)
                 return True
             self._burst_chain = 0
             self._taking_burst = True
@@ -618,6 +621,12 @@ class InflightBatcher:
         """Requests that make a burst: BURST_MIN_REQUESTS, or fewer if the slots or the
         queue hold fewer (a held start could not keep the wait on otherwise)."""
         return min(BURST_MIN_REQUESTS, self.limits.max_active, self.limits.max_queue)
+
+    @property
+    def _burst_most(self) -> int:
+        """The most requests a held window can take: the slots, or the queue if smaller
+        (a chain of arrivals under steady load can run on past them)."""
+        return min(self.limits.max_active, self.limits.max_queue)
 
     def _waiting_chain(self, within: float = 0.0) -> int:
         """How many waiting generation requests, counted back from the newest, arrived
