@@ -575,7 +575,7 @@ class InflightBatcher:
         quiet = self.limits.burst_window_s
         if not quiet:  # (an idle loop has no stream running)
             return True
-        full = min(self.limits.max_active, self.limits.max_queue)
+        full = self._burst_most
         with self._wake:
             if not self._waiting:
                 return False
@@ -620,7 +620,7 @@ class InflightBatcher:
     def _burst_size(self) -> int:
         """Requests that make a burst: BURST_MIN_REQUESTS, or fewer if the slots or the
         queue hold fewer (a held start could not keep the wait on otherwise)."""
-        return min(BURST_MIN_REQUESTS, self.limits.max_active, self.limits.max_queue)
+        return min(BURST_MIN_REQUESTS, self._burst_most)
 
     @property
     def _burst_most(self) -> int:
