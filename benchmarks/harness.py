@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import platform
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -689,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = run(args)
     results["duration_s"] = time.perf_counter() - started
+    # the report says how it was made: a run with other flags than make's is another grid
+    results["command"] = shlex.join(
+        ["python", "-m", "benchmarks.harness", *(sys.argv[1:] if argv is None else argv)]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args.report, args.report.parent / "bench")

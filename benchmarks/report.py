@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from pathlib import Path
 
@@ -15,14 +17,14 @@ def _index(rows):
 
 
 def ratio_rows(results: dict) -> list[str]:
-    """(c) over (a) and (b), per engine, concurrency and prompt length."""
+    """(c) over (a) and (b), per engine, concurrency and prompt length; the column against
+    (a) only when the run measured it (not with --skip-hf)."""
     rows = results["rows"]
     by = _index(rows)
-    lines = [
-        "| service | concurrency | prompt | ITL vs ONNX loop | TTFT vs ONNX loop | "
-        "tokens/s vs ONNX loop | tokens/s vs HF generate |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    with_hf = any(r["system"] == "hf-generate" for r in rows)
+    header = "| service | concurrency | prompt | ITL vs ONNX loop | TTFT vs ONNX loop | "
+    header += "tokens/s vs ONNX loop |" + (" tokens/s vs HF generate |" if with_hf else "")
+    lines = [header, "|---" * (7 if with_hf else 6) + "|"]
     for r in rows:
         if r["system"].partition(":")[0] not in SERVICE_PATHS:
             continue
@@ -31,18 +33,20 @@ def ratio_rows(results: dict) -> list[str]:
         int8 = r["system"].endswith(":onnx-int8") and ("onnxruntime-loop:int8", *key) in by
         loop = by.get(("onnxruntime-loop:int8" if int8 else "onnxruntime-loop", *key))
         hf = by.get(("hf-generate", *key))
-
-        def ratio(a, b):
-            return None if a is None or b is None or b == 0 else a / b
-
-        lines.append(
-            f"| {r['system']} | {key[0]} | {key[1]} | "
-            f"{_fmt(ratio(r['itl_ms_p50'], loop and loop['itl_ms_p50']), '.2f')}x | "
-            f"{_fmt(ratio(r['ttft_ms_p50'], loop and loop['ttft_ms_p50']), '.2f')}x | "
-            f"{_fmt(ratio(r['tokens_per_s'], loop and loop['tokens_per_s']), '.2f')}x | "
-            f"{_fmt(ratio(r['tokens_per_s'], hf and hf['tokens_per_s']), '.2f')}x |"
-        )
+        cells = [
+            _times(_ratio(r["itl_ms_p50"], loop and loop["itl_ms_p50"])),
+            _times(_ratio(r["ttft_ms_p50"], loop and loop["ttft_ms_p50"])),
+            _times(_ratio(r["tokens_per_s"], loop and loop["tokens_per_s"])),
+        ]
+        if with_hf:
+            cells.append(_times(_ratio(r["tokens_per_s"], hf and hf["tokens_per_s"])))
+        lines.append(f"| {r['system']} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _times(ratio) -> str:
+    """A ratio as "1.23x", or "-" when one side is missing."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _against_direct(results: dict, paths: tuple[str, ...]):
@@ -149,7 +153,7 @@ def peer_rows(results: dict) -> list[str]:
         cells.append(_ratio(r.get("server_peak_rss_mb"), other.get("server_peak_rss_mb")))
         lines.append(
             f"| {r['system']} | {other['system']} | {key[0]} | {key[1]} | "
-            + " | ".join(f"{_fmt(c, '.2f')}x" if c is not None else "-" for c in cells)
+            + " | ".join(_times(c) for c in cells)
             + " |"
         )
     return lines if len(lines) > 2 else []
@@ -218,6 +222,15 @@ def table(results: dict) -> list[str]:
     return lines
 
 
+# Line style and marker by kind of system, so that a run's dozen lines stay apart: the
+# service's paths solid, the baselines broken.
+_PLOT_STYLES = {
+    "llama": ("--", "s"),
+    "onnxruntime-loop": (":", "^"),
+    "hf-generate": ("-.", "v"),
+}
+
+
 def plots(results: dict, folder: Path) -> list[str]:
     import matplotlib
 
@@ -227,9 +240,12 @@ def plots(results: dict, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     systems = sorted({r["system"] for r in results["rows"]})
+    # tab20's ten dark hues first, then their light twins: a colour per system for 20
+    palette = plt.get_cmap("tab20").colors
+    palette = palette[0::2] + palette[1::2]
     for prompt in sorted({r["prompt_tokens"] for r in results["rows"]}):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for system in systems:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for index, system in enumerate(systems):
             rows = sorted(
                 (
                     r
@@ -238,9 +254,16 @@ def plots(results: dict, folder: Path) -> list[str]:
                 ),
                 key=lambda r: r["concurrency"],
             )
+            linestyle, marker = _PLOT_STYLES.get(system.partition(":")[0], ("-", "o"))
+            style = {
+                "color": palette[index % len(palette)],
+                "linestyle": linestyle,
+                "marker": marker,
+                "label": system,
+            }
             xs = [r["concurrency"] for r in rows]
-            left.plot(xs, [r["itl_ms_p50"] for r in rows], marker="o", label=system)
-            right.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=system)
+            left.plot(xs, [r["itl_ms_p50"] for r in rows], **style)
+            right.plot(xs, [r["tokens_per_s"] for r in rows], **style)
         for axis, title in ((left, "inter-token latency p50 (ms)"), (right, "output tokens/s")):
             axis.set_xscale("log", base=2)
             axis.set_xticks([r for r in sorted({r["concurrency"] for r in results["rows"]})])
@@ -248,16 +271,22 @@ def plots(results: dict, folder: Path) -> list[str]:
             axis.set_xlabel("concurrency")
             axis.set_title(title)
             axis.grid(alpha=0.3)
-        right.legend(fontsize=8)
+        # beside the plots, not over their lines
+        fig.legend(*right.get_legend_handles_labels(), loc="center right", fontsize=8)
         fig.suptitle(
             f"GPT-2 small architecture, prompt {prompt} tokens, {results['new_tokens']} new tokens"
         )
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.86, 1))
         name = f"concurrency_prompt{prompt}.png"
         fig.savefig(folder / name, dpi=90)
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _make_target(results: dict) -> str:
+    """What made a run that did not record its command (before 2026-11-29)."""
+    return f"make {'bench-peer' if results.get('peer') else 'bench'}"
 
 
 def write_report(results: dict, path: Path, plot_folder: Path) -> None:
@@ -270,7 +299,7 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
     text = [
         "# Benchmarks",
         "",
-        f"Produced by `make {'bench-peer' if results.get('peer') else 'bench'}` "
+        f"Produced by `{results.get('command') or _make_target(results)}` "
         f"({results['started']}, {results['duration_s']:.0f} s) on "
         f"{results['machine']['cpus']} CPUs ({results['machine']['platform']}); model "
         f"`{results['model']}`, {results['new_tokens']} new tokens per request, greedy, "
@@ -389,3 +418,20 @@ def kept_sections(path: Path) -> str:
     old = path.read_text()
     found = re.search(rf"(?m)^{re.escape(KEPT_FROM)}$", old)
     return "\n" + old[found.start() :] if found else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write the report (and its plots, in a `bench` folder beside it) again "
+        "from a harness run's results.json: to publish a run made with --report elsewhere"
+    )
+    parser.add_argument("results", type=Path, help="the harness's results.json")
+    parser.add_argument("--report", type=Path, default=Path("docs/BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    write_report(json.loads(args.results.read_text()), args.report, args.report.parent / "bench")
+    print(f"report in {args.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

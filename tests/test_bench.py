@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import harness
 from benchmarks.report import floor_rows, front_door_rows, peer_rows, ratio_rows, sampling_rows
+from benchmarks.report import main as report_main
 
 
 @pytest.mark.integration
@@ -88,6 +89,12 @@ def test_harness_measures_every_system_and_writes_the_report(
     served_itl = by[("triton:onnx", 1)]["itl_ms_p50"]
     assert ("| triton:onnx | 8 |" in report) == (served_itl is not None)
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
+    # the report names the run's own flags, and comes out the same again from its results
+    assert "Produced by `python -m benchmarks.harness --model tiny --concurrency 1 2" in report
+    again = tmp_path / "published" / "BENCHMARKS.md"
+    assert report_main([str(tmp_path / "out" / "results.json"), "--report", str(again)]) == 0
+    assert again.read_text() == report
+    assert (tmp_path / "published" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
 
 
 def row(system, c, itl, ttft, tps, pss=None, peak=None):
@@ -121,6 +128,13 @@ def test_ratios_are_taken_against_the_same_concurrency_and_prompt():
     assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x | 3.60x |"
     # the int8 service against the int8 loop (the same file), not the fp32 one
     assert lines[3] == "| triton:onnx-int8 | 1 | 32 | 1.10x | 1.20x | 0.90x | 7.20x |"
+    # a run without Hugging Face (--skip-hf) has no column for it; a missing loop reads "-"
+    results["rows"] = [r for r in results["rows"] if r["system"] != "hf-generate"]
+    results["rows"].append(row("triton:onnx", 16, 30.0, 90.0, 400.0))
+    lines = ratio_rows(results)
+    assert lines[0].endswith("| tokens/s vs ONNX loop |") and lines[1] == "|---" * 6 + "|"
+    assert lines[2] == "| triton:onnx | 1 | 32 | 1.10x | 1.25x | 0.90x |"
+    assert lines[5] == "| triton:onnx | 16 | 32 | - | - | - |"
 
 
 def test_front_door_cost_is_taken_against_direct_triton_at_the_same_point():
