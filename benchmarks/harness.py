@@ -624,6 +624,24 @@ def run(args) -> dict:
     }
 
 
+# where a run writes, not what it measures: a report published from elsewhere
+# (benchmarks/report.py) would name a scratch path
+_OUTPUT_FLAGS = ("--out", "--report")
+
+
+def measured_command(argv: list[str]) -> str:
+    """The harness's command line without its output paths."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _OUTPUT_FLAGS:
+            skip = True  # and its value, the next argument
+        elif not arg.startswith(tuple(f"{flag}=" for flag in _OUTPUT_FLAGS)):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "benchmarks.harness", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import write_report
 
@@ -692,9 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     results["duration_s"] = time.perf_counter() - started
     # the report says how it was made: a run with other flags than make's is another grid
-    results["command"] = shlex.join(
-        ["python", "-m", "benchmarks.harness", *(sys.argv[1:] if argv is None else argv)]
-    )
+    results["command"] = measured_command(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args.report, args.report.parent / "bench")

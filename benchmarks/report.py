@@ -239,7 +239,12 @@ def plots(results: dict, folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
-    systems = sorted({r["system"] for r in results["rows"]})
+    # the service's paths first, so that they get the strong colours and head the legend
+    families = ("triton", "triton-http", "triton-sampled", "front-door", "openai", "llama")
+    systems = sorted(
+        {r["system"] for r in results["rows"]},
+        key=lambda system: (_rank(system.partition(":")[0], families), system),
+    )
     # tab20's ten dark hues first, then their light twins: a colour per system for 20
     palette = plt.get_cmap("tab20").colors
     palette = palette[0::2] + palette[1::2]
@@ -282,6 +287,11 @@ def plots(results: dict, folder: Path) -> list[str]:
         plt.close(fig)
         names.append(name)
     return names
+
+
+def _rank(item, order) -> int:
+    """``item``'s place in ``order``; after all of them if it is not there."""
+    return order.index(item) if item in order else len(order)
 
 
 def _make_target(results: dict) -> str:

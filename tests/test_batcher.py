@@ -728,6 +728,34 @@ def test_a_forward_that_ends_a_held_window_leaves_the_last_bursts_size(engine, c
     run_all(batcher, later)
 
 
+def test_a_forward_that_ends_a_held_window_leaves_the_wait_on(engine, codec):
+    """A forward ends a held window that has one request so far: that is no measure of
+    the burst (the rest may be on its way), so the next idle start still holds the
+    window, where a held start that got one request alone turns the wait off."""
+    batcher = windowed(engine, codec, window_s=WINDOW, max_active=16, max_queue=16)
+    now = [100.0]
+    batcher._clock = lambda: now[0]
+    first = sinks(1)
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), first[0])
+    window = HeldWindow(batcher, now)  # a fresh loop's start holds the window
+    reply = Replies()
+    batcher.submit_forward([[5, 6]], reply)  # and a forward ends it, one request in
+    window.step.join(60)
+    assert not window.step.is_alive() and batcher.stats.burst_windows == 1
+    run_all(batcher, first)
+    assert reply.answers and not batcher.step()
+    now[0] = 200.0
+    lone = sinks(1)
+    batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), lone[0])
+    window = HeldWindow(batcher, now)  # held again (it fails if the step does not wait)
+    assert not window.at(200 + WINDOW)  # one came: now the wait is off
+    window.step.join(60)
+    assert not window.step.is_alive() and batcher.stats.burst_windows == 2
+    run_all(batcher, lone)
+    assert not batcher.step()
+    assert idle_start(batcher, sinks(1)) == 2
+
+
 def test_a_burst_fills_at_most_the_slots(engine, codec):
     """With two slots a burst is two requests: a held start that fills them keeps the
     wait on."""

@@ -333,6 +333,18 @@ def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port):
     assert [e["tokens"] for e in again if e.get("tokens")] == tokens
 
 
+def test_the_recorded_command_leaves_out_where_the_run_wrote():
+    assert (
+        harness.measured_command(
+            ["--peer", "--out", "/tmp/x", "--report=/tmp/x.md", "--rounds", "8", "--skip-hf"]
+        )
+        == "python -m benchmarks.harness --peer --rounds 8 --skip-hf"
+    )
+    assert harness.measured_command(["--prompt-tokens", "32", "128"]) == (
+        "python -m benchmarks.harness --prompt-tokens 32 128"
+    )
+
+
 def test_a_new_bench_report_keeps_the_genai_perf_section(tmp_path):
     from benchmarks.report import KEPT_FROM, kept_sections
 

@@ -111,9 +111,10 @@ IDLE_PREFILL_FACTOR = 8
 # one or two requests alone, so 6 ms. Why only after a burst: a lone request would pay the
 # whole window in its first token, and most chat traffic comes one request at a time. A
 # start that waited and got fewer than BURST_MIN_REQUESTS (or the slots, if fewer) in a
-# chain, each within the window of the one before, turns the wait off; one that did not
-# wait turns it on when the requests it found, or those arriving after it, make such a
-# chain (``_let_burst_arrive``, ``_waiting_chain``, ``submit``). Three, not two:
+# chain, each within the window of the one before, turns the wait off (unless a forward
+# ended the wait: then it judged nothing); one that did not wait turns it on when the
+# requests it found, or those arriving after it, make such a chain
+# (``_let_burst_arrive``, ``_waiting_chain``, ``submit``). Three, not two:
 # two unrelated requests 6 ms apart are common at a few requests a second, three in a row
 # are not. So a lone request pays the window at most once after a burst, a fresh loop's
 # first start waits, and the first burst after lone traffic is split. After a burst of
@@ -569,7 +570,8 @@ class InflightBatcher:
         a time, and a first step taken at the first arrival would start that one alone. A
         start brought a burst when ``_burst_size`` or more came, each within the window of
         the one before (``_waiting_chain``; ``submit`` counts those after a start that did
-        not wait).
+        not wait). A forward that arrives during the wait ends it at once and judges
+        nothing: the wait stays on and the last burst's size stands.
         Returns False when nothing waits (the step admits nothing, so that a request
         arriving now meets the window in the next) or ``run()``'s stop was set meanwhile."""
         quiet = self.limits.burst_window_s
@@ -607,13 +609,15 @@ class InflightBatcher:
                 if sum(len(s.prompt_ids) for s in self._waiting) >= budget:
                     break  # no later request would fit in this step
                 self._wake.wait(until - now)
+            if any(s.job for s in self._waiting):
+                # a forward ended the wait early: the requests come so far are no measure
+                # of the burst, so the wait stays on and the last burst's size stands
+                return True
             # a burst's requests, each within the gap the wait allowed of the one before (a
-            # straggler it waited for is one of them); a forward that ended the wait early
-            # leaves the last burst's size as it was
+            # straggler it waited for is one of them)
             chain = self._waiting_chain(widest)
             self._bursty = chain >= self._burst_size
-            if not any(s.job for s in self._waiting):
-                self._burst_seen = chain
+            self._burst_seen = chain
         return True
 
     @property
