@@ -289,6 +289,49 @@ def plots(results: dict, folder: Path) -> list[str]:
     return names
 
 
+# What each kind of system in a run is, by the part of its name before the colon
+_SYSTEMS = {
+    "hf-generate": "`hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, one "
+    "batch of `concurrency` prompts",
+    "onnxruntime-loop": "`onnxruntime-loop` = the in-process ONNX Runtime KV-cache loop on "
+    "the same ONNX file (the in-place `SlotEngine` the service runs, argmax); "
+    "`onnxruntime-loop:int8` = the same loop on the int8 file",
+    "triton": "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` "
+    "clients at once, each timing its own tokens, straight to Triton's loopback port",
+    "front-door": "`front-door:<engine>` = the same through the Envoy front door (`make serve`)",
+    "openai": "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
+    "OpenAI-compatible gateway, read with `http.client`",
+    "triton-sampled": "`triton-sampled:<engine>` = `triton:<engine>` sampling (temperature "
+    "0.8, top_p 0.95, seeded) instead of greedy (`--sampling`)",
+    "triton-http": "`triton-http:<engine>` = the service over Triton's HTTP `generate_stream` "
+    "(server-sent events, an event per piece of text), read with `http.client` like the "
+    "peer (`--http`, on with `--peer`)",
+}
+
+
+def _systems(results: dict) -> str:
+    """The report's paragraph on what was measured: the kinds of system this run has."""
+    present = {r["system"].partition(":")[0] for r in results["rows"]}
+    text = (
+        "Systems: "
+        + "; ".join(line for kind, line in _SYSTEMS.items() if kind in present)
+        + "; the paths take turns wave by wave, in a fixed order, at each grid point. In the "
+        "ratios, `<path>:onnx-int8` is taken against the int8 loop, the other engines "
+        "against the fp32 loop. "
+    )
+    if results.get("peer"):
+        text += (
+            "`llama:f32` / `llama:q8_0` = the same checkpoint converted to GGUF by llama.cpp's "
+            f"own tools, served by its `llama-server` (llama-cpp-python "
+            f"{results['peer']['llama_cpp_python']}'s llama.cpp, `-np` = the service's "
+            "sequences, continuous batching, the same threads), streaming `/completion` over "
+            "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`. "
+            "The peer's waves take turns with the service's in a fixed order: peer, "
+            "`triton-http`, `triton`, then the others. "
+        )
+    return text
+
+
 def _rank(item, order) -> int:
     """``item``'s place in ``order``; after all of them if it is not there."""
     return order.index(item) if item in order else len(order)
@@ -317,34 +360,7 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         "within this run, not absolute times across runs (this machine drifts by up to "
         "~30% over tens of minutes).",
         "",
-        "Systems: `hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, "
-        "one batch of `concurrency` prompts; `onnxruntime-loop` = the in-process ONNX "
-        "Runtime KV-cache loop on the same ONNX file (the in-place `SlotEngine` the "
-        "service runs, argmax); "
-        "`onnxruntime-loop:int8` = the same loop on the int8 file; "
-        "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` clients "
-        "at once, each timing its own tokens, straight to Triton's loopback port; "
-        "`front-door:<engine>` = the same through the Envoy front door (`make serve`); "
-        "`openai:<engine>` = streaming `/v1/completions` through the front door and the "
-        "OpenAI-compatible gateway, read with `http.client`; `triton-sampled:<engine>` = "
-        "`triton:<engine>` sampling (temperature 0.8, top_p 0.95, seeded) instead of greedy "
-        "(`--sampling`); `triton-http:<engine>` = the service over Triton's HTTP "
-        "`generate_stream` (server-sent events, an event per piece of text), read with "
-        "`http.client` like the peer (`--http`, on with `--peer`); the paths take turns "
-        "wave by wave, in a fixed order, at "
-        "each grid point. In the ratios, `<path>:onnx-int8` is "
-        "taken against the int8 loop, the other engines against the fp32 loop. "
-        + (
-            "`llama:f32` / `llama:q8_0` = the same checkpoint converted to GGUF by llama.cpp's "
-            f"own tools, served by its `llama-server` (llama-cpp-python "
-            f"{results['peer']['llama_cpp_python']}'s llama.cpp, `-np` = the service's "
-            "sequences, continuous batching, the same threads), streaming `/completion` over "
-            "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`. "
-            "The peer's waves take turns with the service's in a fixed order: peer, "
-            "`triton-http`, `triton`, then the others. "
-            if results.get("peer")
-            else ""
-        )
+        _systems(results)
         + "Server RSS and PSS: at rest, 16 s after the grid point's waves (the service "
         "gives freed heap back after 15 s idle), summed over "
         "the server's processes (tritonserver and every backend stub; llama-server is one); "

@@ -333,6 +333,14 @@ def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port):
     assert [e["tokens"] for e in again if e.get("tokens")] == tokens
 
 
+def test_the_report_describes_the_systems_the_run_has():
+    from benchmarks.report import _systems
+
+    text = _systems({"rows": [row("onnxruntime-loop", 1, 1, 1, 1), row("triton:onnx", 1, 1, 1, 1)]})
+    assert "`onnxruntime-loop` =" in text and "`triton:<engine>` =" in text
+    assert "hf-generate" not in text and "openai" not in text and "llama" not in text
+
+
 def test_the_recorded_command_leaves_out_where_the_run_wrote():
     assert (
         harness.measured_command(
