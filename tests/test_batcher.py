@@ -622,6 +622,19 @@ class HeldWindow:
             raise AssertionError(failure) from None
 
 
+def end_held_window_with_a_forward(batcher, now, requests, windows) -> None:
+    """With ``requests`` (their sinks) submitted to an idle loop, a step holds the window
+    and a forward ends it; all run to the end. ``windows``: the burst windows held by
+    then."""
+    window = HeldWindow(batcher, now)
+    reply = Replies()
+    batcher.submit_forward([[5, 6]], reply)
+    window.step.join(60)
+    assert not window.step.is_alive() and batcher.stats.burst_windows == windows
+    run_all(batcher, requests)
+    assert reply.answers and not batcher.step()
+
+
 def test_a_held_window_waits_longer_until_as_many_came_as_the_last_big_burst(engine, codec):
     """After a burst of BURST_STRAGGLER_MIN_REQUESTS or more, until as many requests have
     come again, the quiet time that ends a held window is BURST_STRAGGLER_FACTOR windows;
@@ -711,13 +724,7 @@ def test_a_forward_that_ends_a_held_window_leaves_the_last_bursts_size(engine, c
     first = sinks(3)
     for sink in first:
         batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), sink)
-    window = HeldWindow(batcher, now)
-    reply = Replies()
-    batcher.submit_forward([[5, 6]], reply)  # ends the window: three came, and a forward
-    window.step.join(60)
-    assert not window.step.is_alive() and batcher.stats.burst_windows == 2
-    run_all(batcher, first)
-    assert reply.answers and not batcher.step()
+    end_held_window_with_a_forward(batcher, now, first, windows=2)  # three came, and a forward
     now[0] = 300.0
     later = sinks(4)
     for sink in later:
@@ -737,13 +744,8 @@ def test_a_forward_that_ends_a_held_window_leaves_the_wait_on(engine, codec):
     batcher._clock = lambda: now[0]
     first = sinks(1)
     batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), first[0])
-    window = HeldWindow(batcher, now)  # a fresh loop's start holds the window
-    reply = Replies()
-    batcher.submit_forward([[5, 6]], reply)  # and a forward ends it, one request in
-    window.step.join(60)
-    assert not window.step.is_alive() and batcher.stats.burst_windows == 1
-    run_all(batcher, first)
-    assert reply.answers and not batcher.step()
+    # a fresh loop's start holds the window, and a forward ends it, one request in
+    end_held_window_with_a_forward(batcher, now, first, windows=1)
     now[0] = 200.0
     lone = sinks(1)
     batcher.submit(GenerationRequest("The cat", max_tokens=2, sampling=GREEDY), lone[0])
