@@ -197,6 +197,13 @@ bench-peer: bench-model ## make bench plus llama.cpp's llama-server, same run (b
 	$(PY) -m benchmarks.harness --model $(BENCH_MODEL) --peer \
 		$(if $(LLAMA_CPP_CACHE),--peer-cache $(LLAMA_CPP_CACHE)) $(BENCH_PEER_FLAGS)
 
+# make bench-report: a run made with --out/--report elsewhere (a target run, say), written
+# as docs/BENCHMARKS.md and its plots; RESULTS is the run's results.json.
+RESULTS ?= artifacts/bench/results.json
+.PHONY: bench-report
+bench-report: setup ## docs/BENCHMARKS.md and its plots again from a run's results (RESULTS=...)
+	$(PY) -m benchmarks.report $(RESULTS)
+
 perf-analyzer-deps: setup
 	@command -v ldconfig >/dev/null && ldconfig -p | grep -q libb64.so.0d || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
