@@ -404,8 +404,7 @@ class InflightBatcher:
                 else:
                     self._burst_chain = 0  # the chain broke: it ends here
                 if self._burst_chain >= self._burst_size:  # a burst: counted to its end
-                    self._bursty = True
-                    self._burst_seen = min(self._burst_chain, self._burst_most)
+                    self._saw_burst(self._burst_chain)
             self._last_arrival = now
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -586,7 +585,7 @@ class InflightBatcher:
             if not self._bursty:  # start at once, and count the arrivals that follow
                 chain = self._burst_chain = self._waiting_chain()
                 if chain >= self._burst_size:
-                    self._bursty, self._burst_seen = True, min(chain, self._burst_most)
+                    self._saw_burst(chain)
                 return True
             self._burst_chain = 0
             self._taking_burst = True
@@ -616,9 +615,17 @@ class InflightBatcher:
             # a burst's requests, each within the gap the wait allowed of the one before (a
             # straggler it waited for is one of them)
             chain = self._waiting_chain(widest)
-            self._bursty = chain >= self._burst_size
-            self._burst_seen = chain
+            if chain >= self._burst_size:
+                self._saw_burst(chain)
+            else:  # no burst: the wait goes off, and so does the longer one
+                self._bursty, self._burst_seen = False, chain
         return True
+
+    def _saw_burst(self, chain: int) -> None:
+        """``chain`` requests came as one burst: the next idle start waits for a burst,
+        longer while fewer than these have come (BURST_STRAGGLER_MIN_REQUESTS or more;
+        at most a held window's worth)."""
+        self._bursty, self._burst_seen = True, min(chain, self._burst_most)
 
     @property
     def _burst_size(self) -> int:
