@@ -642,10 +642,10 @@ def measured_command(argv: list[str]) -> str:
     return shlex.join(["python", "-m", "benchmarks.harness", *kept])
 
 
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import write_report
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments() -> argparse.ArgumentParser:
+    # no abbreviations: the recorded command (measured_command) knows the output flags
+    # by their full names
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="artifacts/models/gpt2-small-random")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 128])
@@ -704,7 +704,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=18000)
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
     parser.add_argument("--report", type=Path, default=Path("docs/BENCHMARKS.md"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.report import write_report
+
+    args = arguments().parse_args(argv)
     logs.setup()
     started = time.perf_counter()
     results = run(args)

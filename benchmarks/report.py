@@ -289,13 +289,13 @@ def plots(results: dict, folder: Path) -> list[str]:
     return names
 
 
-# What each kind of system in a run is, by the part of its name before the colon
+# What each kind of system in a run is, by its name or the part of it before the colon
 _SYSTEMS = {
     "hf-generate": "`hf-generate` = Hugging Face `generate()` in PyTorch eager, in process, one "
     "batch of `concurrency` prompts",
     "onnxruntime-loop": "`onnxruntime-loop` = the in-process ONNX Runtime KV-cache loop on "
-    "the same ONNX file (the in-place `SlotEngine` the service runs, argmax); "
-    "`onnxruntime-loop:int8` = the same loop on the int8 file",
+    "the same ONNX file (the in-place `SlotEngine` the service runs, argmax)",
+    "onnxruntime-loop:int8": "`onnxruntime-loop:int8` = the same loop on the int8 file",
     "triton": "`triton:<engine>` = the `gpt2` model over gRPC streaming, `concurrency` "
     "clients at once, each timing its own tokens, straight to Triton's loopback port",
     "front-door": "`front-door:<engine>` = the same through the Envoy front door (`make serve`)",
@@ -311,11 +311,12 @@ _SYSTEMS = {
 
 def _systems(results: dict) -> str:
     """The report's paragraph on what was measured: the kinds of system this run has."""
-    present = {r["system"].partition(":")[0] for r in results["rows"]}
-    text = (
-        "Systems: "
-        + "; ".join(line for kind, line in _SYSTEMS.items() if kind in present)
-        + "; the paths take turns wave by wave, in a fixed order, at each grid point. In the "
+    names = {r["system"] for r in results["rows"]}
+    present = names | {name.partition(":")[0] for name in names}
+    described = [line for kind, line in _SYSTEMS.items() if kind in present]
+    text = "Systems: " + "; ".join(described) + "; " if described else ""
+    text += (
+        "the paths take turns wave by wave, in a fixed order, at each grid point. In the "
         "ratios, `<path>:onnx-int8` is taken against the int8 loop, the other engines "
         "against the fp32 loop. "
     )

@@ -339,6 +339,9 @@ def test_the_report_describes_the_systems_the_run_has():
     text = _systems({"rows": [row("onnxruntime-loop", 1, 1, 1, 1), row("triton:onnx", 1, 1, 1, 1)]})
     assert "`onnxruntime-loop` =" in text and "`triton:<engine>` =" in text
     assert "hf-generate" not in text and "openai" not in text and "llama" not in text
+    assert "int8" not in text.partition("In the ratios")[0]  # no int8 loop in this run
+    peer_only = _systems({"rows": [row("llama:f32", 1, 1, 1, 1)]})
+    assert peer_only.startswith("the paths take turns")  # no empty "Systems: ;"
 
 
 def test_the_recorded_command_leaves_out_where_the_run_wrote():
@@ -351,6 +354,10 @@ def test_the_recorded_command_leaves_out_where_the_run_wrote():
     assert harness.measured_command(["--prompt-tokens", "32", "128"]) == (
         "python -m benchmarks.harness --prompt-tokens 32 128"
     )
+    # an abbreviated output flag is refused, so it cannot slip into the record
+    assert harness.arguments().parse_args(["--out", "x"]).out == Path("x")
+    with pytest.raises(SystemExit):
+        harness.arguments().parse_args(["--ou", "x"])
 
 
 def test_a_new_bench_report_keeps_the_genai_perf_section(tmp_path):

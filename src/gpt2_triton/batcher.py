@@ -615,16 +615,14 @@ class InflightBatcher:
             # a burst's requests, each within the gap the wait allowed of the one before (a
             # straggler it waited for is one of them)
             chain = self._waiting_chain(widest)
-            if chain >= self._burst_size:
-                self._saw_burst(chain)
-            else:  # no burst: the wait goes off, and so does the longer one
-                self._bursty, self._burst_seen = False, chain
+            self._bursty, self._burst_seen = chain >= self._burst_size, chain
         return True
 
     def _saw_burst(self, chain: int) -> None:
-        """``chain`` requests came as one burst: the next idle start waits for a burst,
-        longer while fewer than these have come (BURST_STRAGGLER_MIN_REQUESTS or more;
-        at most a held window's worth)."""
+        """A chain of arrivals after a start that did not wait is a burst of ``chain``
+        requests: the next idle start waits for a burst, longer while fewer than these
+        have come (BURST_STRAGGLER_MIN_REQUESTS or more; the chain counted at most to the
+        slots, as it can run on under load)."""
         self._bursty, self._burst_seen = True, min(chain, self._burst_most)
 
     @property
