@@ -20,6 +20,9 @@ DEVICE ?= cpu
 CUDA_GRAPHS ?= 1
 # with CUDA graphs, TORCH_COMPILE=1 fuses the decode steps' layer code (torch.compile, at load)
 TORCH_COMPILE ?= 0
+# ENGINE=torch: DECODE_AHEAD=1 queues each decode step on the GPU before the last one's tokens
+# are read (the host's sampling, detokenizing and sending overlap the step)
+DECODE_AHEAD ?= 0
 # in_process: gpt2 runs its own copy of the engine (fastest); bls: it calls the engine model
 PLACEMENT ?= in_process
 # The front door (Envoy) listens on HOST:HTTP_PORT/GRPC_PORT; Triton behind it on loopback
@@ -144,7 +147,8 @@ endif
 		$(if $(RESPONSE_LANES),--response-lanes $(RESPONSE_LANES)) \
 		$(if $(filter torch,$(ENGINE)),--device $(DEVICE)) \
 		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs) \
-		$(if $(filter 1,$(TORCH_COMPILE)),--torch-compile)
+		$(if $(filter 1,$(TORCH_COMPILE)),--torch-compile) \
+		$(if $(filter 1,$(DECODE_AHEAD)),--decode-ahead)
 
 serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)
 	$(PY) -m gpt2_triton.serve $(SERVE_FLAGS)

@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "device, 0 on CUDA)",
     )  # fmt: skip
     parser.add_argument(
+        "--decode-ahead", type=int, nargs="+", choices=[0, 1], default=[0],
+        help="DECODE_AHEAD (1: each decode step queued on the GPU before the last one's "
+        "tokens are read): the first value everywhere it can run, each further one once "
+        "more for every variant with static decode steps (graphs, compiled)",
+    )  # fmt: skip
+    parser.add_argument(
         "--engines", nargs="+", default=None,
         help="the engine variants to run (default: all; on CUDA graphs, eager, compiled)",
     )  # fmt: skip
@@ -132,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "response lanes": args.response_lanes,
         "prefill tokens": args.prefill_tokens,
         "burst windows": args.burst_window_ms,
+        "decode ahead": args.decode_ahead,
     }
     for what, values in listed.items():
         if len(set(values)) < len(values):  # two servers under one name: one's rows lost
@@ -158,27 +165,33 @@ def variants(device: str, only: list[str] | None = None) -> dict[str, dict]:
 
 def services(args) -> list[tuple[str, dict, int]]:
     """The servers the ``triton`` step runs, in order: ``(system, options, response
-    lanes)``, the options the engine's, ``max_prefill_tokens`` and ``burst_window_ms``; the
-    first variant (graphs) once per lanes value, then once per further prefill budget and
-    once per further burst window, the others with the first of each. The first is the one
-    the targets are judged on."""
+    lanes)``, the options the engine's, ``max_prefill_tokens``, ``burst_window_ms`` and
+    ``decode_ahead``; the first variant (graphs) once per lanes value, then once per further
+    prefill budget and once per further burst window, the others with the first of each;
+    then each variant with static decode steps once per further decode-ahead value. The
+    first is the one the targets are judged on."""
     lanes_first, budget_first = args.response_lanes[0], args.prefill_tokens[0]
-    window_first = args.burst_window_ms[0]
+    window_first, ahead_first = args.burst_window_ms[0], args.decode_ahead[0]
     several_lanes, several_budgets = len(args.response_lanes) > 1, len(args.prefill_tokens) > 1
-    several_windows = len(args.burst_window_ms) > 1
+    several_windows, several_ahead = len(args.burst_window_ms) > 1, len(args.decode_ahead) > 1
     out = []
     for index, (name, options) in enumerate(variants(args.device, args.engines).items()):
-        runs = [(lanes_first, budget_first, window_first)]
+        static = bool(options.get("cuda_graphs") or options.get("static_decode"))
+        first = ahead_first if static else 0  # eager steps cannot run ahead
+        runs = [(lanes_first, budget_first, window_first, first)]
         if index == 0:
-            runs = [(lanes, budget_first, window_first) for lanes in args.response_lanes]
-            runs += [(lanes_first, budget, window_first) for budget in args.prefill_tokens[1:]]
-            runs += [(lanes_first, budget_first, w) for w in args.burst_window_ms[1:]]
-        for lanes, budget, window in runs:
+            runs = [(lanes, budget_first, window_first, first) for lanes in args.response_lanes]
+            runs += [(lanes_first, b, window_first, first) for b in args.prefill_tokens[1:]]
+            runs += [(lanes_first, budget_first, w, first) for w in args.burst_window_ms[1:]]
+        if static:
+            runs += [(lanes_first, budget_first, window_first, a) for a in args.decode_ahead[1:]]
+        for lanes, budget, window, ahead in runs:
             system = f"triton:torch-{name}" + (f"-lanes{lanes}" if several_lanes else "")
             system += f"-prefill{budget}" if several_budgets else ""
             system += f"-window{window}" if several_windows else ""
+            system += f"-ahead{ahead}" if several_ahead and static else ""
             served = {"max_prefill_tokens": budget, "burst_window_ms": window}
-            out.append((system, options | served, lanes))
+            out.append((system, options | served | {"decode_ahead": bool(ahead)}, lanes))
     return out
 
 
@@ -201,6 +214,7 @@ def plan(args) -> list[str]:
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
             burst_window_ms=options["burst_window_ms"],
             response_lanes=lanes,
+            decode_ahead=options["decode_ahead"],
         )
     names = ", ".join(variants(args.device, args.engines))
     served = ", ".join(system.removeprefix("triton:torch-") for system, _, _ in services(args))
@@ -305,11 +319,96 @@ def consistency(model_dir: Path, args, deadline: float = float("inf")) -> list[d
         report = verify.check_engine(name, kind, False, engine, ref, tokenizer, eos)
         reports.append(asdict(report) | {"ran": engine.forward.describe()})
         del engine
+    static = next(
+        (n for n, o in engines.items() if o.get("cuda_graphs") or o.get("static_decode")), None
+    )
+    if static is not None and time.monotonic() < deadline:
+        try:
+            reports.append(
+                decode_ahead_agreement(
+                    model, model_dir, prompt_ids, args.device, static, engines[static]
+                )
+            )
+        except Exception as exc:  # the checks above stay
+            reports.append(
+                {"engine": f"torch {static} decode-ahead", "error": f"{type(exc).__name__}: {exc}"}
+            )
     plan_engine = tensorrt_engine(model_dir, len(prompt_ids) + 1)
     if plan_engine is not None:
         report = verify.check_engine("tensorrt", "fp16", False, plan_engine, ref, tokenizer, eos)
         reports.append(asdict(report))
     return reports
+
+
+class _Collected:
+    """A ``ResponseSink`` that keeps a request's text and its end."""
+
+    def __init__(self) -> None:
+        self.text, self.reason, self.error, self.done = "", "", None, False
+
+    def send(self, output, final: bool) -> None:
+        self.text += output.text
+        self.reason, self.done = output.finish_reason, final
+
+    def send_error(self, message: str) -> None:
+        self.error, self.done = message, True
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.done = True
+
+
+def decode_ahead_agreement(model, model_dir: Path, prompt_ids, device, name, options) -> dict:
+    """The generation loop on the engine ``name`` (in the served precision), without and
+    with ``decode_ahead``, every prompt at once (each up to 32 tokens, fewer where the
+    window ends: the last step runs ahead at the window's last position), greedy: the
+    streams must be the same text (decoding ahead computes the same steps, only earlier),
+    and steps must have run ahead. On a GPU this checks the asynchronous path (pinned
+    copies, the graph's inputs filled on the device) that the CPU's tests cannot run."""
+    from gpt2_triton.batcher import BatcherLimits, InflightBatcher
+    from gpt2_triton.request import GenerationRequest
+    from gpt2_triton.sampling import SamplingParams
+    from gpt2_triton.text import TextCodec
+
+    codec = TextCodec(model_dir)
+    window = model.config.n_positions
+    texts = [codec.decode(ids) for ids in prompt_ids]
+    room = [(text, min(32, window - len(codec.encode(text)))) for text in texts]
+    room = [(text, budget) for text, budget in room if budget >= 1]
+    runs, steps_ahead = [], 0
+    for ahead in (False, True):
+        engine = slot_engine(copy.deepcopy(model), device, len(room), **options)
+        limits = BatcherLimits(
+            window, codec.eos_token_id, max_active=len(room), max_queue=len(room),
+            decode_ahead=ahead,
+        )  # fmt: skip
+        batcher = InflightBatcher(engine, codec, limits)
+        sinks = [_Collected() for _ in room]
+        for (text, budget), sink in zip(room, sinks, strict=True):
+            request = GenerationRequest(
+                text, max_tokens=budget, stream=True, sampling=SamplingParams(temperature=0)
+            )
+            batcher.submit(request, sink)
+        for _ in range(10_000):
+            if all(s.done for s in sinks):
+                break
+            batcher.step()
+        runs.append(sinks)
+        steps_ahead = batcher.stats.steps_ahead
+        del batcher, engine
+    plain, ahead = runs
+    errors = [s.error for s in plain + ahead if s.error]
+    return {
+        "engine": f"torch {name} decode-ahead",
+        "identical": sum(
+            a.text == b.text and a.reason == b.reason for a, b in zip(plain, ahead, strict=True)
+        ),
+        "prompts": len(room),
+        "steps_ahead": steps_ahead,
+        "errors": errors[:3],
+    }
 
 
 def tensorrt_engine(model_dir: Path, max_batch: int):
@@ -537,6 +636,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
             max_prefill_tokens=options.get("max_prefill_tokens", 0),
             burst_window_ms=options["burst_window_ms"],
             response_lanes=lanes,
+            decode_ahead=options["decode_ahead"],
         )
         port = args.port + 10 * index  # the next server never waits on the last's ports
         log_file = args.out / f"tritonserver-{name}.log"
@@ -569,6 +669,7 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
                         "response_lanes": lanes,
                         "max_prefill_tokens": settings.max_prefill_tokens,
                         "burst_window_ms": settings.burst_window_ms,
+                        "decode_ahead": settings.decode_ahead,
                     }
                     record(row.summary() | extra | {"ran": ran_line} | served_with)
         except Exception as exc:  # the other variant still runs
@@ -724,6 +825,15 @@ def markdown(results: dict, args) -> str:
         out += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in results["verdicts"]]
         out.append("")
+    for r in results.get("consistency") or []:
+        if "identical" in r:
+            out += [
+                f"Decoding ahead ({r['engine']}, greedy, every prompt at once): "
+                f"{r['identical']}/{r['prompts']} streams the same text as without, "
+                f"{r['steps_ahead']} steps run ahead"
+                + (f"; errors: {r['errors']}" if r["errors"] else ""),
+                "",
+            ]
     ran = {r["ran"] for key in ("triton", "engine", "consistency") for r in results.get(key) or []
            if r.get("ran")}  # fmt: skip
     out += [f"- engine: {line}" for line in sorted(ran)]

@@ -69,6 +69,10 @@ class RepoSettings:
     # torch engine on cuda with graphs: the decode steps' layer code through torch.compile
     # (fewer, fused kernels; compiled at load, for every batch bucket)
     torch_compile: bool = False
+    # torch engine in gpt2's process (CUDA graphs on cuda): a step whose rows all decode
+    # queues the next one on the device before the host reads its tokens (batcher.py's
+    # decode_ahead; on the CPU it runs the graphs' static decode steps, for the tests)
+    decode_ahead: bool = False
     # gpt2 runs its engine in process (a step is a call) or calls the engine model by BLS
     engine_placement: str = "in_process"
 
@@ -109,6 +113,15 @@ class RepoSettings:
             raise Gpt2TritonError(
                 "torch-compile is for ENGINE=torch DEVICE=cuda with CUDA graphs (it compiles "
                 "the captured decode steps)"
+            )
+        if self.decode_ahead and not (
+            self.engine == "torch"
+            and self.engine_placement == "in_process"
+            and (self.device == "cpu" or self.cuda_graphs)
+        ):
+            raise Gpt2TritonError(
+                "decode-ahead is for ENGINE=torch in gpt2's process (PLACEMENT=in_process), "
+                "with CUDA graphs on cuda"
             )
         if self.device != "cpu" and self.engine != "torch":
             raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
@@ -151,6 +164,7 @@ def template_values(
             "max_prefill_tokens": settings.max_prefill_tokens,
             "burst_window_ms": settings.burst_window_ms,
             "response_lanes": settings.response_lanes,
+            "decode_ahead": int(settings.decode_ahead),
             "engine_placement": settings.engine_placement,
             **engine,
         },
@@ -343,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         "torch.compile (fused kernels; compiled at load)",
     )
     parser.add_argument(
+        "--decode-ahead",
+        action="store_true",
+        help="torch engine in process: a step whose rows all decode queues the next one on "
+        "the device before the host reads its tokens (with CUDA graphs on cuda)",
+    )
+    parser.add_argument(
         "--engine-placement",
         default=RepoSettings.engine_placement,
         choices=PLACEMENTS,
@@ -364,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             cuda_graphs=args.cuda_graphs,
             torch_compile=args.torch_compile,
+            decode_ahead=args.decode_ahead,
             engine_placement=args.engine_placement,
         )
         return f"model repository ready in {build(settings, args.export_dir, args.repository)}"

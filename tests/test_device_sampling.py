@@ -165,3 +165,38 @@ def test_cpu_tensors_are_sampled_on_the_host(monkeypatch):
     logits = torch.zeros((1, VOCAB))
     assert sample_batch(logits, samplers_for([SamplingParams(temperature=0)])).tolist() == [0]
     assert not calls
+
+
+def test_sampling_ahead_hands_the_tokens_over_before_reading_them():
+    """``sample_batch_ahead``: the launch gets the tokens on the device and returns them
+    read; a row that cannot be sampled fails alone (None), the others are observed as
+    ``sample_batch`` observes them; a launch that fails costs only the overlap."""
+    logits = np.random.default_rng(2).normal(size=(3, VOCAB)).astype(np.float32)
+    logits[1] = np.nan
+    params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=0.7, seed=6)]
+    reference = samplers_for(params + [SamplingParams(temperature=0)])
+    handed = []
+
+    def launch(tokens):
+        assert isinstance(tokens, torch.Tensor)
+        handed.append(tokens.clone())
+        return tokens.numpy()
+
+    samplers = samplers_for(params + [SamplingParams(temperature=0)])
+    tokens, launched = device_sampling.sample_batch_ahead(
+        torch.from_numpy(logits), samplers, None, launch
+    )
+    assert launched and tokens[1] is None and handed[0][1] == -1
+    healthy = logits[[0, 2]]
+    want = device_sampling.sample_batch(torch.from_numpy(healthy), [reference[0], reference[2]])
+    assert [tokens[0], tokens[2]] == want.tolist()
+    assert samplers[0].rng.bit_generator.state == reference[0].rng.bit_generator.state
+
+    def refuse(tokens):
+        raise RuntimeError("no")
+
+    again, launched = device_sampling.sample_batch_ahead(
+        torch.from_numpy(healthy), samplers_for([params[0], params[1]]), None, refuse
+    )
+    want = device_sampling.sample_batch(torch.from_numpy(healthy), samplers_for(params))
+    assert not launched and again == want.tolist()

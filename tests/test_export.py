@@ -498,3 +498,30 @@ def test_torch_compile_reaches_the_config_and_only_where_graphs_run(tiny_export,
     ):
         with pytest.raises(Gpt2TritonError, match="torch-compile is for ENGINE=torch DEVICE=cuda"):
             RepoSettings("m", torch_compile=True, **refused)
+
+
+def test_decode_ahead_reaches_gpt2s_config_and_only_where_it_can_run(tiny_export, tmp_path):
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    repository = build(RepoSettings("tiny", "onnx"), tiny_export, tmp_path / "off")
+    assert (
+        'key: "decode_ahead", value: { string_value: "0" }'
+        in (repository / "gpt2" / "config.pbtxt").read_text()
+    )
+    repository = build(
+        RepoSettings("tiny", "torch", decode_ahead=True), tiny_export, tmp_path / "on"
+    )
+    assert (
+        'key: "decode_ahead", value: { string_value: "1" }'
+        in (repository / "gpt2" / "config.pbtxt").read_text()
+    )
+    assert RepoSettings("m", "torch", device="cuda", decode_ahead=True).decode_ahead
+    for refused in (
+        {"engine": "onnx"},
+        {"engine": "onnx-int8"},
+        {"engine": "torch", "engine_placement": "bls"},
+        {"engine": "torch", "device": "cuda", "cuda_graphs": False},
+    ):
+        with pytest.raises(Gpt2TritonError, match="decode-ahead is for ENGINE=torch"):
+            RepoSettings("m", decode_ahead=True, **refused)

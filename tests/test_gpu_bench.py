@@ -97,7 +97,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
         [
             "--device", "cpu", "--model", str(tiny_model), "--concurrency", "1", "2",
             "--prompt-tokens", "8", "--new-tokens", "6", "--rounds", "1", "--prompts", "4",
-            "--port", "18170", "--out", str(out),
+            "--port", "18170", "--out", str(out), "--decode-ahead", "1",
         ]
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
@@ -106,7 +106,12 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     assert sorted(p.name for p in out.iterdir()) == [
         "REPORT.md", "results.json", "tritonserver-eager.log", "tritonserver-static.log",
     ]  # fmt: skip
-    assert [r["engine"] for r in results["consistency"]] == ["torch static", "torch eager"]
+    assert [r["engine"] for r in results["consistency"]] == [
+        "torch static", "torch eager", "torch static decode-ahead",
+    ]  # fmt: skip
+    ahead = results["consistency"].pop()  # the loop with and without decoding ahead
+    assert ahead["identical"] == ahead["prompts"] >= 3 and ahead["steps_ahead"] > 0
+    assert not ahead["errors"]
     for report in results["consistency"]:  # fp32 on the CPU: the reference's own tokens
         assert report["top1_agreement"] == 1.0 and report["greedy_identical_batched"] == 4
     assert {(r["engine"], r["concurrency"]) for r in results["engine"]} == {
@@ -125,10 +130,12 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
         assert all(r["tokens_per_s"] > 0 and r["failed"] == 0 for r in served)
         assert all(r["tokens"] if "tokens" in r else True for r in served)
         assert all("torch on cpu" in r["ran"] for r in served)
+        assert all(r["decode_ahead"] == (variant == "static") for r in served)  # eager cannot
     assert [r["system"] for r in results["hf"]] == ["hf-generate"]  # on CUDA, no-cudnn too
     report = (out / "REPORT.md").read_text()
     assert "Costliest top-level CPU operators a step, static, concurrency 1" in report
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
+    assert "streams the same text as without" in report
 
 
 def test_engines_narrows_the_variants_and_refuses_unknown_ones(capsys):
@@ -197,6 +204,30 @@ def test_each_further_burst_window_gets_a_graphs_server_with_the_first_lanes_and
     for option in ("--burst-window-ms", "--prefill-tokens", "--response-lanes"):
         with pytest.raises(SystemExit):  # a repeated value: two servers under one name
             gpu_bench.parse_args([option, "2", "2"])
+
+
+def test_each_further_decode_ahead_value_gets_a_server_per_variant_with_static_steps():
+    args = gpu_bench.parse_args(
+        ["--prefill-tokens", "0", "2048", "--burst-window-ms", "0", "6", "--decode-ahead", "0", "1"]
+    )
+    served = [(system, o["decode_ahead"]) for system, o, _ in gpu_bench.services(args)]
+    assert served == [
+        ("triton:torch-graphs-prefill0-window0-ahead0", False),
+        ("triton:torch-graphs-prefill2048-window0-ahead0", False),
+        ("triton:torch-graphs-prefill0-window6-ahead0", False),
+        ("triton:torch-graphs-prefill0-window0-ahead1", True),
+        ("triton:torch-eager-prefill0-window0", False),
+        ("triton:torch-compiled-prefill0-window0-ahead0", False),
+        ("triton:torch-compiled-prefill0-window0-ahead1", True),
+    ]
+    assert "compiled-prefill0-window0-ahead1" in gpu_bench.plan(args)[0]  # valid settings
+    on_cpu = gpu_bench.parse_args(["--device", "cpu", "--decode-ahead", "1"])
+    assert [(system, o["decode_ahead"]) for system, o, _ in gpu_bench.services(on_cpu)] == [
+        ("triton:torch-static", True), ("triton:torch-eager", False),
+    ]  # fmt: skip
+    for values in (["2"], ["1", "1"]):
+        with pytest.raises(SystemExit):
+            gpu_bench.parse_args(["--decode-ahead", *values])
 
 
 def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():

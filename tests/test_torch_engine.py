@@ -268,19 +268,23 @@ def test_the_loop_on_the_torch_engine_greedy_and_seeded(batcher, tiny_hf_model, 
     assert sinks[1].text == alone.text and alone.outputs[-1].num_output_tokens == 16
 
 
+@pytest.mark.parametrize("decode_ahead", [False, True], ids=["plain", "decode_ahead"])
 def test_the_torch_engine_through_triton(
-    tiny_export, artifacts, tiny_hf_model, tiny_tokenizer, tmp_path
+    decode_ahead, tiny_export, artifacts, tiny_hf_model, tiny_tokenizer, tmp_path
 ):
     """ENGINE=torch DEVICE=cpu served by a real tritonserver: greedy streams agree with
-    Hugging Face, concurrent seeded streams equal their solo runs, next_token answers."""
-    from conftest import service
+    Hugging Face, concurrent seeded streams equal their solo runs, next_token answers;
+    the same with DECODE_AHEAD=1 (the static decode steps, each run ahead)."""
+    from conftest import service, wait_until_idle
 
     from build_scripts.build_repo import RepoSettings, build
     from client import GenerationParams, Gpt2Client
     from gpt2_triton.reference import greedy_text
 
-    repository = build(RepoSettings("tiny", "torch", max_sequences=4), repository=tmp_path / "repo")
-    with service(repository, tmp_path / "logs") as server, Gpt2Client(server.grpc_url) as client:
+    settings = RepoSettings("tiny", "torch", max_sequences=4, decode_ahead=decode_ahead)
+    repository = build(settings, repository=tmp_path / "repo")
+    logs = tmp_path / "logs"
+    with service(repository, logs) as server, Gpt2Client(server.grpc_url) as client:
         prompts = ["The cat", "A small bird looks at the old", "The chef", "Hello, my name is"]
         greedy = GenerationParams(temperature=0, max_tokens=12)
         for prompt in prompts[:2]:
@@ -306,6 +310,8 @@ def test_the_torch_engine_through_triton(
         assert next_token(server.grpc_url, "The cat") == top1(
             tiny_hf_model, tiny_tokenizer, "The cat"
         )
+        ran_ahead = wait_until_idle(server.metrics_url).get("gpt2_steps_ahead_total", 0.0)
+        assert (ran_ahead > 0) == decode_ahead, ran_ahead
 
 
 def next_token(url, prompt):

@@ -10,7 +10,10 @@ Per step, for all live sequences at once:
     if it fails with new rows in it, the running rows again alone and each new row alone,
     to fail only the rows that cause the error) -> sample all rows at once -> detokenize
     the new suffix -> send it -> retire finished sequences (EOS, stop word, max_tokens,
-    error) and free their KV caches.
+    error) and free their KV caches. With ``decode_ahead`` (the torch engine on a GPU), a
+    step whose rows all decoded hands its tokens, still on the device, to the engine's
+    ``step_ahead`` before reading them: the next step runs while this one is detokenized
+    and sent, and the next engine call takes its logits.
 
 A new request joins at the next step without waiting for the others to finish; a finished
 or cancelled one leaves at once. A stateless forward (``submit_forward``: the ``next_token``
@@ -37,7 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gpt2_triton import names
+from gpt2_triton import device_sampling, names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
 from gpt2_triton.engines.protocol import host_logits
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
@@ -196,6 +199,11 @@ class BatcherLimits:
     cancel_check_interval_s: float = 0.0
     cancel_checks_per_step: int = 0  # 0: no cap
     vocab_size: int = 0  # the engine's, to check a forward's token ids; 0: the engine checks
+    # Whether a step whose rows all decode runs the next one ahead (``step_ahead``): its
+    # tokens, sampled on the device, go straight into the next step, queued on the GPU
+    # before the host reads, detokenizes and sends them. Only an engine that can
+    # (``decodes_ahead``: the torch engine's static decode steps) does.
+    decode_ahead: bool = False
 
 
 @dataclass
@@ -213,6 +221,7 @@ class BatcherStats:
     engine_seconds_total: float = 0.0  # the engine call alone (BLS in Triton)
     idle_hooks: int = 0  # times the loop ran out of work and ran its idle hook
     burst_windows: int = 0  # first steps after the loop ran out of work that held the window
+    steps_ahead: int = 0  # steps whose next one was queued before their tokens were read
 
 
 @dataclass
@@ -340,6 +349,9 @@ class InflightBatcher:
         self._to_release: set[int] = set()
         # Random high bits: ids stay unique if this model reloads while the engine lives on.
         self._ids = itertools.count((secrets.randbits(31) << 32) + 1)
+        self._decode_ahead = limits.decode_ahead and bool(getattr(engine, "decodes_ahead", False))
+        if limits.decode_ahead and not self._decode_ahead:
+            log.warning("decode_ahead asked for, but this engine cannot decode ahead: off")
 
     # -- called from the server's request threads ---------------------------------------------
     def submit(self, request: GenerationRequest, sink: ResponseSink) -> None:
@@ -548,11 +560,13 @@ class InflightBatcher:
         self.stats.steps += 1
         self.stats.engine_seconds_total += now - step_started
         finished = []
+        # every row decoded (none starting, no forward's): the next step can run ahead
+        ahead = self._decode_ahead and len(outcomes) == 1 and all(s.started for s in batch)
         for rows, logits in outcomes:
             if isinstance(logits, Exception):
                 finished += self._fail_rows(rows, f"engine error: {logits}")
             else:
-                finished += self._advance_rows(rows, logits, now)
+                finished += self._advance_rows(rows, logits, now, ahead)
         self._retire(finished)
         self.stats.step_seconds_total += time.perf_counter() - step_started
         return True
@@ -768,7 +782,7 @@ class InflightBatcher:
         return logits
 
     def _advance_rows(
-        self, rows: list[_Sequence], logits: np.ndarray, now: float
+        self, rows: list[_Sequence], logits: np.ndarray, now: float, ahead: bool = False
     ) -> list[_Sequence]:
         finished = []
         ready = []  # rows that decoded, or whose last prompt chunk went in: they sample
@@ -788,7 +802,7 @@ class InflightBatcher:
             rows, logits = [rows[r] for r in ready], logits[ready]
         if not rows:
             return finished
-        tokens = self._sample(rows, logits)
+        tokens = self._sample_ahead(rows, logits) if ahead else self._sample(rows, logits)
         for sequence, token in zip(rows, tokens, strict=True):
             if not sequence.started:
                 sequence.started = True
@@ -828,6 +842,23 @@ class InflightBatcher:
                 log.exception("sequence %d could not be sampled", sequence.sequence_id)
                 tokens.append(None)
         return tokens
+
+    def _sample_ahead(self, rows: list[_Sequence], logits) -> list[int | None]:
+        """``_sample``, with the engine's next step queued behind the tokens before they
+        are read (``BatcherLimits.decode_ahead``)."""
+        eos = self.limits.eos_token_id
+        suppressed = [eos if s.generated < s.request.min_length else None for s in rows]
+        ids = [s.sequence_id for s in rows]
+        try:
+            tokens, launched = device_sampling.sample_batch_ahead(
+                logits, [s.sampler for s in rows], suppressed,
+                lambda tokens: self.engine.step_ahead(ids, tokens),
+            )  # fmt: skip
+            self.stats.steps_ahead += launched
+            return tokens
+        except Exception:  # raised before anything ran ahead: every generator as it was
+            log.exception("sampling %d rows ahead failed; sampling them as usual", len(rows))
+        return self._sample(rows, logits)
 
     def _advance(self, sequence: _Sequence, token: int) -> bool:
         """Detokenize, send; True when the sequence is done."""

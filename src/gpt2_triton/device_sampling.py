@@ -25,11 +25,14 @@ this module on CPU tensors (the same operations).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from gpt2_triton.sampling import SamplingError, TokenSampler
+
+log = logging.getLogger(__name__)
 
 _NO_TOP_P = 2.0  # a top_p no mass reaches: the row's nucleus is its whole distribution
 
@@ -54,7 +57,7 @@ def sample_batch(
             generator = samplers[row].rng.bit_generator
             states.append((generator, generator.state))
             uniforms[i] = samplers[row].rng.random()
-        tokens = _choose(logits, samplers, suppressed, sampled, uniforms)
+        tokens = _choose(logits, samplers, suppressed, sampled, uniforms).cpu().numpy()
         failed = np.flatnonzero(tokens < 0)
         if failed.size:
             raise SamplingError(f"row {failed[0]} of the logits has no finite maximum")
@@ -67,14 +70,60 @@ def sample_batch(
     return tokens
 
 
-def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarray) -> np.ndarray:
-    """Each row's token (int64 on the host), -1 for a sampled row with no finite maximum."""
+def sample_batch_ahead(
+    logits,
+    samplers: Sequence[TokenSampler],
+    suppressed: Sequence[int | None] | None,
+    launch: Callable,
+) -> tuple[list[int | None], bool]:
+    """``sample_batch``, but the tokens, still on the device, go to ``launch`` before the
+    host waits for them: the engine's ``step_ahead``, which queues the next step behind
+    them and returns them read (numpy). A row with no finite maximum is None (it fails
+    alone) instead of failing the call. Returns the tokens and whether ``launch`` ran.
+    Raises only before anything is launched, with every generator as it was; if
+    ``launch`` raises, the tokens are read here (the engine then committed nothing) and
+    the next step runs as usual."""
+    batch = logits.shape[0]
+    if len(samplers) != batch:
+        raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
+    suppressed = suppressed if suppressed is not None else [None] * batch
+    sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
+    states = []
+    try:
+        uniforms = np.empty(len(sampled))
+        for i, row in enumerate(sampled):
+            generator = samplers[row].rng.bit_generator
+            states.append((generator, generator.state))
+            uniforms[i] = samplers[row].rng.random()
+        tokens = _choose(logits, samplers, suppressed, sampled, uniforms)
+    except BaseException:
+        for generator, state in reversed(states):
+            generator.state = state
+        raise
+    try:
+        read, launched = launch(tokens), True
+    except Exception as exc:
+        log.warning("decoding ahead failed (%s); the next step runs as usual", exc)
+        read, launched = tokens.cpu().numpy(), False
+    chosen: list[int | None] = []
+    for sampler, token in zip(samplers, read.tolist(), strict=True):
+        if token < 0:  # no finite maximum: this row fails, the others go on
+            chosen.append(None)
+            continue
+        sampler.observe(token)
+        chosen.append(token)
+    return chosen, launched
+
+
+def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarray):
+    """Each row's token (an int64 tensor on the logits' device), -1 for a sampled row with
+    no finite maximum."""
     import torch
 
     device = logits.device
     work = _adjusted(logits, samplers, suppressed)
     if not sampled:
-        return work.argmax(dim=1).cpu().numpy()
+        return work.argmax(dim=1)
     greedy = sorted(set(range(len(samplers))) - set(sampled))
     params = [samplers[row].params for row in sampled]
     vocab = work.shape[1]
@@ -106,7 +155,7 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     if greedy:
         at = torch.as_tensor(greedy, device=device)
         tokens[at] = work[at].argmax(dim=1)
-    return tokens.cpu().numpy()  # the only copy out
+    return tokens
 
 
 def _adjusted(logits, samplers, suppressed):

@@ -83,6 +83,7 @@ class TritonPythonModel:
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             cancel_checks_per_step=CANCEL_CHECKS_PER_STEP,
             vocab_size=shape.vocab_size if shape else 0,
+            decode_ahead=self._decode_ahead(params, self.engine),
         )
         self.batcher = InflightBatcher(self.engine, codec, limits)
         lanes = model_config.int_param(
@@ -92,6 +93,8 @@ class TritonPythonModel:
         self.responses = ResponseWorker(max_pending=8 * max_active, lanes=min(lanes, max_active))
         capped = f" (response_lanes {lanes}, capped at max_active)" if lanes > max_active else ""
         pb_utils.Logger.log_info(f"gpt2: responses sent on {self.responses.lanes} lanes{capped}")
+        if limits.decode_ahead:
+            pb_utils.Logger.log_info("gpt2: decode steps run ahead (decode_ahead)")
         self.metrics = Metrics(self.batcher.stats)
         self.stop = threading.Event()
         self.last_metrics = 0.0
@@ -121,6 +124,18 @@ class TritonPythonModel:
         if describe:
             pb_utils.Logger.log_info(f"gpt2: {describe()}")
         return engine, EngineGauges(pb_utils, kind, "gpt2")
+
+    @staticmethod
+    def _decode_ahead(params, engine) -> bool:
+        """``decode_ahead``: asked for and possible (the torch engine in process), or an error
+        at load rather than a setting that silently does nothing."""
+        asked = "decode_ahead" in params and model_config.int_param(params, "decode_ahead", "gpt2")
+        if asked and not getattr(engine, "decodes_ahead", False):
+            raise pb_utils.TritonModelException(
+                "model 'gpt2': decode_ahead needs the torch engine in process "
+                "(engine_placement in_process) with static decode steps"
+            )
+        return bool(asked)
 
     def execute(self, requests):
         for request in requests:
@@ -302,6 +317,12 @@ class Metrics:
             "First steps after an idle loop that held the burst window",
             counter=True,
         )
+        self.steps_ahead = self._metric(
+            "gpt2_steps_ahead_total",
+            "Decode steps queued on the device before the last one's tokens were read "
+            "(decode_ahead)",
+            counter=True,
+        )
         self.active = self._metric(names.ACTIVE_SEQUENCES_METRIC, "Sequences in the running batch")
         self.waiting = self._metric(names.WAITING_REQUESTS_METRIC, "Requests queued to join")
         self.published = {}  # counter name -> value already published
@@ -338,5 +359,6 @@ class Metrics:
         self._advance("engine_time", self.engine_time, s.engine_seconds_total)
         self._advance("heap_returns", self.heap_returns, s.idle_hooks)
         self._advance("burst_windows", self.burst_windows, s.burst_windows)
+        self._advance("steps_ahead", self.steps_ahead, s.steps_ahead)
         self.active.set(s.active)
         self.waiting.set(s.waiting)

@@ -126,13 +126,15 @@ def build_engine(
     in_place: bool = True,
     cuda_graphs: bool | None = None,
     compile_decode: bool = False,
+    static_decode: bool | None = None,
     **kwargs,
 ) -> StatefulEngine | SlotEngine:
     """The serving engine of ``kind``. ONNX Runtime and PyTorch engines write the KV cache
     in place (``SlotEngine``) unless ``in_place`` is False (``StatefulEngine``'s padded
     batch, what TensorRT uses). ``cuda_graphs`` (torch only): capture decode steps, by
     default wherever the device is CUDA; ``compile_decode`` (torch with graphs): their
-    layer code through torch.compile."""
+    layer code through torch.compile; ``static_decode`` (torch): decode steps through the
+    graphs' static inputs without capturing (what decoding ahead needs on the CPU)."""
     shape = read_shape(export_dir)
     if in_place and kind == "torch":
         device = kwargs.get("device", "cpu")
@@ -141,7 +143,7 @@ def build_engine(
         )
         return torch_slot_engine(
             model, shape, device, max_sequences,
-            cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+            cuda_graphs=cuda_graphs, compile_decode=compile_decode, static_decode=static_decode,
         )  # fmt: skip
     if in_place and kind in IN_PLACE_KINDS and _takes_in_place_cache(export_dir, shape):
         from gpt2_triton.engines.onnx_slots import OnnxSlotForward
@@ -174,6 +176,8 @@ def build_engine_from_params(
     device = params.get("device") or "cpu"
     graphs = model_config.int_param(params, "cuda_graphs", model) if "cuda_graphs" in params else 1
     compiled = "torch_compile" in params and model_config.int_param(params, "torch_compile", model)
+    # decoding ahead runs through the static decode steps (on the CPU too: the tests' path)
+    ahead = "decode_ahead" in params and model_config.int_param(params, "decode_ahead", model)
     return build_engine(
         model_config.require(params, "engine_kind", model),
         export_dir,
@@ -182,4 +186,5 @@ def build_engine_from_params(
         device=device,
         cuda_graphs=bool(graphs) and device.startswith("cuda"),
         compile_decode=bool(compiled),
+        static_decode=True if ahead else None,
     )

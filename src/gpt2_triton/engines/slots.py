@@ -40,6 +40,7 @@ import numpy as np
 from gpt2_triton import heap
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.engines.stateful import check_step
+from gpt2_triton.errors import EngineError
 
 # (input_ids (B, S), lengths before the step (B,), position_ids (B, S), caches: 2 x layers
 # views (B, heads, window, head_dim) written in place) -> logits (B, vocab)
@@ -112,6 +113,12 @@ class SlotEngine:
         self._decoding = 0  # D: slots [0, D) decode, [D, n) are filling
         # inside atomic(): what each release took away, to put back if the block fails
         self._journal: list[tuple[int, bool, int, list[np.ndarray]]] | None = None
+        # a decode step run ahead (step_ahead): sequence id -> (its slot then, its token),
+        # and that step's logits (slot order), until the step that it stands for comes
+        self._ahead: dict[int, tuple[int, int]] = {}
+        self._ahead_logits = None
+        self.steps_ahead = 0  # steps run ahead; of which taken back (the step did not come)
+        self.steps_ahead_taken_back = 0
 
     # -- what the gauges and the batcher read ------------------------------------------------
     @property
@@ -127,7 +134,16 @@ class SlotEngine:
         return sequence_id in self._slot
 
     def sequence_length(self, sequence_id: int) -> int:
-        return int(self._lengths[self._slot[sequence_id]])
+        """Positions the caller has stepped (a step decoded ahead counts once it is taken)."""
+        pending = sequence_id in self._ahead
+        return int(self._lengths[self._slot[sequence_id]]) - pending
+
+    @property
+    def decodes_ahead(self) -> bool:
+        """Whether ``step_ahead`` can run: a forward with static decode steps (torch's)."""
+        return getattr(self.forward, "ahead", None) is not None and bool(
+            getattr(self.forward, "static_decode", False)
+        )
 
     # -- the contract ----------------------------------------------------------------------
     def step(
@@ -137,6 +153,12 @@ class SlotEngine:
         starts: Sequence[bool] | None = None,
     ) -> np.ndarray:
         starts = check_step(self, tokens, sequence_ids, starts)
+        if (
+            self._ahead
+            and sequence_ids is not None
+            and not self._stands_for_ahead(tokens, sequence_ids, starts)
+        ):
+            self._take_back_ahead()
         logits = self.caches.logits(len(tokens), self.shape.vocab_size)
         if sequence_ids is None:  # stateless: each width on scratch rows, kept nowhere
             stateless = []
@@ -164,9 +186,13 @@ class SlotEngine:
         # Each group of rows one forward needs: the decoding rows (a view, nothing copied),
         # new prompts of one width on fresh rows after the filling run (the sequences' own
         # slots once the step commits), a later chunk (or several tokens on a decoding
-        # row) alone on its row.
+        # row) alone on its row. Decoding rows whose step ran ahead take its logits.
         groups: list[tuple[list[int], Group]] = []  # (rows of logits, the forward's inputs)
-        if decode:
+        ahead = bool(self._ahead)
+        if ahead:
+            ran = [self._ahead[sequence_ids[r]][0] for r in decode]
+            logits[decode] = self._ahead_logits[ran]
+        elif decode:
             rows = len(decode)
             order = [decode[i] for i in np.argsort(slots)]  # slots are [0, rows) in some order
             ids = np.array([tokens[r][0] for r in order], np.int64).reshape(rows, 1)
@@ -188,8 +214,9 @@ class SlotEngine:
         self._run(groups, logits)
 
         # commit
-        for r in one_by_one + decode:
+        for r in one_by_one + ([] if ahead else decode):
             self._lengths[self._slot[sequence_ids[r]]] += len(tokens[r])
+        self._ahead, self._ahead_logits = {}, None
         for offset, r in enumerate(placed):
             slot = first + offset
             self._ids.append(sequence_ids[r])
@@ -208,6 +235,10 @@ class SlotEngine:
         gone = [s for s in dict.fromkeys(sequence_ids) if self.holds(s)]
         if not gone:
             return 0
+        for sid in gone:  # its step decoded ahead goes with it (the row is cleared whole)
+            self._ahead.pop(sid, None)
+        if not self._ahead:
+            self._ahead_logits = None
         if self._journal is not None:  # their keys and values, to put back on failure
             for sid in gone:
                 slot = self._slot[sid]
@@ -223,6 +254,53 @@ class SlotEngine:
     def release_all(self) -> int:
         return self.release(list(self._ids))
 
+    def step_ahead(self, sequence_ids: Sequence[int], tokens) -> np.ndarray:
+        """Run the next decode step of every decoding sequence now, from ``tokens``, a
+        (rows,) tensor on the engine's device (the tokens a step just sampled there, one
+        per id, in the order of ``sequence_ids``), before the host has read them; returns
+        them read (numpy, that order). The step counts as the caller's next one: when the
+        caller then steps these sequences with these tokens, ``step`` returns its logits
+        without running it; a step that differs (other sequences, other tokens) takes it
+        back first (it never happened: lengths and keys as before). Only the decoding
+        sequences, all of them (the slots ``[0, rows)`` a decode step runs on), and not
+        inside ``atomic``. Raises EngineError where it cannot run; nothing is then
+        committed.
+
+        What it buys on a GPU: the step's kernels run while the host reads, detokenizes
+        and sends the tokens, instead of after."""
+        if not self.decodes_ahead:
+            raise EngineError("this engine cannot decode ahead (it needs the torch engine's "
+                              "static decode steps)")  # fmt: skip
+        if self._journal is not None:
+            raise EngineError("no decoding ahead inside atomic()")
+        if self._ahead:
+            raise EngineError("a step decoded ahead is still pending")
+        rows = len(sequence_ids)
+        slots = [self._slot.get(sid) for sid in sequence_ids]
+        if (
+            rows == 0
+            or None in slots
+            or rows != self._decoding
+            or sorted(slots) != list(range(rows))
+        ):
+            raise EngineError("decoding ahead takes exactly the decoding sequences")
+        if len(tokens) != rows:
+            raise EngineError(f"{len(tokens)} tokens for {rows} sequences")
+        lengths = self._lengths[:rows].copy()
+        if lengths.max() >= self.shape.max_positions:
+            raise EngineError("a sequence fills its context window: no position to decode ahead")
+        order = np.empty(rows, np.int64)  # slot -> the caller's row
+        order[slots] = np.arange(rows)
+        read, logits = self.forward.ahead(tokens, order, lengths)
+        self._lengths[:rows] += 1
+        self.steps_ahead += 1
+        self._ahead = {
+            sid: (slot, int(read[row]))
+            for row, (sid, slot) in enumerate(zip(sequence_ids, slots, strict=True))
+        }
+        self._ahead_logits = logits
+        return read
+
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
         """Undo the releases made inside if it raises: a release and a step fail as one.
@@ -235,6 +313,7 @@ class SlotEngine:
         if self._journal is not None:
             yield
             return
+        self._take_back_ahead()  # a release in the block puts back only what callers stepped
         self._journal = []
         held = set(self._slot)
         try:
@@ -250,6 +329,30 @@ class SlotEngine:
         self._journal = None
 
     # -- internals -------------------------------------------------------------------------
+    def _stands_for_ahead(self, tokens, sequence_ids, starts) -> bool:
+        """Whether this step is the one decoded ahead: the same sequences decoding, each
+        the token it was run with."""
+        decoding = {
+            sid: toks[0]
+            for sid, start, toks in zip(sequence_ids, starts, tokens, strict=True)
+            if not start and len(toks) == 1
+        }
+        if decoding.keys() != self._ahead.keys():
+            return False
+        return all(self._ahead[sid][1] == token for sid, token in decoding.items())
+
+    def _take_back_ahead(self) -> None:
+        """Undo a step decoded ahead: each sequence's length back, its position cleared."""
+        self.steps_ahead_taken_back += bool(self._ahead)
+        for sid in self._ahead:
+            if sid in self._slot:
+                slot = self._slot[sid]
+                self._lengths[slot] -= 1
+                at = int(self._lengths[slot])
+                for buffer in self._buffers:
+                    self.caches.clear(buffer[slot, :, at : at + 1])
+        self._ahead, self._ahead_logits = {}, None
+
     @staticmethod
     def _prompt_group(prompts: list[Sequence[int]], views: list[np.ndarray], past: int) -> Group:
         """Prompts (or chunks) of one width on ``views`` rows at ``past``."""

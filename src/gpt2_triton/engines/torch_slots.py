@@ -432,6 +432,9 @@ class TorchSlotForward:
 
     # -- decode steps as graphs -------------------------------------------------------------
     def _decode_static(self, input_ids, lengths, position_ids, bucket):
+        """A decode step of rows ``[0, rows)`` through the static inputs: a graph's replay
+        (or, without one, the same body eagerly). ``input_ids``: host ids (rows, 1), or a
+        (rows,) tensor on the device (a decode ahead's, still being computed)."""
         torch = self._torch
         rows = input_ids.shape[0]
         lengths = np.asarray(lengths, np.int64)
@@ -440,13 +443,19 @@ class TorchSlotForward:
         # one copy in: token ids, positions, write rows and lengths of the bucket's rows;
         # the padding rows write into the scratch row at position 0 and attend to position
         # 0 of slots [rows, bucket) (zeros or another sequence's: their logits are dropped)
+        on_device = isinstance(input_ids, torch.Tensor)
         staged = np.zeros((4, bucket), np.int64)
-        staged[0, :rows] = np.asarray(input_ids).reshape(-1)
+        if not on_device:
+            staged[0, :rows] = np.asarray(input_ids).reshape(-1)
         staged[1, :rows] = np.asarray(position_ids).reshape(-1)
         staged[2, :rows] = np.arange(rows)
         staged[2, rows:] = self._slots_held()
         staged[3, :rows] = lengths
-        static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
+        if on_device:  # no wait for the work queued before (the ids' own sampling)
+            self._stage_without_wait(static[:, :bucket], staged)
+            static[0, :rows].copy_(input_ids)
+        else:
+            static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
         graph, logits = self._graph(bucket, window)
         if graph is None:  # CPU (or a failed capture): the same body, eagerly
             with _ATTENTION_CHOICE:
@@ -455,6 +464,59 @@ class TorchSlotForward:
             graph.replay()
         self.graph_replays += 1
         return logits[:rows]
+
+    # -- decoding ahead ---------------------------------------------------------------------
+    def ahead(self, tokens, order, lengths):
+        """The next decode step of slots ``[0, rows)`` from tokens still on the device
+        (``SlotEngine.step_ahead``): ``tokens`` (rows,) in the caller's row order, ``order``
+        the caller's row of each slot, ``lengths`` the slots' lengths. The tokens' copy to
+        the host is queued first, then the step, and only then does the host wait, for the
+        copy alone: the step runs on the GPU while the caller detokenizes and sends. Returns
+        (the tokens on the host, in the caller's order; the step's logits, slot order)."""
+        torch = self._torch
+        if not self.static_decode:
+            raise EngineError("decoding ahead needs the static decode steps (CUDA graphs)")
+        rows = len(lengths)
+        lengths = np.asarray(lengths, np.int64)
+        with torch.inference_mode():
+            read = self._to_host_later(tokens)
+            ids = tokens
+            if not np.array_equal(order, np.arange(rows)):
+                ids = tokens.index_select(0, self._upload(np.asarray(order)))
+            ids = ids.clamp(min=0)  # a row that could not be sampled (-1) ends: feed it 0
+            bucket = batch_bucket(rows, batch_buckets(self._slots_held()))
+            logits = self._decode_static(ids, lengths, lengths.reshape(rows, 1), bucket)
+            return read(), logits
+
+    def _upload(self, array: np.ndarray):
+        """A small int64 array on the device, its copy queued without waiting for the work
+        queued before it (through pinned memory on CUDA; PyTorch's pinned allocator keeps
+        the block until the copy has run)."""
+        source = self._torch.from_numpy(np.ascontiguousarray(array, np.int64))
+        if self.device.type != "cuda":
+            return source.clone()
+        return source.pin_memory().to(self.device, non_blocking=True)
+
+    def _stage_without_wait(self, target, staged: np.ndarray) -> None:
+        target.copy_(self._upload(staged))
+
+    def _to_host_later(self, tokens):
+        """Queue ``tokens``' copy to the host; returns the function that waits for that
+        copy alone (not for what is queued after it) and gives them as numpy."""
+        torch = self._torch
+        if self.device.type != "cuda":
+            copied = tokens.numpy().copy()
+            return lambda: copied
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
+
+        def read():
+            copied.synchronize()
+            return host.numpy().copy()
+
+        return read
 
     def _static_inputs(self):
         if self._static is None:  # sized for the largest bucket: every slot
