@@ -5,6 +5,9 @@
 On GPT-2 small's architecture (the bench model: random weights drawn from a fixed seed,
 GPT-2's tokenizer), on one GPU, in one run, the headline first:
 
+0. ``ahead`` (with ``--decode-ahead 1``): a check first, a few seconds: the generation
+   loop on the graphs engine in fp32, every prompt at once, without and with decoding
+   ahead, must stream the same text (the asynchronous path no CPU can run).
 1. ``triton``: the service through the pip ``tritonserver`` over gRPC (the front door's
    Envoy does not travel): TTFT, ITL and tokens/s at each concurrency and prompt length,
    exactly ``--new-tokens`` tokens, with CUDA graphs, eager, and graphs whose layer code
@@ -49,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-STEPS = ("triton", "engine", "hf", "consistency", "genai-perf")
+STEPS = ("ahead", "triton", "engine", "hf", "consistency", "genai-perf")
 # issue 13's targets, at concurrency 1 through Triton on an H100 or H200 (TensorRT-LLM's
 # published genai-perf figures for GPT-2 on Triton: TTFT 13.7 ms, ITL 1.86 ms)
 TARGET_ITL_MS = 1.86
@@ -220,7 +223,16 @@ def plan(args) -> list[str]:
     served = ", ".join(system.removeprefix("triton:torch-") for system, _, _ in services(args))
     grid = f"concurrency {args.concurrency} x prompt {args.prompt_tokens}, {args.new_tokens} tokens"
     exact = ", graphs fp32" if args.device.startswith("cuda") else ""
+    static = [n for n, o in variants(args.device, args.engines).items()
+              if o.get("cuda_graphs") or o.get("static_decode")]  # fmt: skip
+    ahead = (
+        f"the loop on {static[0]} in fp32, {args.prompts} prompts at once, without and with "
+        "decode ahead: the same text"
+        if 1 in args.decode_ahead and static
+        else "nothing to check (no --decode-ahead 1)"
+    )
     steps = {
+        "ahead": ahead,
         "triton": f"tritonserver, gRPC, {served}: prompt {PUBLISHED['prompt_tokens']}, "
         f"{PUBLISHED['new_tokens']} tokens at 1; {grid}, {args.rounds} rounds at 1",
         "engine": f"decode step alone ({names}) at concurrency {args.concurrency}",
@@ -319,20 +331,6 @@ def consistency(model_dir: Path, args, deadline: float = float("inf")) -> list[d
         report = verify.check_engine(name, kind, False, engine, ref, tokenizer, eos)
         reports.append(asdict(report) | {"ran": engine.forward.describe()})
         del engine
-    static = next(
-        (n for n, o in engines.items() if o.get("cuda_graphs") or o.get("static_decode")), None
-    )
-    if static is not None and time.monotonic() < deadline:
-        try:
-            reports.append(
-                decode_ahead_agreement(
-                    model, model_dir, prompt_ids, args.device, static, engines[static]
-                )
-            )
-        except Exception as exc:  # the checks above stay
-            reports.append(
-                {"engine": f"torch {static} decode-ahead", "error": f"{type(exc).__name__}: {exc}"}
-            )
     plan_engine = tensorrt_engine(model_dir, len(prompt_ids) + 1)
     if plan_engine is not None:
         report = verify.check_engine("tensorrt", "fp16", False, plan_engine, ref, tokenizer, eos)
@@ -360,26 +358,39 @@ class _Collected:
         self.done = True
 
 
-def decode_ahead_agreement(model, model_dir: Path, prompt_ids, device, name, options) -> dict:
-    """The generation loop on the engine ``name`` (in the served precision), without and
-    with ``decode_ahead``, every prompt at once (each up to 32 tokens, fewer where the
-    window ends: the last step runs ahead at the window's last position), greedy: the
-    streams must be the same text (decoding ahead computes the same steps, only earlier),
-    and steps must have run ahead. On a GPU this checks the asynchronous path (pinned
-    copies, the graph's inputs filled on the device) that the CPU's tests cannot run."""
+def decode_ahead_check(model_dir: Path, args) -> dict | None:
+    """The generation loop on the first variant with static decode steps (graphs on CUDA),
+    in fp32, without and with ``decode_ahead``, every prompt at once (each up to 32 tokens,
+    fewer where the window ends, so that the last step runs ahead at the window's last
+    position), greedy: the streams must be the same text, and steps must have run ahead.
+    fp32, because a step run ahead keeps the rows that finished meanwhile (a bucket or a
+    window larger than the plain loop's step), which fp16 may round apart. None without
+    ``--decode-ahead 1``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from build_scripts import verify
     from gpt2_triton.batcher import BatcherLimits, InflightBatcher
     from gpt2_triton.request import GenerationRequest
     from gpt2_triton.sampling import SamplingParams
     from gpt2_triton.text import TextCodec
 
-    codec = TextCodec(model_dir)
+    engines = variants(args.device, args.engines)
+    static = [n for n, o in engines.items() if o.get("cuda_graphs") or o.get("static_decode")]
+    if 1 not in args.decode_ahead or not static:
+        return None
+    name, options = static[0], engines[static[0]] | {"dtype": torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     window = model.config.n_positions
+    prompt_ids = verify.verify_prompts(tokenizer, args.prompts, window, 32)
+    codec = TextCodec(model_dir)
     texts = [codec.decode(ids) for ids in prompt_ids]
     room = [(text, min(32, window - len(codec.encode(text)))) for text in texts]
     room = [(text, budget) for text, budget in room if budget >= 1]
     runs, steps_ahead = [], 0
     for ahead in (False, True):
-        engine = slot_engine(copy.deepcopy(model), device, len(room), **options)
+        engine = slot_engine(copy.deepcopy(model), args.device, len(room), **options)
         limits = BatcherLimits(
             window, codec.eos_token_id, max_active=len(room), max_queue=len(room),
             decode_ahead=ahead,
@@ -397,18 +408,32 @@ def decode_ahead_agreement(model, model_dir: Path, prompt_ids, device, name, opt
             batcher.step()
         runs.append(sinks)
         steps_ahead = batcher.stats.steps_ahead
+        engine_line = engine.forward.describe()
         del batcher, engine
     plain, ahead = runs
     errors = [s.error for s in plain + ahead if s.error]
+    differ = [  # (prompt, the first character where the streams part)
+        (i, _parting(a.text, b.text))
+        for i, (a, b) in enumerate(zip(plain, ahead, strict=True))
+        if (a.text, a.reason) != (b.text, b.reason)
+    ]
     return {
-        "engine": f"torch {name} decode-ahead",
-        "identical": sum(
-            a.text == b.text and a.reason == b.reason for a, b in zip(plain, ahead, strict=True)
-        ),
+        "engine": f"torch {name} fp32, decode ahead",
+        "identical": len(room) - len(differ),
         "prompts": len(room),
+        "differ": differ,
         "steps_ahead": steps_ahead,
         "errors": errors[:3],
+        "ran": f"decode ahead check: {engine_line}",
     }
+
+
+def _parting(a: str, b: str) -> int:
+    """The first character where two texts differ (the shorter's length if one begins the
+    other)."""
+    return next(
+        (k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def tensorrt_engine(model_dir: Path, max_batch: int):
@@ -825,15 +850,16 @@ def markdown(results: dict, args) -> str:
         out += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in results["verdicts"]]
         out.append("")
-    for r in results.get("consistency") or []:
-        if "identical" in r:
-            out += [
-                f"Decoding ahead ({r['engine']}, greedy, every prompt at once): "
-                f"{r['identical']}/{r['prompts']} streams the same text as without, "
-                f"{r['steps_ahead']} steps run ahead"
-                + (f"; errors: {r['errors']}" if r["errors"] else ""),
-                "",
-            ]
+    if results.get("ahead"):
+        r = results["ahead"]
+        out += [
+            f"Decoding ahead ({r['engine']}, greedy, every prompt at once): "
+            f"{r['identical']}/{r['prompts']} streams the same text as without, "
+            f"{r['steps_ahead']} steps run ahead"
+            + (f"; they part at (prompt, character) {r['differ']}" if r["differ"] else "")
+            + (f"; errors: {r['errors']}" if r["errors"] else ""),
+            "",
+        ]
     ran = {r["ran"] for key in ("triton", "engine", "consistency") for r in results.get(key) or []
            if r.get("ran")}  # fmt: skip
     out += [f"- engine: {line}" for line in sorted(ran)]
@@ -908,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
             args.engines = [e for e in args.engines if e != "compiled"]
             print("torch.compile does not work here:", results["compile_check"]["why"])
     steps = {
+        "ahead": lambda: decode_ahead_check(model_dir, args),
         "triton": lambda: through_triton(model_dir, args, record, deadline),
         "engine": lambda: engine_steps(model_dir, args, deadline=deadline),
         "hf": lambda: hf_generate(model_dir, args),

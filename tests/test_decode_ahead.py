@@ -38,7 +38,7 @@ def test_a_step_run_ahead_is_the_step_it_stands_for(tiny_export, tiny_hf_model):
     rng = np.random.default_rng(11)
     live: list[int] = []  # decoding, in the caller's order
     filling: dict[int, list[int]] = {}  # sid -> prompt tokens still to go in
-    next_id, runs, taken, taken_back = 0, 0, 0, 0
+    next_id, runs, taken, taken_back, beside, joined = 0, 0, 0, 0, 0, 0
     for _ in range(60):
         ids, tokens, starts = [], [], []
         for sid in live:
@@ -70,7 +70,8 @@ def test_a_step_run_ahead_is_the_step_it_stands_for(tiny_export, tiny_hf_model):
         live = [s for s in live if s not in gone]
         for engine in (plain, ahead):
             engine.release(gone)
-        if live and not filling and ahead._decoding == len(live):
+        if live and set(ahead._ids[: ahead._decoding]) == set(live):  # others may be filling
+            rng.shuffle(live)  # the caller's order need not be the slots'
             chosen = [int(rng.integers(0, 500)) for _ in live]
             assert ahead_of(ahead, live, chosen) == chosen
             token_of = dict(zip(live, chosen, strict=True))
@@ -81,22 +82,38 @@ def test_a_step_run_ahead_is_the_step_it_stands_for(tiny_export, tiny_hf_model):
             outcome = rng.random()
             if outcome < 0.2:  # another token comes: the step is taken back
                 chosen[0] = (chosen[0] + 1) % 500
-                taken_back += 1
             elif outcome < 0.35 and len(live) > 1:  # a row leaves before it comes
                 gone = [live.pop(int(rng.integers(0, len(live))))]
                 for engine in (plain, ahead):
                     engine.release(gone)
                 chosen = [token_of[s] for s in live]
+            ids, tokens = list(live), [[t] for t in chosen]
+            joins = False
+            for sid, rest in list(filling.items()):  # a filling one's chunk beside it
+                if rng.random() < 0.5:  # a 1-token chunk joins the run: taken back too
+                    chunk = rest[: int(rng.integers(1, 4))]
+                    filling[sid] = rest[len(chunk) :]
+                    ids.append(sid)
+                    tokens.append(chunk)
+                    joins = joins or len(chunk) == 1
+                    beside += 1
+            joined += joins
+            if outcome < 0.2 or joins:
+                taken_back += 1
             else:
                 taken += 1
-            want = plain.step([[t] for t in chosen], live, [False] * len(live))
-            got = ahead.step([[t] for t in chosen], live, [False] * len(live))
+            want = plain.step(tokens, ids, [False] * len(ids))
+            got = ahead.step(tokens, ids, [False] * len(ids))
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+            for sid in [s for s, rest in filling.items() if not rest]:
+                del filling[sid]
+                live.append(sid)
         assert ahead._ids == plain._ids and ahead._decoding == plain._decoding
         for sid in ahead._ids:
             assert ahead.sequence_length(sid) == plain.sequence_length(sid)
         assert_zero_tails(ahead)
-    assert runs >= 10 and taken >= 5 and taken_back >= 2
+    assert runs >= 10 and taken >= 5 and taken_back >= 2, (runs, taken, taken_back)
+    assert beside >= 3 and joined >= 1, (beside, joined)  # chunks beside a step run ahead
     assert ahead.steps_ahead == runs and ahead.steps_ahead_taken_back == taken_back
 
 
@@ -225,8 +242,9 @@ def test_the_loop_decoding_ahead_streams_what_it_streams_without(tiny_export, ti
 def test_the_loop_decoding_ahead_keeps_seeded_streams_and_hf_greedy(
     tiny_export, tiny_hf_model, tiny_tokenizer
 ):
-    """Greedy equals Hugging Face's generate; a seeded sampled stream is the same alone and
-    beside others (their draws do not depend on what shares the step)."""
+    """Greedy equals Hugging Face's generate; a seeded sampled stream (top-p, repetition
+    penalty) is the one it is without decoding ahead, alone and with requests joining while
+    it runs (whose steps cannot run ahead: the sampler must be the same either way)."""
     batcher = loop(tiny_export, tiny_hf_model, decode_ahead=True)
     prompt = "The old man"
     greedy = ListSink()
@@ -243,29 +261,42 @@ def test_the_loop_decoding_ahead_keeps_seeded_streams_and_hf_greedy(
         ids, max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids)
     )
     assert greedy.text == tiny_tokenizer.decode(ref[0, ids.shape[1] :])
-    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=77)
-    alone = ListSink()
-    batcher.submit(GenerationRequest("A small bird", max_tokens=16, sampling=seeded), alone)
-    run_all(batcher, [alone])
-    sinks = [ListSink() for _ in range(3)]
-    batcher.submit(GenerationRequest("The chef", max_tokens=16, sampling=seeded), sinks[0])
-    batcher.submit(GenerationRequest("A small bird", max_tokens=16, sampling=seeded), sinks[1])
-    batcher.submit(
-        GenerationRequest("Hello", max_tokens=10, sampling=SamplingParams(seed=3)), sinks[2]
-    )
-    run_all(batcher, sinks)
-    assert sinks[1].text == alone.text and alone.outputs[-1].num_output_tokens == 16
+
+    def seeded_stream(decode_ahead: bool, joined: bool, seed: int) -> tuple[str, int]:
+        batcher = loop(tiny_export, tiny_hf_model, decode_ahead)
+        params = SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.3, seed=seed)
+        mine = ListSink()
+        batcher.submit(
+            GenerationRequest("The old man went to", max_tokens=30, sampling=params), mine
+        )
+        for _ in range(4 if joined else 0):  # three short ones join, one after another
+            batcher.step()
+        for _ in range(3 if joined else 0):
+            other = ListSink()
+            batcher.submit(
+                GenerationRequest("Hi", max_tokens=3, sampling=SamplingParams(temperature=0)), other
+            )
+            run_all(batcher, [other])
+        run_all(batcher, [mine])
+        return mine.text, batcher.stats.steps_ahead
+
+    for seed in (5, 6):
+        plain, _ = seeded_stream(False, joined=False, seed=seed)
+        for joined in (False, True):
+            text, ran = seeded_stream(True, joined, seed)
+            assert text == plain and ran >= 10, (seed, joined, ran)
 
 
 def test_a_step_that_cannot_run_ahead_runs_as_usual(tiny_export, tiny_hf_model):
     """step_ahead failing (here: refused every time) costs nothing but the overlap: the
     tokens are read as usual and the same text comes out."""
-    texts = []
+    texts, refusals = [], []
     for refuse in (False, True):
         batcher = loop(tiny_export, tiny_hf_model, decode_ahead=True)
         if refuse:
 
             def refused(ids, tokens):
+                refusals.append(len(ids))
                 raise EngineError("refused for the test")
 
             batcher.engine.step_ahead = refused
@@ -275,7 +306,8 @@ def test_a_step_that_cannot_run_ahead_runs_as_usual(tiny_export, tiny_hf_model):
         batcher.submit(GenerationRequest("Hello", max_tokens=7, sampling=greedy), sinks[1])
         run_all(batcher, sinks)
         texts.append([s.text for s in sinks])
-    assert texts[0] == texts[1]
+        assert (batcher.stats.steps_ahead == 0) == refuse, batcher.stats.steps_ahead
+    assert texts[0] == texts[1] and len(refusals) >= 8
 
 
 def test_decode_ahead_is_off_on_an_engine_that_cannot(tiny_export, tiny_hf_model):

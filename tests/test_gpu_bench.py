@@ -106,12 +106,11 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     assert sorted(p.name for p in out.iterdir()) == [
         "REPORT.md", "results.json", "tritonserver-eager.log", "tritonserver-static.log",
     ]  # fmt: skip
-    assert [r["engine"] for r in results["consistency"]] == [
-        "torch static", "torch eager", "torch static decode-ahead",
-    ]  # fmt: skip
-    ahead = results["consistency"].pop()  # the loop with and without decoding ahead
+    assert [r["engine"] for r in results["consistency"]] == ["torch static", "torch eager"]
+    ahead = results["ahead"]  # the loop with and without decoding ahead, first
     assert ahead["identical"] == ahead["prompts"] >= 3 and ahead["steps_ahead"] > 0
-    assert not ahead["errors"]
+    assert not ahead["errors"] and not ahead["differ"]
+    assert list(results["seconds"])[0] == "ahead"
     for report in results["consistency"]:  # fp32 on the CPU: the reference's own tokens
         assert report["top1_agreement"] == 1.0 and report["greedy_identical_batched"] == 4
     assert {(r["engine"], r["concurrency"]) for r in results["engine"]} == {
@@ -165,6 +164,10 @@ def test_each_lanes_value_gets_a_graphs_server_and_the_first_is_judged():
         gpu_bench.parse_args(["--response-lanes", "0"])
 
 
+def triton_line(plan: list[str]) -> str:
+    return next(line for line in plan if line.startswith("triton:"))
+
+
 def test_each_further_prefill_budget_gets_a_graphs_server_with_the_first_lanes():
     args = gpu_bench.parse_args(["--response-lanes", "1", "4", "--prefill-tokens", "0", "2048"])
     served = [
@@ -177,7 +180,9 @@ def test_each_further_prefill_budget_gets_a_graphs_server_with_the_first_lanes()
         ("triton:torch-eager-lanes1-prefill0", 0, 1),
         ("triton:torch-compiled-lanes1-prefill0", 0, 1),
     ]
-    assert "graphs-lanes1-prefill2048" in gpu_bench.plan(args)[0]  # the settings are valid
+    assert "graphs-lanes1-prefill2048" in triton_line(
+        gpu_bench.plan(args)
+    )  # the settings are valid
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--prefill-tokens", "-1"])
 
@@ -195,7 +200,7 @@ def test_each_further_burst_window_gets_a_graphs_server_with_the_first_lanes_and
         ("triton:torch-eager-prefill0-window0", 0, 0, 1),
         ("triton:torch-compiled-prefill0-window0", 0, 0, 1),
     ]
-    assert "graphs-prefill0-window2" in gpu_bench.plan(args)[0]  # the settings are valid
+    assert "graphs-prefill0-window2" in triton_line(gpu_bench.plan(args))  # the settings are valid
     from gpt2_triton.batcher import MAX_BURST_WINDOW_MS
 
     for window in (-1, MAX_BURST_WINDOW_MS + 1):
@@ -220,7 +225,7 @@ def test_each_further_decode_ahead_value_gets_a_server_per_variant_with_static_s
         ("triton:torch-compiled-prefill0-window0-ahead0", False),
         ("triton:torch-compiled-prefill0-window0-ahead1", True),
     ]
-    assert "compiled-prefill0-window0-ahead1" in gpu_bench.plan(args)[0]  # valid settings
+    assert "compiled-prefill0-window0-ahead1" in triton_line(gpu_bench.plan(args))  # valid settings
     on_cpu = gpu_bench.parse_args(["--device", "cpu", "--decode-ahead", "1"])
     assert [(system, o["decode_ahead"]) for system, o, _ in gpu_bench.services(on_cpu)] == [
         ("triton:torch-static", True), ("triton:torch-eager", False),

@@ -40,12 +40,12 @@ from typing import Protocol
 
 import numpy as np
 
-from gpt2_triton import device_sampling, names
+from gpt2_triton import names
 from gpt2_triton.detokenizer import IncrementalDetokenizer
 from gpt2_triton.engines.protocol import host_logits
 from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.request import GenerationRequest, check_forward_rows
-from gpt2_triton.sampling import SamplingParams, TokenSampler, sample_batch
+from gpt2_triton.sampling import SamplingParams, TokenSampler, sample_batch, sample_batch_ahead
 from gpt2_triton.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -850,7 +850,7 @@ class InflightBatcher:
         suppressed = [eos if s.generated < s.request.min_length else None for s in rows]
         ids = [s.sequence_id for s in rows]
         try:
-            tokens, launched = device_sampling.sample_batch_ahead(
+            tokens, launched = sample_batch_ahead(
                 logits, [s.sampler for s in rows], suppressed,
                 lambda tokens: self.engine.step_ahead(ids, tokens),
             )  # fmt: skip

@@ -82,7 +82,7 @@ def sample_batch_ahead(
     alone) instead of failing the call. Returns the tokens and whether ``launch`` ran.
     Raises only before anything is launched, with every generator as it was; if
     ``launch`` raises, the tokens are read here (the engine then committed nothing) and
-    the next step runs as usual."""
+    the next step runs as usual. ``sampling.sample_batch_ahead`` sends GPU logits here."""
     batch = logits.shape[0]
     if len(samplers) != batch:
         raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
@@ -107,11 +107,14 @@ def sample_batch_ahead(
         read, launched = tokens.cpu().numpy(), False
     chosen: list[int | None] = []
     for sampler, token in zip(samplers, read.tolist(), strict=True):
-        if token < 0:  # no finite maximum: this row fails, the others go on
+        try:
+            if token < 0:  # no finite maximum: this row fails, the others go on
+                raise SamplingError("its logits have no finite maximum")
+            sampler.observe(token)
+            chosen.append(token)
+        except Exception:  # past the launch nothing may raise: this row fails alone
+            log.exception("a row sampled ahead cannot go on")
             chosen.append(None)
-            continue
-        sampler.observe(token)
-        chosen.append(token)
     return chosen, launched
 
 

@@ -33,15 +33,18 @@ from counts kept as tokens arrive (``TokenCounts``), not from its history.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpt2_triton import names
 from gpt2_triton.errors import Gpt2TritonError, RequestValidationError
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1
 
@@ -181,6 +184,30 @@ def sample_batch(
     for sampler, token in zip(samplers, tokens, strict=True):
         sampler.observe(int(token))
     return tokens
+
+
+def sample_batch_ahead(
+    logits, samplers: Sequence[TokenSampler], suppressed, launch: Callable
+) -> tuple[list[int | None], bool]:
+    """``sample_batch`` for a torch tensor of logits, whose tokens go, as a tensor on the
+    logits' device, to ``launch`` (the engine's ``step_ahead``) before they are read;
+    returns them (None for a row that could not be sampled) and whether ``launch`` ran.
+    GPU logits: ``device_sampling.sample_batch_ahead``. CPU logits are sampled here as
+    ``sample_batch`` samples them, so that a seeded stream does not depend on whether its
+    steps ran ahead (the two samplers reach top-p differently: one seed, other tokens).
+    Raises only before anything was launched, with every sampler as it was."""
+    import torch
+
+    if logits.device.type != "cpu":
+        from gpt2_triton import device_sampling
+
+        return device_sampling.sample_batch_ahead(logits, samplers, suppressed, launch)
+    tokens = sample_batch(logits, samplers, suppressed)
+    try:
+        return launch(torch.from_numpy(tokens)).tolist(), True
+    except Exception as exc:
+        log.warning("decoding ahead failed (%s); the next step runs as usual", exc)
+        return tokens.tolist(), False
 
 
 def sample_rows(

@@ -190,8 +190,9 @@ class SlotEngine:
         groups: list[tuple[list[int], Group]] = []  # (rows of logits, the forward's inputs)
         ahead = bool(self._ahead)
         if ahead:
-            ran = [self._ahead[sequence_ids[r]][0] for r in decode]
-            logits[decode] = self._ahead_logits[ran]
+            self._take_ahead_logits(
+                logits, decode, [self._ahead[sequence_ids[r]][0] for r in decode]
+            )
         elif decode:
             rows = len(decode)
             order = [decode[i] for i in np.argsort(slots)]  # slots are [0, rows) in some order
@@ -340,6 +341,22 @@ class SlotEngine:
         if decoding.keys() != self._ahead.keys():
             return False
         return all(self._ahead[sid][1] == token for sid, token in decoding.items())
+
+    def _take_ahead_logits(self, logits, rows: list[int], ran: list[int]) -> None:
+        """``logits[rows]`` = the step run ahead's rows ``ran`` (the slots they had then).
+        In the usual case both are ``0..n-1`` (nobody left, nobody reordered): a slice copy,
+        queued behind the step like everything else; otherwise the forward gathers the rows
+        without waiting (``take_rows``), and only a scatter among other groups' rows waits
+        for the device (a list index goes to the device by a blocking copy)."""
+        count = len(rows)
+        if ran == list(range(count)):
+            picked = self._ahead_logits[:count]
+        else:
+            picked = self.forward.take_rows(self._ahead_logits, ran)
+        if rows == list(range(count)):
+            logits[:count] = picked
+        else:
+            logits[rows] = picked
 
     def _take_back_ahead(self) -> None:
         """Undo a step decoded ahead: each sequence's length back, its position cleared."""

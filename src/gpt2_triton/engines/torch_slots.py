@@ -488,6 +488,11 @@ class TorchSlotForward:
             logits = self._decode_static(ids, lengths, lengths.reshape(rows, 1), bucket)
             return read(), logits
 
+    def take_rows(self, logits, rows):
+        """``logits[rows]``, the index copied to the device without waiting for the step
+        that computes ``logits`` (a list index would wait for it)."""
+        return logits.index_select(0, self._upload(np.asarray(rows, np.int64)))
+
     def _upload(self, array: np.ndarray):
         """A small int64 array on the device, its copy queued without waiting for the work
         queued before it (through pinned memory on CUDA; PyTorch's pinned allocator keeps
