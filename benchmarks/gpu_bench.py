@@ -230,6 +230,8 @@ def plan(args) -> list[str]:
         "decode ahead: the same text"
         if 1 in args.decode_ahead and static
         else "nothing to check (no --decode-ahead 1)"
+        if 1 not in args.decode_ahead
+        else "nothing to check (no variant with static decode steps)"
     )
     steps = {
         "ahead": ahead,
@@ -379,7 +381,10 @@ def decode_ahead_check(model_dir: Path, args) -> dict | None:
     static = [n for n, o in engines.items() if o.get("cuda_graphs") or o.get("static_decode")]
     if 1 not in args.decode_ahead or not static:
         return None
-    name, options = static[0], engines[static[0]] | {"dtype": torch.float32}
+    # the asynchronous path is the check's subject, not torch.compile: plain graphs
+    name = static[0]
+    options = {k: v for k, v in engines[name].items() if k != "compile_decode"}
+    options["dtype"] = torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     window = model.config.n_positions
@@ -410,6 +415,8 @@ def decode_ahead_check(model_dir: Path, args) -> dict | None:
         steps_ahead = batcher.stats.steps_ahead
         engine_line = engine.forward.describe()
         del batcher, engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     plain, ahead = runs
     errors = [s.error for s in plain + ahead if s.error]
     differ = [  # (prompt, the first character where the streams part)
@@ -426,6 +433,18 @@ def decode_ahead_check(model_dir: Path, args) -> dict | None:
         "errors": errors[:3],
         "ran": f"decode ahead check: {engine_line}",
     }
+
+
+def ahead_failure(check: dict | None) -> str | None:
+    """Why the decode-ahead check failed (streams that differ, errors, nothing run ahead);
+    None when it passed or did not run."""
+    if not check:
+        return None
+    if check["differ"] or check["errors"]:
+        return f"{check['prompts'] - check['identical']} streams differ, errors {check['errors']}"
+    if not check["steps_ahead"]:
+        return "no step ran ahead"
+    return None
 
 
 def _parting(a: str, b: str) -> int:
@@ -634,8 +653,10 @@ def hf_generate(model_dir: Path, args) -> list[dict]:
     return rows
 
 
-def through_triton(model_dir: Path, args, record, deadline: float) -> None:
-    """Each variant served by its own tritonserver; ``record(row)`` after every point."""
+def through_triton(model_dir: Path, args, record, deadline: float, ahead_failed=None) -> None:
+    """Each variant served by its own tritonserver; ``record(row)`` after every point.
+    ``ahead_failed``: why the decode-ahead check failed (its servers are then skipped: they
+    would time a path that computes the wrong thing)."""
     from transformers import AutoTokenizer
 
     from benchmarks.harness import prompt_ids
@@ -649,6 +670,9 @@ def through_triton(model_dir: Path, args, record, deadline: float) -> None:
     grid += [(c, p, args.new_tokens) for p in args.prompt_tokens for c in args.concurrency]
     for index, (system, options, lanes) in enumerate(services(args)):
         name = system.removeprefix("triton:torch-")
+        if options["decode_ahead"] and ahead_failed:
+            record({"system": system, "skipped": f"the decode-ahead check failed: {ahead_failed}"})
+            continue
         # the repository (with a 500 MB checkpoint) outside --out: only results travel back
         repository = checkpoint.artifacts_root() / "gpu_bench" / f"repo-{name}"
         settings = RepoSettings(
@@ -935,7 +959,9 @@ def main(argv: list[str] | None = None) -> int:
             print("torch.compile does not work here:", results["compile_check"]["why"])
     steps = {
         "ahead": lambda: decode_ahead_check(model_dir, args),
-        "triton": lambda: through_triton(model_dir, args, record, deadline),
+        "triton": lambda: through_triton(
+            model_dir, args, record, deadline, ahead_failure(results.get("ahead"))
+        ),
         "engine": lambda: engine_steps(model_dir, args, deadline=deadline),
         "hf": lambda: hf_generate(model_dir, args),
         "consistency": lambda: consistency(model_dir, args, deadline),
@@ -953,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
             value = steps[name]()
             if value is not None:
                 results[name] = value
+            if name == "ahead" and ahead_failure(value):
+                results["errors"][name] = ahead_failure(value)
         except Exception as exc:  # one failed step leaves the others' numbers
             results["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"step {name} failed: {exc}", file=sys.stderr, flush=True)

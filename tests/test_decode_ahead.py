@@ -88,13 +88,15 @@ def test_a_step_run_ahead_is_the_step_it_stands_for(tiny_export, tiny_hf_model):
                     engine.release(gone)
                 chosen = [token_of[s] for s in live]
             ids, tokens = list(live), [[t] for t in chosen]
+            chunks_first = rng.random() < 0.5  # the decoding rows need not lead the step
             joins = False
             for sid, rest in list(filling.items()):  # a filling one's chunk beside it
                 if rng.random() < 0.5:  # a 1-token chunk joins the run: taken back too
                     chunk = rest[: int(rng.integers(1, 4))]
                     filling[sid] = rest[len(chunk) :]
-                    ids.append(sid)
-                    tokens.append(chunk)
+                    at = 0 if chunks_first else len(ids)
+                    ids.insert(at, sid)
+                    tokens.insert(at, chunk)
                     joins = joins or len(chunk) == 1
                     beside += 1
             joined += joins

@@ -276,3 +276,12 @@ def test_the_per_token_target_is_judged_against_the_faster_generate():
 def test_the_compile_check_says_whether_torch_compile_works_here():
     check = gpu_bench.compile_check("cpu")  # inductor's C++ backend on this machine
     assert check["ok"] and check["why"] is None and check["seconds"] >= 0
+
+
+def test_a_failed_decode_ahead_check_is_an_error_that_says_why():
+    passed = {"prompts": 4, "identical": 4, "differ": [], "errors": [], "steps_ahead": 9}
+    assert gpu_bench.ahead_failure(passed) is None and gpu_bench.ahead_failure(None) is None
+    parted = passed | {"identical": 3, "differ": [(2, 17)]}
+    assert gpu_bench.ahead_failure(parted).startswith("1 streams differ")
+    assert gpu_bench.ahead_failure(passed | {"steps_ahead": 0}) == "no step ran ahead"
+    assert "boom" in gpu_bench.ahead_failure(passed | {"errors": ["boom"]})

@@ -136,9 +136,9 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     table[1] = [min(p.top_k, vocab) for p in params]
     table[2] = [p.top_p if p.top_p < 1.0 else _NO_TOP_P for p in params]
     table[3] = uniforms
-    table = torch.from_numpy(table).to(device)
+    table = _upload(table, device)
     inverse_temperature, top_k, top_p, uniform = table
-    rows = torch.as_tensor(sampled, device=device)
+    rows = _upload(sampled, device)
     scaled = work[rows] * inverse_temperature.to(work.dtype)[:, None]  # (R, V)
     peak = scaled.max(dim=1).values
     finite = torch.isfinite(peak)
@@ -156,7 +156,7 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     tokens = torch.empty(len(samplers), dtype=torch.int64, device=device)
     tokens[rows] = torch.where(finite, chosen, torch.full_like(chosen, -1))
     if greedy:
-        at = torch.as_tensor(greedy, device=device)
+        at = _upload(greedy, device)
         tokens[at] = work[at].argmax(dim=1)
     return tokens
 
@@ -182,15 +182,29 @@ def _adjusted(logits, samplers, suppressed):
             seen[i, : distinct.size] = distinct
             seen[i, distinct.size :] = distinct[0]  # the same entry again: the same result
         factors = [samplers[r].params.repetition_penalty for r in penalized]
-        rows = torch.as_tensor(penalized, device=device)[:, None]
-        seen = torch.from_numpy(seen).to(device)
-        penalty = torch.tensor(factors, dtype=work.dtype, device=device)[:, None]
+        rows = _upload(penalized, device)[:, None]
+        seen = _upload(seen, device)
+        penalty = _upload(np.asarray(factors, np.float64), device).to(work.dtype)[:, None]
         values = work[rows, seen]
         work[rows, seen] = torch.where(values > 0, values / penalty, values * penalty)
     if silenced:
-        tokens = torch.as_tensor([suppressed[r] for r in silenced], device=device)
-        work[torch.as_tensor(silenced, device=device), tokens] = float("-inf")
+        tokens = _upload([suppressed[r] for r in silenced], device)
+        work[_upload(silenced, device), tokens] = float("-inf")
     return work
+
+
+def _upload(values, device):
+    """A small host array or list of ints on ``device``, its copy queued without waiting
+    for the work queued before it: through pinned memory on CUDA (a plain copy waits for
+    the stream, which with decoding ahead holds the next step; PyTorch's pinned allocator
+    keeps the block until the copy has run)."""
+    import torch
+
+    array = np.asarray(values)
+    tensor = torch.from_numpy(array if array.dtype != np.int32 else array.astype(np.int64))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _keep_top_k(scaled, top_k, largest: int):
