@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -45,26 +46,12 @@ def sample_batch(
     """``sampling.sample_batch`` for a torch tensor of logits (B, vocab) on any device:
     the same contract (one token a row, observed by its sampler; SamplingError for a
     sampled row with no finite maximum, with no draw taken and nothing observed)."""
-    batch = logits.shape[0]
-    if len(samplers) != batch:
-        raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
-    suppressed = suppressed if suppressed is not None else [None] * batch
-    sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
-    states = []  # (generator, its state before this call's draw)
-    try:
-        uniforms = np.empty(len(sampled))
-        for i, row in enumerate(sampled):
-            generator = samplers[row].rng.bit_generator
-            states.append((generator, generator.state))
-            uniforms[i] = samplers[row].rng.random()
+    suppressed, sampled = _rows(logits, samplers, suppressed)
+    with _draws(samplers, sampled) as uniforms:
         tokens = _choose(logits, samplers, suppressed, sampled, uniforms).cpu().numpy()
         failed = np.flatnonzero(tokens < 0)
         if failed.size:
             raise SamplingError(f"row {failed[0]} of the logits has no finite maximum")
-    except BaseException:
-        for generator, state in reversed(states):  # reversed: a shared one ends as it began
-            generator.state = state
-        raise
     for sampler, token in zip(samplers, tokens, strict=True):
         sampler.observe(int(token))
     return tokens
@@ -83,23 +70,9 @@ def sample_batch_ahead(
     Raises only before anything is launched, with every generator as it was; if
     ``launch`` raises, the tokens are read here (the engine then committed nothing) and
     the next step runs as usual. ``sampling.sample_batch_ahead`` sends GPU logits here."""
-    batch = logits.shape[0]
-    if len(samplers) != batch:
-        raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
-    suppressed = suppressed if suppressed is not None else [None] * batch
-    sampled = [row for row, s in enumerate(samplers) if not s.params.greedy]
-    states = []
-    try:
-        uniforms = np.empty(len(sampled))
-        for i, row in enumerate(sampled):
-            generator = samplers[row].rng.bit_generator
-            states.append((generator, generator.state))
-            uniforms[i] = samplers[row].rng.random()
+    suppressed, sampled = _rows(logits, samplers, suppressed)
+    with _draws(samplers, sampled) as uniforms:
         tokens = _choose(logits, samplers, suppressed, sampled, uniforms)
-    except BaseException:
-        for generator, state in reversed(states):
-            generator.state = state
-        raise
     try:
         read, launched = launch(tokens), True
     except Exception as exc:
@@ -116,6 +89,28 @@ def sample_batch_ahead(
             log.exception("a row sampled ahead cannot go on")
             chosen.append(None)
     return chosen, launched
+
+
+def _rows(logits, samplers, suppressed) -> tuple[list, list[int]]:
+    """Each row's suppressed token (None: none) and the rows that draw (not greedy)."""
+    batch = logits.shape[0]
+    if len(samplers) != batch:
+        raise ValueError(f"{len(samplers)} samplers for {batch} rows of logits")
+    suppressed = suppressed if suppressed is not None else [None] * batch
+    return suppressed, [row for row, s in enumerate(samplers) if not s.params.greedy]
+
+
+@contextmanager
+def _draws(samplers, sampled: list[int]):
+    """One uniform for each drawing row from its own generator; if the block raises, every
+    generator is put back as it was (no draw taken)."""
+    states = [(samplers[r].rng.bit_generator, samplers[r].rng.bit_generator.state) for r in sampled]
+    try:
+        yield np.array([samplers[r].rng.random() for r in sampled], np.float64)
+    except BaseException:
+        for generator, state in reversed(states):  # reversed: a shared one ends as it began
+            generator.state = state
+        raise
 
 
 def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarray):
