@@ -15,7 +15,9 @@ GPT-2's tokenizer), on one GPU, in one run, the headline first:
    100 tokens, concurrency 1), on which the latency targets are judged. The clients run in
    several processes (``served_load.py``), each connected before its wave starts.
 2. ``engine``: a decode step of the engine alone at each concurrency, each variant, with
-   what the engine ran (graphs captured, the logits' path) and what a step launches.
+   what the engine ran (graphs captured, the logits' path) and what a step launches; and
+   ms a token with ``HOST_WORK_MS`` of host work after each step, plainly and decoding
+   ahead (engines with static decode steps).
 3. ``hf``: Hugging Face ``generate()`` in fp16 on the same GPU (greedy, exact length), as
    it comes and without cuDNN's attention.
 4. ``consistency``: the engine with CUDA graphs in fp32 (its tokens must be the
@@ -531,6 +533,12 @@ def engine_steps(
                 launched = kernel_profile(engine, ids, tokens, args.device)
             except Exception as exc:
                 launched = {"error": f"{type(exc).__name__}: {exc}"}
+            overlap = None
+            if engine.decodes_ahead:
+                try:
+                    overlap = host_work_overlap(engine, ids, tokens, steps)
+                except Exception as exc:
+                    overlap = {"error": f"{type(exc).__name__}: {exc}"}
             engine.release(ids)
             rows.append(
                 {
@@ -546,12 +554,52 @@ def engine_steps(
                     "ran": engine.forward.describe(),
                     "graph_replays": engine.forward.graph_replays,
                     "launched": launched,
+                    "overlap": overlap,
                 }
             )
         del engine
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+# the loop's own work a token (reading, detokenizing, sending), stood in for by a spin of
+# the host: what decoding ahead is to hide behind the step
+HOST_WORK_MS = 0.5
+
+
+def host_work_overlap(engine, ids: list[int], tokens, steps: int) -> dict:
+    """ms a token when each step is followed by HOST_WORK_MS of host work, plainly (step,
+    argmax, its copy to the host, the work) and decoding ahead (argmax on the device, the
+    next step queued, the copy, the work while that step runs, its logits taken): the
+    first is about step + work, the second about max(step, work) if nothing else waits."""
+
+    def work() -> None:
+        end = time.perf_counter() + HOST_WORK_MS / 1e3
+        while time.perf_counter() < end:
+            pass
+
+    plain, ahead = [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        logits = engine.step([[int(t)] for t in tokens], ids)
+        tokens = logits.argmax(-1).cpu().numpy()
+        work()
+        plain.append(time.perf_counter() - started)
+    logits = engine.step([[int(t)] for t in tokens], ids)
+    for _ in range(steps):
+        started = time.perf_counter()
+        tokens = engine.step_ahead(ids, logits.argmax(-1))
+        work()
+        logits = engine.step([[int(t)] for t in tokens], ids)  # the step run ahead
+        ahead.append(time.perf_counter() - started)
+    return {
+        "host_work_ms": HOST_WORK_MS,
+        "plain_ms_p50": 1e3 * float(np.median(plain[4:])),
+        "ahead_ms_p50": 1e3 * float(np.median(ahead[4:])),
+        "steps_ahead": engine.steps_ahead,
+        "taken_back": engine.steps_ahead_taken_back,
+    }
 
 
 def kernel_profile(engine, ids: list[int], tokens, device: str, steps: int = 6) -> dict:
@@ -837,6 +885,21 @@ def markdown(results: dict, args) -> str:
                 f"{_num(launched.get('us_per_step') and launched['us_per_step'] / 1e3, 3)} |"
             )
         out.append("")
+        overlapped = [r for r in timed if "ahead_ms_p50" in (r.get("overlap") or {})]
+        if overlapped:
+            out += [
+                f"Decode step with {HOST_WORK_MS} ms of host work a token (ms a token; "
+                "decoding ahead runs the work while the next step runs):",
+                "",
+                "| engine | concurrency | step alone | plain | decoding ahead |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['engine']} | {r['concurrency']} | {r['step_ms_p50']:.3f} | "
+                f"{r['overlap']['plain_ms_p50']:.3f} | {r['overlap']['ahead_ms_p50']:.3f} |"
+                for r in overlapped
+            ]
+            out.append("")
         first = timed[0]
         if (first.get("launched") or {}).get("costliest"):
             launched = first["launched"]

@@ -118,6 +118,13 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     }
     static = [r for r in results["engine"] if r["engine"] == "static"]
     assert all(r["graph_replays"] > 0 for r in static)  # the graphs' inputs path ran
+    for row in results["engine"]:  # host work after each step, plainly and decoding ahead
+        if row["engine"] == "static":
+            overlap = row["overlap"]
+            assert overlap["plain_ms_p50"] > overlap["host_work_ms"] and overlap["taken_back"] == 0
+            assert overlap["ahead_ms_p50"] > 0 and overlap["steps_ahead"] >= 40
+        else:  # eager steps cannot run ahead
+            assert row["overlap"] is None
     for row in results["engine"]:  # what a step ran, from the profiler
         launched = row["launched"]
         assert launched["per_step"] > 0 and launched["us_per_step"] > 0
@@ -135,6 +142,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model):
     assert "Costliest top-level CPU operators a step, static, concurrency 1" in report
     assert "| ITL c1 p200 n100" in report and "tokens/s c2 / c1, p8" in report
     assert "streams the same text as without" in report
+    assert "ms of host work a token" in report
 
 
 def test_engines_narrows_the_variants_and_refuses_unknown_ones(capsys):
