@@ -168,6 +168,12 @@ def variants(device: str, only: list[str] | None = None) -> dict[str, dict]:
     return {name: every[name] for name in every if only is None or name in only}
 
 
+def has_static_steps(options: dict) -> bool:
+    """Whether a variant's decode steps run through the graphs' static inputs (captured or
+    not): the steps that can run ahead."""
+    return bool(options.get("cuda_graphs") or options.get("static_decode"))
+
+
 def services(args) -> list[tuple[str, dict, int]]:
     """The servers the ``triton`` step runs, in order: ``(system, options, response
     lanes)``, the options the engine's, ``max_prefill_tokens``, ``burst_window_ms`` and
@@ -181,7 +187,7 @@ def services(args) -> list[tuple[str, dict, int]]:
     several_windows, several_ahead = len(args.burst_window_ms) > 1, len(args.decode_ahead) > 1
     out = []
     for index, (name, options) in enumerate(variants(args.device, args.engines).items()):
-        static = bool(options.get("cuda_graphs") or options.get("static_decode"))
+        static = has_static_steps(options)
         first = ahead_first if static else 0  # eager steps cannot run ahead
         runs = [(lanes_first, budget_first, window_first, first)]
         if index == 0:
@@ -225,8 +231,7 @@ def plan(args) -> list[str]:
     served = ", ".join(system.removeprefix("triton:torch-") for system, _, _ in services(args))
     grid = f"concurrency {args.concurrency} x prompt {args.prompt_tokens}, {args.new_tokens} tokens"
     exact = ", graphs fp32" if args.device.startswith("cuda") else ""
-    static = [n for n, o in variants(args.device, args.engines).items()
-              if o.get("cuda_graphs") or o.get("static_decode")]  # fmt: skip
+    static = [n for n, o in variants(args.device, args.engines).items() if has_static_steps(o)]
     ahead = (
         f"the loop on {static[0]} in fp32, {args.prompts} prompts at once, without and with "
         "decode ahead: the same text"
@@ -380,7 +385,7 @@ def decode_ahead_check(model_dir: Path, args) -> dict | None:
     from gpt2_triton.text import TextCodec
 
     engines = variants(args.device, args.engines)
-    static = [n for n, o in engines.items() if o.get("cuda_graphs") or o.get("static_decode")]
+    static = [n for n, o in engines.items() if has_static_steps(o)]
     if 1 not in args.decode_ahead or not static:
         return None
     # the asynchronous path is the check's subject, not torch.compile: plain graphs

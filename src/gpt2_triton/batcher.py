@@ -828,8 +828,7 @@ class InflightBatcher:
         fail. A call that fails has taken no draw from any generator (sampling.py), so the
         rows sampled again keep their seeded streams.
         """
-        eos = self.limits.eos_token_id
-        suppressed = [eos if s.generated < s.request.min_length else None for s in rows]
+        suppressed = self._suppressed(rows)
         try:
             return sample_batch(logits, [s.sampler for s in rows], suppressed).tolist()
         except Exception:
@@ -843,15 +842,18 @@ class InflightBatcher:
                 tokens.append(None)
         return tokens
 
+    def _suppressed(self, rows: list[_Sequence]) -> list[int | None]:
+        """Each row's token it must not produce: end-of-text before its min_length."""
+        eos = self.limits.eos_token_id
+        return [eos if s.generated < s.request.min_length else None for s in rows]
+
     def _sample_ahead(self, rows: list[_Sequence], logits) -> list[int | None]:
         """``_sample``, with the engine's next step queued behind the tokens before they
         are read (``BatcherLimits.decode_ahead``)."""
-        eos = self.limits.eos_token_id
-        suppressed = [eos if s.generated < s.request.min_length else None for s in rows]
         ids = [s.sequence_id for s in rows]
         try:
             tokens, launched = sample_batch_ahead(
-                logits, [s.sampler for s in rows], suppressed,
+                logits, [s.sampler for s in rows], self._suppressed(rows),
                 lambda tokens: self.engine.step_ahead(ids, tokens),
             )  # fmt: skip
             self.stats.steps_ahead += launched

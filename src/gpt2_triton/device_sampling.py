@@ -31,7 +31,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from gpt2_triton.sampling import SamplingError, TokenSampler
+from gpt2_triton.device_copies import to_device_without_wait
+from gpt2_triton.sampling import SamplingError, TokenSampler, launch_or_read
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,7 @@ def sample_batch_ahead(
     suppressed, sampled = _rows(logits, samplers, suppressed)
     with _draws(samplers, sampled) as uniforms:
         tokens = _choose(logits, samplers, suppressed, sampled, uniforms)
-    try:
-        read, launched = launch(tokens), True
-    except Exception as exc:
-        log.warning("decoding ahead failed (%s); the next step runs as usual", exc)
-        read, launched = tokens.cpu().numpy(), False
+    read, launched = launch_or_read(launch, tokens)
     chosen: list[int | None] = []
     for sampler, token in zip(samplers, read.tolist(), strict=True):
         try:
@@ -131,9 +128,9 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     table[1] = [min(p.top_k, vocab) for p in params]
     table[2] = [p.top_p if p.top_p < 1.0 else _NO_TOP_P for p in params]
     table[3] = uniforms
-    table = _upload(table, device)
+    table = to_device_without_wait(table, device)
     inverse_temperature, top_k, top_p, uniform = table
-    rows = _upload(sampled, device)
+    rows = to_device_without_wait(sampled, device)
     scaled = work[rows] * inverse_temperature.to(work.dtype)[:, None]  # (R, V)
     peak = scaled.max(dim=1).values
     finite = torch.isfinite(peak)
@@ -151,7 +148,7 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     tokens = torch.empty(len(samplers), dtype=torch.int64, device=device)
     tokens[rows] = torch.where(finite, chosen, torch.full_like(chosen, -1))
     if greedy:
-        at = _upload(greedy, device)
+        at = to_device_without_wait(greedy, device)
         tokens[at] = work[at].argmax(dim=1)
     return tokens
 
@@ -177,29 +174,17 @@ def _adjusted(logits, samplers, suppressed):
             seen[i, : distinct.size] = distinct
             seen[i, distinct.size :] = distinct[0]  # the same entry again: the same result
         factors = [samplers[r].params.repetition_penalty for r in penalized]
-        rows = _upload(penalized, device)[:, None]
-        seen = _upload(seen, device)
-        penalty = _upload(np.asarray(factors, np.float64), device).to(work.dtype)[:, None]
+        rows = to_device_without_wait(penalized, device)[:, None]
+        seen = to_device_without_wait(seen, device)
+        penalty = to_device_without_wait(np.asarray(factors, np.float64), device).to(work.dtype)[
+            :, None
+        ]
         values = work[rows, seen]
         work[rows, seen] = torch.where(values > 0, values / penalty, values * penalty)
     if silenced:
-        tokens = _upload([suppressed[r] for r in silenced], device)
-        work[_upload(silenced, device), tokens] = float("-inf")
+        tokens = to_device_without_wait([suppressed[r] for r in silenced], device)
+        work[to_device_without_wait(silenced, device), tokens] = float("-inf")
     return work
-
-
-def _upload(values, device):
-    """A small host array or list of ints on ``device``, its copy queued without waiting
-    for the work queued before it: through pinned memory on CUDA (a plain copy waits for
-    the stream, which with decoding ahead holds the next step; PyTorch's pinned allocator
-    keeps the block until the copy has run)."""
-    import torch
-
-    array = np.asarray(values)
-    tensor = torch.from_numpy(array if array.dtype != np.int32 else array.astype(np.int64))
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _keep_top_k(scaled, top_k, largest: int):

@@ -203,11 +203,19 @@ def sample_batch_ahead(
 
         return device_sampling.sample_batch_ahead(logits, samplers, suppressed, launch)
     tokens = sample_batch(logits, samplers, suppressed)
+    read, launched = launch_or_read(launch, torch.from_numpy(tokens))
+    return read.tolist(), launched
+
+
+def launch_or_read(launch: Callable, tokens) -> tuple[np.ndarray, bool]:
+    """``launch(tokens)`` (the tokens as the engine read them, having queued the next step
+    behind them) and True; if it raises, the engine committed nothing: the tokens read here
+    and False, and the next step runs as usual."""
     try:
-        return launch(torch.from_numpy(tokens)).tolist(), True
+        return launch(tokens), True
     except Exception as exc:
         log.warning("decoding ahead failed (%s); the next step runs as usual", exc)
-        return tokens.tolist(), False
+        return tokens.cpu().numpy(), False
 
 
 def sample_rows(

@@ -56,6 +56,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 
 from gpt2_triton import heap
+from gpt2_triton.device_copies import to_device_without_wait, to_host_later
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import EngineError
 
@@ -452,7 +453,7 @@ class TorchSlotForward:
         staged[2, rows:] = self._slots_held()
         staged[3, :rows] = lengths
         if on_device:  # no wait for the work queued before (the ids' own sampling)
-            self._stage_without_wait(static[:, :bucket], staged)
+            static[:, :bucket].copy_(to_device_without_wait(staged, self.device))
             static[0, :rows].copy_(input_ids)
         else:
             static[:, :bucket].copy_(torch.from_numpy(staged), non_blocking=False)
@@ -479,10 +480,10 @@ class TorchSlotForward:
         rows = len(lengths)
         lengths = np.asarray(lengths, np.int64)
         with torch.inference_mode():
-            read = self._to_host_later(tokens)
+            read = to_host_later(tokens)
             ids = tokens
             if not np.array_equal(order, np.arange(rows)):
-                ids = tokens.index_select(0, self._upload(np.asarray(order)))
+                ids = tokens.index_select(0, to_device_without_wait(order, self.device))
             ids = ids.clamp(min=0)  # a row that could not be sampled (-1) ends: feed it 0
             bucket = batch_bucket(rows, batch_buckets(self._slots_held()))
             logits = self._decode_static(ids, lengths, lengths.reshape(rows, 1), bucket)
@@ -491,37 +492,7 @@ class TorchSlotForward:
     def take_rows(self, logits, rows):
         """``logits[rows]``, the index copied to the device without waiting for the step
         that computes ``logits`` (a list index would wait for it)."""
-        return logits.index_select(0, self._upload(np.asarray(rows, np.int64)))
-
-    def _upload(self, array: np.ndarray):
-        """A small int64 array on the device, its copy queued without waiting for the work
-        queued before it (through pinned memory on CUDA; PyTorch's pinned allocator keeps
-        the block until the copy has run)."""
-        source = self._torch.from_numpy(np.ascontiguousarray(array, np.int64))
-        if self.device.type != "cuda":
-            return source.clone()
-        return source.pin_memory().to(self.device, non_blocking=True)
-
-    def _stage_without_wait(self, target, staged: np.ndarray) -> None:
-        target.copy_(self._upload(staged))
-
-    def _to_host_later(self, tokens):
-        """Queue ``tokens``' copy to the host; returns the function that waits for that
-        copy alone (not for what is queued after it) and gives them as numpy."""
-        torch = self._torch
-        if self.device.type != "cuda":
-            copied = tokens.numpy().copy()
-            return lambda: copied
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(self.device))
-
-        def read():
-            copied.synchronize()
-            return host.numpy().copy()
-
-        return read
+        return logits.index_select(0, to_device_without_wait(rows, self.device))
 
     def _static_inputs(self):
         if self._static is None:  # sized for the largest bucket: every slot
