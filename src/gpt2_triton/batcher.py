@@ -850,10 +850,10 @@ class InflightBatcher:
     def _sample_ahead(self, rows: list[_Sequence], logits) -> list[int | None]:
         """``_sample``, with the engine's next step queued behind the tokens before they
         are read (``BatcherLimits.decode_ahead``)."""
-        ids = [s.sequence_id for s in rows]
+        ids, suppressed = [s.sequence_id for s in rows], self._suppressed(rows)
         try:
             tokens, launched = sample_batch_ahead(
-                logits, [s.sampler for s in rows], self._suppressed(rows),
+                logits, [s.sampler for s in rows], suppressed,
                 lambda tokens: self.engine.step_ahead(ids, tokens),
             )  # fmt: skip
             self.stats.steps_ahead += launched

@@ -24,8 +24,10 @@ def to_device_without_wait(values, device):
     if array.dtype.kind in "iu":
         array = array.astype(np.int64, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
+    if device.type == "cpu":
         return tensor.clone()  # never the caller's memory
+    if device.type != "cuda":  # another accelerator: a plain copy
+        return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
