@@ -127,8 +127,9 @@ class SlotEngine:
 
     @property
     def cached_tokens(self) -> int:
-        """Positions held: the keys and values written, no padding."""
-        return int(self._lengths[: len(self._ids)].sum())
+        """Positions held: the keys and values the callers have stepped, no padding (a step
+        decoded ahead counts once it is taken, as in ``sequence_length``)."""
+        return int(self._lengths[: len(self._ids)].sum()) - len(self._ahead)
 
     def holds(self, sequence_id: int) -> bool:
         return sequence_id in self._slot
