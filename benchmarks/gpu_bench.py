@@ -478,7 +478,7 @@ def tensorrt_engine(model_dir: Path, max_batch: int):
     from gpt2_triton.engines.stateful import StatefulEngine
 
     print(f"  tensorrt {trt.__version__}: export (opset 18, fp16 copy) and build", flush=True)
-    export_dir = export_onnx.run(str(model_dir), opset=18, fp16=True, skip_existing=True)
+    export_dir = export_onnx.run(str(model_dir), fp16=True, skip_existing=True, tensorrt=True)
     build_engine.build(export_dir, build_engine.EngineSettings("fp16", max_batch=max_batch))
     shape = read_shape(export_dir)
     return StatefulEngine(build_forward("trt", export_dir, shape), shape, max_batch)

@@ -9,6 +9,9 @@ How fp16 is asked for depends on the installed TensorRT (``build_mode``):
   the graph's own, so they build ``model.fp16.onnx``, the fp16 export whose LayerNorm and
   softmax run in fp32 between explicit Cast nodes (``export_onnx --fp16``).
 
+The plan and its export live in ``artifacts/trt/<model>/`` (``export_onnx --tensorrt``), apart
+from ONNX Runtime's export, which an export at another opset would replace whole.
+
 Run it inside the image that serves the plan (docker compose --profile build run --rm
 build-engine): a plan only runs on the TensorRT version that built it, which is stamped
 into ``engine_settings.json`` next to ``model.plan`` and checked at load time. Without
@@ -28,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
+from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current, trt_dir
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.cli import run_step
@@ -138,7 +141,7 @@ def check_opset(export_dir: Path, tensorrt_version: str) -> None:
             f"{export_dir} is an opset-{opset} export (fused Attention nodes), which TensorRT "
             f"{tensorrt_version} cannot parse (needs "
             f"{'.'.join(map(str, TRT_FUSED_ATTENTION))}+): re-export with --opset 18 "
-            "(make engine does: ENGINE_OPSET=18)"
+            "(export_onnx --tensorrt does; make engine runs it)"
         )
 
 
@@ -277,7 +280,9 @@ def _gpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
-    parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument(
+        "--export-dir", type=Path, help="default: artifacts/trt/<model> (export_onnx --tensorrt)"
+    )
     parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
     parser.add_argument(
         "--max-batch",
@@ -292,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     def step() -> str:
         import_tensorrt()  # first: without TensorRT nothing else matters
         settings = EngineSettings(args.precision, args.max_batch, args.workspace_gib)
-        export_dir = args.export_dir or (
-            checkpoint.artifacts_root() / "onnx" / checkpoint.resolve(args.model).slug
-        )
+        export_dir = args.export_dir or trt_dir(checkpoint.resolve(args.model).slug)
         return f"TensorRT plan in {build(export_dir, settings)}"
 
     return run_step(step)

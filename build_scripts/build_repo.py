@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build_scripts.build_engine import ONNX_FINGERPRINT, check_plan
-from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current
+from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current, onnx_dir, trt_dir
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.batcher import (
@@ -219,17 +219,16 @@ def build(
         engine_files["checkpoint"] = staging / "checkpoint"
         tokenizer_dir = staging / "tokenizer"
     else:
-        export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
-        settings_file = export_dir / SETTINGS_FILE
-        if not settings_file.is_file():
-            raise Gpt2TritonError(
-                f"no ONNX export in {export_dir}: run 'make export MODEL={settings.model}'"
-            )
+        trt = settings.engine == "trt"
+        export_dir = export_dir or (trt_dir if trt else onnx_dir)(spec.slug)
         refresh = (
             f"run 'make engine MODEL={settings.model}'"
-            if settings.engine == "trt"
+            if trt
             else f"run 'make export MODEL={settings.model}' (make repo does)"
         )
+        settings_file = export_dir / SETTINGS_FILE
+        if not settings_file.is_file():
+            raise Gpt2TritonError(f"no ONNX export in {export_dir}: {refresh}")
         exported = check_current(export_dir, refresh)
         exported_settings = settings_file
         fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
@@ -305,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
     parser.add_argument("--engine", default="onnx", help=f"one of {', '.join(ENGINE_KINDS)}")
-    parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument(
+        "--export-dir",
+        type=Path,
+        help="default: artifacts/onnx/<model> (ENGINE trt: artifacts/trt/<model>, make engine)",
+    )
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     parser.add_argument(
         "--max-sequences",

@@ -1,6 +1,6 @@
 """``make export``: checkpoint -> ``artifacts/onnx/<model>/`` (model.onnx + settings + tokenizer).
 
-    python -m build_scripts.export_onnx --model tiny [--int8] [--fp16]
+    python -m build_scripts.export_onnx --model tiny [--int8] [--fp16] [--tensorrt]
 
 The folder is written all at once; it holds ``model.onnx`` (its weights in
 ``model.onnx.data``), optionally ``model.int8.onnx`` (``model.int8.onnx.data``) and
@@ -8,6 +8,12 @@ The folder is written all at once; it holds ``model.onnx`` (its weights in
 ``export_settings.json`` (what was built, from what, with which versions, and the
 sha256 of the checkpoint files it was built from) and
 ``tokenizer/``. Later steps (verify, make repo) read only this folder.
+
+``--tensorrt`` writes the export TensorRT builds from into a folder of its own,
+``artifacts/trt/<model>/`` (opset 18 unless ``--opset`` says otherwise), where ``make
+engine`` puts the plan beside it. Apart, because an export replaces its whole folder: an
+ONNX Runtime export at its own opset (``make repo``, ``make verify``) would otherwise delete
+the plan.
 """
 
 from __future__ import annotations
@@ -32,8 +38,19 @@ log = logging.getLogger("build_scripts.export_onnx")
 SOURCE_FINGERPRINT = "source_fingerprint"
 
 
+# The opset TensorRT's export is written at: 23's fused Attention node keeps its softmax
+# without the Cast that holds it in fp32 (and TensorRT parses it only from 10.14 on).
+TENSORRT_OPSET = 18
+
+
 def onnx_dir(slug: str) -> Path:
+    """ONNX Runtime's export (``make export``, ``make repo ENGINE=onnx``)."""
     return checkpoint.artifacts_root() / "onnx" / slug
+
+
+def trt_dir(slug: str) -> Path:
+    """TensorRT's: the export a plan is built from, and the plan (``make engine``)."""
+    return checkpoint.artifacts_root() / "trt" / slug
 
 
 def stale_reason(
@@ -112,7 +129,10 @@ def run(
     skip_existing: bool = False,
     opset: int | None = None,
     fp16: bool = False,
+    tensorrt: bool = False,
 ) -> Path:
+    """Export ``model_spec`` into ``output``, by default ONNX Runtime's folder or, with
+    ``tensorrt``, TensorRT's (whose opset is then ``TENSORRT_OPSET`` unless given)."""
     import onnx
     import onnxruntime
     import torch
@@ -126,11 +146,11 @@ def run(
         export_onnx,
     )
 
-    opset = opset or OPSET
+    opset = opset or (TENSORRT_OPSET if tensorrt else OPSET)
     if not MIN_OPSET <= opset <= OPSET:  # before minutes of loading
         raise ExportError(f"opset {opset} not supported: choose {MIN_OPSET} to {OPSET}")
     spec = checkpoint.resolve(model_spec)
-    output = output or onnx_dir(spec.slug)
+    output = output or (trt_dir if tensorrt else onnx_dir)(spec.slug)
     weights = checkpoint.fingerprint(spec)  # before loading: a change meanwhile re-exports
     if skip_existing:
         reason = stale_reason(output, spec.source, int8, opset, weights, fp16)
@@ -241,7 +261,9 @@ def load_settings(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
-    parser.add_argument("--output", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument(
+        "--output", type=Path, help="default: artifacts/onnx/<model> (--tensorrt: trt/<model>)"
+    )
     parser.add_argument(
         "--int8",
         action="store_true",
@@ -254,9 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         "fp16 KV cache): what TensorRT 11+ builds an fp16 plan from",
     )
     parser.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="the export TensorRT builds a plan from, in a folder of its own "
+        f"(artifacts/trt/<model>), at opset {TENSORRT_OPSET} by default",
+    )
+    parser.add_argument(
         "--opset",
         type=int,
-        help="ONNX opset (default 23: fused Attention nodes; 18 for TensorRT before 10.14)",
+        help=f"ONNX opset (default 23: fused Attention nodes; {TENSORRT_OPSET} with --tensorrt)",
     )
     parser.add_argument(
         "--skip-existing",
@@ -269,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_step(
         lambda: (
             "ONNX export in "
-            f"{run(args.model, args.output, args.int8, args.skip_existing, args.opset, args.fp16)}"
+            + str(
+                run(
+                    args.model,
+                    args.output,
+                    args.int8,
+                    args.skip_existing,
+                    args.opset,
+                    args.fp16,
+                    tensorrt=args.tensorrt,
+                )
+            )
         )
     )
 

@@ -13,7 +13,9 @@ on the same number of threads (``--threads``, default: the CPUs this process may
 Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses its bar (top-1
 100%, every greedy sequence identical, max abs logit difference <= 1e-3). int8 and the
 fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here by ONNX
-Runtime on the CPU) are reported, never gated: both move logits by design.
+Runtime on the CPU) are reported, never gated: both move logits by design. Those two,
+TensorRT's, are read from TensorRT's export (``artifacts/trt/<model>/``: ``make engine``, or
+``make verify FP16=1`` for the fp16 graph alone), the others from ONNX Runtime's.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from build_scripts.build_engine import check_plan
-from build_scripts.export_onnx import check_current
+from build_scripts.export_onnx import check_current, onnx_dir, trt_dir
 from gpt2_triton import checkpoint, logs
 from gpt2_triton.atomic import atomic_dir, write_json
 from gpt2_triton.engines.factory import (
     IN_PLACE_KINDS,
+    SETTINGS_FILE,
     build_engine,
     build_forward,
     read_shape,
@@ -44,7 +47,7 @@ from gpt2_triton.engines.factory import (
 from gpt2_triton.engines.protocol import host_logits
 from gpt2_triton.engines.slots import SlotEngine
 from gpt2_triton.engines.stateful import StatefulEngine
-from gpt2_triton.errors import EngineError, Gpt2TritonError
+from gpt2_triton.errors import EngineError, ExportError, Gpt2TritonError
 from gpt2_triton.prompts import varied_prompts
 from gpt2_triton.reference import greedy_ids
 
@@ -284,6 +287,8 @@ ENGINES = [  # name, kind, precision, device, gated
     ("onnxruntime", "onnx-fp16", "fp16 export, LayerNorm/softmax fp32 (CPU)", "cpu", False),
     ("tensorrt", "trt", "see engine_settings.json", "cuda", False),
 ]
+# the kinds read from TensorRT's export (the graph a plan is built from, and the plan)
+TENSORRT_KINDS = ("onnx-fp16", "trt")
 
 
 def _forward(kind: str, export_dir: Path, shape, **kwargs):
@@ -307,15 +312,24 @@ def run(
     num_prompts: int,
     new_tokens: int,
     threads: int,
+    engine_dir: Path | None = None,
 ) -> tuple[list[EngineReport], Path]:
     import torch
 
     spec = checkpoint.resolve(model_spec)
-    export_dir = export_dir or checkpoint.artifacts_root() / "onnx" / spec.slug
+    export_dir = export_dir or onnx_dir(spec.slug)
+    engine_dir = engine_dir or trt_dir(spec.slug)
     output = output or checkpoint.artifacts_root() / "verify" / spec.slug
     shape = read_shape(export_dir)
     # A stale export would show up as a failed comparison; say what is wrong instead.
     check_current(export_dir, "re-export it ('make verify' does)")
+    has_engine_export = (engine_dir / SETTINGS_FILE).is_file()
+    if has_engine_export:
+        try:  # not fatal: ONNX Runtime's rows are the gated ones
+            check_current(engine_dir, "re-export it and rebuild the plan ('make engine' does)")
+        except ExportError as exc:
+            log.warning("skipping TensorRT's export: %s", exc)
+            has_engine_export = False
     tokenizer = checkpoint.load_tokenizer(spec)
     model = checkpoint.load_model(spec)
     eos = shape.eos_token_id
@@ -331,11 +345,21 @@ def run(
     ref = reference(model, prompt_ids, budgets, eos)
     reports = []
     for name, kind, precision, device, gated in ENGINES:
+        folder = engine_dir if kind in TENSORRT_KINDS else export_dir
+        if kind in TENSORRT_KINDS and not has_engine_export:
+            log.info(
+                "skipping %s (%s): no TensorRT export in %s ('make engine'; 'make verify "
+                "FP16=1' writes its fp16 graph alone)",
+                name,
+                precision,
+                engine_dir,
+            )
+            continue
         try:
             # the torch engine moves (and casts) its model: give it a copy of the reference
             forward = _forward(
                 kind,
-                export_dir,
+                folder,
                 shape,
                 threads=threads,
                 device=device,
@@ -347,8 +371,8 @@ def run(
             log.info("skipping %s (%s): %s", name, precision, exc)
             continue
         if kind == "trt":
-            check_plan(export_dir)  # only where TensorRT runs: elsewhere it was skipped
-            precision = json.loads((export_dir / "engine_settings.json").read_text())["precision"]
+            check_plan(folder)  # only where TensorRT runs: elsewhere it was skipped
+            precision = json.loads((folder / "engine_settings.json").read_text())["precision"]
         # A TensorRT plan takes at most the batch it was built for: the batched check then
         # runs in batches of that size.
         rows = len(prompt_ids) + 1
@@ -372,6 +396,7 @@ def run(
             {
                 "model": spec.source,
                 "export_dir": str(export_dir),
+                "tensorrt_export_dir": str(engine_dir) if has_engine_export else None,
                 "prompts": [tokenizer.decode(p) for p in prompt_ids],
                 "prompt_tokens": [len(p) for p in prompt_ids],
                 "new_tokens": new_tokens,
@@ -392,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt2", help="hub id, 'tiny' or checkpoint folder")
     parser.add_argument("--export-dir", type=Path, help="default: artifacts/onnx/<model>")
+    parser.add_argument(
+        "--tensorrt-export-dir",
+        type=Path,
+        help="TensorRT's export and plan (default: artifacts/trt/<model>)",
+    )
     parser.add_argument("--output", type=Path, help="default: artifacts/verify/<model>")
     parser.add_argument("--prompts", type=int, default=32, help="number of prompts (>= 32)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -404,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     try:
         reports, output = run(
-            args.model, args.export_dir, args.output, args.prompts, args.new_tokens, args.threads
+            args.model,
+            args.export_dir,
+            args.output,
+            args.prompts,
+            args.new_tokens,
+            args.threads,
+            engine_dir=args.tensorrt_export_dir,
         )
     except Gpt2TritonError as exc:
         print(f"error: {exc}", file=sys.stderr)

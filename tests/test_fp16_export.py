@@ -1,13 +1,16 @@
-"""The fp16 export (``make export FP16=1``): the graph a strongly typed TensorRT (11+) builds
-an fp16 plan from. Its LayerNorm and softmax must run in fp32 by explicit casts in the graph,
-and it must compute what the fp32 export computes, within fp16's rounding: checked here on
-the tiny model with ONNX Runtime on the CPU (no TensorRT needed to check the graph)."""
+"""The fp16 export (``make engine`` for fp16, ``make verify FP16=1``): the graph a strongly
+typed TensorRT (11+) builds an fp16 plan from. Its LayerNorm and softmax must run in fp32 by
+explicit casts in the graph, and it must compute what the fp32 export computes, within
+fp16's rounding: checked here on the tiny model with ONNX Runtime on the CPU (no TensorRT
+needed to check the graph)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +21,8 @@ from gpt2_triton.engines.factory import read_shape
 from gpt2_triton.engines.onnx_forward import OnnxForward
 from gpt2_triton.engines.stateful import StatefulEngine
 
+ROOT = Path(__file__).resolve().parent.parent
+
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # fp16 keeps ~3 significant digits: on the tiny model (logits within about +-10) the two
 # exports differ by ~4e-3 at most (measured); the bar leaves 5x room for other prompts.
@@ -26,11 +31,34 @@ FP16_MAX_ABS_DIFF = 2e-2
 
 @pytest.fixture(scope="module")
 def fp16_export(tiny_model, artifacts):
-    """The tiny model exported as ``make engine`` does for fp16: opset 18 (explicit
-    Softmax nodes) with ``--fp16``."""
+    """The tiny model exported as ``make engine`` does for fp16: TensorRT's export (its own
+    folder, opset 18 by default: explicit Softmax nodes) with ``--fp16``."""
     from build_scripts import export_onnx
 
-    return export_onnx.run("tiny", artifacts / "onnx-fp16", opset=18, fp16=True)
+    return export_onnx.run("tiny", fp16=True, skip_existing=True, tensorrt=True)
+
+
+def test_tensorrt_export_is_apart_from_onnx_runtimes(fp16_export, tiny_export, tmp_path):
+    """An export replaces its whole folder: were TensorRT's (opset 18) and ONNX Runtime's
+    (opset 23) one folder, each would delete the other, the plan with it (make engine, then
+    make verify). Each has its own, and every step that reads the plan looks there."""
+    from build_scripts import export_onnx
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    assert fp16_export == export_onnx.trt_dir("tiny") != tiny_export
+    assert export_onnx.load_settings(fp16_export)["opset"] == export_onnx.TENSORRT_OPSET
+    assert export_onnx.load_settings(tiny_export)["opset"] == 23
+    plan = fp16_export / "model.plan"
+    with pytest.raises(Gpt2TritonError, match=f"{plan} not found: run 'make engine'"):
+        build(RepoSettings("tiny", "trt"), repository=tmp_path / "repo")
+    make = ["make", "-s", "-n", "MODEL=tiny"]
+    engine = subprocess.run([*make, "engine"], capture_output=True, text=True, cwd=ROOT)
+    assert "export_onnx --model tiny --tensorrt" in engine.stdout, engine.stdout
+    verify = subprocess.run([*make, "verify"], capture_output=True, text=True, cwd=ROOT)
+    assert "--tensorrt" not in verify.stdout and "--opset 23" in verify.stdout, verify.stdout
+    fp16 = subprocess.run([*make, "verify", "FP16=1"], capture_output=True, text=True, cwd=ROOT)
+    assert "--tensorrt" in fp16.stdout and "--fp16" in fp16.stdout, fp16.stdout
 
 
 def _graph_types(path):
@@ -127,11 +155,14 @@ def test_fused_attention_asks_for_an_fp32_softmax(tiny_export, tmp_path):
     assert {i.type for i in session.get_inputs()[3:]} == {"tensor(float16)"}
 
 
-def test_verify_reports_the_fp16_export(fp16_export, tmp_path):
-    """make verify FP16=1: the fp16 file is reported next to fp32, not gated."""
+def test_verify_reports_the_fp16_export(fp16_export, tiny_export, tmp_path):
+    """make verify FP16=1: the fp16 file (found in TensorRT's export) is reported next to
+    fp32 (ONNX Runtime's), not gated."""
     from build_scripts import verify
 
-    reports, out = verify.run("tiny", fp16_export, tmp_path / "v", 32, 4, 1)
+    reports, out = verify.run("tiny", tiny_export, tmp_path / "v", 32, 4, 1)
+    report = json.loads((out / "report.json").read_text())
+    assert report["tensorrt_export_dir"] == str(fp16_export)
     row = next(r for r in reports if r.precision.startswith("fp16 export"))
     assert not row.gated and row.prompts == 32
     assert row.max_abs_logit_diff <= FP16_MAX_ABS_DIFF
