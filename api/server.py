@@ -97,7 +97,9 @@ def build_app(settings: Settings) -> FastAPI:
         app.state.completions = OpenAIServingCompletion(triton, models)
         app.state.chat = OpenAIServingChat(triton, models)
         log.info("gateway for Triton at %s (model %s)", settings.triton_url, settings.triton_model)
+        watch = asyncio.create_task(triton.watch_readiness())
         yield
+        watch.cancel()
         await triton.close()
 
     app = FastAPI(title="GPT-2 on Triton: OpenAI-compatible API", lifespan=lifespan)

@@ -7,13 +7,18 @@ A stream the caller leaves before that final response is cancelled, which Triton
 to the model (``is_cancelled``): the sequence leaves the batch at the next step. A
 finished request is never cancelled: with tritonserver 2.51 a cancel that reaches a
 request after its final response can leave the model "live" at shutdown (docs/API.md).
+
+A Triton that is alive but answers nothing (stopped, deadlocked) would hold every stream
+forever: the gateway checks its readiness as the front door does (``watch_readiness``),
+refuses new requests while it fails, and ends the streams that got nothing since it began
+failing, each with UNAVAILABLE (503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,11 +34,13 @@ log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 10.0  # Triton closes a half-closed stream right after its final response
 HEALTH_TIMEOUT_S = 2.0
+# The readiness watch: the front door's health check of each replica (deploy/envoy): a busy
+# machine can hold a live Triton's answer for seconds, so a 3 s timeout and two failures in
+# a row, one check a second.
+READY_CHECK_INTERVAL_S = 1.0
+READY_CHECK_TIMEOUT_S = 3.0
+UNREADY_AFTER_FAILURES = 2
 MAX_KEYS_REMEMBERED = 64
-
-# Triton's in-stream errors carry a message and no status code; the model's messages say
-# which kind they are (gpt2_triton.request / sampling / batcher).
-_VALIDATION_MESSAGE = re.compile(rf"^({'|'.join(names.GPT2_INPUTS)})[ :(]")
 
 
 class TritonError(Exception):
@@ -48,14 +55,9 @@ class TritonError(Exception):
 
     @classmethod
     def from_stream_message(cls, message: str) -> TritonError:
-        match = _VALIDATION_MESSAGE.match(message)
-        if match:
-            return cls(message, "INVALID_ARGUMENT", match.group(1))
-        if "already waiting" in message:  # batcher.QueueFullError
-            return cls(message, "RESOURCE_EXHAUSTED")
-        if "shutting down" in message:  # batcher.ShuttingDownError
-            return cls(message, "UNAVAILABLE")
-        return cls(message, "INTERNAL")
+        """Triton's in-stream errors carry a message and no status code."""
+        status, input_name = names.error_status(message)
+        return cls(message, status, input_name)
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError) -> TritonError:
@@ -190,6 +192,11 @@ class TritonClient:
             ],
         )
         self._callers_passed: set[str | None] = set()
+        # the readiness watch: failed checks in a row; the live streams, each
+        # with when it last heard from Triton; those the watch ended
+        self._failed_checks = 0
+        self._live: dict[object, float] = {}
+        self._ended_by_watch: set[object] = set()
 
     def own_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -203,17 +210,52 @@ class TritonClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self) -> bool:
+    async def is_ready(self, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         headers = self.own_headers()
         try:
             return await self._client.is_server_ready(
-                headers=headers, client_timeout=HEALTH_TIMEOUT_S
+                headers=headers, client_timeout=timeout
             ) and await self._client.is_model_ready(
-                self.model, headers=headers, client_timeout=HEALTH_TIMEOUT_S
+                self.model, headers=headers, client_timeout=timeout
             )
         except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
             log.debug("Triton is not ready: %s", exc)
             return False
+
+    @property
+    def seen_unready(self) -> bool:
+        return self._failed_checks >= UNREADY_AFTER_FAILURES
+
+    async def check_readiness(self, timeout: float = READY_CHECK_TIMEOUT_S) -> bool:
+        """One readiness check, counted by the watch. Once it has failed often enough in a
+        row, every stream that has heard nothing from Triton while this check waited ends
+        (UNAVAILABLE): a Triton that answers neither will not answer them."""
+        asked = time.monotonic()
+        if await self.is_ready(timeout):
+            if self.seen_unready:
+                log.info("Triton is ready again")
+            self._failed_checks = 0
+            return True
+        self._failed_checks += 1
+        if self.seen_unready:
+            stalled = [c for c, heard in self._live.items() if heard < asked]
+            if self._failed_checks == UNREADY_AFTER_FAILURES or stalled:
+                log.warning(
+                    "Triton failed %d readiness checks in a row: new requests get 503, %d "
+                    "stream(s) that heard nothing since end",
+                    self._failed_checks,
+                    len(stalled),
+                )
+            for call in stalled:
+                self._ended_by_watch.add(call)
+                call.cancel()
+        return False
+
+    async def watch_readiness(self, interval: float = READY_CHECK_INTERVAL_S) -> None:
+        """Check Triton's readiness every ``interval`` s, for as long as the gateway runs."""
+        while True:
+            await self.check_readiness()
+            await asyncio.sleep(interval)
 
     async def check_caller(self, authorization: str | None) -> None:
         """The front door's verdict on the caller's key, by a unary call. A stream the door
@@ -256,14 +298,25 @@ class TritonClient:
         the request in Triton.
         """
         inputs = request_inputs(generation)
+        # While the watch sees Triton failing, ask once more (it may be back): a request
+        # that would wait on a Triton that answers nothing gets 503 instead.
+        if self.seen_unready and not await self.check_readiness(HEALTH_TIMEOUT_S):
+            raise TritonError(
+                f"Triton is not ready: it failed its last {self._failed_checks} readiness "
+                "checks in a row",
+                "UNAVAILABLE",
+            )
 
         async def requests():
             yield {"model_name": self.model, "inputs": inputs}
 
         call = self._client.stream_infer(requests(), headers=self.caller_headers(authorization))
+        live = self._live
+        live[call] = time.monotonic()
         finished = False  # Triton sent the final response (or an error): nothing to cancel
         try:
             async for result, error in call:
+                live[call] = time.monotonic()
                 if error is not None:
                     finished = True
                     raise TritonError.from_stream_message(error.message())
@@ -281,7 +334,19 @@ class TritonClient:
         except grpc.aio.AioRpcError as exc:
             finished = True
             raise TritonError.from_rpc(exc) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call not in self._ended_by_watch or (task and task.cancelling()):
+                raise  # the caller's own cancellation
+            finished = True
+            raise TritonError(
+                "Triton stopped answering: nothing on this stream, and no answer to "
+                f"{self._failed_checks} readiness checks in a row",
+                "UNAVAILABLE",
+            ) from None
         finally:
+            live.pop(call, None)
+            self._ended_by_watch.discard(call)
             if not finished:
                 call.cancel()
 

@@ -413,6 +413,45 @@ def test_triton_unreachable_is_503(artifacts):
             assert caught.value.status_code == 503
 
 
+def test_a_triton_that_answers_nothing_gets_503_not_a_hang(api, triton, native):
+    """tritonserver stopped (SIGSTOP: alive, connected, silent), as a deadlock would leave
+    it: a stream sent to it ends in an error once the gateway's readiness checks fail, and
+    later requests are 503 at once; none waits for an answer that will not come (a client
+    would have waited for the front door's idle timeout, 10 minutes). The front door
+    answers /v2 with 503 by its own health checks alike."""
+    import signal
+
+    body = {"model": MODEL, "prompt": "The cat", "stream": True, "max_tokens": 8}
+    first = post(api, COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert first.status_code == 200, first.text  # the caller is known: no key check below
+    pid = triton.triton.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with httpx.Client(timeout=DEADLINE_S) as http:
+            with http.stream("POST", f"{api}{COMPLETIONS}", json=body) as response:
+                every = list(response.iter_lines())
+                status = response.status_code
+        lines = [line for line in every if line.startswith("data:")]
+        # its answer began (200, then an error event) or did not (503): either way it ended
+        if status == 200:
+            errors = [json.loads(line[5:]) for line in lines if '"error"' in line]
+            assert lines[-1] == "data: [DONE]" and errors, lines[-3:]
+            message = errors[-1]["error"]["message"]
+        else:
+            assert status == 503, status
+            message = json.loads("".join(every))["error"]["message"]
+        assert "Triton stopped answering" in message or "readiness checks" in message, message
+        refused = post(api, COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        assert "readiness checks" in refused.json()["error"]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    native.wait_until_ready(DEADLINE_S)
+    wait_for(lambda: httpx.get(f"{api}/health", timeout=60).status_code == 200, "ready again")
+    again = post(api, COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert again.status_code == 200, again.text
+
+
 # --- cancellation -------------------------------------------------------------------------
 class _TritonRestarted(Exception):
     """Triton died and its supervisor started it again during an attempt."""
