@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import queue
-import re
 import threading
 import time
 import urllib.error
@@ -541,21 +540,22 @@ def _http_chunk(data: dict, final: bool) -> _Chunk:
     )
 
 
-# The server's validation messages start with the gpt2 input at fault
-# (gpt2_triton.request / sampling / batcher: "max_tokens must be >= 1, got 0").
-_VALIDATION_MESSAGE = re.compile(rf"({'|'.join(names.GPT2_INPUTS)})[ :(]")
+def _status_of_message(message: str) -> str:
+    """The status a server error message without a code stands for (a gRPC stream's, an
+    SSE event's), spelled as Triton's HTTP errors map to it (INVALID_ARG)."""
+    status, _ = names.error_status(message)
+    return "INVALID_ARG" if status == "INVALID_ARGUMENT" else status
 
 
 def _stream_error(data: dict) -> ClientError:
     """An SSE error event. Triton's is ``{"error": "<message>"}`` with no code (the HTTP
     status was sent with the first event, 200 once text has streamed), so the code is a
-    status the event carries, if any (a proxy's), else INVALID_ARG for the server's
-    validation messages and INTERNAL for anything else."""
+    status the event carries, if any (a proxy's), else what the message says it is."""
     message = str(data["error"])
     status = data.get("status") or data.get("code")
     if isinstance(status, str) and status:
         return ClientError(message, status)
-    return ClientError(message, "INVALID_ARG" if _VALIDATION_MESSAGE.match(message) else "INTERNAL")
+    return ClientError(message, _status_of_message(message))
 
 
 def _client_error(exc) -> ClientError:
@@ -563,6 +563,8 @@ def _client_error(exc) -> ClientError:
     message = exc.message() if hasattr(exc, "message") else str(exc)
     if "StatusCode.UNAVAILABLE" in str(status) or "failed to connect" in str(message).lower():
         return ClientError(f"cannot reach Triton: {message}", "UNAVAILABLE")
+    if not status:  # an error in a gRPC stream: a message alone
+        return ClientError(message, _status_of_message(message))
     return ClientError(message, str(status).replace("StatusCode.", ""))
 
 

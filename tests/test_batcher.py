@@ -16,7 +16,6 @@ from gpt2_triton.batcher import (
     CPU_PREFILL_TOKENS,
     GPU_PREFILL_TOKENS,
     IDLE_PREFILL_FACTOR,
-    SHUTTING_DOWN,
     BatcherLimits,
     GenerationOutput,
     InflightBatcher,
@@ -26,6 +25,7 @@ from gpt2_triton.batcher import (
 )
 from gpt2_triton.engines.factory import build_engine
 from gpt2_triton.errors import EngineError, RequestValidationError
+from gpt2_triton.names import SHUTTING_DOWN
 from gpt2_triton.request import GenerationRequest
 from gpt2_triton.sampling import SamplingParams
 from gpt2_triton.sending import (

@@ -115,7 +115,8 @@ def test_complete_stream_still_ends_with_a_result():
     [
         # Triton 2.51's SSE error event is {"error": "<message>"}: no code in it
         ({"error": "internal error while generating"}, "INTERNAL"),
-        ({"error": "the server is shutting down"}, "INTERNAL"),
+        ({"error": "the server is shutting down; retry on another one"}, "UNAVAILABLE"),
+        ({"error": "8 requests are already waiting; retry later"}, "RESOURCE_EXHAUSTED"),
         ({"error": "max_tokens must be >= 1, got 0"}, "INVALID_ARG"),
         ({"error": "temperature must be in [0, 100] (0 = greedy), got 101"}, "INVALID_ARG"),
         ({"error": "stop_words: at most 16 words, got 17"}, "INVALID_ARG"),

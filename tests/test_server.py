@@ -392,8 +392,9 @@ def test_bad_parameter_is_invalid_arg_and_server_stays_healthy(triton, grpc, bod
     assert http_error.value.code == 400
     assert field in json.loads(http_error.value.read())["error"]
     params = GenerationParams(**{k: v for k, v in body.items()})
-    with pytest.raises(ClientError, match=field):
+    with pytest.raises(ClientError, match=field) as caught:
         grpc.generate("The cat", params)
+    assert caught.value.status == "INVALID_ARG"  # what HTTP says (400): a stream has no code
     assert grpc.is_ready()
     assert grpc.generate("The cat", GenerationParams(max_tokens=3)).num_output_tokens == 3
 

@@ -80,9 +80,6 @@ class EngineClient(Protocol):
         """Free these caches; ids the engine does not hold are ignored."""
 
 
-SHUTTING_DOWN = "the server is shutting down"
-
-
 class QueueFullError(Gpt2TritonError):
     """More requests wait than the queue holds: the client should retry later."""
 
@@ -403,11 +400,9 @@ class InflightBatcher:
         )
         with self._wake:
             if self._closed:  # nothing would ever step it: refuse now rather than hang
-                raise ShuttingDownError("the server is shutting down; retry on another one")
+                raise ShuttingDownError(f"{names.SHUTTING_DOWN}; retry on another one")
             if len(self._waiting) >= self.limits.max_queue:
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting; retry later"
-                )
+                raise QueueFullError(f"{len(self._waiting)} {names.QUEUE_FULL}")
             self._waiting.append(sequence)
             now = sequence.arrived_at = self._clock()
             if self._burst_chain:  # counting the arrivals after a start that did not wait
@@ -451,11 +446,9 @@ class InflightBatcher:
         ]
         with self._wake:
             if self._closed:
-                raise ShuttingDownError("the server is shutting down; retry on another one")
+                raise ShuttingDownError(f"{names.SHUTTING_DOWN}; retry on another one")
             if len(self._waiting) + len(rows) > self.limits.max_queue:
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting; retry later"
-                )
+                raise QueueFullError(f"{len(self._waiting)} {names.QUEUE_FULL}")
             self._waiting.extend(rows)  # not an arrival a burst window waits on
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
@@ -525,7 +518,7 @@ class InflightBatcher:
 
         Only from the loop's thread, between steps (``run`` calls it).
         """
-        message = SHUTTING_DOWN
+        message = names.SHUTTING_DOWN
         with self._wake:
             self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -957,7 +950,7 @@ class InflightBatcher:
             return
         sequence.ended = True
         if sequence.job:
-            failure = ShuttingDownError if message == SHUTTING_DOWN else Gpt2TritonError
+            failure = ShuttingDownError if message == names.SHUTTING_DOWN else Gpt2TritonError
             sequence.job.fail(failure(message))
             return
         self.stats.requests["error"] += 1

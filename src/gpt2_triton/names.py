@@ -7,6 +7,8 @@ work unchanged. Templates, Triton adapters and the client all import from here.
 
 from __future__ import annotations
 
+import re
+
 # --- gpt2 (decoupled text generation) -------------------------------------------------
 TEXT_INPUT = "text_input"
 MAX_TOKENS = "max_tokens"
@@ -59,6 +61,28 @@ SCALAR_DATATYPES = {
     RETURN_NUM_INPUT_TOKENS: "BOOL",
     RETURN_NUM_OUTPUT_TOKENS: "BOOL",
 }
+
+# The gpt2 model's errors in a gRPC stream reach the client as a message alone (Triton's
+# ModelStreamInferResponse has no status code), so its messages say which kind they are:
+# a validation error names the input at fault first ("max_tokens must be >= 1, got 0"); a
+# full queue and a stopping server say so (gpt2_triton.batcher).
+QUEUE_FULL = "requests are already waiting; retry later"
+SHUTTING_DOWN = "the server is shutting down"
+_NAMES_AN_INPUT = re.compile(rf"^({'|'.join(GPT2_INPUTS)})[ :(]")
+
+
+def error_status(message: str) -> tuple[str, str | None]:
+    """The gRPC status name an error message of the gpt2 model stands for, and the input
+    it names (validation errors only)."""
+    named = _NAMES_AN_INPUT.match(message)
+    if named:
+        return "INVALID_ARGUMENT", named.group(1)
+    if QUEUE_FULL in message:
+        return "RESOURCE_EXHAUSTED", None
+    if SHUTTING_DOWN in message:
+        return "UNAVAILABLE", None
+    return "INTERNAL", None
+
 
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
