@@ -122,7 +122,10 @@ def _param(loc: tuple) -> str | None:
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # A union reports each branch it tried: our own check's message says what is wrong,
+    # where "Input should be a valid string" (another branch's) would not.
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = tuple(error.get("loc", ()))
     if error.get("type") == "extra_forbidden":
         return ApiError(400, f"Unrecognized request argument supplied: {loc[-1]}", _param(loc))

@@ -9,9 +9,9 @@ unknown field is refused as OpenAI does ("Unrecognized request argument").
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from gpt2_triton.request import MAX_STOP_WORD_CHARS, MAX_STOP_WORDS
 from gpt2_triton.sampling import MAX_SEED
@@ -19,6 +19,21 @@ from gpt2_triton.sampling import MAX_SEED
 INT32_MAX = 2**31 - 1  # the gpt2 model's integer inputs are INT32
 
 MAX_CHOICES = 16  # n: choices run as separate requests; the batch holds 16 by default
+
+
+def _encodable(value: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate (U+{ord(value[exc.start]):04X}) at "
+            f"character {exc.start}"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # what reaches the model as text
 
 
 class RequestModel(BaseModel):
@@ -51,7 +66,7 @@ class SamplingRequest(RequestModel):
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions (vLLM's names), gpt2 inputs of the same meaning
@@ -103,7 +118,7 @@ class SamplingRequest(RequestModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
     logprobs: int | None = None
@@ -139,12 +154,12 @@ class CompletionRequest(SamplingRequest):
 
 class TextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
     # What an assistant message read back from the SDK carries (a reply sent back as
     # history): accepted while empty, as nothing here produces them.

@@ -347,6 +347,16 @@ USER = [{"role": "user", "content": "Hi"}]
         (CHAT, {"messages": [{"role": "assistant", "content": "Hi"}]}, "messages"),
         (CHAT, {"messages": []}, "messages"),
         (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        # a lone surrogate ("\ud800" in JSON): no UTF-8 text holds one
+        (COMPLETIONS, {"prompt": "The cat \ud800"}, "prompt"),
+        (COMPLETIONS, {"prompt": ["ok", "\udfff"]}, "prompt[1]"),
+        (COMPLETIONS, {"prompt": "x", "stop": ["\ud800"]}, "stop[0]"),
+        (CHAT, {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+            "messages[0].content[0].text",
+        ),
     ],
 )
 def test_bad_values_are_400_naming_the_field(api, path, body, param):
