@@ -44,6 +44,8 @@ class GenerationParams:
     min_length: int | None = None  # no EOS before this many tokens
 
     def as_json(self) -> dict:
+        """The request's fields; raises ClientError for an integer its input's type cannot
+        hold (numpy, and Triton's JSON parser, would wrap it round to another value)."""
         fields = {
             names.MAX_TOKENS: self.max_tokens,
             names.TEMPERATURE: self.temperature,
@@ -54,10 +56,35 @@ class GenerationParams:
             names.MIN_LENGTH: self.min_length,
         }
         out = {k: v for k, v in fields.items() if v is not None}
+        for name, value in out.items():
+            low, high = _INTEGER_RANGES.get(names.SCALAR_DATATYPES[name], (None, None))
+            if low is not None and not low <= value <= high:
+                raise ClientError(
+                    f"{name} must be in [{low}, {high}] ({names.SCALAR_DATATYPES[name]}), "
+                    f"got {value}",
+                    "INVALID_ARG",
+                )
         if self.stop_words:
-            out[names.STOP_WORDS] = list(self.stop_words)
+            out[names.STOP_WORDS] = [checked_text(names.STOP_WORDS, w) for w in self.stop_words]
         out[names.EXCLUDE_INPUT_IN_OUTPUT] = self.exclude_input_in_output
         return out
+
+
+_INTEGER_RANGES = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+
+
+def checked_text(name: str, text: str) -> str:
+    """``text``, if UTF-8 can carry it: a command line's undecodable bytes arrive as lone
+    surrogates ("caf\\udce9"), which no request can send."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ClientError(
+            f"{name} is not valid UTF-8 text: character {exc.start} is "
+            f"U+{ord(text[exc.start]):04X} (undecodable bytes, or a lone surrogate)",
+            "INVALID_ARG",
+        ) from None
+    return text
 
 
 # numpy dtypes and Triton datatypes of the gpt2 scalar inputs, by name
@@ -141,7 +168,8 @@ def grpc_inputs(prompt: str, params: GenerationParams, stream: bool = True) -> l
         t.set_data_from_numpy(array)
         return t
 
-    inputs = [tensor(names.TEXT_INPUT, np.array([[prompt.encode()]], dtype=object), "BYTES")]
+    prompt_bytes = checked_text(names.TEXT_INPUT, prompt).encode()
+    inputs = [tensor(names.TEXT_INPUT, np.array([[prompt_bytes]], dtype=object), "BYTES")]
     values = params.as_json() | {names.STREAM: stream}
     for name, value in values.items():
         if name == names.STOP_WORDS:
@@ -293,7 +321,9 @@ class Gpt2Client:
                 network_timeout=self.request_timeout_s,
             )
         try:
-            data = np.array([t.encode() for t in texts], dtype=object)
+            data = np.array(
+                [checked_text(names.TEXT_INPUT, t).encode() for t in texts], dtype=object
+            )
             tensor = module.InferInput(names.TEXT_INPUT, [len(texts)], "BYTES")
             tensor.set_data_from_numpy(data)
             result = client.infer("tokenizer", [tensor], headers=self.headers, **timeout)
@@ -462,7 +492,11 @@ class Gpt2Client:
     def _http_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         if cancel.requested.is_set():  # cancelled before it started: send nothing
             return
-        body = {names.TEXT_INPUT: prompt, names.STREAM: stream, **params.as_json()}
+        body = {
+            names.TEXT_INPUT: checked_text(names.TEXT_INPUT, prompt),
+            names.STREAM: stream,
+            **params.as_json(),
+        }
         endpoint = "generate_stream" if stream else "generate"
         request = urllib.request.Request(
             f"http://{self.url}/v2/models/{self.model}/{endpoint}",

@@ -177,3 +177,27 @@ def test_a_stream_that_falls_silent_is_a_deadline_error_not_a_hang(chunked):
     assert f"Triton at {url} did not answer within 5 s" in str(exc.value)
     assert "next piece" in str(exc.value)
     assert pieces == [" walks", " to"] and stream.result is None
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["caf\udce9"], "text_input is not valid UTF-8 text: character 3 is U+DCE9"),
+        (["x", "--stop", "\udcff"], "stop_words is not valid UTF-8 text"),
+        (["x", "--max-tokens", "4294967299"], "max_tokens must be in [-2147483648, 2147483647]"),
+        (["x", "--top-k", "-2147483649"], "top_k must be in"),
+        (["x", "--seed", "-1"], "seed must be in [0, 18446744073709551615] (UINT64), got -1"),
+        (["x", "--seed", "99999999999999999999999"], "seed must be in"),
+    ],
+)
+def test_what_no_request_can_carry_is_refused_before_sending(capsys, protocol, argv, words):
+    """A command line's undecodable bytes (lone surrogates) and integers their input's type
+    cannot hold (numpy and Triton's JSON parser wrap them round: 4294967299 tokens would be
+    3) are errors, not tracebacks or other values; nothing is sent."""
+    script = Script([event(" no", "length")])
+    with sse_server(script) as url:  # answers HTTP; a gRPC request would not reach it
+        code = cli.main([*argv, "--protocol", protocol, "--url", url])
+    err = capsys.readouterr().err
+    assert code == 1 and words in err and "Traceback" not in err, err
+    assert script.posted == []
