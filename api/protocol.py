@@ -17,6 +17,8 @@ from gpt2_triton.request import MAX_STOP_WORD_CHARS, MAX_STOP_WORDS
 from gpt2_triton.sampling import MAX_SEED
 
 INT32_MAX = 2**31 - 1  # the gpt2 model's integer inputs are INT32
+# seed s becomes the model's s + 1 (its 0 means "a fresh random seed"): serving_engine
+MAX_OPENAI_SEED = MAX_SEED - 1
 
 MAX_CHOICES = 16  # n: choices run as separate requests; the batch holds 16 by default
 
@@ -65,7 +67,7 @@ class SamplingRequest(RequestModel):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_OPENAI_SEED)
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -27,10 +27,12 @@ _RUNNING: set[asyncio.Task] = set()
 
 def choice_seed(seed: int | None, index: int) -> int | None:
     """Choice ``index`` draws with ``seed + index``, so that the choices differ and each
-    is reproducible. 0 means "a fresh random seed" to the model: wrapped past it."""
+    is reproducible. 0 means "a fresh random seed" to the model, so the model's seed is
+    that plus one, wrapping round within [1, MAX_SEED]: one to one for the OpenAI seeds
+    [0, MAX_SEED - 1] (protocol.MAX_OPENAI_SEED), and n <= 16 choices never meet."""
     if seed is None:
         return None
-    return (seed + index) % (MAX_SEED + 1) or MAX_SEED
+    return (seed + index) % MAX_SEED + 1
 
 
 def generation(

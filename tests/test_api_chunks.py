@@ -7,13 +7,15 @@ import json
 import pytest
 
 from api.protocol import (
+    MAX_OPENAI_SEED,
     ChatCompletionChunk,
     ChatStreamChoice,
     CompletionChoice,
     CompletionResponse,
     DeltaMessage,
 )
-from api.serving_engine import TextChunks, sse
+from api.serving_engine import TextChunks, choice_seed, sse
+from gpt2_triton.sampling import MAX_SEED
 
 TEXTS = ["hello", ' "quoted" and \\ back', "line\nbreak\ttab", "é ü 漢字 \u2028", "\ue000", ""]
 
@@ -73,3 +75,17 @@ def test_a_piece_is_read_from_the_raw_response_as_tritonclient_reads_it(final):
         assert (piece.num_input_tokens, piece.num_output_tokens) == (7, 300)
     else:
         assert (piece.finish_reason, piece.num_input_tokens, piece.num_output_tokens) == ("", 0, 0)
+
+
+def test_every_seed_and_choice_is_its_own_model_seed():
+    """The model's seed 0 is "a fresh random seed": never sent for a seed asked for, and
+    no two OpenAI seeds (or two choices of one request) share a model seed, at the edges
+    where the wrap-round happens too."""
+    assert choice_seed(None, 3) is None
+    edges = [0, 1, 2, MAX_OPENAI_SEED - 16, MAX_OPENAI_SEED - 1, MAX_OPENAI_SEED]
+    for seed in edges:
+        seeds = [choice_seed(seed, i) for i in range(16)]
+        assert len(set(seeds)) == 16 and all(1 <= s <= MAX_SEED for s in seeds), seed
+    firsts = [choice_seed(seed, 0) for seed in edges]
+    assert len(set(firsts)) == len(edges)
+    assert choice_seed(MAX_OPENAI_SEED, 1) == choice_seed(0, 0) == 1  # seed + 1, wrapped

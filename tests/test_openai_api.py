@@ -188,7 +188,8 @@ def test_n_choices_are_seeded_one_apart_and_reproducible(client, native):
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
     assert len(set(texts)) > 1
     references = [
-        native.generate("The cat", GenerationParams(top_k=50, seed=1234 + i, **sampling))
+        # the model's seed is the OpenAI one plus one (its 0: a fresh random seed)
+        native.generate("The cat", GenerationParams(top_k=50, seed=1234 + i + 1, **sampling))
         for i in range(4)
     ]
     assert texts == [r.text for r in references]
@@ -329,6 +330,7 @@ USER = [{"role": "user", "content": "Hi"}]
         (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         (COMPLETIONS, {"prompt": "x", "n": 17}, "n"),
         (COMPLETIONS, {"prompt": "x", "seed": -1}, "seed"),
+        (COMPLETIONS, {"prompt": "x", "seed": 2**64 - 1}, "seed"),
         (COMPLETIONS, {"prompt": "x", "top_k": -1}, "top_k"),
         (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         (COMPLETIONS, {"prompt": "x", "stop": ["a"] * 17}, "stop"),
