@@ -173,13 +173,14 @@ ui: setup ## the Gradio chat page for a running server (http://UI_HOST:UI_PORT)
 
 # The page runs in the background too, so that the trap can stop it: a SIGTERM to make
 # ends this shell, and a foreground page would be left running, holding its port. Ctrl-C
-# (SIGINT) and SIGTERM end the shell's wait, and its exit stops both.
+# (SIGINT) and SIGTERM end the shell's wait, and its exit stops both; so does either one
+# ending on its own (a service that gave up leaves no page up in front of nothing).
 demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the chat page
 	@$(PY) -m gpt2_triton.serve $(SERVE_FLAGS) & server=$$!; page=; \
 	trap 'kill -TERM $$server $$page 2>/dev/null; wait' EXIT; trap 'exit 130' INT TERM; \
 	until curl -sf -o /dev/null http://$(CLIENT_HOST):$(HTTP_PORT)/v2/health/ready; do \
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
-	$(PY) -m ui $(UI_FLAGS) & page=$$!; wait $$page
+	$(PY) -m ui $(UI_FLAGS) & page=$$!; wait -n $$server $$page
 
 compose-up: ## docker compose: Triton (TensorRT) + the chat page; COMPOSE_PROFILE=cpu: ONNX
 	MODEL=$(MODEL) MAX_SEQUENCES=$(MAX_SEQUENCES) $(if $(TRITON_IMAGE),TRITON_IMAGE=$(TRITON_IMAGE)) \
