@@ -795,6 +795,12 @@ def test_escaped_slash_in_a_path_is_rejected_at_the_door(triton):
     # %2F could hide a path from the admin routes: the front door rejects it outright
     reply = http_call(triton.http_url, "POST", "/v2/repository%2Findex")
     assert reply.status == 400, reply
+    assert "malformed request" in json.loads(reply.body)["error"], reply
+    # under /v1 in OpenAI's error shape, with the same words (not an empty message)
+    reply = http_call(triton.http_url, "GET", "/v1/models/a%2Fb")
+    error = json.loads(reply.body)["error"]
+    assert reply.status == 400 and "malformed request" in error["message"], reply
+    assert error["type"] == "invalid_request_error"
 
 
 ADMIN_GRPC = {
