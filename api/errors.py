@@ -67,6 +67,10 @@ _HTTP_STATUS = {
 
 # batcher.InflightBatcher.submit's two context-window messages
 _PROMPT_TOO_LONG = re.compile(r"has (\d+) tokens; the context window is (\d+) tokens")
+_TOO_MANY_CHARACTERS = re.compile(
+    r"has (\d+) characters: more than the context window of (\d+) tokens can hold "
+    r"\(at most (\d+)\)"
+)
 _TOO_MANY_TOKENS = re.compile(
     r"\((\d+)\) \+ \S+ \((\d+) tokens\) exceed the context window of (\d+) tokens: "
     r"\S+ can be at most (\d+)"
@@ -89,6 +93,14 @@ def from_triton(exc: TritonError, params: Mapping[str, str] = TRITON_PARAMS) -> 
             f"{int(prompt_tokens) + int(asked)} tokens ({prompt_tokens} in the {prompt}, "
             f"{asked} for the completion). Reduce the length of the {prompt} or "
             f"{params.get(names.MAX_TOKENS, 'max_tokens')}: at most {room} for this {prompt}."
+        )
+        return ApiError(400, message, prompt, "context_length_exceeded")
+    if match := _TOO_MANY_CHARACTERS.search(exc.message):
+        characters, window, most = match.groups()
+        message = (
+            f"This model's maximum context length is {window} tokens. However, the {prompt} "
+            f"has {characters} characters, more than {window} tokens can hold ({most} "
+            "characters at most): it was refused before it was tokenized."
         )
         return ApiError(400, message, prompt, "context_length_exceeded")
     if match := _PROMPT_TOO_LONG.search(exc.message):

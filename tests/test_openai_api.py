@@ -397,6 +397,14 @@ def test_a_prompt_over_the_context_window_is_400_with_the_numbers(api, client, s
     assert (caught.value.param, caught.value.code) == ("messages", "context_length_exceeded")
     assert "1024" in caught.value.message
 
+    # more characters than the window's tokens can spell: refused before tokenizing
+    body = {"model": MODEL, "prompt": "x" * 100_000, "stream": stream}
+    response = post(api, COMPLETIONS, body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded", error
+    assert error["param"] == "prompt" and "100000 characters" in error["message"]
+    assert "text_input" not in error["message"]
+
 
 def test_an_unknown_model_is_404(api, client):
     with pytest.raises(openai.NotFoundError) as caught:
