@@ -63,18 +63,18 @@ class SamplingRequest(RequestModel):
     """What completions and chat completions share. None leaves the gpt2 default."""
 
     model: str
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    temperature: float | None = Field(None, ge=0, le=100)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=MAX_OPENAI_SEED)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, strict=True)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)
+    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_OPENAI_SEED, strict=True)
     stop: Text | list[Text] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     # extensions (vLLM's names), gpt2 inputs of the same meaning
-    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX, strict=True)
     # accepted and ignored: they do not change the text
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -180,7 +180,7 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

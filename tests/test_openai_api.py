@@ -331,6 +331,11 @@ USER = [{"role": "user", "content": "Hi"}]
         (COMPLETIONS, {"prompt": "x", "n": 17}, "n"),
         (COMPLETIONS, {"prompt": "x", "seed": -1}, "seed"),
         (COMPLETIONS, {"prompt": "x", "seed": 2**64 - 1}, "seed"),
+        # no coercion: a string, a bool or NaN is not a number here
+        (COMPLETIONS, {"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+        (COMPLETIONS, {"prompt": "x", "max_tokens": True}, "max_tokens"),
+        (COMPLETIONS, {"prompt": "x", "temperature": float("nan")}, "temperature"),
+        (COMPLETIONS, {"prompt": "x", "stream": 1}, "stream"),
         (COMPLETIONS, {"prompt": "x", "top_k": -1}, "top_k"),
         (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         (COMPLETIONS, {"prompt": "x", "stop": ["a"] * 17}, "stop"),
