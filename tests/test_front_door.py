@@ -365,11 +365,13 @@ def grpc_type_error(name: str, sent: str, expected: str) -> str:
     return f"inference input '{name}' data-type is '{sent}', but model 'gpt2' expects '{expected}'"
 
 
-# Triton's HTTP JSON parser answers a JSON type that does not fit the input's datatype
-# itself, with HTTP 500 and a message without the input's name (docs: NOTES.md); the model
-# never sees the request. Over gRPC the datatype check names the input.
-def json_type_error(what: str) -> str:
-    return re.escape(f"Unable to parse 'data': attempt to access JSON {what}")
+# Triton's HTTP JSON parser would answer a JSON type that does not fit the input's
+# datatype with HTTP 500 and a message without the input's name, and wrap an integer out of
+# its type's range round to another value: the front door refuses both first, with 400 and
+# the input's name (deploy/envoy/generate_check.lua). Over gRPC the datatype check names
+# the input; a typed tensor cannot hold an out-of-range value.
+INT32_RANGE = r"must be an integer in \[-2147483648, 2147483647\] \(INT32\), got "
+UINT64_RANGE = r"must be an integer in \[0, 18446744073709551615\] \(UINT64\), got "
 
 
 RANGE_TEMPERATURE = r"temperature must be in \[0, 100\] \(0 = greedy\), got "
@@ -458,8 +460,7 @@ BAD_INPUTS = [
         "max_tokens_a_string",
         with_prompt({"max_tokens": "ten"}),
         "",
-        http_status=500,
-        http_error=json_type_error("non-signed-integer as signed-integer"),
+        http_error="max_tokens " + INT32_RANGE + "a string",
         grpc_error=grpc_type_error("max_tokens", "BYTES", "INT32"),
         datatypes={"max_tokens": "BYTES"},
     ),
@@ -467,8 +468,7 @@ BAD_INPUTS = [
         "max_tokens_a_fraction",
         with_prompt({"max_tokens": 2.5}),
         "",
-        http_status=500,
-        http_error=json_type_error("non-signed-integer as signed-integer"),
+        http_error=r"max_tokens " + INT32_RANGE + r"2\.5",
         grpc_error=grpc_type_error("max_tokens", "FP32", "INT32"),
         datatypes={"max_tokens": "FP32"},
     ),
@@ -476,8 +476,7 @@ BAD_INPUTS = [
         "temperature_a_string",
         with_prompt({"temperature": "hot"}),
         "",
-        http_status=500,
-        http_error=json_type_error("non-number as double"),
+        http_error="temperature must be a number, got a string",
         grpc_error=grpc_type_error("temperature", "BYTES", "FP32"),
         datatypes={"temperature": "BYTES"},
     ),
@@ -485,8 +484,7 @@ BAD_INPUTS = [
         "stream_a_string",
         with_prompt({"stream": "yes"}),
         "",
-        http_status=500,
-        http_error=json_type_error("non-boolean as boolean"),
+        http_error="stream must be true or false",
         grpc_error=grpc_type_error("stream", "BYTES", "BOOL"),
         datatypes={"stream": "BYTES"},
     ),
@@ -494,8 +492,7 @@ BAD_INPUTS = [
         "text_input_a_number",
         {"text_input": 5},
         "",
-        http_status=500,
-        http_error=re.escape("Unable to parse JSON bytes array: attempt to access JSON non-string"),
+        http_error="text_input must be a string, got 5",
         grpc_error=grpc_type_error("text_input", "INT32", "BYTES"),
         datatypes={"text_input": "INT32"},
     ),
@@ -503,16 +500,51 @@ BAD_INPUTS = [
         "seed_negative",
         with_prompt({"seed": -1}),
         "",
-        http_status=500,
-        http_error=json_type_error("non-unsigned-integer as unsigned-integer"),
+        http_error="seed " + UINT64_RANGE + "-1",
         grpc_error=grpc_type_error("seed", "INT64", "UINT64"),
         datatypes={"seed": "INT64"},
     ),
     Bad(
         "temperature_null",
         with_prompt({"temperature": None}),
-        json_type_error("non-number as double"),
-        http_status=500,
+        "temperature must be a number, got null",
+        grpc=False,
+    ),
+    # -- out of the input's type's range: Triton's parser would wrap them round (4294967299
+    # tokens would be 3, top_k 2^32 would be 0: off); a typed gRPC tensor cannot hold them
+    Bad(
+        "max_tokens_past_int32",
+        with_prompt({"max_tokens": 2**32 + 3}),
+        "",
+        http_error="max_tokens " + INT32_RANGE + "4294967299",
+        grpc=False,
+    ),
+    Bad(
+        "max_tokens_just_past_int32",
+        with_prompt({"max_tokens": 2**31}),
+        "",
+        http_error="max_tokens " + INT32_RANGE + "2147483648",
+        grpc=False,
+    ),
+    Bad(
+        "top_k_past_int32",
+        with_prompt({"top_k": 2**32}),
+        "",
+        http_error="top_k " + INT32_RANGE,
+        grpc=False,
+    ),
+    Bad(
+        "min_length_past_int32",
+        with_prompt({"min_length": -(2**32) + 2}),
+        "",
+        http_error="min_length " + INT32_RANGE,
+        grpc=False,
+    ),
+    Bad(
+        "seed_past_uint64",
+        with_prompt({"seed": 2**64}),
+        "",
+        http_error="seed " + UINT64_RANGE + "18446744073709551616",
         grpc=False,
     ),
     # -- wrong shapes: Triton's shape checks. Over HTTP a JSON list is a batch: Triton's
@@ -561,7 +593,8 @@ BAD_INPUTS = [
         http_error="unknown input 'tokens_max'; the inputs are text_input, max_tokens",
         datatypes={"tokens_max": "INT32"},
     ),
-    # -- bodies that are not a JSON object: Triton's parser, HTTP 500 (see above)
+    # -- bodies that are not a JSON object: the front door's 400, or (an object it does not
+    # follow to the end) Triton's parser, HTTP 500
     Bad(
         "malformed_json",
         {},
@@ -573,24 +606,21 @@ BAD_INPUTS = [
     Bad(
         "json_list_not_object",
         {},
-        "attempt to get members for non-object",
-        http_status=500,
+        "the body must be a JSON object",
         raw_body=b'["The cat"]',
         grpc=False,
     ),
     Bad(
         "json_string_not_object",
         {},
-        "attempt to get members for non-object",
-        http_status=500,
+        "the body must be a JSON object",
         raw_body=b'"The cat"',
         grpc=False,
     ),
     Bad(
         "empty_body",
         {},
-        "failed to parse the request JSON buffer: The document is empty",
-        http_status=500,
+        "the body must be a JSON object",
         raw_body=b"",
         grpc=False,
     ),
@@ -629,6 +659,26 @@ def test_bad_input_over_http_is_refused_naming_the_problem(triton, greedy_before
     reply = http_call(triton.http_url, "POST", GENERATE, body)
     assert reply.status == case.http_status, reply
     assert re.search(case.http_error or case.error, reply.error()), reply.error()
+
+
+@pytest.mark.parametrize("path", [GENERATE, "/v2/models/gpt2/versions/1/generate?x=1"])
+def test_stream_true_on_generate_is_refused_and_runs_nothing(triton, path):
+    """/generate sends one response: Triton 2.51 would run a streamed request to its end
+    and answer 200 with an error. The door refuses it first; generate_stream serves it."""
+
+    def requests_seen() -> float:
+        metrics = gpt2_metrics(triton)
+        return sum(v for k, v in metrics.items() if k.startswith("gpt2_requests_total"))
+
+    before = requests_seen()
+    body = {"text_input": PROMPT, "max_tokens": 50, "stream": True}
+    reply = http_call(triton.http_url, "POST", path, body)
+    assert reply.status == 400 and "_stream instead" in reply.error(), reply
+    assert requests_seen() == before  # nothing reached the model
+    streamed = http_call(triton.http_url, "POST", GENERATE_STREAM, body | {"max_tokens": 2})
+    assert streamed.status == 200 and b"data:" in streamed.body, streamed
+    plain = http_call(triton.http_url, "POST", path, body | {"stream": False, "max_tokens": 2})
+    assert plain.status == 200, plain
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in BAD_INPUTS if c.grpc])
