@@ -784,6 +784,25 @@ def test_oversized_unary_grpc_call_is_resource_exhausted(triton, identity, megab
     assert_unharmed(triton, identity)
 
 
+def test_a_grpc_client_at_the_http_port_is_told_where_grpc_is(triton):
+    """Triton's HTTP server would hold a gRPC stream a minute, then say "request timeout"."""
+    client = grpcclient.InferenceServerClient(triton.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.is_server_ready(client_timeout=DEADLINE_S)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put(error))
+        client.async_stream_infer("gpt2", grpc_inputs({"text_input": PROMPT}, {}))
+        streamed = answers.get(timeout=DEADLINE_S)  # at once; a hang fails here
+        client.stop_stream()
+    finally:
+        client.close()
+    port = triton.grpc_url.rsplit(":", 1)[1]
+    assert grpc_status(refused.value) == "UNIMPLEMENTED", refused.value
+    for error in (refused.value, streamed):
+        assert f"gRPC goes to port {port}" in error.message(), error
+
+
 @pytest.mark.parametrize("megabytes", [4, 16, 64])
 def test_oversized_grpc_stream_message_is_refused(triton, identity, megabytes):
     prompt = b"hello " * (megabytes * MB // 6)
