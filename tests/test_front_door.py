@@ -512,40 +512,15 @@ BAD_INPUTS = [
     ),
     # -- out of the input's type's range: Triton's parser would wrap them round (4294967299
     # tokens would be 3, top_k 2^32 would be 0: off); a typed gRPC tensor cannot hold them
-    Bad(
-        "max_tokens_past_int32",
-        with_prompt({"max_tokens": 2**32 + 3}),
-        "",
-        http_error="max_tokens " + INT32_RANGE + "4294967299",
-        grpc=False,
-    ),
-    Bad(
-        "max_tokens_just_past_int32",
-        with_prompt({"max_tokens": 2**31}),
-        "",
-        http_error="max_tokens " + INT32_RANGE + "2147483648",
-        grpc=False,
-    ),
-    Bad(
-        "top_k_past_int32",
-        with_prompt({"top_k": 2**32}),
-        "",
-        http_error="top_k " + INT32_RANGE,
-        grpc=False,
-    ),
-    Bad(
-        "min_length_past_int32",
-        with_prompt({"min_length": -(2**32) + 2}),
-        "",
-        http_error="min_length " + INT32_RANGE,
-        grpc=False,
-    ),
-    Bad(
-        "seed_past_uint64",
-        with_prompt({"seed": 2**64}),
-        "",
-        http_error="seed " + UINT64_RANGE + "18446744073709551616",
-        grpc=False,
+    *(
+        Bad(f"{name}_{value}", with_prompt({name: value}), "", http_error=words, grpc=False)
+        for name, value, words in (
+            ("max_tokens", 2**32 + 3, "max_tokens " + INT32_RANGE + "4294967299"),
+            ("max_tokens", 2**31, "max_tokens " + INT32_RANGE + "2147483648"),
+            ("top_k", 2**32, "top_k " + INT32_RANGE),
+            ("min_length", -(2**32) + 2, "min_length " + INT32_RANGE),
+            ("seed", 2**64, "seed " + UINT64_RANGE + "18446744073709551616"),
+        )
     ),
     # -- wrong shapes: Triton's shape checks. Over HTTP a JSON list is a batch: Triton's
     # message names the batch, and for max_tokens the input it compares it with.
@@ -659,6 +634,27 @@ def test_bad_input_over_http_is_refused_naming_the_problem(triton, greedy_before
     reply = http_call(triton.http_url, "POST", GENERATE, body)
     assert reply.status == case.http_status, reply
     assert re.search(case.http_error or case.error, reply.error()), reply.error()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # what the door's scanner must see through: quotes, braces and field names in text
+        json.dumps(
+            {"text_input": 'say "max_tokens": 9999999999999, {"stream": true} \\', "max_tokens": 2}
+        ).encode(),
+        b'{ "text_input" :\n "The cat" , "max_tokens":2,"stop_words":["a]", "}b"],\t"top_p":1e0 }',
+        # the edges of each input's type
+        json.dumps(
+            {"text_input": "x", "max_tokens": 2, "top_k": 2**31 - 1, "seed": 2**64 - 1}
+        ).encode(),
+        b'{"text_input": "x", "max_tokens": 2, "min_length": -0, "temperature": 0.5}',
+    ],
+)
+def test_valid_bodies_pass_the_door(triton, body):
+    reply = http_call(triton.http_url, "POST", GENERATE, body)
+    assert reply.status == 200, reply
+    assert reply.json()["finish_reason"] in ("length", "stop"), reply
 
 
 @pytest.mark.parametrize("path", [GENERATE, "/v2/models/gpt2/versions/1/generate?x=1"])

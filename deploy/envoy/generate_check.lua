@@ -101,27 +101,22 @@ local function members_of(body)
     return "literal", raw
   end
 
-  skip_space()
-  if body:sub(i, i) ~= "{" then
+  local function at(c) -- the next character past spaces is c
+    skip_space()
+    return body:sub(i, i) == c
+  end
+
+  if not at("{") then
     return nil
   end
   i = i + 1
   local members = {}
-  skip_space()
-  if body:sub(i, i) == "}" then
+  if at("}") then
     return members
   end
   while true do
-    skip_space()
-    if body:sub(i, i) ~= '"' then
-      return nil
-    end
-    local key = read_string()
-    if not key or key:find("\\", 1, true) then
-      return nil
-    end
-    skip_space()
-    if body:sub(i, i) ~= ":" then
+    local key = at('"') and read_string()
+    if not key or key:find("\\", 1, true) or not at(":") then
       return nil
     end
     i = i + 1
