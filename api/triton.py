@@ -9,9 +9,11 @@ finished request is never cancelled: with tritonserver 2.51 a cancel that reache
 request after its final response can leave the model "live" at shutdown (docs/API.md).
 
 A Triton that is alive but answers nothing (stopped, deadlocked) would hold every stream
-forever: the gateway checks its readiness as the front door does (``watch_readiness``),
-refuses new requests while it fails, and ends the streams that got nothing since it began
-failing, each with UNAVAILABLE (503).
+forever: the gateway asks it for its readiness every second (``watch_readiness``). Once two
+checks in a row got no answer at all within their timeout, new requests get UNAVAILABLE
+(503) and every stream that heard nothing through those checks ends with it. Any answer
+counts, "not ready" and a refusal (the front door's limits) included: those say something
+is there to serve the streams, which are left alone.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0  # Triton closes a half-closed stream right after its final response
 HEALTH_TIMEOUT_S = 2.0
 # The readiness watch: the front door's health check of each replica (deploy/envoy): a busy
-# machine can hold a live Triton's answer for seconds, so a 3 s timeout and two failures in
-# a row, one check a second.
+# machine can hold a live Triton's answer for seconds, so a 3 s timeout and two silent
+# checks in a row, one check a second.
 READY_CHECK_INTERVAL_S = 1.0
 READY_CHECK_TIMEOUT_S = 3.0
-UNREADY_AFTER_FAILURES = 2
+SILENT_CHECKS = 2
 MAX_KEYS_REMEMBERED = 64
 
 
@@ -192,9 +194,9 @@ class TritonClient:
             ],
         )
         self._callers_passed: set[str | None] = set()
-        # the readiness watch: failed checks in a row; the live streams, each
-        # with when it last heard from Triton; those the watch ended
-        self._failed_checks = 0
+        # the readiness watch: when each of the silent checks in a row began; the live
+        # streams, each with when it last heard from Triton; those the watch ended
+        self._silent_checks: list[float] = []
         self._live: dict[object, float] = {}
         self._ended_by_watch: set[object] = set()
 
@@ -222,39 +224,52 @@ class TritonClient:
             log.debug("Triton is not ready: %s", exc)
             return False
 
-    @property
-    def seen_unready(self) -> bool:
-        return self._failed_checks >= UNREADY_AFTER_FAILURES
+    async def answers(self, timeout: float = READY_CHECK_TIMEOUT_S) -> bool:
+        """Whether a readiness check gets any answer within ``timeout``: ready, not ready
+        and a refusal (a connection refused: nothing listens) are answers; silence is not,
+        whether the call's deadline passed or a new connection's handshake timed out (the
+        kernel takes a stopped server's connections; nobody speaks on them)."""
+        try:
+            await self._client.is_server_ready(headers=self.own_headers(), client_timeout=timeout)
+        except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
+            status = exc.status() if hasattr(exc, "status") else None
+            message = exc.message() if hasattr(exc, "message") else str(exc)
+            return "DEADLINE_EXCEEDED" not in str(status) and "timed out" not in str(message)
+        return True
 
-    async def check_readiness(self, timeout: float = READY_CHECK_TIMEOUT_S) -> bool:
-        """One readiness check, counted by the watch. Once it has failed often enough in a
-        row, every stream that has heard nothing from Triton while this check waited ends
+    @property
+    def silent(self) -> bool:
+        """Triton let the last SILENT_CHECKS readiness checks pass without a word."""
+        return len(self._silent_checks) >= SILENT_CHECKS
+
+    async def check_silence(self) -> bool:
+        """One check of the watch; False when it got no answer. Once SILENT_CHECKS in a
+        row got none, every stream that heard nothing since the first of those began ends
         (UNAVAILABLE): a Triton that answers neither will not answer them."""
         asked = time.monotonic()
-        if await self.is_ready(timeout):
-            if self.seen_unready:
-                log.info("Triton is ready again")
-            self._failed_checks = 0
+        if await self.answers():
+            if self.silent:
+                log.info("Triton answers again")
+            self._silent_checks.clear()
             return True
-        self._failed_checks += 1
-        if self.seen_unready:
-            stalled = [c for c, heard in self._live.items() if heard < asked]
-            if self._failed_checks == UNREADY_AFTER_FAILURES or stalled:
-                log.warning(
-                    "Triton failed %d readiness checks in a row: new requests get 503, %d "
-                    "stream(s) that heard nothing since end",
-                    self._failed_checks,
-                    len(stalled),
-                )
+        self._silent_checks = [*self._silent_checks[-(SILENT_CHECKS - 1) :], asked]
+        if self.silent:
+            stalled = silent_streams(self._live, self._silent_checks)
+            log.warning(
+                "Triton answered none of %d readiness checks in a row: new requests get "
+                "503; %d stream(s) that heard nothing since end",
+                SILENT_CHECKS,
+                len(stalled),
+            )
             for call in stalled:
                 self._ended_by_watch.add(call)
                 call.cancel()
         return False
 
     async def watch_readiness(self, interval: float = READY_CHECK_INTERVAL_S) -> None:
-        """Check Triton's readiness every ``interval`` s, for as long as the gateway runs."""
+        """Check that Triton answers every ``interval`` s, for as long as the gateway runs."""
         while True:
-            await self.check_readiness()
+            await self.check_silence()
             await asyncio.sleep(interval)
 
     async def check_caller(self, authorization: str | None) -> None:
@@ -298,12 +313,12 @@ class TritonClient:
         the request in Triton.
         """
         inputs = request_inputs(generation)
-        # While the watch sees Triton failing, ask once more (it may be back): a request
-        # that would wait on a Triton that answers nothing gets 503 instead.
-        if self.seen_unready and not await self.check_readiness(HEALTH_TIMEOUT_S):
+        # A request that would wait on a Triton that answers nothing gets 503 instead (the
+        # watch's next check, a second away, sees it back).
+        if self.silent:
             raise TritonError(
-                f"Triton is not ready: it failed its last {self._failed_checks} readiness "
-                "checks in a row",
+                f"Triton is not answering: its last {SILENT_CHECKS} readiness checks got no "
+                f"answer within {READY_CHECK_TIMEOUT_S:g} s",
                 "UNAVAILABLE",
             )
 
@@ -323,6 +338,7 @@ class TritonClient:
                 piece = _piece(result)
                 if piece.finish_reason:
                     finished = True
+                    live.pop(call, None)  # finished: never the watch's to cancel
                     await _drain(call)
                     yield piece
                     return
@@ -341,7 +357,7 @@ class TritonClient:
             finished = True
             raise TritonError(
                 "Triton stopped answering: nothing on this stream, and no answer to "
-                f"{self._failed_checks} readiness checks in a row",
+                f"{SILENT_CHECKS} readiness checks in a row",
                 "UNAVAILABLE",
             ) from None
         finally:
@@ -349,6 +365,13 @@ class TritonClient:
             self._ended_by_watch.discard(call)
             if not finished:
                 call.cancel()
+
+
+def silent_streams(live: dict, silent_checks: list[float]) -> list:
+    """The streams that heard nothing since the first of ``silent_checks`` began (when each
+    of the silent checks in a row began): silent through all of them. A stream that heard
+    a token meanwhile is served, whatever the checks say."""
+    return [call for call, heard in live.items() if heard < silent_checks[0]]
 
 
 async def _drain(call) -> None:

@@ -465,7 +465,7 @@ def test_a_triton_that_answers_nothing_gets_503_not_a_hang(api, triton, native):
         else:
             assert status == 503, status
             message = json.loads("".join(every))["error"]["message"]
-        assert "Triton stopped answering" in message or "readiness checks" in message, message
+        assert "readiness checks" in message and "answer" in message, message
         refused = post(api, COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert refused.status_code == 503, refused.text
         assert "readiness checks" in refused.json()["error"]["message"]
@@ -475,6 +475,30 @@ def test_a_triton_that_answers_nothing_gets_503_not_a_hang(api, triton, native):
     wait_for(lambda: httpx.get(f"{api}/health", timeout=60).status_code == 200, "ready again")
     again = post(api, COMPLETIONS, {"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert again.status_code == 200, again.text
+
+
+def test_the_watch_tells_silence_from_an_answer(triton, silent_server, unused_port):
+    """Only silence counts: "ready", "not ready" and a refused connection (a dead Triton,
+    whose requests then fail at once by themselves) are answers; a server that takes the
+    connection and says nothing is not."""
+    import asyncio
+
+    from api.triton import TritonClient, silent_streams
+
+    async def answers(url: str) -> bool:
+        client = TritonClient(url)
+        try:
+            return await client.answers(timeout=2.0)
+        finally:
+            await client.close()
+
+    assert asyncio.run(answers(triton.grpc_url))
+    assert asyncio.run(answers(f"127.0.0.1:{unused_port}"))  # nothing listens: refused
+    assert not asyncio.run(answers(silent_server))
+    # checks began at 10 and 14: a stream last heard at 9 was silent through both; one
+    # heard at 12 (or one opened then) got a token or its start while they ran
+    live = {"old": 9.0, "served": 12.0, "new": 15.0}
+    assert silent_streams(live, [10.0, 14.0]) == ["old"]
 
 
 # --- cancellation -------------------------------------------------------------------------
