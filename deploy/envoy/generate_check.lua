@@ -5,12 +5,16 @@
 -- value (max_tokens 4294967299 arrives as 3, top_k 2^32 as 0: the model cannot tell), answers
 -- 500 for a value of the wrong JSON type, and serves "stream": true on /generate by running
 -- the whole generation and answering 200 with an error. Each of those is a 400 here, naming
--- the input. Only the body's top-level members are read; a body this scanner does not follow
--- (not an object, an escaped key) goes on as it came, for Triton to judge.
+-- the input, as is a name given twice (which of them Triton would read is its own choice).
+-- The body's top-level members are read, and the elements of a list (a batch of one, to
+-- Triton); a body this scanner does not follow to its end goes on as it came, for Triton's
+-- parser to judge: it is not valid JSON.
 --
--- front_door.py puts in front of this file: INPUT_TYPES (gpt2 input -> Triton datatype),
--- MODEL (the model's name) and REFUSED_HEADER (the request header that keeps the front
--- door's local-reply mappers off this reply's words).
+-- It runs on the route that sends requests on to Triton (envoy.yaml.in: LuaPerRoute), so a
+-- request refused by an earlier route (no API key, a compressed body) never reaches it.
+-- front_door.py puts in front of this file: INPUT_TYPES (gpt2 input -> Triton datatype)
+-- and MODEL (the model's name). Its refusals set the dynamic metadata
+-- gpt2.generate_check.refused, which keeps the local-reply mappers off their words.
 
 local INTEGER_RANGES = {
   INT32 = { "-2147483648", "2147483647" },
@@ -41,6 +45,33 @@ local function integer_in(raw, datatype)
   return digits_at_most(digits, high)
 end
 
+-- A JSON string's escapes undone, as far as a field name can use them (ASCII)
+local ESCAPED = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+-- A JSON string's escapes undone, as far as a field name can use them (ASCII)
+local function unescaped(text)
+  if not text:find("\\", 1, true) then
+    return text
+  end
+  local out, at = {}, 1
+  while at <= #text do
+    local c = text:sub(at, at)
+    if c ~= "\\" then
+      out[#out + 1] = c
+      at = at + 1
+    elseif text:sub(at + 1, at + 1) == "u" then
+      local code = tonumber(text:sub(at + 2, at + 5), 16)
+      out[#out + 1] = (code and code < 128) and string.char(code) or text:sub(at, at + 5)
+      at = at + 6
+    else
+      local e = text:sub(at + 1, at + 1)
+      out[#out + 1] = ESCAPED[e] or e
+      at = at + 2
+    end
+  end
+  return table.concat(out)
+end
+
 -- The top-level members of a JSON object: key -> {kind, raw} (raw: a literal's text), or nil
 -- where the text is not an object this scanner follows.
 local function members_of(body)
@@ -63,6 +94,7 @@ local function members_of(body)
       j = at + 2
     end
   end
+  local at -- below
   local function read_value()
     skip_space()
     local first = body:sub(i, i)
@@ -70,7 +102,30 @@ local function members_of(body)
       local text = read_string()
       return text and "string", text
     end
-    if first == "{" or first == "[" then
+    if first == "[" then -- its elements: {kind, raw} each
+      i = i + 1
+      local elements = {}
+      if at("]") then
+        i = i + 1
+        return "array", elements
+      end
+      while true do
+        local kind, raw = read_value()
+        if not kind then
+          return nil
+        end
+        elements[#elements + 1] = { kind, raw }
+        if at("]") then
+          i = i + 1
+          return "array", elements
+        end
+        if not at(",") then
+          return nil
+        end
+        i = i + 1
+      end
+    end
+    if first == "{" then
       local depth = 0
       while i <= n do
         local c = body:sub(i, i)
@@ -86,7 +141,7 @@ local function members_of(body)
           end
           i = i + 1
           if depth == 0 then
-            return first == "{" and "object" or "array"
+            return "object"
           end
         end
       end
@@ -101,7 +156,7 @@ local function members_of(body)
     return "literal", raw
   end
 
-  local function at(c) -- the next character past spaces is c
+  at = function(c) -- the next character past spaces is c
     skip_space()
     return body:sub(i, i) == c
   end
@@ -116,13 +171,17 @@ local function members_of(body)
   end
   while true do
     local key = at('"') and read_string()
-    if not key or key:find("\\", 1, true) or not at(":") then
+    if not key or not at(":") then
       return nil
     end
+    key = unescaped(key)
     i = i + 1
     local kind, raw = read_value()
     if not kind then
       return nil
+    end
+    if members[key] then
+      return members, key -- given twice
     end
     members[key] = { kind, raw }
     skip_space()
@@ -137,39 +196,81 @@ local function members_of(body)
   end
 end
 
--- What is wrong with one member, or nil
+-- What is wrong with one value of an input, or nil
 local function problem(name, kind, raw)
   local datatype = INPUT_TYPES[name]
-  if name == "text_input" then -- (a list of them is Triton's to judge, as below)
-    if kind == "literal" or kind == "object" then
+  if kind == "array" then -- a batch (of one, for gpt2): each element as a value
+    for _, element in ipairs(raw) do
+      local why = problem(name, element[1], element[2])
+      if why then
+        return why
+      end
+    end
+    return nil
+  end
+  if name == "text_input" then
+    if kind ~= "string" then
       return "text_input must be a string, got " .. (raw or "an object")
     end
     return nil
   end
-  if not datatype or kind == "array" then -- arrays: Triton's to shape-check
+  if not datatype then -- stop_words, or a name Triton and the model judge
     return nil
   end
+  local got = kind == "literal" and raw or "a " .. kind
   if datatype == "BOOL" then
     if kind ~= "literal" or (raw ~= "true" and raw ~= "false") then
-      return name .. " must be true or false"
+      return name .. " must be true or false, got " .. got
     end
   elseif INTEGER_RANGES[datatype] then
     local range = INTEGER_RANGES[datatype]
     if kind ~= "literal" or not integer_in(raw, datatype) then
       return name .. " must be an integer in [" .. range[1] .. ", " .. range[2] .. "] ("
-        .. datatype .. "), got " .. (kind == "literal" and raw or "a " .. kind)
+        .. datatype .. "), got " .. got
     end
   elseif kind ~= "literal" or not (tonumber(raw) or NON_FINITE[raw]) then
-    return name .. " must be a number, got " .. (kind == "literal" and raw or "a " .. kind)
+    return name .. " must be a number, got " .. got
+  end
+  return nil
+end
+
+-- What is wrong with a generate body, or nil; nil too for one Triton's parser should judge
+local function body_problem(text, endpoint, path)
+  if not text:find("^[ \t\r\n]*{") then
+    return 'the body must be a JSON object: {"text_input": "...", "max_tokens": 64, ...}'
+  end
+  local members, twice = members_of(text)
+  if not members then
+    return nil -- not JSON this scanner can follow to its end: Triton's parser says why
+  end
+  if twice then
+    return twice .. " is given more than once"
+  end
+  local names = {}
+  for name in pairs(members) do
+    names[#names + 1] = name
+  end
+  table.sort(names) -- the same body, the same message
+  for _, name in ipairs(names) do
+    local why = problem(name, members[name][1], members[name][2])
+    if why then
+      return why
+    end
+  end
+  local stream = members["stream"]
+  local streams = stream and (stream[2] == "true" or (stream[1] == "array" and stream[2][1]
+    and stream[2][1][2] == "true"))
+  if endpoint == "" and streams then
+    return "stream: true asks for one response a piece of text: POST to " .. path
+      .. "_stream instead (or use gRPC); /generate sends one response"
   end
   return nil
 end
 
 function envoy_on_request(handle)
-  local path = handle:headers():get(":path") or ""
-  path = path:gsub("%?.*$", "")
-  local rest = path:match("^/v2/models/([^/]+)/") and path:sub(#("/v2/models/") + 1)
-  if not rest then
+  local path = (handle:headers():get(":path") or ""):gsub("%?.*$", "")
+  local rest = path:match("^/v2/models/(.*)$")
+  if not rest or handle:headers():get(":method") ~= "POST" then
     return
   end
   local model, endpoint = rest:match("^([^/]+)/generate(.*)$")
@@ -179,36 +280,10 @@ function envoy_on_request(handle)
   if model ~= MODEL or (endpoint ~= "" and endpoint ~= "_stream") then
     return
   end
-  if handle:headers():get(":method") ~= "POST" then
-    return
-  end
   local body = handle:body()
-  local text = body and body:getBytes(0, body:length()) or ""
-  local members = members_of(text)
-  local why = nil
-  if not text:find("^[ \t\r\n]*{") then
-    why = 'the body must be a JSON object: {"text_input": "...", "max_tokens": 64, ...}'
-  elseif not members then
-    return -- an object this scanner does not follow: Triton judges it
-  end
-  local names = {}
-  for name in pairs(members or {}) do
-    names[#names + 1] = name
-  end
-  table.sort(names) -- the same body, the same message
-  for _, name in ipairs(names) do
-    why = problem(name, members[name][1], members[name][2])
-    if why then
-      break
-    end
-  end
-  local stream = members and members["stream"]
-  if not why and endpoint == "" and stream and stream[2] == "true" then
-    why = "stream: true asks for one response a piece of text: POST to "
-      .. path .. "_stream instead (or use gRPC); /generate sends one response"
-  end
+  local why = body_problem(body and body:getBytes(0, body:length()) or "", endpoint, path)
   if why then
-    handle:headers():add(REFUSED_HEADER, "1")
+    handle:streamInfo():dynamicMetadata():set("gpt2.generate_check", "refused", true)
     handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, why)
   end
 end

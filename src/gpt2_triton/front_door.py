@@ -27,11 +27,9 @@ from gpt2_triton.process import popen_dying_with_parent, stop_group
 from gpt2_triton.render import render
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml.in"
-# The check of a generate request's JSON body (Lua, in the HTTP listener): its 400s carry
-# this request header, so that the local-reply mappers leave their words as they are.
+# The check of a generate request's JSON body (Lua, on the HTTP route to Triton)
 GENERATE_CHECK = TEMPLATE.with_name("generate_check.lua")
 GENERATION_MODEL = "gpt2"
-REFUSED_HEADER = "x-gpt2-refused-by-door"
 ADMIN_HEADER = "x-admin-key"
 API_KEY_HEADER = "authorization"  # "Bearer <key>", as OpenAI-style clients send it
 
@@ -210,21 +208,18 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
         # JSON is YAML: a flow list the template drops in as it is
         "api_key_refusal_headers": json.dumps(api_key_refusal_headers),
         "api_key_refusal": "missing or wrong API key: send 'Authorization: Bearer <key>'",
-        "refused_header": REFUSED_HEADER,
+        # the Lua check buffers a body whole: as much as the size limit lets through
+        "connection_buffer_bytes": max(settings.max_request_bytes, 1 << 20),
         "generate_check_lua": json.dumps(generate_check_source()),
     }
     return render(template.read_text(), values, str(template))
 
 
 def generate_check_source() -> str:
-    """``generate_check.lua`` with what it reads from here: the gpt2 inputs' datatypes, the
-    model's name and the header its refusals carry."""
+    """``generate_check.lua`` with what it reads from here: the gpt2 inputs' datatypes and
+    the model's name."""
     types = ", ".join(f'{name} = "{kind}"' for name, kind in names.SCALAR_DATATYPES.items())
-    prefix = (
-        f"local INPUT_TYPES = {{ {types} }}\n"
-        f'local MODEL = "{GENERATION_MODEL}"\n'
-        f'local REFUSED_HEADER = "{REFUSED_HEADER}"\n'
-    )
+    prefix = f'local INPUT_TYPES = {{ {types} }}\nlocal MODEL = "{GENERATION_MODEL}"\n'
     return prefix + GENERATE_CHECK.read_text()
 
 
