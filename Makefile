@@ -124,6 +124,8 @@ train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATIO
 		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
 
 export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds an int8 copy)
+	$(if $(filter 1 yes true,$(FP16)),@echo "note: FP16=1 is for make verify (or make engine, \
+	PRECISION=fp16): the fp16 copy lives in TensorRT's export (artifacts/trt/<model>/)" >&2)
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) $(INT8_FLAG) --opset $(OPSET)
 
 verify: setup $(TINY_DEP) ## PyTorch vs ONNX Runtime (vs TensorRT's plan, its fp16 graph: FP16=1) report
@@ -160,7 +162,8 @@ endif
 # nothing, so it says so (make demo renders, then serves).
 REPO_VARS := MODEL ENGINE DEVICE MAX_SEQUENCES PLACEMENT MAX_PREFILL_TOKENS BURST_WINDOW_MS \
 	RESPONSE_LANES CUDA_GRAPHS TORCH_COMPILE DECODE_AHEAD
-UNREAD_BY_SERVE := $(strip $(foreach v,$(REPO_VARS),$(if $(filter command line,$(origin $(v))),$(v))))
+UNREAD_BY_SERVE := $(if $(filter repo demo,$(MAKECMDGOALS)),,$(strip \
+	$(foreach v,$(REPO_VARS),$(if $(filter command line,$(origin $(v))),$(v)))))
 UNREAD_NOTE := note: $(UNREAD_BY_SERVE) are settings of make repo (or make demo), which \
 	renders them into model_repository/; make serve serves it as last rendered
 

@@ -65,15 +65,15 @@ class SamplingRequest(RequestModel):
     model: str
     n: int = Field(1, ge=1, le=MAX_CHOICES, strict=True)
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, strict=True)
-    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, strict=True)
     seed: int | None = Field(None, ge=0, le=MAX_OPENAI_SEED, strict=True)
     stop: Text | list[Text] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     # extensions (vLLM's names), gpt2 inputs of the same meaning
     top_k: int | None = Field(None, ge=0, le=INT32_MAX, strict=True)
-    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False, strict=True)
     min_tokens: int = Field(0, ge=0, le=INT32_MAX, strict=True)
     # accepted and ignored: they do not change the text
     user: str | None = None
@@ -121,7 +121,7 @@ class SamplingRequest(RequestModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool = Field(False, strict=True)
     best_of: int | None = None
     logprobs: int | None = None
     suffix: str | None = None

@@ -243,7 +243,13 @@ def build(
         }[settings.engine]
         for name, how in needed.items():
             if not (export_dir / name).is_file():
-                raise Gpt2TritonError(f"{export_dir / name} not found: run '{how}'")
+                moved = onnx_dir(spec.slug) / name
+                since = (
+                    f" (plans are built in {export_dir.parent}/ now: {moved} is from before)"
+                    if trt and moved.is_file()
+                    else ""
+                )
+                raise Gpt2TritonError(f"{export_dir / name} not found: run '{how}'{since}")
             engine_files[name] = export_dir / name
         if settings.engine == "trt":
             check_plan(export_dir)

@@ -146,11 +146,15 @@ def run(
         export_onnx,
     )
 
+    spec = checkpoint.resolve(model_spec)
+    output = output or (trt_dir if tensorrt else onnx_dir)(spec.slug)
+    if opset is None and tensorrt and (output / SETTINGS_FILE).is_file():
+        # TensorRT's export keeps its opset (ENGINE_OPSET at make engine): another would
+        # export it again, which replaces the folder, and the plan beside it with it
+        opset = int(load_settings(output).get("opset", TENSORRT_OPSET))
     opset = opset or (TENSORRT_OPSET if tensorrt else OPSET)
     if not MIN_OPSET <= opset <= OPSET:  # before minutes of loading
         raise ExportError(f"opset {opset} not supported: choose {MIN_OPSET} to {OPSET}")
-    spec = checkpoint.resolve(model_spec)
-    output = output or (trt_dir if tensorrt else onnx_dir)(spec.slug)
     weights = checkpoint.fingerprint(spec)  # before loading: a change meanwhile re-exports
     if skip_existing:
         reason = stale_reason(output, spec.source, int8, opset, weights, fp16)
@@ -162,6 +166,11 @@ def run(
                 fingerprint.short(weights),
             )
             return output
+        if fp16 and not stale_reason(output, spec.source, int8, opset, weights):
+            # Current but for the fp16 copy: add it beside the rest (a TensorRT plan
+            # there stays; so does every other file).
+            log.info("adding the fp16 copy to %s's export in %s", spec.source, output)
+            return add_fp16(output)
         if reason.startswith(OLDER_INT8):
             # Only the int8 file is of an older format: quantize it again beside the others
             # (the fp32 graph, an fp16 graph, a TensorRT plan built from them stay).
@@ -245,6 +254,26 @@ def requantize_int8(output: Path, spec, opset: int) -> Path:
         os.replace(fresh, output / INT8_FILE)
     settings = load_settings(output)
     settings.update({"int8_format": INT8_FORMAT, INT8_EMBEDDING: embedding})
+    write_json(output / SETTINGS_FILE, settings)
+    return output
+
+
+def add_fp16(output: Path) -> Path:
+    """Write ``model.fp16.onnx`` (and its weights file) into an export that lacks it, the
+    rest untouched; its settings name the file once both are in place."""
+    import os
+    import tempfile
+
+    from gpt2_triton.export import export_fp16, weights_file
+
+    fp16 = output / "model.fp16.onnx"
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".fp16-") as folder:
+        fresh = Path(folder) / fp16.name
+        export_fp16(output / "model.onnx", fresh)
+        os.replace(weights_file(fresh), weights_file(fp16))
+        os.replace(fresh, fp16)
+    settings = load_settings(output)
+    settings["files"] = {**settings.get("files", {}), "fp16": fp16.name}
     write_json(output / SETTINGS_FILE, settings)
     return output
 

@@ -38,6 +38,28 @@ def fp16_export(tiny_model, artifacts):
     return export_onnx.run("tiny", fp16=True, skip_existing=True, tensorrt=True)
 
 
+def test_asking_for_the_fp16_copy_later_keeps_the_plan(tiny_model, tmp_path):
+    """make engine PRECISION=fp32 (no fp16 copy), at another ENGINE_OPSET, then make verify
+    FP16=1: the copy is added beside the plan, at the export's own opset; nothing is
+    exported again (which would replace the folder, the plan with it)."""
+    from build_scripts import export_onnx
+
+    folder = tmp_path / "trt"
+    export_onnx.run("tiny", folder, opset=20, tensorrt=True)
+    plan = folder / "model.plan"
+    plan.write_bytes(b"placeholder, not a TensorRT plan")
+    graph = (folder / "model.onnx").stat().st_mtime_ns
+    assert export_onnx.run("tiny", folder, skip_existing=True, fp16=True, tensorrt=True) == folder
+    settings = export_onnx.load_settings(folder)
+    assert settings["opset"] == 20 and settings["files"]["fp16"] == "model.fp16.onnx"
+    assert plan.read_bytes() == b"placeholder, not a TensorRT plan"
+    assert (folder / "model.onnx").stat().st_mtime_ns == graph  # not exported again
+    assert (folder / "model.fp16.onnx").is_file() and (folder / "model.fp16.onnx.data").is_file()
+    assert not export_onnx.stale_reason(
+        folder, settings["model"], False, 20, settings["source_fingerprint"], fp16=True
+    )
+
+
 def test_tensorrt_export_is_apart_from_onnx_runtimes(fp16_export, tiny_export, tmp_path):
     """An export replaces its whole folder: were TensorRT's (opset 18) and ONNX Runtime's
     (opset 23) one folder, each would delete the other, the plan with it (make engine, then

@@ -336,6 +336,8 @@ USER = [{"role": "user", "content": "Hi"}]
         (COMPLETIONS, {"prompt": "x", "max_tokens": True}, "max_tokens"),
         (COMPLETIONS, {"prompt": "x", "temperature": float("nan")}, "temperature"),
         (COMPLETIONS, {"prompt": "x", "stream": 1}, "stream"),
+        (COMPLETIONS, {"prompt": "x", "temperature": "0.5"}, "temperature"),
+        (COMPLETIONS, {"prompt": "x", "echo": "yes"}, "echo"),
         (COMPLETIONS, {"prompt": "x", "top_k": -1}, "top_k"),
         (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         (COMPLETIONS, {"prompt": "x", "stop": ["a"] * 17}, "stop"),
