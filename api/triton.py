@@ -42,6 +42,8 @@ HEALTH_TIMEOUT_S = 2.0
 READY_CHECK_INTERVAL_S = 1.0
 READY_CHECK_TIMEOUT_S = 3.0
 SILENT_CHECKS = 2
+# gRPC's words for a connection attempt that got no answer (as against one refused)
+SILENT_CONNECT_WORDS = ("timed out", "Timeout occurred")
 MAX_KEYS_REMEMBERED = 64
 
 
@@ -234,7 +236,10 @@ class TritonClient:
         except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
             status = exc.status() if hasattr(exc, "status") else None
             message = exc.message() if hasattr(exc, "message") else str(exc)
-            return "DEADLINE_EXCEEDED" not in str(status) and "timed out" not in str(message)
+            silence = ("DEADLINE_EXCEEDED" in str(status)) or any(
+                words in str(message) for words in SILENT_CONNECT_WORDS
+            )
+            return not silence
         return True
 
     @property
@@ -252,7 +257,7 @@ class TritonClient:
                 log.info("Triton answers again")
             self._silent_checks.clear()
             return True
-        self._silent_checks = [*self._silent_checks[-(SILENT_CHECKS - 1) :], asked]
+        self._silent_checks = [*self._silent_checks, asked][-SILENT_CHECKS:]
         if self.silent:
             stalled = silent_streams(self._live, self._silent_checks)
             log.warning(

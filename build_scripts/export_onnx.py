@@ -284,7 +284,10 @@ def load_settings(folder: Path) -> dict:
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         raise Gpt2TritonError(f"no {SETTINGS_FILE} in {folder}: run 'make export' first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise Gpt2TritonError(f"{path} is not valid JSON ({exc}): export again") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -535,6 +535,16 @@ BAD_INPUTS = [
         grpc=False,
     ),
     Bad(
+        "lists_nested_too_deep",
+        {},
+        "",
+        http_error="lists nested more than 32 deep",
+        # Triton would flatten it to 4294967299 (and wrap that); the door's scanner
+        # reads lists by recursion: 6,000 levels once overflowed Lua's stack, unchecked
+        raw_body=b'{"text_input": "x", "max_tokens": ' + b"[" * 6000 + b"5" + b"]" * 6000 + b"}",
+        grpc=False,
+    ),
+    Bad(
         "field_given_twice",
         {},
         "",
@@ -688,7 +698,7 @@ def test_stream_true_on_generate_is_refused_and_runs_nothing(triton, path):
 
     before = requests_seen()
     body = {"text_input": PROMPT, "max_tokens": 50, "stream": True}
-    for sent in (body, body | {"stream": [True]}):  # a list: a batch of one
+    for sent in (body, body | {"stream": [True]}, body | {"stream": [[True]]}):  # (batches)
         reply = http_call(triton.http_url, "POST", path, sent)
         assert reply.status == 400 and "_stream instead" in reply.error(), reply
     assert requests_seen() == before  # nothing reached the model

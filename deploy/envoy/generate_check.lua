@@ -7,8 +7,9 @@
 -- the whole generation and answering 200 with an error. Each of those is a 400 here, naming
 -- the input, as is a name given twice (which of them Triton would read is its own choice).
 -- The body's top-level members are read, and the elements of a list (a batch of one, to
--- Triton); a body this scanner does not follow to its end goes on as it came, for Triton's
--- parser to judge: it is not valid JSON.
+-- Triton, which flattens nested lists: more than 32 levels are refused). A body this
+-- scanner does not follow to its end (it is not valid JSON) goes on as it came, for
+-- Triton's parser to judge; a failure of the check itself refuses the body.
 --
 -- It runs on the route that sends requests on to Triton (envoy.yaml.in: LuaPerRoute), so a
 -- request refused by an earlier route (no API key, a compressed body) never reaches it.
@@ -20,6 +21,10 @@ local INTEGER_RANGES = {
   INT32 = { "-2147483648", "2147483647" },
   UINT64 = { "0", "18446744073709551615" },
 }
+
+-- Triton flattens nested lists to their values; deeper than this is refused (and keeps the
+-- scanner, which reads a list by recursion, far from Lua's stack limit)
+local MAX_LIST_DEPTH = 32
 
 -- what Triton's parser reads as numbers too (the model then names the value it refuses)
 local NON_FINITE = { NaN = true, Infinity = true, ["-Infinity"] = true }
@@ -60,7 +65,8 @@ local function unescaped(text)
       out[#out + 1] = c
       at = at + 1
     elseif text:sub(at + 1, at + 1) == "u" then
-      local code = tonumber(text:sub(at + 2, at + 5), 16)
+      local hex = text:sub(at + 2, at + 5)
+      local code = hex:match("^%x%x%x%x$") and tonumber(hex, 16)
       out[#out + 1] = (code and code < 128) and string.char(code) or text:sub(at, at + 5)
       at = at + 6
     else
@@ -95,7 +101,7 @@ local function members_of(body)
     end
   end
   local at -- below
-  local function read_value()
+  local function read_value(depth)
     skip_space()
     local first = body:sub(i, i)
     if first == '"' then
@@ -103,6 +109,9 @@ local function members_of(body)
       return text and "string", text
     end
     if first == "[" then -- its elements: {kind, raw} each
+      if depth > MAX_LIST_DEPTH then -- Triton would flatten it: a value all the same
+        error("lists nested more than " .. MAX_LIST_DEPTH .. " deep", 0)
+      end
       i = i + 1
       local elements = {}
       if at("]") then
@@ -110,7 +119,7 @@ local function members_of(body)
         return "array", elements
       end
       while true do
-        local kind, raw = read_value()
+        local kind, raw = read_value(depth + 1)
         if not kind then
           return nil
         end
@@ -176,7 +185,7 @@ local function members_of(body)
     end
     key = unescaped(key)
     i = i + 1
-    local kind, raw = read_value()
+    local kind, raw = read_value(1)
     if not kind then
       return nil
     end
@@ -257,10 +266,15 @@ local function body_problem(text, endpoint, path)
       return why
     end
   end
-  local stream = members["stream"]
-  local streams = stream and (stream[2] == "true" or (stream[1] == "array" and stream[2][1]
-    and stream[2][1][2] == "true"))
-  if endpoint == "" and streams then
+  -- a list (of lists...) of one: Triton reads its first value
+  local kind, raw = nil, nil
+  if members["stream"] then
+    kind, raw = members["stream"][1], members["stream"][2]
+    while kind == "array" and raw[1] do
+      kind, raw = raw[1][1], raw[1][2]
+    end
+  end
+  if endpoint == "" and kind == "literal" and raw == "true" then
     return "stream: true asks for one response a piece of text: POST to " .. path
       .. "_stream instead (or use gRPC); /generate sends one response"
   end
@@ -281,7 +295,12 @@ function envoy_on_request(handle)
     return
   end
   local body = handle:body()
-  local why = body_problem(body and body:getBytes(0, body:length()) or "", endpoint, path)
+  local text = body and body:getBytes(0, body:length()) or ""
+  -- a failure of the check itself refuses the body: never a body let through unread
+  local read, why = pcall(body_problem, text, endpoint, path)
+  if not read then
+    why = "the front door could not read this body: " .. tostring(why)
+  end
   if why then
     handle:streamInfo():dynamicMetadata():set("gpt2.generate_check", "refused", true)
     handle:respond({ [":status"] = "400", ["content-type"] = "application/json" }, why)
