@@ -201,6 +201,7 @@ class TritonClient:
         self._silent_checks: list[float] = []
         self._live: dict[object, float] = {}
         self._ended_by_watch: set[object] = set()
+        self._asking: asyncio.Future | None = None  # a check a request waits on, if any
 
     def own_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -247,12 +248,19 @@ class TritonClient:
         """Triton let the last SILENT_CHECKS readiness checks pass without a word."""
         return len(self._silent_checks) >= SILENT_CHECKS
 
-    async def check_silence(self) -> bool:
+    async def answers_now(self) -> bool:
+        """A check now, for a request that finds Triton silent (it may be back before the
+        watch's next check): one at a time, shared by every request that asks meanwhile."""
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(self.check_silence(HEALTH_TIMEOUT_S))
+        return await asyncio.shield(self._asking)
+
+    async def check_silence(self, timeout: float = READY_CHECK_TIMEOUT_S) -> bool:
         """One check of the watch; False when it got no answer. Once SILENT_CHECKS in a
         row got none, every stream that heard nothing since the first of those began ends
         (UNAVAILABLE): a Triton that answers neither will not answer them."""
         asked = time.monotonic()
-        if await self.answers():
+        if await self.answers(timeout):
             if self.silent:
                 log.info("Triton answers again")
             self._silent_checks.clear()
@@ -318,9 +326,8 @@ class TritonClient:
         the request in Triton.
         """
         inputs = request_inputs(generation)
-        # A request that would wait on a Triton that answers nothing gets 503 instead (the
-        # watch's next check, a second away, sees it back).
-        if self.silent:
+        # A request that would wait on a Triton that answers nothing gets 503 instead.
+        if self.silent and not await self.answers_now():
             raise TritonError(
                 f"Triton is not answering: its last {SILENT_CHECKS} readiness checks got no "
                 f"answer within {READY_CHECK_TIMEOUT_S:g} s",
@@ -353,23 +360,31 @@ class TritonClient:
                 "the stream from Triton ended before its final response", "UNAVAILABLE"
             )
         except grpc.aio.AioRpcError as exc:
+            # (a call the watch cancels while its request is still being written ends so:
+            # INTERNAL, "Internal error from Core")
             finished = True
+            if call in self._ended_by_watch:
+                raise _stopped_answering() from None
             raise TritonError.from_rpc(exc) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if call not in self._ended_by_watch or (task and task.cancelling()):
                 raise  # the caller's own cancellation
             finished = True
-            raise TritonError(
-                "Triton stopped answering: nothing on this stream, and no answer to "
-                f"{SILENT_CHECKS} readiness checks in a row",
-                "UNAVAILABLE",
-            ) from None
+            raise _stopped_answering() from None
         finally:
             live.pop(call, None)
             self._ended_by_watch.discard(call)
             if not finished:
                 call.cancel()
+
+
+def _stopped_answering() -> TritonError:
+    return TritonError(
+        "Triton stopped answering: nothing on this stream, and no answer to "
+        f"{SILENT_CHECKS} readiness checks in a row",
+        "UNAVAILABLE",
+    )
 
 
 def silent_streams(live: dict, silent_checks: list[float]) -> list:
