@@ -13,10 +13,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from gpt2_triton import names
 from gpt2_triton.request import MAX_STOP_WORD_CHARS, MAX_STOP_WORDS
 from gpt2_triton.sampling import MAX_SEED
 
-INT32_MAX = 2**31 - 1  # the gpt2 model's integer inputs are INT32
+INT32_MAX = names.INTEGER_RANGES["INT32"][1]  # the gpt2 model's integer inputs are INT32
 # seed s becomes the model's s + 1 (its 0 means "a fresh random seed"): serving_engine
 MAX_OPENAI_SEED = MAX_SEED - 1
 
@@ -25,13 +26,11 @@ MAX_CHOICES = 16  # n: choices run as separate requests; the batch holds 16 by d
 
 def _encodable(value: str) -> str:
     """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text holds."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    at = names.lone_surrogate_at(value)
+    if at is not None:
         raise ValueError(
-            f"not valid Unicode text: a lone surrogate (U+{ord(value[exc.start]):04X}) at "
-            f"character {exc.start}"
-        ) from None
+            f"not valid Unicode text: a lone surrogate (U+{ord(value[at]):04X}) at character {at}"
+        )
     return value
 
 

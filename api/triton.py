@@ -215,13 +215,13 @@ class TritonClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+    async def is_ready(self) -> bool:
         headers = self.own_headers()
         try:
             return await self._client.is_server_ready(
-                headers=headers, client_timeout=timeout
+                headers=headers, client_timeout=HEALTH_TIMEOUT_S
             ) and await self._client.is_model_ready(
-                self.model, headers=headers, client_timeout=timeout
+                self.model, headers=headers, client_timeout=HEALTH_TIMEOUT_S
             )
         except Exception as exc:  # tritonclient wraps every gRPC failure in its own type
             log.debug("Triton is not ready: %s", exc)

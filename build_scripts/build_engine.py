@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from build_scripts.export_onnx import SOURCE_FINGERPRINT, check_current, trt_dir
+from build_scripts.export_onnx import FP16_FILE, SOURCE_FINGERPRINT, check_current, trt_dir
 from gpt2_triton import checkpoint, fingerprint, logs
 from gpt2_triton.atomic import write_json
 from gpt2_triton.cli import run_step
@@ -45,7 +45,7 @@ log = logging.getLogger("build_scripts.build_engine")
 PLAN = "model.plan"
 TIMING_CACHE = "timing.cache"
 FP32_ONNX = "model.onnx"
-FP16_ONNX = "model.fp16.onnx"
+FP16_ONNX = FP16_FILE
 # Keys in engine_settings.json: what the plan was built from.
 ONNX_FINGERPRINT = "onnx_fingerprint"
 ONNX_FILE = "onnx_file"

@@ -251,7 +251,7 @@ def build(
                 )
                 raise Gpt2TritonError(f"{export_dir / name} not found: run '{how}'{since}")
             engine_files[name] = export_dir / name
-        if settings.engine == "trt":
+        if trt:
             check_plan(export_dir)
             plan = json.loads((export_dir / ENGINE_SETTINGS).read_text())
             fingerprints[ONNX_FINGERPRINT] = plan.get(ONNX_FINGERPRINT)

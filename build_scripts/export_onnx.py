@@ -189,8 +189,8 @@ def run(
             embedding = export_int8(model, shape, tmp, opset)
             files["int8"] = INT8_FILE
         if fp16:
-            export_fp16(tmp / "model.onnx", tmp / "model.fp16.onnx")
-            files["fp16"] = "model.fp16.onnx"
+            export_fp16(tmp / "model.onnx", tmp / FP16_FILE)
+            files["fp16"] = FP16_FILE
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_json(
             tmp / SETTINGS_FILE,
@@ -216,6 +216,7 @@ def run(
 
 
 INT8_FILE = "model.int8.onnx"
+FP16_FILE = "model.fp16.onnx"
 INT8_EMBEDDING = "int8_token_embedding"  # "8-bit", or "fp32" where it could not be
 
 
@@ -240,18 +241,13 @@ def requantize_int8(output: Path, spec, opset: int) -> Path:
     """Replace an export's int8 files with ones of today's format, the rest untouched. Its
     settings say the new format only once both files are in place: a run stopped halfway
     leaves the old format recorded, and the next run does this again."""
-    import os
-    import tempfile
-
-    from gpt2_triton.export import INT8_FORMAT, weights_file
+    from gpt2_triton.export import INT8_FORMAT
 
     model = checkpoint.load_model(spec)
     shape = ModelShape.from_hf_config(model.config)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".int8-") as folder:
-        embedding = export_int8(model, shape, Path(folder), opset)
-        fresh = Path(folder) / INT8_FILE
-        os.replace(weights_file(fresh), weights_file(output / INT8_FILE))
-        os.replace(fresh, output / INT8_FILE)
+    embedding = _write_in_place(
+        output, INT8_FILE, lambda folder: export_int8(model, shape, folder, opset)
+    )
     settings = load_settings(output)
     settings.update({"int8_format": INT8_FORMAT, INT8_EMBEDDING: embedding})
     write_json(output / SETTINGS_FILE, settings)
@@ -261,21 +257,32 @@ def requantize_int8(output: Path, spec, opset: int) -> Path:
 def add_fp16(output: Path) -> Path:
     """Write ``model.fp16.onnx`` (and its weights file) into an export that lacks it, the
     rest untouched; its settings name the file once both are in place."""
+    from gpt2_triton.export import export_fp16
+
+    _write_in_place(
+        output, FP16_FILE, lambda folder: export_fp16(output / "model.onnx", folder / FP16_FILE)
+    )
+    settings = load_settings(output)
+    settings["files"] = {**settings.get("files", {}), "fp16": FP16_FILE}
+    write_json(output / SETTINGS_FILE, settings)
+    return output
+
+
+def _write_in_place(output: Path, name: str, write):
+    """``write(folder)`` makes graph ``name`` and its weights file in a folder beside
+    ``output``; both then replace (or join) their namesakes in ``output``, the weights
+    first, the rest of the export untouched. Returns what ``write`` returned."""
     import os
     import tempfile
 
-    from gpt2_triton.export import export_fp16, weights_file
+    from gpt2_triton.export import weights_file
 
-    fp16 = output / "model.fp16.onnx"
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".fp16-") as folder:
-        fresh = Path(folder) / fp16.name
-        export_fp16(output / "model.onnx", fresh)
-        os.replace(weights_file(fresh), weights_file(fp16))
-        os.replace(fresh, fp16)
-    settings = load_settings(output)
-    settings["files"] = {**settings.get("files", {}), "fp16": fp16.name}
-    write_json(output / SETTINGS_FILE, settings)
-    return output
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{name}-") as folder:
+        made = write(Path(folder))
+        fresh = Path(folder) / name
+        os.replace(weights_file(fresh), weights_file(output / name))
+        os.replace(fresh, output / name)
+    return made
 
 
 def load_settings(folder: Path) -> dict:

@@ -57,7 +57,7 @@ class GenerationParams:
         }
         out = {k: v for k, v in fields.items() if v is not None}
         for name, value in out.items():
-            low, high = _INTEGER_RANGES.get(names.SCALAR_DATATYPES[name], (None, None))
+            low, high = names.INTEGER_RANGES.get(names.SCALAR_DATATYPES[name], (None, None))
             if low is not None and not low <= value <= high:
                 raise ClientError(
                     f"{name} must be in [{low}, {high}] ({names.SCALAR_DATATYPES[name]}), "
@@ -70,20 +70,16 @@ class GenerationParams:
         return out
 
 
-_INTEGER_RANGES = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
-
-
 def checked_text(name: str, text: str) -> str:
     """``text``, if UTF-8 can carry it: a command line's undecodable bytes arrive as lone
     surrogates ("caf\\udce9"), which no request can send."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    at = names.lone_surrogate_at(text)
+    if at is not None:
         raise ClientError(
-            f"{name} is not valid UTF-8 text: character {exc.start} is "
-            f"U+{ord(text[exc.start]):04X} (undecodable bytes, or a lone surrogate)",
+            f"{name} is not valid UTF-8 text: character {at} is "
+            f"U+{ord(text[at]):04X} (undecodable bytes, or a lone surrogate)",
             "INVALID_ARG",
-        ) from None
+        )
     return text
 
 

@@ -13,14 +13,9 @@
 --
 -- It runs on the route that sends requests on to Triton (envoy.yaml.in: LuaPerRoute), so a
 -- request refused by an earlier route (no API key, a compressed body) never reaches it.
--- front_door.py puts in front of this file: INPUT_TYPES (gpt2 input -> Triton datatype)
--- and MODEL (the model's name). Its refusals set the dynamic metadata
+-- front_door.py puts in front of this file: INPUT_TYPES (gpt2 input -> Triton datatype),
+-- INTEGER_RANGES (datatype -> {low, high}, as decimal strings) and MODEL (the model's name). Its refusals set the dynamic metadata
 -- gpt2.generate_check.refused, which keeps the local-reply mappers off their words.
-
-local INTEGER_RANGES = {
-  INT32 = { "-2147483648", "2147483647" },
-  UINT64 = { "0", "18446744073709551615" },
-}
 
 -- Triton flattens nested lists to their values; deeper than this is refused (and keeps the
 -- scanner, which reads a list by recursion, far from Lua's stack limit)

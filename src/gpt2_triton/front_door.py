@@ -216,10 +216,18 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
 
 
 def generate_check_source() -> str:
-    """``generate_check.lua`` with what it reads from here: the gpt2 inputs' datatypes and
-    the model's name."""
+    """``generate_check.lua`` with what it reads from here: the gpt2 inputs' datatypes, the
+    integer datatypes' ranges (as text: Lua's numbers cannot hold 2^64 - 1) and the model's
+    name."""
     types = ", ".join(f'{name} = "{kind}"' for name, kind in names.SCALAR_DATATYPES.items())
-    prefix = f'local INPUT_TYPES = {{ {types} }}\nlocal MODEL = "{GENERATION_MODEL}"\n'
+    ranges = ", ".join(
+        f'{kind} = {{ "{low}", "{high}" }}' for kind, (low, high) in names.INTEGER_RANGES.items()
+    )
+    prefix = (
+        f"local INPUT_TYPES = {{ {types} }}\n"
+        f"local INTEGER_RANGES = {{ {ranges} }}\n"
+        f'local MODEL = "{GENERATION_MODEL}"\n'
+    )
     return prefix + GENERATE_CHECK.read_text()
 
 

@@ -84,6 +84,21 @@ def error_status(message: str) -> tuple[str, str | None]:
     return "INTERNAL", None
 
 
+# What each integer datatype of those inputs holds: a value past it, sent as JSON or cast
+# by numpy, would wrap round to another (the client, the gateway and the front door check)
+INTEGER_RANGES = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (JSON's "\\ud800", or a command line's
+    undecodable bytes), which UTF-8 cannot carry; None when it holds none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 TEXT_OUTPUT = "text_output"
 FINISH_REASON = "finish_reason"
 NUM_INPUT_TOKENS = "num_input_tokens"
