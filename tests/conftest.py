@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,11 +18,27 @@ import pytest
 
 from gpt2_triton.checkpoint import ARTIFACTS_ENV
 
-# Chosen before any test module imports code that reads it; removed by the OS's tmp cleaning.
+# Chosen before any test module imports code that reads it; kept (and named in the summary)
+# when a test failed or the run was stopped, for the logs of the servers it ran, else removed.
 _ARTIFACTS = Path(tempfile.mkdtemp(prefix="gpt2-triton-tests-"))
 os.environ[ARTIFACTS_ENV] = str(_ARTIFACTS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here: fail fast
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _keep_artifacts(exitstatus) -> bool:
+    return exitstatus in (pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.INTERRUPTED)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # session fixtures (servers included) are torn down by now
+    if not _keep_artifacts(exitstatus):
+        shutil.rmtree(_ARTIFACTS, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus) -> None:
+    if _keep_artifacts(exitstatus) and _ARTIFACTS.exists():
+        terminalreporter.write_line(f"the session's models, repositories and logs: {_ARTIFACTS}")
 
 
 @pytest.fixture(scope="session")
