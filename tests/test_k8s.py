@@ -29,6 +29,7 @@ from gpt2_triton.front_door import (
     FrontDoorSettings,
 )
 from gpt2_triton.front_door import main as render_front_door
+from gpt2_triton.liveness import LIVENESS
 from gpt2_triton.triton_server import Ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +209,12 @@ def test_triton_listens_where_the_front_door_looks_and_is_probed_on_its_health_e
     assert port(triton, "metrics") == int(flag(command, "--metrics-port")) == Ports().metrics
 
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    liveness = triton["livenessProbe"]
+    assert liveness["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # the rule make serve's supervisor follows: a hung Triton is restarted alike
+    assert liveness["periodSeconds"] == LIVENESS.period_s
+    assert liveness["timeoutSeconds"] == LIVENESS.timeout_s
+    assert liveness["failureThreshold"] == LIVENESS.failures
     startup = triton["startupProbe"]
     assert startup["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     # model load: minutes, not the liveness probe's seconds

@@ -8,6 +8,7 @@ of a SIGKILL; no process left within 10 s); every other wait is on a state, gene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -265,6 +266,70 @@ def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(su
             )
     assert cut, "the kill cut no stream: every one had been generated in full before it"
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.integration
+def test_a_silent_triton_or_gateway_is_killed_and_started_again(triton, artifacts, caplog):
+    """A tritonserver stopped (SIGSTOP: alive, its sockets open, silent, as a deadlock would
+    leave it) is killed by the supervisor once its liveness checks go unanswered, and
+    started again: its streams end instead of waiting for the front door's 10-minute idle
+    timeout, and the service serves again. The OpenAI gateway alike. A rule faster than
+    the default (10 s x 3) keeps the test short; each check still waits its whole timeout."""
+    from conftest import service as make_service
+
+    from gpt2_triton.liveness import LivenessRule
+
+    rule = LivenessRule(period_s=0.5, timeout_s=3.0, failures=2)
+    repository = triton.triton.model_repository
+    with make_service(repository, artifacts / "logs_liveness", liveness=rule) as service:
+        before_text = _generate_when_possible(service.grpc_url, "grpc")
+        old_pid = service.triton.process.pid
+        old_restarts = service.restarts
+        stubs = psutil.Process(old_pid).children(recursive=True)
+        consumers = _live_streams(service)
+        os.kill(old_pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            assert wait_until(lambda: service.restarts > old_restarts, 120), (
+                "the stopped tritonserver was not started again"
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGCONT)  # if it was not killed: let it stop
+        restarted_after = time.monotonic() - stopped_at
+        assert service.triton.process.pid != old_pid
+        assert wait_until(lambda: not group_alive(old_pid), NOTHING_LEFT_S)
+        assert not _left(stubs)
+        for consumer in consumers:
+            consumer.join(60)
+        assert all(not c.is_alive() for c in consumers), "a stream waits on the stopped Triton"
+        cut = [c for c in consumers if isinstance(c.error, ClientError) and str(c.error)]
+        whole = [c for c in consumers if c.completed and c.result]
+        assert cut, "the stop cut no stream: every one had been generated in full before it"
+        assert len(cut) + len(whole) == len(consumers), [(c.error, c.completed) for c in consumers]
+        assert _generate_when_possible(service.grpc_url, "grpc") == before_text
+        print(
+            f"\nSIGSTOP: started again {restarted_after:.1f} s after, serving again "
+            f"{time.monotonic() - stopped_at:.1f} s after; {len(cut)} of {len(consumers)} "
+            "streams cut"
+        )
+        assert "tritonserver (replica 0) answered none of 2 liveness checks" in caplog.text
+
+        gateway_pid = service.gateway.process.pid
+        assert _complete_when_possible(service.http_url) == before_text
+        os.kill(gateway_pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            assert wait_until(
+                lambda: service.gateway.process.pid != gateway_pid and service.gateway.alive(),
+                60,
+            ), "the stopped OpenAI gateway was not started again"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gateway_pid, signal.SIGCONT)
+        assert _complete_when_possible(service.http_url) == before_text
+        print(f"gateway SIGSTOP: serving /v1 again {time.monotonic() - stopped_at:.1f} s after")
+        assert "the OpenAI gateway answered none of 2 liveness checks" in caplog.text
 
 
 @pytest.mark.integration

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from gpt2_triton import logs
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorError, FrontDoorSettings
+from gpt2_triton.liveness import LIVENESS, LivenessRule, SilenceWatch
 from gpt2_triton.openai_gateway import GatewayProcess
+from gpt2_triton.process import signal_group
 from gpt2_triton.triton_server import Ports, ServerError, TritonServer, answers_200
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Replica:
 
     index: int
     server: TritonServer
+    liveness: SilenceWatch
     ever_ready: bool = False  # one that exits before it was ever ready is not restarted
     start_crashes: int = 0  # killed by a signal before it was ever ready (retried)
     failure: str = ""  # why the supervisor gave up on it ("" while it has not)
@@ -73,6 +76,7 @@ class Replica:
     backoff: float = BACKOFF_FIRST_S
     up_since: float = 0.0
     restart_due: float | None = None  # when a dead one is started again
+    killed_silent: bool = False  # the supervisor killed it: it answered no liveness check
 
     def alive(self) -> bool:
         return self.server.process is not None and self.server.process.poll() is None
@@ -92,6 +96,7 @@ class Service:
         openai: bool = True,
         replicas: int = 1,
         replica_ports: list[Ports] | None = None,
+        liveness: LivenessRule = LIVENESS,
     ) -> None:
         front = front or FrontDoorSettings()
         if replica_ports is None:
@@ -112,6 +117,7 @@ class Service:
             front, replica_ports=tuple((ports.http, ports.grpc) for ports in replica_ports)
         )
         self.log_dir = Path(log_dir)
+        self.liveness = liveness
         self.replicas = [
             Replica(
                 i,
@@ -121,6 +127,9 @@ class Service:
                     log_file=self.log_dir
                     / ("tritonserver.log" if i == 0 else f"tritonserver-{i}.log"),
                     extra_args=(*front.triton_restrictions(), *extra_triton_args),
+                ),
+                SilenceWatch(
+                    f"http://127.0.0.1:{ports.http}/v2/health/live", liveness, f"liveness-{i}"
                 ),
             )
             for i, ports in enumerate(replica_ports)
@@ -140,6 +149,11 @@ class Service:
                 api_key=front.api_key,
             )
             if openai
+            else None
+        )
+        self._gateway_liveness = (
+            SilenceWatch(f"http://{self.gateway.url}/health/live", liveness, "liveness-openai")
+            if self.gateway
             else None
         )
         self._stopping = threading.Event()
@@ -307,9 +321,15 @@ class Service:
             return
         finally:
             self._started.set()
+        watches = [r.liveness for r in self.replicas]
+        watches += [self._gateway_liveness] if self._gateway_liveness else []
+        for watch in watches:
+            watch.start()
         try:
             self._watch()
         finally:
+            for watch in watches:
+                watch.stop()
             if self.gateway:
                 self.gateway.stop()
             for replica in self.replicas:
@@ -318,6 +338,14 @@ class Service:
     def _watch(self) -> None:
         gateway_due, gateway_backoff = 0.0, BACKOFF_FIRST_S
         while not self._stopping.wait(0.2):
+            if self.gateway and self.gateway.alive() and self._gateway_liveness.silent():
+                log.error(
+                    "the OpenAI gateway answered none of %s: killing it (log: %s)",
+                    self.liveness.describe(),
+                    self.gateway.log_file,
+                )
+                signal_group(self.gateway.process.pid, signal.SIGKILL)
+                self._gateway_liveness.reset()
             if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
                 gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
             for replica in self.replicas:
@@ -335,6 +363,17 @@ class Service:
         if replica.alive():
             if not replica.ever_ready:
                 replica.ever_ready = server.answers_ready()
+            elif replica.liveness.silent():
+                # stopped or deadlocked: SIGTERM would wait on it, the group goes at once
+                log.error(
+                    "tritonserver (replica %d) answered none of %s: killing it (log: %s)",
+                    replica.index,
+                    self.liveness.describe(),
+                    server.log_file,
+                )
+                signal_group(server.process.pid, signal.SIGKILL)
+                replica.killed_silent = True
+                replica.liveness.reset()
             return
         now = time.monotonic()
         if replica.restart_due is None:  # it has just exited
@@ -374,7 +413,9 @@ class Service:
             log.warning(
                 "tritonserver (replica %d) exited (%s); restarting in %.0f s (log: %s)",
                 replica.index,
-                _describe_exit(code),
+                "killed: it answered no liveness check"
+                if replica.killed_silent
+                else _describe_exit(code),
                 replica.backoff,
                 server.log_file,
             )
@@ -384,6 +425,8 @@ class Service:
         if now < replica.restart_due:
             return
         replica.restart_due = None
+        replica.killed_silent = False
+        replica.liveness.reset()
         try:
             server.start()
         except Exception:
@@ -406,6 +449,7 @@ class Service:
         try:
             self.gateway.stop()
             self.gateway.start()
+            self._gateway_liveness.reset()
         except Exception:  # the supervisor must outlive it: Triton is still served
             log.exception("could not restart the OpenAI gateway")
         return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
