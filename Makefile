@@ -52,6 +52,8 @@ ADMIN_KEY ?=
 export API_KEY ADMIN_KEY
 UI_PORT ?= 7860
 RUN_DIR ?= runs/ft
+# OVERWRITE=1: make train may replace a RUN_DIR that is not an earlier run's
+OVERWRITE ?=
 MAX_STEPS ?= -1
 TRAIN_FILE ?=
 VALIDATION_FILE ?=
@@ -71,7 +73,9 @@ SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) 
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
 	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai) \
 	$(if $(filter 1 yes true,$(OPEN_TRITON_STATISTICS)),--open-triton-statistics)
-DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE) --validation-file $(VALIDATION_FILE))
+# each flag only when given: a missing one is finetune's clear error, not argparse's
+DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) \
+	$(if $(VALIDATION_FILE),--validation-file $(VALIDATION_FILE))
 
 # The chat page has no key of its own: it stays on loopback unless UI_HOST says otherwise.
 UI_HOST ?= 127.0.0.1
@@ -121,7 +125,7 @@ tiny: setup ## build the tiny GPT-2 (2 layers, own BPE tokenizer and corpus) off
 
 train: setup $(TINY_DEP) ## fine-tune MODEL (Wikitext-2, or TRAIN_FILE/VALIDATION_FILE) into RUN_DIR
 	$(PY) -m training.finetune --model $(MODEL) --output-dir $(RUN_DIR) \
-		--max-steps $(MAX_STEPS) $(DATA_FLAGS)
+		--max-steps $(MAX_STEPS) $(DATA_FLAGS) $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite)
 
 export: setup $(TINY_DEP) ## export MODEL to ONNX with a KV cache (INT8=1 adds an int8 copy)
 	$(if $(filter 1 yes true,$(FP16)),@echo "note: FP16=1 is for make verify (or make engine, \
@@ -138,6 +142,7 @@ endif
 	$(PY) -m build_scripts.verify --model $(MODEL)
 
 engine: setup $(TINY_DEP) ## ONNX -> TensorRT plan in artifacts/trt/<model>/ (needs TensorRT and a GPU: docs/GPU.md)
+	$(PY) -m build_scripts.build_engine --check
 	$(PY) -m build_scripts.export_onnx --model $(MODEL) --tensorrt $(ENGINE_OPSET_FLAG) \
 		--skip-existing $(if $(filter fp16,$(PRECISION)),--fp16)
 	$(PY) -m build_scripts.build_engine --model $(MODEL) --precision $(PRECISION) \
@@ -153,7 +158,7 @@ endif
 		$(if $(MAX_PREFILL_TOKENS),--max-prefill-tokens $(MAX_PREFILL_TOKENS)) \
 		$(if $(BURST_WINDOW_MS),--burst-window-ms $(BURST_WINDOW_MS)) \
 		$(if $(RESPONSE_LANES),--response-lanes $(RESPONSE_LANES)) \
-		$(if $(filter torch,$(ENGINE)),--device $(DEVICE)) \
+		--device $(DEVICE) \
 		$(if $(filter 0,$(CUDA_GRAPHS)),--no-cuda-graphs) \
 		$(if $(filter 1,$(TORCH_COMPILE)),--torch-compile) \
 		$(if $(filter 1,$(DECODE_AHEAD)),--decode-ahead)

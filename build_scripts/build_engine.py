@@ -244,6 +244,10 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
         raise EngineError("TensorRT could not build the plan (see the log above)")
     tmp = export_dir / f".{PLAN}.partial"
     tmp.write_bytes(bytes(plan))
+    # The settings go before the plan is replaced and come back after: a build stopped in
+    # between leaves a plan without settings, which make repo refuses (not the new plan
+    # described by the old settings: another max_batch or precision).
+    (export_dir / ENGINE_SETTINGS).unlink(missing_ok=True)
     tmp.replace(export_dir / PLAN)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     write_json(
@@ -291,11 +295,18 @@ def main(argv: list[str] | None = None) -> int:
         help="largest batch (the repository's MAX_SEQUENCES)",
     )
     parser.add_argument("--workspace-gib", type=int, default=EngineSettings.workspace_gib)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only whether TensorRT loads here (make engine asks before its export)",
+    )
     args = parser.parse_args(argv)
     logs.setup()
 
     def step() -> str:
-        import_tensorrt()  # first: without TensorRT nothing else matters
+        trt = import_tensorrt()  # first: without TensorRT nothing else matters
+        if args.check:
+            return f"TensorRT {trt.__version__} loads"
         settings = EngineSettings(args.precision, args.max_batch, args.workspace_gib)
         export_dir = args.export_dir or trt_dir(checkpoint.resolve(args.model).slug)
         return f"TensorRT plan in {build(export_dir, settings)}"

@@ -123,8 +123,11 @@ class RepoSettings:
                 "decode-ahead is for ENGINE=torch in gpt2's process (PLACEMENT=in_process), "
                 "with CUDA graphs on cuda"
             )
-        if self.device != "cpu" and self.engine != "torch":
-            raise Gpt2TritonError(f"--device {self.device} is for the torch engine only")
+        if self.device != "cpu" and self.engine.startswith("onnx"):
+            raise Gpt2TritonError(
+                f"--device {self.device} is for ENGINE=torch (ONNX Runtime's engines run on "
+                "the CPU; ENGINE=trt on the GPU, whatever DEVICE says)"
+            )
 
     @property
     def engine_holder(self) -> str:
@@ -229,7 +232,7 @@ def build(
         settings_file = export_dir / SETTINGS_FILE
         if not settings_file.is_file():
             raise Gpt2TritonError(f"no ONNX export in {export_dir}: {refresh}")
-        exported = check_current(export_dir, refresh)
+        exported = check_current(export_dir, refresh, spec)
         exported_settings = settings_file
         fingerprints[SOURCE_FINGERPRINT] = exported.get(SOURCE_FINGERPRINT)
         shape = ModelShape.from_dict(exported["shape"])
@@ -256,14 +259,19 @@ def build(
             plan = json.loads((export_dir / ENGINE_SETTINGS).read_text())
             fingerprints[ONNX_FINGERPRINT] = plan.get(ONNX_FINGERPRINT)
         tokenizer_dir = export_dir / "tokenizer"
+        if not (tokenizer_dir / "tokenizer_config.json").is_file():
+            raise Gpt2TritonError(f"{tokenizer_dir} is missing or incomplete: {refresh}")
 
     # Render every template first: a template error leaves the repository untouched.
-    values = template_values(settings, shape, spec.slug)
+    values = template_values(settings, shape, spec.name)
     rendered = {}
     for model_name in MODELS:
         template = REPOSITORY / model_name / "config.pbtxt.in"
         rendered[model_name] = render(template.read_text(), values[model_name], str(template))
 
+    # gpt2's config.pbtxt goes first and comes back last: a build stopped halfway leaves a
+    # repository that make serve refuses ("not rendered"), not one that serves half of it.
+    (repository / "gpt2" / "config.pbtxt").unlink(missing_ok=True)
     for model_name in MODELS:
         version_dir = repository / model_name / "1"
         _clean_version_dir(version_dir)
@@ -286,7 +294,8 @@ def build(
     for model_name in ("tokenizer", "gpt2"):
         _link_or_copy(tokenizer_dir, repository / model_name / "1" / "tokenizer")
     for model_name, text in rendered.items():
-        (repository / model_name / "config.pbtxt").write_text(text)
+        if model_name != "gpt2":
+            (repository / model_name / "config.pbtxt").write_text(text)
     write_json(
         repository / "build_settings.json",
         {
@@ -296,6 +305,7 @@ def build(
             **fingerprints,
         },
     )
+    (repository / "gpt2" / "config.pbtxt").write_text(rendered["gpt2"])
     log.info(
         "model repository ready in %s (model %s, weights sha256 %s, engine %s)",
         repository,

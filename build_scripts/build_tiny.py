@@ -23,7 +23,8 @@ def ensure(force: bool = False) -> Path:
     from gpt2_triton.tiny.build import build
 
     out = checkpoint.tiny_checkpoint_dir()
-    if force or not (out / "config.json").is_file():
+    corpus = [data_dir() / name for name in ("train.txt", "validation.txt")]
+    if force or not (out / "config.json").is_file() or not all(f.is_file() for f in corpus):
         build(out, data_dir())
     return out
 

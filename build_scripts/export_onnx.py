@@ -31,12 +31,9 @@ from gpt2_triton.cli import run_step
 from gpt2_triton.engines.factory import SETTINGS_FILE
 from gpt2_triton.engines.shape import ModelShape
 from gpt2_triton.errors import ExportError, Gpt2TritonError
+from gpt2_triton.fingerprint import SOURCE_FINGERPRINT  # what the other steps import here
 
 log = logging.getLogger("build_scripts.export_onnx")
-
-# The key in export_settings.json holding the checkpoint's content fingerprint.
-SOURCE_FINGERPRINT = "source_fingerprint"
-
 
 # The opset TensorRT's export is written at: 23's fused Attention node keeps its softmax
 # without the Cast that holds it in fp32 (and TensorRT parses it only from 10.14 on).
@@ -73,7 +70,7 @@ def stale_reason(
     except Gpt2TritonError:
         return "no export yet"
     files = [folder / name for name in settings.get("files", {}).values()]
-    if settings.get("model") != source:
+    if not checkpoint.same_checkpoint(settings.get("model"), source):
         return f"it was exported from {settings.get('model')}"
     if settings.get("opset") != opset:
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
@@ -83,6 +80,8 @@ def stale_reason(
         return "it has no fp16 model"
     if not all(f.is_file() and weights_file(f).is_file() for f in files):
         return "some of its files are missing"
+    if not (folder / "tokenizer" / "tokenizer_config.json").is_file():
+        return "its tokenizer is missing"
     if weights is None:
         return "the checkpoint is not in the local cache: cannot tell whether it changed"
     changed = fingerprint.difference(settings.get(SOURCE_FINGERPRINT), weights)
@@ -97,10 +96,12 @@ def stale_reason(
 OLDER_INT8 = "its int8 model is of format"  # stale_reason's reason that run() mends in place
 
 
-def check_current(export_dir: Path, how: str) -> dict:
-    """Fail when the checkpoint ``export_dir`` was made from now holds other content (it was
-    trained again, or rebuilt), naming the changed files and ``how`` to re-export. Returns
-    the export's settings.
+def check_current(export_dir: Path, how: str, spec: checkpoint.ModelSpec | None = None) -> dict:
+    """Fail when ``export_dir`` is not an export of ``spec`` (when given: a folder named by
+    hand, or one of an older layout that named exports by the folder's name alone), or when
+    the checkpoint it was made from now holds other content (it was trained again, or
+    rebuilt), naming the changed files and ``how`` to re-export. Returns the export's
+    settings.
 
     An export from before fingerprints were kept, or whose checkpoint is not here (gone, a
     hub id not cached), cannot be checked: that is logged, not fatal.
@@ -108,6 +109,8 @@ def check_current(export_dir: Path, how: str) -> dict:
     settings = load_settings(export_dir)
     recorded = settings.get(SOURCE_FINGERPRINT)
     source = settings.get("model", "?")
+    if spec is not None and not checkpoint.same_checkpoint(source, spec.source):
+        raise ExportError(f"{export_dir} holds an export of {source}, not of {spec.source}; {how}")
     if recorded is None:
         log.warning("%s records no fingerprint of %s: to be sure, %s", export_dir, source, how)
         return settings

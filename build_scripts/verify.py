@@ -322,11 +322,13 @@ def run(
     output = output or checkpoint.artifacts_root() / "verify" / spec.slug
     shape = read_shape(export_dir)
     # A stale export would show up as a failed comparison; say what is wrong instead.
-    check_current(export_dir, "re-export it ('make verify' does)")
+    check_current(export_dir, "re-export it ('make verify' does)", spec)
     has_engine_export = (engine_dir / SETTINGS_FILE).is_file()
     if has_engine_export:
         try:  # not fatal: ONNX Runtime's rows are the gated ones
-            check_current(engine_dir, "re-export it and rebuild the plan ('make engine' does)")
+            check_current(
+                engine_dir, "re-export it and rebuild the plan ('make engine' does)", spec
+            )
         except ExportError as exc:
             log.warning("skipping TensorRT's export: %s", exc)
             has_engine_export = False

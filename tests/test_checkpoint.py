@@ -64,3 +64,51 @@ def test_unreachable_hub_names_the_offline_option():
     spec = checkpoint.resolve("gpt2")
     with pytest.raises(CheckpointError, match="MODEL=tiny"):
         checkpoint.load_tokenizer(spec)
+
+
+def test_two_folders_of_one_name_never_share_their_exports(tiny_model, tmp_path, monkeypatch):
+    """Exports are named by the folder's name and where it is: runs/ft and other/ft (or a
+    folder named tiny) each get their own, and one folder spelled two ways gets one."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("runs/ft", "other/ft", "runs/tiny"):
+        shutil.copytree(tiny_model, folder)
+    slugs = {checkpoint.resolve(m).slug for m in ("runs/ft", "other/ft", "runs/tiny", "tiny")}
+    assert len(slugs) == 4 and "tiny" in slugs
+    assert checkpoint.resolve("runs/ft").slug.startswith("ft-")
+    assert checkpoint.resolve("runs/ft").name == "ft"  # what clients call it
+    assert checkpoint.resolve("./runs/ft").slug == checkpoint.resolve("runs/ft").slug
+    assert checkpoint.resolve(str(tmp_path / "runs/ft")).slug == checkpoint.resolve("runs/ft").slug
+    assert checkpoint.same_checkpoint("runs/ft", checkpoint.resolve("./runs/ft").source)
+    assert not checkpoint.same_checkpoint("other/ft", checkpoint.resolve("runs/ft").source)
+
+
+def test_a_missing_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint folder not found: runs/typo"):
+        checkpoint.resolve("runs/typo")
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        checkpoint.resolve("deep/er/path")  # a hub id has one slash at most
+    # no runs/ yet (make demo MODEL=runs/ft before make train): a hub id, and the hub's
+    # error says there is no such folder either
+    (tmp_path / "runs").rmdir()
+    spec = checkpoint.resolve("runs/ft")
+    assert not spec.is_local
+    assert "no folder runs/ft here either" in str(checkpoint._hub_error(spec, OSError("x")))
+
+
+def test_an_export_of_another_checkpoint_is_refused(tiny_model, tiny_export, tmp_path):
+    """A folder named by hand, or one of the older layout that named exports by the
+    checkpoint folder's name alone, holding another model's export: said, not served."""
+    import shutil
+
+    from build_scripts.export_onnx import check_current
+    from gpt2_triton.errors import Gpt2TritonError
+
+    other = tmp_path / "other" / "tiny"
+    shutil.copytree(tiny_model, other)
+    assert check_current(tiny_export, "export it", checkpoint.resolve("tiny"))
+    with pytest.raises(Gpt2TritonError, match=f"holds an export of .*, not of {other}"):
+        check_current(tiny_export, "export it", checkpoint.resolve(str(other)))

@@ -525,3 +525,48 @@ def test_decode_ahead_reaches_gpt2s_config_and_only_where_it_can_run(tiny_export
     ):
         with pytest.raises(Gpt2TritonError, match="decode-ahead is for ENGINE=torch"):
             RepoSettings("m", decode_ahead=True, **refused)
+
+
+def test_make_serve_refuses_a_repository_older_than_its_checkpoint(tiny_model, tmp_path):
+    """Trained again, never rendered again: make serve would serve the old weights (the
+    repository's links reach the old export); it says so and starts nothing."""
+    import subprocess
+    import sys
+
+    from build_scripts import export_onnx
+    from build_scripts.build_repo import RepoSettings, build
+
+    ckpt = tmp_path / "ft"
+    shutil.copytree(tiny_model, ckpt)
+    export = export_onnx.run(str(ckpt), tmp_path / "onnx")
+    repo = build(RepoSettings(str(ckpt), "onnx"), export, tmp_path / "repo")
+    assert fingerprint.repository_drift(repo) == ""
+    perturb(ckpt)
+    assert "changed: model.safetensors" in fingerprint.repository_drift(repo)
+    serve = [sys.executable, "-m", "gpt2_triton.serve", "--model-repository", str(repo)]
+    out = subprocess.run(serve, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "changed: model.safetensors" in out.stderr and "make repo" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_repository_is_not_touched_when_an_input_is_missing(tiny_export, tmp_path):
+    """An export without its tokenizer: refused before the repository is touched (it was
+    emptied, then failed halfway, leaving a repository that make serve would start)."""
+    from build_scripts import export_onnx
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton.errors import Gpt2TritonError
+
+    repo = build(RepoSettings("tiny", "onnx"), tiny_export, tmp_path / "repo")
+    before = {p: p.stat().st_ino for p in repo.rglob("*") if p.is_file()}
+    broken = tmp_path / "onnx"
+    shutil.copytree(tiny_export, broken)
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(Gpt2TritonError, match="tokenizer is missing"):
+        build(RepoSettings("tiny", "onnx"), broken, repo)
+    assert {p: p.stat().st_ino for p in repo.rglob("*") if p.is_file()} == before
+    settings = json.loads((broken / "export_settings.json").read_text())
+    reason = export_onnx.stale_reason(
+        broken, settings["model"], False, settings["opset"], settings["source_fingerprint"]
+    )
+    assert reason == "its tokenizer is missing"  # make repo exports it again

@@ -206,14 +206,46 @@ def test_run_saves_the_settings_it_trained_with(tiny_data, tmp_path, capsys):
         "learning_rate": 5e-4,
         "lr_scheduler": "constant",
         "warmup_steps": 1,
-        "epochs": 1.0,
+        "epochs": None,  # max_steps ends the run: the recipe's epochs are not what ran
         "weight_decay": 0.01,
         "overridden": ["lr_scheduler", "warmup_steps"],
         "batch_size": 8,
         "max_steps": 2,
         "seed": 42,
     }
+    epochs_run = json.loads((out / "metrics.json").read_text())["epochs_run"]
+    assert 0 < epochs_run < 1  # two steps of the tiny corpus's blocks
     bad = ["--output-dir", str(tmp_path / "bad"), "--lr-scheduler", "warm"]
     assert finetune.main(["--model", "tiny", *bad]) == 2
     assert "--lr-scheduler must be one of" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_replaces_an_earlier_run_but_nothing_else(tiny_data, tmp_path, capsys, monkeypatch):
+    """A run replaces its folder whole: an earlier run's, yes; a folder of other files only
+    with --overwrite; the working folder (or one above it) never. Refused before training."""
+    data = ["--train-file", str(tiny_data / "train.txt")]
+    data += ["--validation-file", str(tiny_data / "validation.txt"), "--block-size", "64"]
+
+    def train(output_dir, *more):
+        args = ["--model", "tiny", "--output-dir", str(output_dir), "--max-steps", "1"]
+        return finetune.main([*args, *data, *more])
+
+    kept = tmp_path / "notes"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("precious")
+    assert train(kept) == 2
+    assert "is not a run of this script" in capsys.readouterr().err
+    assert (kept / "notes.txt").read_text() == "precious"
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for folder in (".", "..", str(tmp_path)):
+        assert train(folder, "--overwrite") == 2
+        assert "choose a subfolder" in capsys.readouterr().err
+    assert (kept / "notes.txt").read_text() == "precious"
+
+    run = tmp_path / "ft"
+    assert train(run) == 0 and train(run) == 0  # a run again into its own folder
+    assert train(kept, "--overwrite") == 0
+    assert not (kept / "notes.txt").exists() and (kept / "metrics.json").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def test_tensorrt_export_is_apart_from_onnx_runtimes(fp16_export, tiny_export, t
     make = ["make", "-s", "-n", "MODEL=tiny"]
     engine = subprocess.run([*make, "engine"], capture_output=True, text=True, cwd=ROOT)
     assert "export_onnx --model tiny --tensorrt" in engine.stdout, engine.stdout
+    # whether TensorRT loads, asked before minutes of export (here: it does not, at once)
+    assert engine.stdout.index("build_engine --check") < engine.stdout.index("export_onnx")
+    check = [sys.executable, "-m", "build_scripts.build_engine", "--check"]
+    missing = subprocess.run(check, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "TensorRT is not installed" in missing.stderr
     verify = subprocess.run([*make, "verify"], capture_output=True, text=True, cwd=ROOT)
     assert "--tensorrt" not in verify.stdout and "--opset 23" in verify.stdout, verify.stdout
     fp16 = subprocess.run([*make, "verify", "FP16=1"], capture_output=True, text=True, cwd=ROOT)

@@ -87,6 +87,10 @@ class FinetuneArgs:
         default=None, metadata={"help": "AdamW weight decay (default: the model's recipe)"}
     )
     seed: int = field(default=42, metadata={"help": "random seed"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace an output folder that is not a run of this script"},
+    )
 
     def __post_init__(self) -> None:
         if self.validation_file and not self.train_file:
@@ -105,6 +109,27 @@ class FinetuneArgs:
             raise DataError(f"--lr-scheduler must be one of {', '.join(SCHEDULES)}")
         if (self.warmup_steps or 0) < 0 or (self.weight_decay or 0) < 0:
             raise DataError("--warmup-steps and --weight-decay must be >= 0")
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> Path:
+    """The run's folder, resolved; refused before minutes of training when the run would
+    replace what it must not. A run replaces its folder whole (atomic_dir): an earlier run
+    there (its metrics.json) is replaced, anything else only with ``--overwrite``, and the
+    working folder, one above it, the home folder or ``/`` never."""
+    folder = Path(output_dir).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents or folder == Path.home().resolve():
+        raise DataError(f"--output-dir {output_dir} would replace {folder}: choose a subfolder")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--output-dir {output_dir} is a file")
+    earlier_run = (folder / "metrics.json").is_file()
+    if folder.is_dir() and any(folder.iterdir()) and not earlier_run and not overwrite:
+        raise DataError(
+            f"--output-dir {output_dir} exists and is not a run of this script (no "
+            "metrics.json); a run replaces its folder whole: choose another, or give "
+            "--overwrite (make train OVERWRITE=1)"
+        )
+    return folder
 
 
 def default_recipe(model: str) -> Recipe:
@@ -247,15 +272,18 @@ def run(args: FinetuneArgs) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(args.seed)
+    output_dir = check_output_dir(args.output_dir, args.overwrite)
     recipe = choose_recipe(args)
     log.info(
-        "recipe %s: learning rate %g, %s schedule, %d warm-up steps, %g epochs, "
+        "recipe %s: learning rate %g, %s schedule, %d warm-up steps, %s, "
         "weight decay %g (set by flags: %s)",
         recipe.name,
         recipe.learning_rate,
         recipe.lr_scheduler,
         recipe.warmup_steps,
-        recipe.epochs,
+        f"{args.max_steps} steps (epochs not used)"
+        if args.max_steps > 0
+        else f"{recipe.epochs:g} epochs",
         recipe.weight_decay,
         ", ".join(recipe.overridden) or "none",
     )
@@ -268,7 +296,6 @@ def run(args: FinetuneArgs) -> dict:
     blocks = group_into_blocks(load_texts(args), tokenizer, block_size)
     cuda = torch.cuda.is_available()
     precision = device_precision()
-    output_dir = Path(args.output_dir)
     with atomic_dir(output_dir) as tmp:
         training_args = TrainingArguments(
             output_dir=str(tmp / "trainer"),
@@ -319,7 +346,10 @@ def run(args: FinetuneArgs) -> dict:
             "mixed_precision": precision if cuda else "none (CPU)",
             # what the run trained with, so a result can be reproduced and compared
             "settings": asdict(recipe)
-            | {"batch_size": args.batch_size, "max_steps": args.max_steps, "seed": args.seed},
+            | {"batch_size": args.batch_size, "max_steps": args.max_steps, "seed": args.seed}
+            # the Trainer stops at max_steps, whatever the recipe's epochs
+            | ({"epochs": None} if args.max_steps > 0 else {}),
+            "epochs_run": trainer.state.epoch,
         }
         write_json(tmp / "metrics.json", metrics)
         import shutil

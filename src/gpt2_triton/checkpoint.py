@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,18 +32,26 @@ class ModelSpec:
     """What the user asked for, resolved once.
 
     ``source`` is what ``from_pretrained`` receives; ``slug`` names the artifacts built from
-    it (``artifacts/onnx/<slug>/``).
+    it (``artifacts/onnx/<slug>/``): the hub id, or a checkpoint folder's name with a hash
+    of where it is (``runs/ft`` -> ``ft-3f2a9c1b``), so that two folders of one name
+    (``runs/ft``, ``other/ft``) never share, or replace, each other's exports.
     """
 
     source: str
     slug: str
     is_local: bool
 
+    @property
+    def name(self) -> str:
+        """What clients call it (the OpenAI API's model id): the slug, less a folder's hash."""
+        return _slug(Path(self.source).resolve().name) if self.is_local else self.slug
+
 
 def resolve(spec: str) -> ModelSpec:
     """Turn ``gpt2`` / ``tiny`` / ``path/to/ckpt`` into a :class:`ModelSpec`.
 
-    A spec that exists on disk or starts like a path (``/``, ``.``, ``~``) must be a
+    A spec that exists on disk, starts like a path (``/``, ``.``, ``~``), has more than one
+    ``/`` or whose first part is a folder here (``runs/ft`` before training) must be a
     checkpoint folder; anything else is a hub id (``gpt2``, ``openai-community/gpt2``).
     """
     if not spec or not spec.strip():
@@ -56,10 +65,31 @@ def resolve(spec: str) -> ModelSpec:
             )
         return ModelSpec(str(folder), TINY, True)
     path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")):
+    if (
+        path.exists()
+        or spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or Path(spec.split("/")[0]).is_dir()
+    ):
         check_checkpoint_dir(path)
-        return ModelSpec(str(path), _slug(path.resolve().name), True)
+        return ModelSpec(str(path), local_slug(path), True)
     return ModelSpec(spec, _slug(spec.replace("/", "--")), False)
+
+
+def local_slug(folder: Path) -> str:
+    """A checkpoint folder's name, with a hash of its absolute path (see ModelSpec)."""
+    where = Path(folder).resolve()
+    return f"{_slug(where.name)}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
+
+
+def same_checkpoint(recorded: str | None, source: str) -> bool:
+    """Whether an export's recorded ``model`` is ``source`` (a ModelSpec's): one hub id, or
+    one folder wherever it was named from (``runs/ft`` and ``./runs/ft`` are one)."""
+    if recorded == source:
+        return True
+    if recorded is None or not Path(source).exists():
+        return False
+    return Path(recorded).expanduser().resolve() == Path(source).expanduser().resolve()
 
 
 def check_checkpoint_dir(path: Path) -> None:
@@ -89,6 +119,7 @@ def _hub_error(spec: ModelSpec, exc: Exception) -> CheckpointError:
         f"cannot load '{spec.source}' from the Hugging Face hub ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Without network access "
         "use MODEL=tiny (built locally) or MODEL=path/to/checkpoint"
+        + (f"; there is no folder {spec.source} here either" if "/" in spec.source else "")
     )
 
 

@@ -19,6 +19,10 @@ from pathlib import Path
 
 CHUNK_BYTES = 1 << 20  # GPT-2 XL's weights are 6 GB: never read a file whole
 
+# The key, in export_settings.json and model_repository/build_settings.json, of the
+# checkpoint's content fingerprint.
+SOURCE_FINGERPRINT = "source_fingerprint"
+
 # What decides the exported graph and the served text: the architecture (config.json),
 # the weights and the tokenizer. Not the training logs or metrics saved beside them.
 CONFIG_FILES = ("config.json",)
@@ -71,6 +75,26 @@ def checkpoint_files(folder: Path) -> list[str]:
 def of_checkpoint(folder: Path) -> Fingerprint:
     """The fingerprint of a checkpoint folder: weights, config and tokenizer files."""
     return of_files(folder, checkpoint_files(folder))
+
+
+def repository_drift(repository: Path) -> str:
+    """Why the weights ``repository`` serves are no longer what its checkpoint holds (it
+    was trained again since ``make repo``), for an error line; ``""`` when they are, or
+    when that cannot be told (no build_settings.json, the checkpoint gone, a hub id not in
+    the local cache)."""
+    import json
+
+    from gpt2_triton import checkpoint
+    from gpt2_triton.errors import Gpt2TritonError
+
+    try:
+        built = json.loads((Path(repository) / "build_settings.json").read_text())
+        source, recorded = built["model_source"], built[SOURCE_FINGERPRINT]
+        current = checkpoint.fingerprint(checkpoint.resolve(source)) if recorded else None
+    except (OSError, ValueError, KeyError, TypeError, Gpt2TritonError):
+        return ""
+    changed = difference(recorded, current) if current else ""
+    return f"{source}'s {changed}" if changed else ""
 
 
 def short(fingerprint: Fingerprint | None) -> str:

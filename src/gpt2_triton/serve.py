@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpt2_triton import logs
+from gpt2_triton.checkpoint import artifacts_root
+from gpt2_triton.fingerprint import repository_drift
 from gpt2_triton.front_door import EnvoyProxy, FrontDoorError, FrontDoorSettings
 from gpt2_triton.liveness import LIVENESS, LivenessRule, SilenceWatch
 from gpt2_triton.openai_gateway import GatewayProcess
@@ -547,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave Triton's statistics API open on its loopback ports, for perf_analyzer "
         "and genai-perf (make bench-pa, bench-genai); the front door still needs the admin key",
     )
-    parser.add_argument("--log-dir", type=Path, default=Path("artifacts/logs"))
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=artifacts_root() / "logs",
+        help=f"default: $GPT2_TRITON_ARTIFACTS/logs, or {artifacts_root() / 'logs'}",
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
     args = parser.parse_args(argv)
     logs.setup()
@@ -558,6 +565,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    drift = repository_drift(args.model_repository)
+    if drift:  # the repository's files are links to, or copies of, the old export
+        print(
+            f"error: {args.model_repository} serves weights made before the checkpoint "
+            f"changed ({drift}): render it again with make repo (MODEL=..., ENGINE=...)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         service = Service(
             args.model_repository,
