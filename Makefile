@@ -40,6 +40,12 @@ TRITON_GRPC_PORT ?= 8101
 OPENAI_PORT ?= 8300
 # NO_OPENAI=1: no OpenAI-compatible API at /v1/ (it runs as its own process, api/)
 NO_OPENAI ?=
+# LIVENESS=0: the supervisor does not kill a Triton (or gateway) silent through its
+# liveness checks (to attach a debugger to a hung one); it still restarts one that exits
+LIVENESS ?=
+# ALLOW_STALE=1: make serve serves a repository whose checkpoint was trained again since
+# make repo (the old weights; without it, it refuses, naming what changed)
+ALLOW_STALE ?=
 # OPEN_TRITON_STATISTICS=1: Triton's statistics API open on its loopback ports, which
 # perf_analyzer and genai-perf read (bench-pa, bench-genai); closed by default
 OPEN_TRITON_STATISTICS ?=
@@ -72,7 +78,9 @@ SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) 
 	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
 	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai) \
-	$(if $(filter 1 yes true,$(OPEN_TRITON_STATISTICS)),--open-triton-statistics)
+	$(if $(filter 1 yes true,$(OPEN_TRITON_STATISTICS)),--open-triton-statistics) \
+	$(if $(filter 1 yes true,$(ALLOW_STALE)),--allow-stale) \
+	$(if $(filter 0 no false,$(LIVENESS)),--no-liveness)
 # each flag only when given: a missing one is finetune's clear error, not argparse's
 DATA_FLAGS := $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) \
 	$(if $(VALIDATION_FILE),--validation-file $(VALIDATION_FILE))

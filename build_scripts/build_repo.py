@@ -300,7 +300,7 @@ def build(
         repository / "build_settings.json",
         {
             **asdict(settings),
-            "model_source": spec.source,
+            "model_source": spec.recorded,
             "shape": shape.to_dict(),
             **fingerprints,
         },

@@ -70,7 +70,10 @@ def stale_reason(
     except Gpt2TritonError:
         return "no export yet"
     files = [folder / name for name in settings.get("files", {}).values()]
-    if not checkpoint.same_checkpoint(settings.get("model"), source):
+    recorded = settings.get(SOURCE_FINGERPRINT)
+    if not checkpoint.same_checkpoint(settings.get("model"), source) and (
+        weights is None or fingerprint.difference(recorded, weights)
+    ):  # another folder, with other content (the same content, copied or mounted: reused)
         return f"it was exported from {settings.get('model')}"
     if settings.get("opset") != opset:
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
@@ -109,19 +112,24 @@ def check_current(export_dir: Path, how: str, spec: checkpoint.ModelSpec | None 
     settings = load_settings(export_dir)
     recorded = settings.get(SOURCE_FINGERPRINT)
     source = settings.get("model", "?")
+    try:
+        current = checkpoint.fingerprint(spec or checkpoint.resolve(source))
+    except Gpt2TritonError as exc:
+        current = None
+        log.info("cannot check %s against its checkpoint: %s", export_dir, exc)
+    changed = fingerprint.difference(recorded, current) if recorded and current else ""
     if spec is not None and not checkpoint.same_checkpoint(source, spec.source):
-        raise ExportError(f"{export_dir} holds an export of {source}, not of {spec.source}; {how}")
+        # another folder's export: fine if it holds the very same content (a copy, or the
+        # checkout mounted at another path)
+        if current is None or not recorded or changed:
+            raise ExportError(
+                f"{export_dir} holds an export of {source}, not of {spec.source}; {how}"
+            )
     if recorded is None:
         log.warning("%s records no fingerprint of %s: to be sure, %s", export_dir, source, how)
-        return settings
-    try:
-        current = checkpoint.fingerprint(checkpoint.resolve(source))
-    except Gpt2TritonError as exc:
-        log.info("cannot check %s against its checkpoint: %s", export_dir, exc)
-        return settings
-    changed = fingerprint.difference(recorded, current) if current else ""
-    if changed:
-        raise ExportError(f"{export_dir} is out of date: {source}'s {changed}; {how}")
+    elif changed:
+        name = spec.source if spec else source
+        raise ExportError(f"{export_dir} is out of date: {name}'s {changed}; {how}")
     return settings
 
 
@@ -198,7 +206,7 @@ def run(
         write_json(
             tmp / SETTINGS_FILE,
             {
-                "model": spec.source,
+                "model": spec.recorded,
                 SOURCE_FINGERPRINT: weights,
                 "slug": spec.slug,
                 "shape": shape.to_dict(),

@@ -229,9 +229,9 @@ def silent_server() -> Iterator[str]:
 ADMIN_KEY = "test-admin-key"
 
 
-def service(repository: Path, log_dir: Path, replicas: int = 1, liveness=None, **front_door):
+def service(repository: Path, log_dir: Path, replicas: int = 1, supervision=None, **front_door):
     """The service as users run it: Triton (``replicas`` of it) behind the Envoy front door,
-    on free ports (``liveness``: the supervisor's rule, if not its own)."""
+    on free ports (``supervision``: Service's arguments of the supervisor, if not its own)."""
     from gpt2_triton.front_door import FrontDoorSettings
     from gpt2_triton.serve import Service
     from gpt2_triton.triton_server import Ports
@@ -246,8 +246,9 @@ def service(repository: Path, log_dir: Path, replicas: int = 1, liveness=None, *
         gateway_port=gateway,
         **{"admin_key": ADMIN_KEY, **front_door},
     )
-    rule = {"liveness": liveness} if liveness else {}
-    return Service(repository, settings, log_dir=log_dir, replica_ports=replica_ports, **rule)
+    return Service(
+        repository, settings, log_dir=log_dir, replica_ports=replica_ports, **(supervision or {})
+    )
 
 
 @pytest.fixture(scope="session")

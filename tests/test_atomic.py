@@ -3,10 +3,9 @@ copies left by steps that were killed."""
 
 from __future__ import annotations
 
-import os
+import fcntl
 import stat
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,26 +13,33 @@ from gpt2_triton.atomic import atomic_dir
 
 
 def test_leftovers_of_killed_writers_go_and_a_live_writers_stay(tmp_path):
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        text=True,
-        capture_output=True,
-        check=True,
-    )
-    dead_pid = int(gone.stdout)  # exited and reaped: no process has it (until reused)
+    """A writer holds a lock beside its partial folder: the next writer removes the
+    folders whose lock nobody holds, and only this output's."""
     final = tmp_path / "model"
-    killed = tmp_path / f".model.partial-{dead_pid}-abc"
-    older = tmp_path / ".model.partial-k2j3h4g5"  # named before writers put their pid in
-    writing = tmp_path / f".model.partial-{os.getpid()}-def"
-    other = tmp_path / f".model2.partial-{dead_pid}-ghi"  # another output's
-    for folder in (killed, older, writing, other):
+    killed = tmp_path / ".model.partial-abc123"  # its lock file there, held by nobody
+    older = tmp_path / ".model.partial-k2j3h4g5"  # from before locks: none
+    writing = tmp_path / ".model.partial-def456"
+    nested = tmp_path / ".model.partial-x.partial-ghi789"  # output "model.partial-x"'s
+    other = tmp_path / ".model2.partial-jkl012"  # output "model2"'s
+    for folder in (killed, older, writing, nested, other):
         folder.mkdir()
         (folder / "weights").write_bytes(b"x")
-    with atomic_dir(final) as tmp:
-        (tmp / "config.json").write_text("{}")
+    for folder in (killed, writing, nested, other):
+        Path(f"{folder}.lock").touch()
+    with open(f"{writing}.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another writer at work (a separate open file)
+        with atomic_dir(final) as tmp:
+            (tmp / "config.json").write_text("{}")
+            assert Path(f"{tmp}.lock").is_file()  # its own lock, beside it
     assert (final / "config.json").is_file()
-    assert not killed.exists() and not older.exists()
-    assert writing.exists() and other.exists()
+    assert not killed.exists() and not Path(f"{killed}.lock").exists() and not older.exists()
+    assert writing.exists() and nested.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model.")) == [
+        writing.name,
+        f"{writing.name}.lock",
+        nested.name,
+        f"{nested.name}.lock",
+    ]
 
 
 def test_the_output_is_readable_by_others(tmp_path):

@@ -292,16 +292,20 @@ def test_genai_summary_reads_each_concurrency_export(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port):
+def test_the_peer_client_against_a_real_llama_server(tmp_path, unused_port, monkeypatch):
     """The harness's client and workload on llama-server itself: every token one event, the
     prompt's ids taken as they are. Needs `make bench-peer`'s build and GGUF files."""
     import http.client
 
     from benchmarks import peer
+    from gpt2_triton.checkpoint import local_slug
 
     # what `make bench-peer` leaves: the build in the user's cache, the GGUF file under the
-    # repository's artifacts/ (the tests' own artifacts folder is a fresh temporary one)
-    gguf = Path(__file__).resolve().parents[1] / "artifacts" / "gguf" / "gpt2-small-random"
+    # repository's artifacts/ (the tests' own artifacts folder is a fresh temporary one),
+    # in the folder named as make, run in the repository, names it
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    gguf = root / "artifacts" / "gguf" / local_slug(root / "artifacts/models/gpt2-small-random")
     files = peer.PeerFiles(
         peer.default_cache() / "build" / "bin" / "llama-server",
         {"f32": gguf / "model-f32.gguf"},

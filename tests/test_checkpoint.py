@@ -97,18 +97,3 @@ def test_a_missing_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     spec = checkpoint.resolve("runs/ft")
     assert not spec.is_local
     assert "no folder runs/ft here either" in str(checkpoint._hub_error(spec, OSError("x")))
-
-
-def test_an_export_of_another_checkpoint_is_refused(tiny_model, tiny_export, tmp_path):
-    """A folder named by hand, or one of the older layout that named exports by the
-    checkpoint folder's name alone, holding another model's export: said, not served."""
-    import shutil
-
-    from build_scripts.export_onnx import check_current
-    from gpt2_triton.errors import Gpt2TritonError
-
-    other = tmp_path / "other" / "tiny"
-    shutil.copytree(tiny_model, other)
-    assert check_current(tiny_export, "export it", checkpoint.resolve("tiny"))
-    with pytest.raises(Gpt2TritonError, match=f"holds an export of .*, not of {other}"):
-        check_current(tiny_export, "export it", checkpoint.resolve(str(other)))

@@ -547,6 +547,7 @@ def test_make_serve_refuses_a_repository_older_than_its_checkpoint(tiny_model, t
     out = subprocess.run(serve, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert "changed: model.safetensors" in out.stderr and "make repo" in out.stderr
+    assert "ALLOW_STALE=1" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -570,3 +571,41 @@ def test_a_repository_is_not_touched_when_an_input_is_missing(tiny_export, tmp_p
         broken, settings["model"], False, settings["opset"], settings["source_fingerprint"]
     )
     assert reason == "its tokenizer is missing"  # make repo exports it again
+
+
+def test_an_export_is_found_again_from_another_folder_and_others_refused(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Exports and repositories record a folder's absolute path: found again from any
+    working folder. Another folder's export serves only the very same content (a copy, the
+    checkout mounted elsewhere); one of other weights is said, not served."""
+    from build_scripts import export_onnx
+    from build_scripts.build_repo import RepoSettings, build
+    from gpt2_triton import checkpoint
+    from gpt2_triton.errors import Gpt2TritonError
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, project / "runs" / "ft")
+    shutil.copytree(tiny_model, elsewhere / "runs" / "ft")
+    perturb(elsewhere / "runs" / "ft")  # another runs/ft, other weights
+    monkeypatch.chdir(project)
+    export = export_onnx.run("runs/ft", tmp_path / "onnx")
+    assert export_onnx.load_settings(export)["model"] == str(project / "runs" / "ft")
+    repo = build(RepoSettings("runs/ft", "onnx"), export, tmp_path / "repo")
+
+    monkeypatch.chdir(elsewhere)
+    ours = checkpoint.resolve(str(project / "runs" / "ft"))
+    assert export_onnx.check_current(export, "export it", ours)
+    assert fingerprint.repository_drift(repo) == ""  # not elsewhere's runs/ft
+    settings = export_onnx.load_settings(export)
+    weights = checkpoint.fingerprint(ours)
+    assert export_onnx.stale_reason(export, ours.source, False, settings["opset"], weights) == ""
+    copy = tmp_path / "copy"
+    shutil.copytree(project / "runs" / "ft", copy)
+    assert export_onnx.check_current(export, "export it", checkpoint.resolve(str(copy)))
+    theirs = checkpoint.resolve("runs/ft")
+    with pytest.raises(Gpt2TritonError, match="holds an export of .*, not of runs/ft"):
+        export_onnx.check_current(export, "export it", theirs)
+    weights = checkpoint.fingerprint(theirs)
+    reason = export_onnx.stale_reason(export, theirs.source, False, settings["opset"], weights)
+    assert reason.startswith("it was exported from")

@@ -247,5 +247,10 @@ def test_a_run_replaces_an_earlier_run_but_nothing_else(tiny_data, tmp_path, cap
 
     run = tmp_path / "ft"
     assert train(run) == 0 and train(run) == 0  # a run again into its own folder
+    latest = tmp_path / "latest"
+    latest.symlink_to(run)  # runs/latest -> exp1: replacing exp1 through it would lose it
+    assert train(latest, "--overwrite") == 2
+    assert "is a link" in capsys.readouterr().err
+    assert (run / "metrics.json").is_file()
     assert train(kept, "--overwrite") == 0
     assert not (kept / "notes.txt").exists() and (kept / "metrics.json").is_file()

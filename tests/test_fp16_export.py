@@ -6,6 +6,7 @@ needed to check the graph)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -78,11 +79,14 @@ def test_tensorrt_export_is_apart_from_onnx_runtimes(fp16_export, tiny_export, t
     make = ["make", "-s", "-n", "MODEL=tiny"]
     engine = subprocess.run([*make, "engine"], capture_output=True, text=True, cwd=ROOT)
     assert "export_onnx --model tiny --tensorrt" in engine.stdout, engine.stdout
-    # whether TensorRT loads, asked before minutes of export (here: it does not, at once)
+    # whether TensorRT loads, asked before minutes of export
     assert engine.stdout.index("build_engine --check") < engine.stdout.index("export_onnx")
     check = [sys.executable, "-m", "build_scripts.build_engine", "--check"]
-    missing = subprocess.run(check, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert missing.returncode == 2 and "TensorRT is not installed" in missing.stderr
+    loads = subprocess.run(check, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_bindings"):
+        assert loads.returncode == 0 and "loads" in loads.stdout, loads.stderr
+    else:
+        assert loads.returncode == 2 and "TensorRT is not installed" in loads.stderr
     verify = subprocess.run([*make, "verify"], capture_output=True, text=True, cwd=ROOT)
     assert "--tensorrt" not in verify.stdout and "--opset 23" in verify.stdout, verify.stdout
     fp16 = subprocess.run([*make, "verify", "FP16=1"], capture_output=True, text=True, cwd=ROOT)

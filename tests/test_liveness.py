@@ -59,9 +59,39 @@ def test_the_watch_counts_silent_checks_in_a_row(http_answering, silent_server):
         talking.stop()
 
 
+def test_no_rule_no_checks(silent_server):
+    """make serve LIVENESS=0: nothing is ever called silent (a debugger may hold it)."""
+    watch = SilenceWatch(f"http://{silent_server}/live", None, "test-off").start()
+    assert not watch._thread.is_alive() and not watch.silent()
+
+
 @pytest.mark.parametrize(
     "bad", [{"period_s": 0}, {"timeout_s": -1}, {"failures": 0}], ids=["period", "timeout", "n"]
 )
 def test_a_rule_needs_positive_times_and_failures(bad):
     with pytest.raises(ValueError, match="positive"):
         LivenessRule(**bad)
+
+
+def test_an_answer_that_is_not_http_is_an_answer():
+    """Something answered (not silence): the watch must count it, not die on it."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def reply_garbage():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"garbage\r\n\r\n")
+
+    threading.Thread(target=reply_garbage, daemon=True).start()
+    try:
+        assert answers(f"http://127.0.0.1:{port}/live", timeout=5)
+    finally:
+        listener.close()

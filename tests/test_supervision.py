@@ -281,7 +281,8 @@ def test_a_silent_triton_or_gateway_is_killed_and_started_again(triton, artifact
 
     rule = LivenessRule(period_s=0.5, timeout_s=3.0, failures=2)
     repository = triton.triton.model_repository
-    with make_service(repository, artifacts / "logs_liveness", liveness=rule) as service:
+    logs = artifacts / "logs_liveness"
+    with make_service(repository, logs, supervision={"liveness": rule}) as service:
         before_text = _generate_when_possible(service.grpc_url, "grpc")
         old_pid = service.triton.process.pid
         old_restarts = service.restarts
@@ -313,7 +314,7 @@ def test_a_silent_triton_or_gateway_is_killed_and_started_again(triton, artifact
             f"{time.monotonic() - stopped_at:.1f} s after; {len(cut)} of {len(consumers)} "
             "streams cut"
         )
-        assert "tritonserver (replica 0) answered none of 2 liveness checks" in caplog.text
+        assert "tritonserver (replica 0): it answered none of 2 liveness checks" in caplog.text
 
         gateway_pid = service.gateway.process.pid
         assert _complete_when_possible(service.http_url) == before_text
@@ -487,6 +488,7 @@ _SABOTEUR = """
 import os
 import resource
 import signal
+import time
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -499,6 +501,8 @@ class TritonPythonModel:
             loads.write("load\\n")
         if (folder / "fail").exists():
             raise pb_utils.TritonModelException("this model refuses to load")
+        while (folder / "hang").exists():  # stuck loading (the stub's own timeout is 30 s)
+            time.sleep(0.1)
         counter = folder / "crashes_left"
         left = int(counter.read_text())
         if left > 0:
@@ -551,6 +555,27 @@ def test_a_triton_killed_while_starting_is_started_again(triton, tmp_path):
         assert (repository / "saboteur" / "crashes_left").read_text() == "0"
         assert _generate_when_possible(server.grpc_url, "grpc")
     assert _loads(repository) == START_CRASH_RETRIES + 1
+
+
+@pytest.mark.integration
+def test_a_restarted_triton_stuck_loading_is_killed_and_started_again(triton, tmp_path, caplog):
+    """A restarted Triton listens nowhere until its models load: no liveness check reaches
+    one stuck there. Not ready by the restart's deadline, it is killed and started again."""
+    from conftest import service
+
+    repository = _repository_with_saboteur(triton, tmp_path, 0, fail=False)
+    supervision = {"restart_ready_timeout": 3.0}
+    with service(repository, tmp_path / "logs", supervision=supervision) as server:
+        hang = repository / "saboteur" / "hang"
+        hang.write_text("")
+        os.kill(server.triton.process.pid, signal.SIGKILL)
+        assert wait_until(lambda: "not ready" in caplog.text, 120), caplog.text
+        assert "after its restart; killing it" in caplog.text
+        hang.unlink()
+        assert wait_until(lambda: server.replicas[0].ready_again, 120)
+        assert server.restarts >= 2  # after the SIGKILL, and after the deadline
+        assert _generate_when_possible(server.grpc_url, "grpc")
+    assert _loads(repository) >= 3
 
 
 def _loads(repository: Path) -> int:

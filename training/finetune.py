@@ -116,7 +116,12 @@ def check_output_dir(output_dir: str, overwrite: bool) -> Path:
     replace what it must not. A run replaces its folder whole (atomic_dir): an earlier run
     there (its metrics.json) is replaced, anything else only with ``--overwrite``, and the
     working folder, one above it, the home folder or ``/`` never."""
-    folder = Path(output_dir).expanduser().resolve()
+    given = Path(output_dir).expanduser()
+    if given.is_symlink():  # atomic_dir would replace the link, and the run behind it keep
+        raise DataError(
+            f"--output-dir {output_dir} is a link (to {given.resolve()}): give the folder"
+        )
+    folder = given.resolve()
     cwd = Path.cwd().resolve()
     if folder == cwd or folder in cwd.parents or folder == Path.home().resolve():
         raise DataError(f"--output-dir {output_dir} would replace {folder}: choose a subfolder")

@@ -35,11 +35,17 @@ class ModelSpec:
     it (``artifacts/onnx/<slug>/``): the hub id, or a checkpoint folder's name with a hash
     of where it is (``runs/ft`` -> ``ft-3f2a9c1b``), so that two folders of one name
     (``runs/ft``, ``other/ft``) never share, or replace, each other's exports.
+    ``recorded`` is what build outputs record as their source: a folder's absolute path,
+    which any later step, from any folder, can find again.
     """
 
     source: str
     slug: str
     is_local: bool
+
+    @property
+    def recorded(self) -> str:
+        return str(Path(self.source).resolve()) if self.is_local else self.source
 
     @property
     def name(self) -> str:
@@ -77,14 +83,21 @@ def resolve(spec: str) -> ModelSpec:
 
 
 def local_slug(folder: Path) -> str:
-    """A checkpoint folder's name, with a hash of its absolute path (see ModelSpec)."""
+    """A checkpoint folder's name, with a hash of where it is (see ModelSpec): its path
+    within the working folder when it is inside it (the project's checkout, mounted at
+    another path in a container, names it alike), else its absolute path."""
     where = Path(folder).resolve()
-    return f"{_slug(where.name)}-{hashlib.sha256(str(where).encode()).hexdigest()[:8]}"
+    try:
+        key = where.relative_to(Path.cwd().resolve())
+    except ValueError:
+        key = where
+    return f"{_slug(where.name)}-{hashlib.sha256(str(key).encode()).hexdigest()[:8]}"
 
 
 def same_checkpoint(recorded: str | None, source: str) -> bool:
     """Whether an export's recorded ``model`` is ``source`` (a ModelSpec's): one hub id, or
-    one folder wherever it was named from (``runs/ft`` and ``./runs/ft`` are one)."""
+    one folder (``runs/ft`` and ``./runs/ft`` are one; exports record absolute paths,
+    older ones the path as given, read from the working folder)."""
     if recorded == source:
         return True
     if recorded is None or not Path(source).exists():

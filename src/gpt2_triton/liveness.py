@@ -14,10 +14,14 @@ process is starting, or going, which the exit path handles.
 
 from __future__ import annotations
 
+import http.client
+import logging
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,8 @@ def answers(url: str, timeout: float) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout):
             return True
-    except urllib.error.HTTPError:
-        return True  # a status is an answer
+    except (urllib.error.HTTPError, http.client.HTTPException):
+        return True  # a status, or something that is not HTTP: an answer either way
     except urllib.error.URLError as exc:  # raised for the connect and for the response
         return not isinstance(exc.reason, TimeoutError)
     except TimeoutError:  # while reading the body
@@ -61,7 +65,8 @@ class SilenceWatch:
     in a row. The supervisor reads ``silent()`` and calls ``reset()`` when it starts the
     process again."""
 
-    def __init__(self, url: str, rule: LivenessRule, name: str) -> None:
+    def __init__(self, url: str, rule: LivenessRule | None, name: str) -> None:
+        """``rule`` None: no checks (never silent)."""
         self.url = url
         self.rule = rule
         self._silent_in_a_row = 0
@@ -70,7 +75,8 @@ class SilenceWatch:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> SilenceWatch:
-        self._thread.start()
+        if self.rule is not None:
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -78,7 +84,7 @@ class SilenceWatch:
 
     def silent(self) -> bool:
         with self._lock:
-            return self._silent_in_a_row >= self.rule.failures
+            return self.rule is not None and self._silent_in_a_row >= self.rule.failures
 
     def reset(self) -> None:
         with self._lock:
@@ -86,6 +92,10 @@ class SilenceWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.rule.period_s):
-            answered = answers(self.url, self.rule.timeout_s)
+            try:
+                answered = answers(self.url, self.rule.timeout_s)
+            except Exception:  # the watch must outlive any surprise; a surprise is no silence
+                log.exception("liveness check of %s failed", self.url)
+                answered = True
             with self._lock:
                 self._silent_in_a_row = 0 if answered else self._silent_in_a_row + 1

@@ -78,7 +78,8 @@ class Replica:
     backoff: float = BACKOFF_FIRST_S
     up_since: float = 0.0
     restart_due: float | None = None  # when a dead one is started again
-    killed_silent: bool = False  # the supervisor killed it: it answered no liveness check
+    ready_again: bool = True  # since its last restart (False until then seen ready)
+    killed_why: str = ""  # why the supervisor killed it, for the restart's log line
 
     def alive(self) -> bool:
         return self.server.process is not None and self.server.process.poll() is None
@@ -98,7 +99,8 @@ class Service:
         openai: bool = True,
         replicas: int = 1,
         replica_ports: list[Ports] | None = None,
-        liveness: LivenessRule = LIVENESS,
+        liveness: LivenessRule | None = LIVENESS,  # None: no liveness checks
+        restart_ready_timeout: float = 300.0,
     ) -> None:
         front = front or FrontDoorSettings()
         if replica_ports is None:
@@ -120,6 +122,9 @@ class Service:
         )
         self.log_dir = Path(log_dir)
         self.liveness = liveness
+        # a restarted Triton not ready by then (stuck loading, listening nowhere, where no
+        # liveness check reaches it) is killed and started again, as at any exit
+        self.restart_ready_timeout = restart_ready_timeout
         self.replicas = [
             Replica(
                 i,
@@ -363,19 +368,15 @@ class Service:
         backoff is over. The others keep serving meanwhile (Envoy ejected this one)."""
         server = replica.server
         if replica.alive():
-            if not replica.ever_ready:
+            if not replica.ever_ready:  # the first start: wait_ready's timeout is the limit
                 replica.ever_ready = server.answers_ready()
+            elif not replica.ready_again:
+                replica.ready_again = server.answers_ready()
+                waited = time.monotonic() - replica.up_since
+                if not replica.ready_again and waited > self.restart_ready_timeout:
+                    self._kill(replica, f"not ready {waited:.0f} s after its restart")
             elif replica.liveness.silent():
-                # stopped or deadlocked: SIGTERM would wait on it, the group goes at once
-                log.error(
-                    "tritonserver (replica %d) answered none of %s: killing it (log: %s)",
-                    replica.index,
-                    self.liveness.describe(),
-                    server.log_file,
-                )
-                signal_group(server.process.pid, signal.SIGKILL)
-                replica.killed_silent = True
-                replica.liveness.reset()
+                self._kill(replica, f"it answered none of {self.liveness.describe()}")
             return
         now = time.monotonic()
         if replica.restart_due is None:  # it has just exited
@@ -415,9 +416,7 @@ class Service:
             log.warning(
                 "tritonserver (replica %d) exited (%s); restarting in %.0f s (log: %s)",
                 replica.index,
-                "killed: it answered no liveness check"
-                if replica.killed_silent
-                else _describe_exit(code),
+                f"killed: {replica.killed_why}" if replica.killed_why else _describe_exit(code),
                 replica.backoff,
                 server.log_file,
             )
@@ -427,7 +426,8 @@ class Service:
         if now < replica.restart_due:
             return
         replica.restart_due = None
-        replica.killed_silent = False
+        replica.killed_why = ""
+        replica.ready_again = False
         replica.liveness.reset()
         try:
             server.start()
@@ -440,6 +440,20 @@ class Service:
             return
         replica.restarts += 1
         replica.up_since = now
+
+    def _kill(self, replica: Replica, why: str) -> None:
+        """Kill a replica that is alive but of no use (stopped, deadlocked, stuck loading):
+        its whole group at once (SIGTERM would wait on it); its exit is then handled like
+        any other, and it is started again."""
+        log.error(
+            "tritonserver (replica %d): %s; killing it (log: %s)",
+            replica.index,
+            why,
+            replica.server.log_file,
+        )
+        signal_group(replica.server.process.pid, signal.SIGKILL)
+        replica.killed_why = why
+        replica.liveness.reset()
 
     def _restart_gateway(self, backoff: float) -> tuple[float, float]:
         """Restart the gateway; returns when it may be restarted next, and the backoff after."""
@@ -556,6 +570,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: $GPT2_TRITON_ARTIFACTS/logs, or {artifacts_root() / 'logs'}",
     )
     parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
+    parser.add_argument(
+        "--no-liveness",
+        action="store_true",
+        help="no liveness checks: a silent Triton is not killed (to attach a debugger to it)",
+    )
+    parser.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="serve a repository whose checkpoint changed since make repo (its old weights)",
+    )
     args = parser.parse_args(argv)
     logs.setup()
     stopping = threading.Event()
@@ -566,13 +590,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     drift = repository_drift(args.model_repository)
-    if drift:  # the repository's files are links to, or copies of, the old export
+    if drift and not args.allow_stale:  # its files are links to, or copies of, the old export
         print(
             f"error: {args.model_repository} serves weights made before the checkpoint "
-            f"changed ({drift}): render it again with make repo (MODEL=..., ENGINE=...)",
+            f"changed ({drift}): render it again with make repo (MODEL=..., ENGINE=...), "
+            "or serve the old weights with ALLOW_STALE=1 (--allow-stale)",
             file=sys.stderr,
         )
         return 2
+    if drift:
+        log.warning("serving the weights of before the checkpoint changed: %s", drift)
     try:
         service = Service(
             args.model_repository,
@@ -581,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             args.log_dir,
             openai=not args.no_openai,
             replicas=args.replicas,
+            liveness=None if args.no_liveness else LIVENESS,
         )
         service.start()
     except (ServerError, FrontDoorError) as exc:

@@ -41,9 +41,8 @@ if [ -n "${MAX_PREFILL_TOKENS:-}" ]; then prefill="--max-prefill-tokens $MAX_PRE
 # build_repo's default by where the engine runs (6 ms on the CPU, off on a GPU)
 burst=""
 if [ -n "${BURST_WINDOW_MS:-}" ]; then burst="--burst-window-ms $BURST_WINDOW_MS"; fi
-device=""
-if [ "$ENGINE" = torch ]; then device="--device $DEVICE"; fi
-# shellcheck disable=SC2086  # $prefill, $burst and $device: a flag and its value, or nothing
+# shellcheck disable=SC2086  # $prefill and $burst: a flag and its value, or nothing
 run "$PY" -m build_scripts.build_repo --model "$MODEL" --engine "$ENGINE" \
-    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $prefill $burst $device \
+    --max-sequences "$MAX_SEQUENCES" --engine-placement "$PLACEMENT" $prefill $burst \
+    --device "$DEVICE" \
     --repository "$REPOSITORY" --engine-threads "$ENGINE_THREADS"
