@@ -251,6 +251,37 @@ def test_compose_file_is_valid_and_safe(profile):
         assert not gpu
 
 
+def _steps_run(command: list[str], model: str, tmp_path: Path) -> list[str]:
+    """The python3 modules a compose one-shot command runs for ``model``, in order: its
+    shell script run with a python3 that only writes down what it was asked to run."""
+    recorder = tmp_path / "bin" / "python3"
+    recorder.parent.mkdir(exist_ok=True)
+    log = tmp_path / f"steps-{model}"
+    recorder.write_text(f'#!/bin/sh\necho "$2" >> {log}\n')
+    recorder.chmod(0o755)
+    shell, flag, script = command
+    env = {"PATH": f"{recorder.parent}:/usr/bin:/bin", "MODEL": model, "MAX_SEQUENCES": "16"}
+    # compose passes "$$" on as "$"; the shell sees "$MODEL"
+    out = subprocess.run(
+        [shell, flag, script.replace("$$", "$")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return log.read_text().split()
+
+
+@pytest.mark.parametrize("service", ["build-engine", "prepare-cpu"])
+def test_compose_builds_the_tiny_model_before_exporting_it(service, tmp_path):
+    """MODEL=tiny on a fresh clone: export_onnx reads a built tiny model (it refuses
+    otherwise), so the one-shot builds it first, as deploy/k8s's build-repository.sh."""
+    profile = "gpu" if service == "build-engine" else "cpu"
+    command = yaml.safe_load(_compose("--profile", profile, "config"))["services"][service][
+        "command"
+    ]
+    tiny = _steps_run(command, "tiny", tmp_path)
+    assert tiny[:2] == ["build_scripts.build_tiny", "build_scripts.export_onnx"], tiny
+    assert "build_scripts.build_tiny" not in _steps_run(command, "gpt2", tmp_path)
+
+
 def test_gpu_check_script_parses():
     out = subprocess.run(
         ["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True
