@@ -251,6 +251,25 @@ def test_compose_file_is_valid_and_safe(profile):
         assert not gpu
 
 
+def _k8s_grace_period_s(manifest: str) -> int:
+    (deployment,) = [
+        doc
+        for doc in yaml.safe_load_all((ROOT / "deploy/k8s/base" / manifest).read_text())
+        if doc and doc.get("kind") == "Deployment"
+    ]
+    return deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_stops_triton_and_the_front_door_as_kubernetes_does(profile):
+    """compose stop/down sends SIGKILL after stop_grace_period (10 s unless set): Triton
+    and the front door get the time Kubernetes gives them."""
+    services = yaml.safe_load(_compose("--profile", profile, "config"))["services"]
+    server = services["triton" if profile == "gpu" else "triton-cpu"]
+    for service, manifest in ((server, "triton.yaml"), (services["front-door"], "front-door.yaml")):
+        assert service.get("stop_grace_period") == f"{_k8s_grace_period_s(manifest)}s", service
+
+
 def _steps_run(command: list[str], model: str, tmp_path: Path) -> list[str]:
     """The python3 modules a compose one-shot command runs for ``model``, in order: its
     shell script run with a python3 that only writes down what it was asked to run."""
