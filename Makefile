@@ -282,7 +282,7 @@ gpu-bundle: setup ## pack what gpu-bench needs on a GPU machine without network 
 gpu-bench: ## on a GPU machine: consistency, CUDA graphs vs eager, HF generate, Triton (docs/GPU.md)
 	bash benchmarks/gpu_bench.sh $(GPU_BENCH_FLAGS)
 
-chat: setup ## chat in the terminal with a running server (no browser needed)
+chat: setup ## a prompt loop in the terminal (each line continued alone; no history)
 	$(PY) -m client --chat --url $(CLIENT_HOST):$(GRPC_PORT) --wait 60
 
 test-tools: ## Debian's chromium (browser test) and docker-compose (compose file check)
