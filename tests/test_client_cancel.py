@@ -1,0 +1,123 @@
+"""The client against a real tritonserver behind the front door: a generation the client
+gives up on (Ctrl-C, a reader gone from its stdout) is cancelled on the server, over
+both transports, and the command line ends as a Unix tool does."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import gpt2_metrics, wait_until, wait_until_idle
+
+from client import __main__ as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CANCELLED, RAN_OUT = (
+    f'gpt2_requests_total{{finish_reason="{reason}"}}' for reason in ("cancelled", "length")
+)
+# The tiny model writes 1000 tokens in about a second: long enough to be cut short, and
+# --min-tokens keeps end-of-text from ending it sooner.
+LONG_ARGS = ["--max-tokens", "1000", "--min-tokens", "1000", "--temperature", "0"]
+ATTEMPTS = 6
+
+
+def counted(triton, baseline: dict[str, float]) -> tuple[int, int]:
+    """(cancelled, ran to its end) of the one request sent since ``baseline``, once the
+    server counted it: the loop publishes its metrics twice a second."""
+    after: dict[str, float] = {}
+
+    def ended() -> bool:
+        after.update(gpt2_metrics(triton.metrics_url))
+        done = sum(after.get(s, 0) - baseline.get(s, 0) for s in (CANCELLED, RAN_OUT))
+        return done >= 1 and after.get("gpt2_active_sequences") == 0
+
+    assert wait_until(ended, timeout=600), f"the request never ended: {after}"
+    return tuple(int(after.get(s, 0) - baseline.get(s, 0)) for s in (CANCELLED, RAN_OUT))
+
+
+def cli_process(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "client", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ctrl_c_on_a_stream_cancels_it_and_exits_130(triton, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    attempts = []
+    for attempt in range(ATTEMPTS):
+        baseline = wait_until_idle(triton.metrics_url)
+        child = cli_process(
+            f"The cat, take {attempt}", "--url", url, "--protocol", protocol, "--stream", *LONG_ARGS
+        )
+        first = child.stdout.read1(1)  # its first piece: the request runs
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+        counts = counted(triton, baseline)
+        attempts.append((child.returncode, counts))
+        if counts == (0, 1):  # it ran to its end before Ctrl-C reached it: again
+            continue
+        err = err.decode()
+        assert first and child.returncode == 130, err
+        assert "[cancelled]" in err and "Traceback" not in err, err
+        assert b"[cancelled]" not in out  # stdout holds the generated text alone
+        assert counts == (1, 0), f"one request, cancelled: {attempts}"
+        return
+    pytest.fail(f"every request ran to its end before Ctrl-C: {attempts}")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ctrl_c_while_waiting_for_a_whole_reply_exits_130_without_a_traceback(protocol):
+    """Without --stream the command waits for the whole reply: here from a server that
+    takes the connection and says nothing, so Ctrl-C surely comes while it waits."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"127.0.0.1:{listener.getsockname()[1]}"
+        child = cli_process("The cat", "--url", url, "--protocol", protocol)
+        listener.settimeout(120)
+        connection, _ = listener.accept()  # the request is on its way
+        with connection:
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=120)
+    err = err.decode()
+    assert child.returncode == 130, err
+    assert "[cancelled]" in err and "Traceback" not in err, err
+    assert out == b""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_reader_gone_from_stdout_cancels_quietly_and_exits_141(triton, protocol):
+    """`python -m client ... --stream | head -c 20`: the pipe breaks under the stream."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    attempts = []
+    for attempt in range(ATTEMPTS):
+        baseline = wait_until_idle(triton.metrics_url)
+        child = cli_process(
+            f"The cat, take {attempt}", "--url", url, "--protocol", protocol, "--stream", *LONG_ARGS
+        )
+        head = child.stdout.read(20)
+        child.stdout.close()  # as head does once it has its 20 bytes
+        err = child.stderr.read().decode()
+        child.wait(timeout=120)
+        counts = counted(triton, baseline)
+        attempts.append((child.returncode, counts))
+        if counts == (0, 1):  # it ran to its end before the pipe closed: again
+            continue
+        assert len(head) == 20 and child.returncode == 141, err
+        assert "Traceback" not in err and "Broken pipe" not in err, err
+        assert counts == (1, 0), f"one request, cancelled: {attempts}"
+        return
+    pytest.fail(f"every request ran to its end before the pipe broke: {attempts}")
+
+
+def test_chat_with_a_prompt_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["The cat", "--chat"])
+    assert exc.value.code == 2
+    assert "not both" in capsys.readouterr().err
