@@ -273,14 +273,30 @@ class Gpt2Client:
     def generate(
         self, prompt: str, params: GenerationParams = GenerationParams()
     ) -> GenerationResult:
-        """The whole completion in one response (``stream`` false)."""
+        """The whole completion at once. Over HTTP it streams from ``/generate_stream``
+        all the same, pieces joined: Triton 2.51 cancels a request whose client went away
+        (Ctrl-C, a timeout) only while it streams; one on ``/generate`` runs to its end."""
         started = time.perf_counter()
-        chunks = list(self._chunks(prompt, params, False, _Cancellation()))
-        final = chunks[-1]
-        text = "".join(c.text for c in chunks)
+        pieces: list[str] = []
+        final: _Chunk | None = None
+        chunks = self._chunks(prompt, params, False, _Cancellation())
+        try:
+            for chunk in chunks:
+                pieces.append(chunk.text)
+                if chunk.final:
+                    final = chunk
+        finally:
+            chunks.close()  # on Ctrl-C too: closing the transport cancels the request
+        if final is None:  # the transports raise first; never pass a cut reply as whole
+            raise _incomplete()
         total = time.perf_counter() - started
         return GenerationResult(
-            text, final.finish_reason, final.num_input_tokens, final.num_output_tokens, total, total
+            "".join(pieces),
+            final.finish_reason,
+            final.num_input_tokens,
+            final.num_output_tokens,
+            total,
+            total,
         )
 
     def stream(self, prompt: str, params: GenerationParams = GenerationParams()) -> TextStream:
@@ -488,14 +504,17 @@ class Gpt2Client:
     def _http_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
         if cancel.requested.is_set():  # cancelled before it started: send nothing
             return
+        # A whole reply is asked for as pieces too, and joined: Triton 2.51 notices a
+        # client gone (Ctrl-C, a timeout, a killed process) only when it writes to it, so
+        # a request on /generate, or one waiting to send its single response, ran to its
+        # end for nobody; a streamed one is cancelled at its next piece.
         body = {
             names.TEXT_INPUT: checked_text(names.TEXT_INPUT, prompt),
-            names.STREAM: stream,
+            names.STREAM: True,
             **params.as_json(),
         }
-        endpoint = "generate_stream" if stream else "generate"
         request = urllib.request.Request(
-            f"http://{self.url}/v2/models/{self.model}/{endpoint}",
+            f"http://{self.url}/v2/models/{self.model}/generate_stream",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **self.headers},
         )
@@ -513,9 +532,9 @@ class Gpt2Client:
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
         cancel.add(response.close)  # closing the connection cancels the request
         with response:
-            if not stream:
-                yield _http_chunk(json.loads(response.read()), final=True)
-                return
+            if not stream and not params.exclude_input_in_output:
+                # pieces never carry the prompt; the server's whole reply starts with it
+                yield _Chunk(prompt, "", 0, 0, final=False)
             silent = self._no_answer("waiting for the next piece of the generation", self.timeout_s)
             for raw in _lines_until_closed(response, cancel, silent):
                 line = raw.decode("utf-8").strip()
@@ -531,11 +550,15 @@ class Gpt2Client:
             # Every request ends with an event that has a finish_reason: without it the
             # text is cut short (server or proxy gone), which must not pass as a result.
             if not cancel.requested.is_set():
-                raise ClientError(
-                    "the stream from Triton ended before its final response: the text is "
-                    "incomplete (server stopped or connection lost)",
-                    "UNAVAILABLE",
-                )
+                raise _incomplete()
+
+
+def _incomplete() -> ClientError:
+    return ClientError(
+        "the stream from Triton ended before its final response: the text is "
+        "incomplete (server stopped or connection lost)",
+        "UNAVAILABLE",
+    )
 
 
 def _lines_until_closed(response, cancel: _Cancellation, silent: ClientError) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import gpt2_metrics, wait_until, wait_until_idle
 
+from client import GenerationParams, Gpt2Client
 from client import __main__ as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,67 @@ def cli_process(*argv: str) -> subprocess.Popen:
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ctrl_c_on_a_whole_reply_cancels_it_on_the_server_and_exits_130(triton, protocol):
+    """Without --stream the command waits for the whole reply; Ctrl-C then closes the
+    request's stream (gRPC) or connection (HTTP). Over HTTP that cancelled nothing while
+    the client asked /generate: Triton 2.51 ran all 1000 tokens for nobody. Ctrl-C goes
+    once the server shows the request running; one it finished first shows nothing and
+    another runs."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    attempts = []
+    for attempt in range(ATTEMPTS):
+        baseline = wait_until_idle(triton.metrics_url)
+        child = cli_process(
+            f"The cat, take {attempt}", "--url", url, "--protocol", protocol, *LONG_ARGS
+        )
+
+        def running_or_over(child=child) -> bool:
+            active = gpt2_metrics(triton.metrics_url).get("gpt2_active_sequences", 0)
+            return child.poll() is not None or active >= 1
+
+        assert wait_until(running_or_over, timeout=120)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+        counts = counted(triton, baseline)
+        attempts.append((child.returncode, counts))
+        if counts == (0, 1) and child.returncode == 0:  # it ended before Ctrl-C: again
+            continue
+        err = err.decode()
+        assert child.returncode == 130, err
+        assert "[cancelled]" in err and "Traceback" not in err, err
+        if counts == (1, 0):
+            return
+        # Ctrl-C came, and yet the request ran to its end for nobody (as on /generate)
+        assert counts == (0, 1), f"one request, counted once: {attempts}"
+    pytest.fail(f"Ctrl-C cancelled no request on the server: {attempts}")
+
+
+@pytest.mark.parametrize("with_prompt", [False, True], ids=["completion", "prompt+completion"])
+def test_http_and_grpc_generate_give_the_same_result(triton, with_prompt):
+    """generate() over HTTP joins /generate_stream's pieces: the same result as gRPC's
+    one response, the prompt first when asked (the pieces never carry it)."""
+    params = GenerationParams(max_tokens=12, temperature=0, exclude_input_in_output=not with_prompt)
+    results = {}
+    for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
+        with Gpt2Client(url, protocol) as client:
+            result = client.generate("The cat", params)
+        results[protocol] = (
+            result.text,
+            result.finish_reason,
+            result.num_input_tokens,
+            result.num_output_tokens,
+        )
+        assert result.tokens_per_s > 0 and result.time_to_first_token_s == result.total_s
+    assert results["http"] == results["grpc"]
+    text, reason, prompt_tokens, tokens = results["http"]
+    assert text.startswith("The cat") == with_prompt and (reason, prompt_tokens, tokens) == (
+        "length",
+        2,
+        12,
     )
 
 
