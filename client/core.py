@@ -475,26 +475,13 @@ class Gpt2Client:
                         return  # our own cancel: the stream just ends
                     finished = True  # an error ends the request: nothing left to cancel
                     raise _client_error(error)
-                final = result.get_response().parameters["triton_final_response"].bool_param
-                if result.as_numpy(names.TEXT_OUTPUT) is None:  # empty final response
-                    if final:
-                        finished = True
+                ends_request = _is_triton_final(result)
+                finished = finished or ends_request
+                chunk = _grpc_chunk(result)
+                if chunk is not None:
+                    yield chunk
+                    if chunk.final:
                         return
-                    continue
-                # Only text_output is sure to be in every response; the counts and the
-                # finish reason may come on the last one only.
-                reason = _first(result.as_numpy(names.FINISH_REASON), b"").decode()
-                chunk = _Chunk(
-                    _first(result.as_numpy(names.TEXT_OUTPUT)).decode("utf-8"),
-                    reason,
-                    int(_first(result.as_numpy(names.NUM_INPUT_TOKENS), 0)),
-                    int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS), 0)),
-                    final or bool(reason),
-                )
-                finished = finished or final
-                yield chunk
-                if chunk.final:
-                    return
         finally:
             try:
                 client.stop_stream(cancel_requests=not finished)
@@ -558,6 +545,35 @@ def _incomplete() -> ClientError:
         "the stream from Triton ended before its final response: the text is "
         "incomplete (server stopped or connection lost)",
         "UNAVAILABLE",
+    )
+
+
+def _is_triton_final(result) -> bool:
+    """Whether this gRPC response is the request's last (Triton's final flag)."""
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def _grpc_chunk(result) -> _Chunk | None:
+    """One gRPC stream response (a tritonclient ``InferResult``) as a chunk: None for an
+    empty response that is not the last. A request's last response carries its
+    finish_reason; a last one without (the model's bare final flag, sent when it could
+    not send its real final response) means the text is cut short: UNAVAILABLE, as a
+    cut HTTP stream, never a short result."""
+    final = _is_triton_final(result)
+    # Only text_output is sure to be in every response; the counts and the finish reason
+    # may come on the last one only.
+    text = result.as_numpy(names.TEXT_OUTPUT)
+    reason = _first(result.as_numpy(names.FINISH_REASON), b"").decode()
+    if final and not reason:
+        raise _incomplete()
+    if text is None and not reason:
+        return None
+    return _Chunk(
+        _first(text, b"").decode("utf-8"),
+        reason,
+        int(_first(result.as_numpy(names.NUM_INPUT_TOKENS), 0)),
+        int(_first(result.as_numpy(names.NUM_OUTPUT_TOKENS), 0)),
+        bool(reason),
     )
 
 
