@@ -262,8 +262,11 @@ class Gpt2Client:
             return self._no_answer(what, self.request_timeout_s)
         if isinstance(exc, urllib.error.HTTPError):
             return _http_error(exc)
-        if isinstance(exc, urllib.error.URLError):
+        if isinstance(exc, OSError):  # URLError and a refused or reset connection
             return ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE")
+        http_code = _http_code_of(exc)
+        if http_code is not None:  # tritonclient.http's error for an HTTP answer
+            return ClientError(exc.message(), _HTTP_STATUSES.get(http_code, str(http_code)))
         error = _client_error(exc)
         if error.status == "DEADLINE_EXCEEDED":
             return self._no_answer(what, self.request_timeout_s)
@@ -645,13 +648,25 @@ def _http_error(exc: urllib.error.HTTPError) -> ClientError:
         message = json.loads(body).get("error", str(exc))
     except Exception:
         message = str(exc)
-    status = {
-        400: "INVALID_ARG",
-        401: "UNAUTHENTICATED",
-        403: "PERMISSION_DENIED",
-        404: "NOT_FOUND",
-        413: "RESOURCE_EXHAUSTED",  # the front door's size limit
-        429: "RESOURCE_EXHAUSTED",  # its concurrency or rate limit
-        503: "UNAVAILABLE",
-    }.get(exc.code, str(exc.code))
-    return ClientError(message, status)
+    return ClientError(message, _HTTP_STATUSES.get(exc.code, str(exc.code)))
+
+
+# ClientError.status of an HTTP error status, the same for every call
+_HTTP_STATUSES = {
+    400: "INVALID_ARG",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",  # the front door's size limit
+    429: "RESOURCE_EXHAUSTED",  # its concurrency or rate limit
+    503: "UNAVAILABLE",
+}
+
+
+def _http_code_of(exc) -> int | None:
+    """The HTTP status of a tritonclient.http error (its ``status()`` is the code as
+    text, "413"); None for any other error."""
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    if isinstance(status, str) and status.isdigit():
+        return int(status)
+    return None

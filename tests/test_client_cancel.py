@@ -1,6 +1,7 @@
 """The client against a real tritonserver behind the front door: a generation the client
 gives up on (Ctrl-C, a reader gone from its stdout) is cancelled on the server, over
-both transports, and the command line ends as a Unix tool does."""
+both transports, and the command line ends as a Unix tool does; and the errors of every
+HTTP call (count_tokens included) carry the same statuses."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import gpt2_metrics, wait_until, wait_until_idle
 
-from client import GenerationParams, Gpt2Client
+from client import ClientError, GenerationParams, Gpt2Client
 from client import __main__ as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,3 +184,20 @@ def test_chat_with_a_prompt_is_refused(capsys):
         cli.main(["The cat", "--chat"])
     assert exc.value.code == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_count_tokens_over_http_maps_errors_as_every_other_call(triton, unused_port):
+    """A refused connection is UNAVAILABLE and a body over the front door's 1 MiB limit
+    RESOURCE_EXHAUSTED, as model_info and generate say them."""
+    down = Gpt2Client(f"127.0.0.1:{unused_port}", "http", request_timeout_s=5)
+    for call in (lambda c: c.model_info(), lambda c: c.count_tokens(["The cat"])):
+        with pytest.raises(ClientError) as exc:
+            call(down)
+        assert exc.value.status == "UNAVAILABLE" and "cannot reach Triton" in str(exc.value)
+    big = "a" * (1 << 20)
+    with Gpt2Client(triton.http_url, "http") as client:
+        for call in (lambda c: c.generate(big), lambda c: c.count_tokens([big])):
+            with pytest.raises(ClientError) as exc:
+                call(client)
+            assert exc.value.status == "RESOURCE_EXHAUSTED", exc.value
+        assert client.count_tokens(["The cat"]) == [2]
