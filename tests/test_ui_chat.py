@@ -168,7 +168,7 @@ def test_stop_cancels_the_request_on_the_server(service, triton):
         replies = service.complete(f"The cat, take {attempt}", settings, "s3")
         next(replies)
         next(replies)
-        service.stop("s3")
+        service.stop("s3", "completion")
         rest = list(replies)
         assert len(rest) < 5  # the page's stream ended at once, whatever the server did
         # The cancel goes to Triton; the loop sees it at its next check and publishes twice
@@ -227,3 +227,48 @@ def test_a_silent_server_ties_up_one_status_probe_not_one_per_page(silent_server
         time.sleep(0.01)
     assert service.status_line("another page") == "connecting…"
     assert first_page.is_alive()  # its probe still waits: the other page did not
+
+
+# A chat reply that runs about a second on the tiny model: min_tokens holds end-of-text
+# back (a stop word may still end it, which is a whole reply too).
+LONG_CHAT = Settings(max_tokens=900, temperature=0, min_tokens=900)
+
+
+def test_the_completion_tab_leaves_the_chat_reply_alone(service, triton):
+    """Starting a completion while a chat reply streams, and pressing the Completion tab's
+    Stop, must not cut the chat reply: each tab has its own request and its own Stop."""
+    requests = [f'gpt2_requests_total{{finish_reason="{r}"}}' for r in ("stop", "length")]
+    baseline = wait_until_idle(triton.metrics_url)
+    chat = service.chat("Where does the cat go?", [], LONG_CHAT, "s8")
+    next(chat)  # the chat reply streams
+    completion = service.complete("The cat", Settings(max_tokens=1000, min_tokens=1000), "s8")
+    next(completion)
+    service.stop("s8", "completion")
+    list(completion)
+    answers = list(chat)  # nothing more, when the completion had cancelled it
+    assert answers and not any(is_notice(m) for m in answers[-1]), answers
+    assert "tokens/s" in service.status_line("s8")  # the chat reply had its final result
+    after = wait_until_idle(triton.metrics_url)
+    # the chat reply ran to its end on the server (not "cancelled")
+    assert sum(after.get(r, 0) - baseline.get(r, 0) for r in requests) >= 1
+
+
+def test_a_reply_cut_by_another_request_says_so(service, triton):
+    """A second message sent in the same tab while a reply streams takes its place; the
+    first reply ends without its final result and gets a notice, never passing as whole."""
+    first = service.chat("Where does the cat go?", [], LONG_CHAT, "s9")
+    next(first)
+    second = service.chat("And the dog?", [], Settings(max_tokens=8), "s9")
+    next(second)
+    rest = list(first)
+    assert rest, "the first reply ended silently: its cut text passes for a whole reply"
+    last = rest[-1]
+    assert not is_notice(last[0]) and is_notice(last[-1]), last
+    assert "Reply interrupted" in last[-1]["content"]
+    assert conversation([{"role": "user", "content": "Where?"}, *last])[-1] == last[0]
+    assert not any(is_notice(m) for m in list(second)[-1])
+    # one's own Stop is no interruption: no notice
+    third = service.chat("Where does the cat go?", [], LONG_CHAT, "s9")
+    next(third)
+    service.stop("s9", "chat")
+    assert not any(is_notice(m) for answer in third for m in answer)

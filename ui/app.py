@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui.chat import ChatService, PageLimits, Settings
+from ui.chat import CHAT_TAB, COMPLETION_TAB, ChatService, PageLimits, Settings
 
 STATUS_EVERY_S = 3.0
 
@@ -127,8 +127,12 @@ def build(service: ChatService) -> gr.Blocks:
             )
             yield from service.complete(text, settings, request.session_hash)
 
-        def halt(request: gr.Request):
-            service.stop(request.session_hash)
+        # Each tab's Stop stops that tab's reply only.
+        def halt_chat(request: gr.Request):
+            service.stop(request.session_hash, CHAT_TAB)
+
+        def halt_completion(request: gr.Request):
+            service.stop(request.session_hash, COMPLETION_TAB)
 
         def status_line(request: gr.Request):
             return service.status_line(request.session_hash)
@@ -141,9 +145,9 @@ def build(service: ChatService) -> gr.Blocks:
             trigger(chat, [message, chatbot, *controls], [chatbot, message], **replies)
             for trigger in (message.submit, send.click)
         ]
-        stop.click(halt, None, None, cancels=chat_events, **at_once)
+        stop.click(halt_chat, None, None, cancels=chat_events, **at_once)
         complete_event = complete.click(completion, [prompt, *controls], output, **replies)
-        stop_completion.click(halt, None, None, cancels=[complete_event], **at_once)
+        stop_completion.click(halt_completion, None, None, cancels=[complete_event], **at_once)
         clear.click(lambda: [], None, chatbot, **at_once)
 
         page.load(status_line, None, status, **at_once)

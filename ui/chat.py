@@ -151,6 +151,29 @@ class PromptTooLong(Exception):
         )
 
 
+class ReplyInterrupted(Exception):
+    """A reply that ended with no final result, and not by its own tab's Stop."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Reply interrupted: another request of this page took its place before it "
+            "ended, so the text above is cut short."
+        )
+
+
+# The page's tabs: each streams one reply per session, and its Stop stops only that one.
+CHAT_TAB = "chat"
+COMPLETION_TAB = "completion"
+
+
+@dataclass
+class _Reply:
+    """A reply streaming for one tab of one session."""
+
+    stream: TextStream
+    stopped: bool = False  # by its own tab's Stop: an end the user asked for
+
+
 class ChatService:
     """One per page server, shared by every user: streams replies and cancels them on the
     server when asked; a user is known by the page session."""
@@ -159,7 +182,7 @@ class ChatService:
         self.url = url
         self.protocol = protocol
         self.limits = limits
-        self._active: dict[str, TextStream] = {}
+        self._active: dict[tuple[str, str], _Reply] = {}  # by (session, tab)
         self._lock = threading.Lock()
         self._info: dict | None = None
         self._last_replies: OrderedDict[str, str] = OrderedDict()
@@ -199,12 +222,12 @@ class ChatService:
                 turns = fit_history(conversation(history), message, budget, client.count_tokens)
                 prompt = chat_prompt(turns, message)
                 params = settings.params(STOP_WORDS)
-                for text in self._stream(client, prompt, params, session):
+                for text in self._stream(client, prompt, params, session, CHAT_TAB):
                     yield [reply(text)]
                 if not text:  # the model ended at once: the user still sees an answer
                     yield [reply("")]
                 return
-            except PromptTooLong as exc:
+            except (PromptTooLong, ReplyInterrupted) as exc:
                 problem = str(exc)
             except ClientError as exc:
                 problem = self.explain(exc)
@@ -217,47 +240,62 @@ class ChatService:
         """Completion mode: yield the prompt followed by its continuation so far."""
         with self.client() as client:
             try:
-                for text in self._stream(client, prompt, settings.params(), session):
+                text = ""
+                for text in self._stream(
+                    client, prompt, settings.params(), session, COMPLETION_TAB
+                ):
                     yield prompt + text
+            except ReplyInterrupted as exc:
+                yield prompt + text + "\n\n" + str(exc)
             except ClientError as exc:
                 yield prompt + "\n\n" + self.explain(exc)
             except Exception:
                 log.exception("completion failed")
                 yield prompt + "\n\nSomething went wrong on the page's side; see the log."
 
-    def stop(self, session: str) -> None:
-        """Cancel this session's running request on the server."""
+    def stop(self, session: str, tab: str) -> None:
+        """Cancel this session's running request in ``tab`` on the server (its Stop)."""
         with self._lock:
-            stream = self._active.pop(session, None)
-        if stream is not None:
-            log.info("cancelling the running request of session %s", session)
-            stream.cancel()
+            running = self._active.pop((session, tab), None)
+            if running is not None:
+                running.stopped = True
+        if running is not None:
+            log.info("cancelling the running %s request of session %s", tab, session)
+            running.stream.cancel()
 
     def _stream(
-        self, client: Gpt2Client, prompt: str, params: GenerationParams, session: str
+        self, client: Gpt2Client, prompt: str, params: GenerationParams, session: str, tab: str
     ) -> Iterator[str]:
-        self.stop(session)  # one request per page session at a time
-        stream = client.stream(prompt, params)
-        with self._lock:
-            self._active[session] = stream
+        """The reply's text so far, growing; raises ReplyInterrupted if it ends with no
+        final result while nobody pressed its Stop."""
+        key = (session, tab)
+        running = _Reply(client.stream(prompt, params))
+        with self._lock:  # one request per tab of a page session at a time
+            previous = self._active.get(key)
+            self._active[key] = running
+        if previous is not None:  # not stopped by its user: that reply will say so
+            previous.stream.cancel()
         text = ""
         try:
-            for piece in stream:
+            for piece in running.stream:
                 text += piece
                 yield text
         finally:
             with self._lock:
-                if self._active.get(session) is stream:
-                    del self._active[session]
-            if stream.result is None:  # left early (Stop, closed page): cancel server-side
-                stream.cancel()
-        result = stream.result
-        if result is not None:
-            self._remember_reply(
-                session,
-                f"last reply: {result.num_output_tokens} tokens, "
-                f"{result.tokens_per_s:.1f} tokens/s ({result.finish_reason})",
-            )
+                if self._active.get(key) is running:
+                    del self._active[key]
+            if running.stream.result is None:  # left early (Stop, closed page): cancel
+                running.stream.cancel()
+        result = running.stream.result
+        if result is None:
+            if running.stopped:
+                return
+            raise ReplyInterrupted()
+        self._remember_reply(
+            session,
+            f"last reply: {result.num_output_tokens} tokens, "
+            f"{result.tokens_per_s:.1f} tokens/s ({result.finish_reason})",
+        )
 
     def _remember_reply(self, session: str, summary: str) -> None:
         with self._lock:
