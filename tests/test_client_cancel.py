@@ -111,8 +111,11 @@ def test_http_and_grpc_generate_give_the_same_result(triton, with_prompt):
     )
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_ctrl_c_on_a_stream_cancels_it_and_exits_130(triton, protocol):
+def cut_short(triton, protocol: str, cut):
+    """Run a long streamed generation from the command line and ``cut(child)`` it (which
+    returns what it read), until the server counts the request cancelled: one that ran to
+    its end before the cut counts nothing, and another runs. Returns the child and what
+    ``cut`` returned."""
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     attempts = []
     for attempt in range(ATTEMPTS):
@@ -120,20 +123,27 @@ def test_ctrl_c_on_a_stream_cancels_it_and_exits_130(triton, protocol):
         child = cli_process(
             f"The cat, take {attempt}", "--url", url, "--protocol", protocol, "--stream", *LONG_ARGS
         )
+        seen = cut(child)
+        counts = counted(triton, baseline)
+        attempts.append((child.returncode, counts))
+        if counts != (0, 1):
+            assert counts == (1, 0), f"one request, cancelled: {attempts}"
+            return child, seen
+    pytest.fail(f"every request ran to its end before it was cut: {attempts}")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ctrl_c_on_a_stream_cancels_it_and_exits_130(triton, protocol):
+    def ctrl_c(child):
         first = child.stdout.read1(1)  # its first piece: the request runs
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=120)
-        counts = counted(triton, baseline)
-        attempts.append((child.returncode, counts))
-        if counts == (0, 1):  # it ran to its end before Ctrl-C reached it: again
-            continue
-        err = err.decode()
-        assert first and child.returncode == 130, err
-        assert "[cancelled]" in err and "Traceback" not in err, err
-        assert b"[cancelled]" not in out  # stdout holds the generated text alone
-        assert counts == (1, 0), f"one request, cancelled: {attempts}"
-        return
-    pytest.fail(f"every request ran to its end before Ctrl-C: {attempts}")
+        return first, out, err.decode()
+
+    child, (first, out, err) = cut_short(triton, protocol, ctrl_c)
+    assert first and child.returncode == 130, err
+    assert "[cancelled]" in err and "Traceback" not in err, err
+    assert b"[cancelled]" not in out  # stdout holds the generated text alone
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -157,26 +167,17 @@ def test_ctrl_c_while_waiting_for_a_whole_reply_exits_130_without_a_traceback(pr
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_reader_gone_from_stdout_cancels_quietly_and_exits_141(triton, protocol):
     """`python -m client ... --stream | head -c 20`: the pipe breaks under the stream."""
-    url = triton.grpc_url if protocol == "grpc" else triton.http_url
-    attempts = []
-    for attempt in range(ATTEMPTS):
-        baseline = wait_until_idle(triton.metrics_url)
-        child = cli_process(
-            f"The cat, take {attempt}", "--url", url, "--protocol", protocol, "--stream", *LONG_ARGS
-        )
+
+    def head_c_20(child):
         head = child.stdout.read(20)
         child.stdout.close()  # as head does once it has its 20 bytes
         err = child.stderr.read().decode()
         child.wait(timeout=120)
-        counts = counted(triton, baseline)
-        attempts.append((child.returncode, counts))
-        if counts == (0, 1):  # it ran to its end before the pipe closed: again
-            continue
-        assert len(head) == 20 and child.returncode == 141, err
-        assert "Traceback" not in err and "Broken pipe" not in err, err
-        assert counts == (1, 0), f"one request, cancelled: {attempts}"
-        return
-    pytest.fail(f"every request ran to its end before the pipe broke: {attempts}")
+        return head, err
+
+    child, (head, err) = cut_short(triton, protocol, head_c_20)
+    assert len(head) == 20 and child.returncode == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
 def test_chat_with_a_prompt_is_refused(capsys):
