@@ -63,11 +63,11 @@ def run_one(client: Gpt2Client, prompt: str, params: GenerationParams, stream: b
             text_stream.cancel()
             raise
         result = text_stream.result
-        print()
+        print(flush=True)  # here, not at exit: a closed stdout is then this call's error
     else:
         # Ctrl-C while waiting closes the request's connection or stream: that cancels it
         result = client.generate(prompt, params)
-        print(result.text)
+        print(result.text, flush=True)
     if result:
         print(
             f"[{result.finish_reason}: {result.num_output_tokens} tokens, "

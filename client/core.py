@@ -222,8 +222,8 @@ class Gpt2Client:
     url: str | None = None
     protocol: str = "grpc"
     model: str = "gpt2"
-    # The longest wait for the next response of a generation (a stream's next piece, or a
-    # whole non-streaming reply): long, since a busy server may queue a request a while.
+    # The longest wait for the next piece of a generation (generate() streams too, and
+    # joins): long, since a busy server may queue a request a while.
     timeout_s: float = 300.0
     # The longest wait for every other call (readiness, model configuration, token
     # counts): these answer in milliseconds, so a silent server is found out quickly.
@@ -276,13 +276,16 @@ class Gpt2Client:
     def generate(
         self, prompt: str, params: GenerationParams = GenerationParams()
     ) -> GenerationResult:
-        """The whole completion at once. Over HTTP it streams from ``/generate_stream``
-        all the same, pieces joined: Triton 2.51 cancels a request whose client went away
-        (Ctrl-C, a timeout) only while it streams; one on ``/generate`` runs to its end."""
+        """The whole completion at once: streamed all the same, its pieces joined (the
+        prompt first unless ``exclude_input_in_output``), over either transport. Triton
+        2.51 notices a client gone (Ctrl-C, a timeout, a killed process) only when it writes
+        to it: a request asked for whole (``/generate``, or ``stream`` false) ran to its
+        end for nobody, where a streamed one is cancelled at its next piece. And so
+        ``timeout_s`` bounds the wait for each piece on both, as for ``stream()``."""
         started = time.perf_counter()
-        pieces: list[str] = []
+        pieces: list[str] = [] if params.exclude_input_in_output else [prompt]
         final: _Chunk | None = None
-        chunks = self._chunks(prompt, params, False, _Cancellation())
+        chunks = self._chunks(prompt, params, _Cancellation())
         try:
             for chunk in chunks:
                 pieces.append(chunk.text)
@@ -305,7 +308,7 @@ class Gpt2Client:
     def stream(self, prompt: str, params: GenerationParams = GenerationParams()) -> TextStream:
         """Text pieces as they are generated; see :class:`TextStream`."""
         cancel = _Cancellation()
-        return TextStream(self._chunks(prompt, params, True, cancel), cancel)
+        return TextStream(self._chunks(prompt, params, cancel), cancel)
 
     def model_info(self) -> dict[str, str | int]:
         """What is being served: model name, engine kind and context window, read from
@@ -430,22 +433,22 @@ class Gpt2Client:
         self.close()
 
     # -- transports -------------------------------------------------------------------------
-    def _chunks(self, prompt, params, stream, cancel: _Cancellation) -> Iterator[_Chunk]:
+    def _chunks(self, prompt, params, cancel: _Cancellation) -> Iterator[_Chunk]:
         if self.protocol == "grpc":
-            return self._grpc_chunks(prompt, params, stream, cancel)
-        return self._http_chunks(prompt, params, stream, cancel)
+            return self._grpc_chunks(prompt, params, cancel)
+        return self._http_chunks(prompt, params, cancel)
 
     def _grpc(self):
         import tritonclient.grpc as grpcclient
 
         return grpcclient.InferenceServerClient(self.url, channel_args=own_connection_args())
 
-    def _grpc_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
+    def _grpc_chunks(self, prompt, params, cancel) -> Iterator[_Chunk]:
         from tritonclient.utils import InferenceServerException
 
         if cancel.requested.is_set():  # cancelled before it started: send nothing
             return
-        inputs = grpc_inputs(prompt, params, stream)
+        inputs = grpc_inputs(prompt, params, stream=True)
         responses: queue.Queue = queue.Queue()
         client = self._grpc()
 
@@ -491,13 +494,9 @@ class Gpt2Client:
             finally:
                 client.close()
 
-    def _http_chunks(self, prompt, params, stream, cancel) -> Iterator[_Chunk]:
+    def _http_chunks(self, prompt, params, cancel) -> Iterator[_Chunk]:
         if cancel.requested.is_set():  # cancelled before it started: send nothing
             return
-        # A whole reply is asked for as pieces too, and joined: Triton 2.51 notices a
-        # client gone (Ctrl-C, a timeout, a killed process) only when it writes to it, so
-        # a request on /generate, or one waiting to send its single response, ran to its
-        # end for nobody; a streamed one is cancelled at its next piece.
         body = {
             names.TEXT_INPUT: checked_text(names.TEXT_INPUT, prompt),
             names.STREAM: True,
@@ -522,9 +521,8 @@ class Gpt2Client:
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
         cancel.add(response.close)  # closing the connection cancels the request
         with response:
-            if not stream and not params.exclude_input_in_output:
-                # pieces never carry the prompt; the server's whole reply starts with it
-                yield _Chunk(prompt, "", 0, 0, final=False)
+            if cancel.requested.is_set():  # cancelled while the response was on its way
+                return
             silent = self._no_answer("waiting for the next piece of the generation", self.timeout_s)
             for raw in _lines_until_closed(response, cancel, silent):
                 line = raw.decode("utf-8").strip()

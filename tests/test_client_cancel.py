@@ -180,6 +180,28 @@ def test_a_reader_gone_from_stdout_cancels_quietly_and_exits_141(triton, protoco
     assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_reply_into_a_closed_pipe_exits_141_quietly(triton, stream):
+    """`python -m client "The cat" | true`: the text is written once the reader is gone.
+    Python's own buffer took it, and the broken pipe came at exit (code 120 and a
+    traceback) unless stdout was unbuffered, as it is here: not for this child."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = ["The cat", "--url", triton.grpc_url, "--max-tokens", "4"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "client", *argv, *(["--stream"] if stream else [])],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    child.stdout.close()  # the reader is gone before the first byte
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
 def test_chat_with_a_prompt_is_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["The cat", "--chat"])

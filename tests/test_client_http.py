@@ -40,6 +40,8 @@ class Script:
     status: int = 200
     then_silent: bool = False  # after the events, keep the connection open and say nothing
     posted: list[bytes] = field(default_factory=list)  # the bodies of the requests it got
+    # set: the response waits for it (a queued request: Triton answers with its first piece)
+    hold: threading.Event | None = None
 
 
 @contextmanager
@@ -51,6 +53,8 @@ def sse_server(script: Script) -> Iterator[str]:
 
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             script.posted.append(self.rfile.read(int(self.headers["Content-Length"])))
+            if script.hold is not None:
+                script.hold.wait(60)
             self.send_response(script.status)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             if script.chunked:
@@ -161,6 +165,26 @@ def test_own_cancel_ends_the_stream_quietly():
             pieces.append(piece)
             stream.cancel()
     assert pieces == [" walks"] and stream.result is None
+
+
+def test_a_cancel_while_the_response_is_on_its_way_ends_the_stream():
+    """Cancelled once sent but before the server answered (queued behind full slots): when
+    the answer comes, the stream ends there, its connection closed (which cancels the
+    request on Triton), not read to its end beside the request that replaced it."""
+    from conftest import wait_until
+
+    answer = threading.Event()
+    script = Script([event(" walks"), event(" to", finish_reason="length")], hold=answer)
+    with sse_server(script) as url:
+        stream = Gpt2Client(url, "http", timeout_s=30).stream("The cat")
+        pieces: list[str] = []
+        reader = threading.Thread(target=lambda: pieces.extend(stream), daemon=True)
+        reader.start()
+        assert wait_until(lambda: script.posted, 30)  # sent, not answered
+        stream.cancel()
+        answer.set()
+        reader.join(30)
+    assert not reader.is_alive() and pieces == [] and stream.result is None
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])

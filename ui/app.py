@@ -141,11 +141,18 @@ def build(service: ChatService) -> gr.Blocks:
         replies = {"concurrency_id": "replies", "concurrency_limit": service.limits.concurrency}
         # Quick events run as they come: they must never queue behind a streaming reply.
         at_once = {"concurrency_limit": None}
-        chat_events = [
-            trigger(chat, [message, chatbot, *controls], [chatbot, message], **replies)
-            for trigger in (message.submit, send.click)
-        ]
-        stop.click(halt_chat, None, None, cancels=chat_events, **at_once)
+        # One event for Enter and Send: "once" (the default) then keeps a second request
+        # out while a reply streams, from either; two events would each allow one, and
+        # the second would start from the first's cut reply, as if it were whole.
+        chat_event = gr.on(
+            [message.submit, send.click],
+            chat,
+            [message, chatbot, *controls],
+            [chatbot, message],
+            trigger_mode="once",
+            **replies,
+        )
+        stop.click(halt_chat, None, None, cancels=[chat_event], **at_once)
         complete_event = complete.click(completion, [prompt, *controls], output, **replies)
         stop_completion.click(halt_completion, None, None, cancels=[complete_event], **at_once)
         clear.click(lambda: [], None, chatbot, **at_once)
