@@ -13,6 +13,7 @@ from ui.chat import (
     ChatService,
     PageLimits,
     PromptTooLong,
+    ReplyInterrupted,
     Settings,
     chat_prompt,
     conversation,
@@ -229,51 +230,51 @@ def test_a_silent_server_ties_up_one_status_probe_not_one_per_page(silent_server
     assert first_page.is_alive()  # its probe still waits: the other page did not
 
 
-# A chat reply that runs about a second on the tiny model: min_tokens holds end-of-text
-# back (a stop word may still end it, which is a whole reply too).
-LONG_CHAT = Settings(max_tokens=900, temperature=0, min_tokens=900)
+# A completion that runs about a second on the tiny model (seconds on a busy machine): no
+# stop words on that tab, and min_tokens holds end-of-text back. (A chat reply cannot be
+# held as long: a stop word may end it after a few tokens, and then within its first piece.)
+LONG = Settings(max_tokens=1000, temperature=0, min_tokens=1000)
 
 
-def test_the_completion_tab_leaves_the_chat_reply_alone(service, triton):
-    """Starting a completion while a chat reply streams, and pressing the Completion tab's
-    Stop, must not cut the chat reply: each tab has its own request and its own Stop."""
-    requests = [f'gpt2_requests_total{{finish_reason="{r}"}}' for r in ("stop", "length")]
-    baseline = wait_until_idle(triton.metrics_url)
-    chat = service.chat("Where does the cat go?", [], LONG_CHAT, "s8")
-    answers = [next(chat)]  # the chat reply streams
-    completion = service.complete("The cat", Settings(max_tokens=1000, min_tokens=1000), "s8")
-    next(completion)
-    service.stop("s8", "completion")
-    list(completion)
-    # (on a busy machine its pieces may join: the whole reply in the first answer)
-    answers += list(chat)
-    assert not any(is_notice(m) for m in answers[-1]), answers
-    assert "tokens/s" in service.status_line("s8")  # the chat reply had its final result
+def finish_reasons(triton, baseline: dict[str, float]) -> dict[str, int]:
     after = wait_until_idle(triton.metrics_url)
-    # the chat reply ran to its end on the server (not "cancelled")
-    assert sum(after.get(r, 0) - baseline.get(r, 0) for r in requests) >= 1
+    reasons = ("stop", "length", "cancelled")
+    series = {r: f'gpt2_requests_total{{finish_reason="{r}"}}' for r in reasons}
+    return {r: int(after.get(s, 0) - baseline.get(s, 0)) for r, s in series.items()}
+
+
+def test_one_tab_leaves_the_other_tabs_reply_alone(service, triton):
+    """A chat sent, and the Chat tab's Stop pressed, while a completion streams in the same
+    page must not cut the completion: each tab has its own request and its own Stop."""
+    baseline = wait_until_idle(triton.metrics_url)
+    completion = service.complete("The cat", LONG, "s8")
+    answers = [next(completion)]  # the completion streams
+    list(service.chat("Where does the cat go?", [], Settings(max_tokens=8), "s8"))
+    service.stop("s8", "chat")
+    answers += list(completion)
+    assert "Reply interrupted" not in answers[-1]
+    # both ran to their ends on the server: neither was cancelled
+    assert finish_reasons(triton, baseline)["cancelled"] == 0
 
 
 def test_a_reply_cut_by_another_request_says_so(service, triton):
-    """A second message sent in the same tab while a reply streams takes its place; the
-    first reply ends without its final result and gets a notice, never passing as whole."""
-    first = service.chat("Where does the cat go?", [], LONG_CHAT, "s9")
+    """A second request of the same tab while a reply streams takes its place; the first
+    reply ends without its final result and gets a notice, never passing as whole. One's
+    own Stop is no interruption: no notice."""
+    baseline = wait_until_idle(triton.metrics_url)
+    first = service.complete("The cat", LONG, "s9")
     next(first)
-    second = service.chat("And the dog?", [], Settings(max_tokens=8), "s9")
+    second = service.complete("The dog", Settings(max_tokens=8), "s9")
     second_answers = [next(second)]  # it runs: the first is replaced
     rest = list(first)
-    assert rest, "the first reply ended silently: its cut text passes for a whole reply"
-    last = rest[-1]
-    assert not is_notice(last[0]) and is_notice(last[-1]), last
-    assert "Reply interrupted" in last[-1]["content"]
-    assert conversation([{"role": "user", "content": "Where?"}, *last])[-1] == last[0]
-    second_answers += list(second)  # (its whole reply may have come as one piece)
-    assert not any(is_notice(m) for m in second_answers[-1])
-    # one's own Stop is no interruption: no notice
-    third = service.chat("Where does the cat go?", [], LONG_CHAT, "s9")
+    assert rest and rest[-1].endswith(str(ReplyInterrupted())), rest[-1:]
+    second_answers += list(second)
+    assert "Reply interrupted" not in second_answers[-1]
+    third = service.complete("The cat", LONG, "s9")
     next(third)
-    service.stop("s9", "chat")
-    assert not any(is_notice(m) for answer in third for m in answer)
+    service.stop("s9", "completion")
+    assert not any("Reply interrupted" in answer for answer in third)
+    assert finish_reasons(triton, baseline)["cancelled"] == 2  # the first and the third
 
 
 def test_enter_and_send_are_one_event_that_runs_once_at_a_time(unused_port):

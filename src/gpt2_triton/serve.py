@@ -569,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         default=artifacts_root() / "logs",
         help=f"default: $GPT2_TRITON_ARTIFACTS/logs, or {artifacts_root() / 'logs'}",
     )
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to become ready")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        help="seconds to become ready, at the start and after each restart",
+    )
     parser.add_argument(
         "--no-liveness",
         action="store_true",
@@ -609,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             openai=not args.no_openai,
             replicas=args.replicas,
             liveness=None if args.no_liveness else LIVENESS,
+            restart_ready_timeout=args.timeout,  # a restart has the first start's time
         )
         service.start()
     except (ServerError, FrontDoorError) as exc:
