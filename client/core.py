@@ -508,9 +508,14 @@ class Gpt2Client:
             headers={"Content-Type": "application/json", **self.headers},
         )
         try:
-            # The timeout bounds the connection and every read: the wait for the first
-            # response and then for each next piece of the stream.
-            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            try:
+                # The timeout bounds the connection and every read: the wait for the first
+                # response and then for each next piece of the stream.
+                response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            except Exception:
+                if cancel.requested.is_set():  # cancelled meanwhile: its answer is moot
+                    return
+                raise
         except urllib.error.HTTPError as exc:
             raise _http_error(exc) from None
         except TimeoutError:  # connected, then no response (urlopen does not wrap this)

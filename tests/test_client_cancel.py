@@ -88,8 +88,9 @@ def test_ctrl_c_on_a_whole_reply_cancels_it_on_the_server_and_exits_130(triton, 
 
 @pytest.mark.parametrize("with_prompt", [False, True], ids=["completion", "prompt+completion"])
 def test_http_and_grpc_generate_give_the_same_result(triton, with_prompt):
-    """generate() over HTTP joins /generate_stream's pieces: the same result as gRPC's
-    one response, the prompt first when asked (the pieces never carry it)."""
+    """generate() joins the streamed pieces on both transports: the same result, the
+    prompt first when asked (the pieces never carry it). What the model answers to a
+    request asked for whole is test_server.py's (whole_reply)."""
     params = GenerationParams(max_tokens=12, temperature=0, exclude_input_in_output=not with_prompt)
     results = {}
     for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):

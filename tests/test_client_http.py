@@ -167,24 +167,36 @@ def test_own_cancel_ends_the_stream_quietly():
     assert pieces == [" walks"] and stream.result is None
 
 
-def test_a_cancel_while_the_response_is_on_its_way_ends_the_stream():
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_cancel_while_the_response_is_on_its_way_ends_the_stream(status):
     """Cancelled once sent but before the server answered (queued behind full slots): when
     the answer comes, the stream ends there, its connection closed (which cancels the
-    request on Triton), not read to its end beside the request that replaced it."""
+    request on Triton), not read to its end beside the request that replaced it; and an
+    error answer (the door's 503) is no error to a caller who had cancelled."""
     from conftest import wait_until
 
     answer = threading.Event()
-    script = Script([event(" walks"), event(" to", finish_reason="length")], hold=answer)
+    events = [event(" walks"), event(" to", finish_reason="length")]
+    script = Script(events, status=status, hold=answer)
     with sse_server(script) as url:
         stream = Gpt2Client(url, "http", timeout_s=30).stream("The cat")
         pieces: list[str] = []
-        reader = threading.Thread(target=lambda: pieces.extend(stream), daemon=True)
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                pieces.extend(stream)
+            except BaseException as exc:  # judged below
+                errors.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         assert wait_until(lambda: script.posted, 30)  # sent, not answered
         stream.cancel()
         answer.set()
         reader.join(30)
-    assert not reader.is_alive() and pieces == [] and stream.result is None
+    assert not reader.is_alive() and not errors, errors
+    assert pieces == [] and stream.result is None
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])

@@ -65,6 +65,28 @@ PROMPTS = [
 ]
 
 
+def whole_reply(triton, prompt: str, params: GenerationParams) -> str:
+    """The model's one response to a request asked for whole (``stream`` false), sent as
+    such: the client's generate() streams and joins, so it never takes this path."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from client.core import grpc_inputs
+
+    replies: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    try:
+        client.async_stream_infer("gpt2", grpc_inputs(prompt, params, stream=False))
+        result, error = replies.get(timeout=120)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is None, error
+    return result.as_numpy(names.TEXT_OUTPUT).reshape(-1)[0].decode()
+
+
 def test_grpc_greedy_is_token_identical_to_hugging_face(grpc, tiny_hf_model, tiny_tokenizer):
     for prompt in PROMPTS[:4]:
         result = grpc.generate(prompt, GREEDY)
@@ -72,13 +94,13 @@ def test_grpc_greedy_is_token_identical_to_hugging_face(grpc, tiny_hf_model, tin
         assert result.num_input_tokens == len(tiny_tokenizer(prompt)["input_ids"])
 
 
-def test_grpc_stream_pieces_join_to_the_non_streamed_text(grpc):
+def test_grpc_stream_pieces_join_to_the_non_streamed_text(grpc, triton):
     long = GenerationParams(temperature=0, max_tokens=200, min_length=200)
     stream = grpc.stream("The old man", long)
     # pieces that wait join, but the server sends one each round trip while it generates
     # 200 tokens: it streams, whatever the machine's speed
     pieces = list(stream)
-    assert len(pieces) > 1 and "".join(pieces) == grpc.generate("The old man", long).text
+    assert len(pieces) > 1 and "".join(pieces) == whole_reply(triton, "The old man", long)
     assert stream.result.finish_reason in {"length", "stop"}
 
 
@@ -350,31 +372,31 @@ def test_cancelled_stream_stops_and_frees_its_kv_cache(triton, grpc):
     assert metrics(triton)["gpt2_output_tokens_total"] == first["gpt2_output_tokens_total"]
 
 
-def test_stop_words(grpc):
+def test_stop_words(grpc, triton):
     free = grpc.generate("The cat", GREEDY).text
     assert "." in free
-    stopped = grpc.generate(
-        "The cat", GenerationParams(temperature=0, max_tokens=24, stop_words=(".",))
-    )
+    at_the_stop = GenerationParams(temperature=0, max_tokens=24, stop_words=(".",))
+    stopped = grpc.generate("The cat", at_the_stop)
     assert stopped.finish_reason == "stop"
     assert stopped.text == free[: free.index(".")]
+    assert whole_reply(triton, "The cat", at_the_stop) == stopped.text
     pieces = list(
         grpc.stream("The cat", GenerationParams(temperature=0, max_tokens=24, stop_words=(".",)))
     )
     assert "".join(pieces) == stopped.text
 
 
-def test_multibyte_text_streams_whole_characters(grpc):
+def test_multibyte_text_streams_whole_characters(grpc, triton):
     prompt = "The chef at the café in 東京"
     stream = grpc.stream(prompt, GenerationParams(temperature=0.8, seed=7, max_tokens=40))
     pieces = list(stream)
     assert all("\ufffd" not in p for p in pieces)
-    again = grpc.generate(prompt, GenerationParams(temperature=0.8, seed=7, max_tokens=40))
-    assert "".join(pieces) == again.text
-    echo = grpc.generate(
-        prompt, GenerationParams(temperature=0, max_tokens=2, exclude_input_in_output=False)
-    )
-    assert echo.text.startswith(prompt)
+    again = whole_reply(triton, prompt, GenerationParams(temperature=0.8, seed=7, max_tokens=40))
+    assert "".join(pieces) == again
+    echoed = GenerationParams(temperature=0, max_tokens=2, exclude_input_in_output=False)
+    # the server's echo, and the client's (which adds the prompt to the pieces it joins)
+    assert whole_reply(triton, prompt, echoed) == grpc.generate(prompt, echoed).text
+    assert grpc.generate(prompt, echoed).text.startswith(prompt)
 
 
 @pytest.mark.parametrize(
