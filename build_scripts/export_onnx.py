@@ -70,10 +70,7 @@ def stale_reason(
     except Gpt2TritonError:
         return "no export yet"
     files = [folder / name for name in settings.get("files", {}).values()]
-    recorded = settings.get(SOURCE_FINGERPRINT)
-    if not checkpoint.same_checkpoint(settings.get("model"), source) and (
-        weights is None or fingerprint.difference(recorded, weights)
-    ):  # another folder, with other content (the same content, copied or mounted: reused)
+    if not is_export_of(settings, source, weights):
         return f"it was exported from {settings.get('model')}"
     if settings.get("opset") != opset:
         return f"it is an opset-{settings.get('opset')} export, opset {opset} is asked for"
@@ -99,6 +96,16 @@ def stale_reason(
 OLDER_INT8 = "its int8 model is of format"  # stale_reason's reason that run() mends in place
 
 
+def is_export_of(settings: dict, source: str, weights: dict | None) -> bool:
+    """Whether an export (its ``settings``) serves checkpoint ``source``, whose content
+    fingerprint today is ``weights``: made from that folder (or hub id), or from another
+    holding the very same content (a copy, the checkout mounted at another path)."""
+    if checkpoint.same_checkpoint(settings.get("model"), source):
+        return True
+    recorded = settings.get(SOURCE_FINGERPRINT)
+    return bool(recorded and weights) and not fingerprint.difference(recorded, weights)
+
+
 def check_current(export_dir: Path, how: str, spec: checkpoint.ModelSpec | None = None) -> dict:
     """Fail when ``export_dir`` is not an export of ``spec`` (when given: a folder named by
     hand, or one of an older layout that named exports by the folder's name alone), or when
@@ -118,13 +125,8 @@ def check_current(export_dir: Path, how: str, spec: checkpoint.ModelSpec | None 
         current = None
         log.info("cannot check %s against its checkpoint: %s", export_dir, exc)
     changed = fingerprint.difference(recorded, current) if recorded and current else ""
-    if spec is not None and not checkpoint.same_checkpoint(source, spec.source):
-        # another folder's export: fine if it holds the very same content (a copy, or the
-        # checkout mounted at another path)
-        if current is None or not recorded or changed:
-            raise ExportError(
-                f"{export_dir} holds an export of {source}, not of {spec.source}; {how}"
-            )
+    if spec is not None and not is_export_of(settings, spec.source, current):
+        raise ExportError(f"{export_dir} holds an export of {source}, not of {spec.source}; {how}")
     if recorded is None:
         log.warning("%s records no fingerprint of %s: to be sure, %s", export_dir, source, how)
     elif changed:

@@ -61,6 +61,9 @@ def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
 
 
 REPLICA_PORT_STRIDE = 10  # replica i: Triton's ports (and metrics) + 10 * i
+# How long a Triton may take to be ready, at the start and after each restart (its
+# models load first; serve --timeout)
+READY_TIMEOUT_S = 300.0
 MAX_REPLICAS = 32  # on one machine; more is a typo, not a deployment
 
 
@@ -100,7 +103,7 @@ class Service:
         replicas: int = 1,
         replica_ports: list[Ports] | None = None,
         liveness: LivenessRule | None = LIVENESS,  # None: no liveness checks
-        restart_ready_timeout: float = 300.0,
+        restart_ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         front = front or FrontDoorSettings()
         if replica_ports is None:
@@ -227,7 +230,9 @@ class Service:
             raise self._start_error
         return self
 
-    def wait_ready(self, timeout: float = 300.0, stop: threading.Event | None = None) -> bool:
+    def wait_ready(
+        self, timeout: float = READY_TIMEOUT_S, stop: threading.Event | None = None
+    ) -> bool:
         """Until every replica is ready and the front door sends traffic to each (True), or
         ``stop`` is set (False: Ctrl-C while starting)."""
         deadline = time.monotonic() + timeout
@@ -346,13 +351,12 @@ class Service:
         gateway_due, gateway_backoff = 0.0, BACKOFF_FIRST_S
         while not self._stopping.wait(0.2):
             if self.gateway and self.gateway.alive() and self._gateway_liveness.silent():
-                log.error(
-                    "the OpenAI gateway answered none of %s: killing it (log: %s)",
-                    self.liveness.describe(),
-                    self.gateway.log_file,
+                _kill_group(
+                    self.gateway.process,
+                    self._gateway_liveness,
+                    f"the OpenAI gateway answered none of {self.liveness.describe()}: "
+                    f"killing it (log: {self.gateway.log_file})",
                 )
-                signal_group(self.gateway.process.pid, signal.SIGKILL)
-                self._gateway_liveness.reset()
             if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
                 gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
             for replica in self.replicas:
@@ -442,18 +446,15 @@ class Service:
         replica.up_since = now
 
     def _kill(self, replica: Replica, why: str) -> None:
-        """Kill a replica that is alive but of no use (stopped, deadlocked, stuck loading):
-        its whole group at once (SIGTERM would wait on it); its exit is then handled like
-        any other, and it is started again."""
-        log.error(
-            "tritonserver (replica %d): %s; killing it (log: %s)",
-            replica.index,
-            why,
-            replica.server.log_file,
+        """Kill a replica that is alive but of no use (stopped, deadlocked, stuck loading);
+        its exit is then handled like any other, and it is started again."""
+        _kill_group(
+            replica.server.process,
+            replica.liveness,
+            f"tritonserver (replica {replica.index}): {why}; killing it "
+            f"(log: {replica.server.log_file})",
         )
-        signal_group(replica.server.process.pid, signal.SIGKILL)
         replica.killed_why = why
-        replica.liveness.reset()
 
     def _restart_gateway(self, backoff: float) -> tuple[float, float]:
         """Restart the gateway; returns when it may be restarted next, and the backoff after."""
@@ -469,6 +470,14 @@ class Service:
         except Exception:  # the supervisor must outlive it: Triton is still served
             log.exception("could not restart the OpenAI gateway")
         return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
+
+
+def _kill_group(process, liveness: SilenceWatch, message: str) -> None:
+    """Kill a supervised process that is alive but of no use, its whole group at once
+    (SIGTERM would wait on a stopped or deadlocked one), counting its checks anew."""
+    log.error(message)
+    signal_group(process.pid, signal.SIGKILL)
+    liveness.reset()
 
 
 def _check_ports(front: FrontDoorSettings, replicas: list[Ports], openai: bool) -> None:
@@ -572,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=300,
+        default=READY_TIMEOUT_S,
         help="seconds to become ready, at the start and after each restart",
     )
     parser.add_argument(
