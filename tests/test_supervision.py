@@ -268,6 +268,42 @@ def test_sigkill_mid_stream_errors_clients_and_the_supervisor_restarts_triton(su
     assert not problems, "\n".join(problems)
 
 
+def _stop_triton_until_restarted(service, before_text: str) -> int:
+    """SIGSTOP the Triton of ``service`` while long streams run; it must be killed and
+    started again, its group gone, every stream ended (cut with an error, or whole), and
+    the same greedy text served again. Returns how many streams the stop cut."""
+    old_pid = service.triton.process.pid
+    old_restarts = service.restarts
+    stubs = psutil.Process(old_pid).children(recursive=True)
+    consumers = _live_streams(service)
+    os.kill(old_pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        assert wait_until(lambda: service.restarts > old_restarts, 120), (
+            "the stopped tritonserver was not started again"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, signal.SIGCONT)  # if it was not killed: let it stop
+    restarted_after = time.monotonic() - stopped_at
+    assert service.triton.process.pid != old_pid
+    assert wait_until(lambda: not group_alive(old_pid), NOTHING_LEFT_S)
+    assert not _left(stubs)
+    for consumer in consumers:
+        consumer.join(60)
+    assert all(not c.is_alive() for c in consumers), "a stream waits on the stopped Triton"
+    cut = [c for c in consumers if isinstance(c.error, ClientError) and str(c.error)]
+    whole = [c for c in consumers if c.completed and c.result]
+    assert len(cut) + len(whole) == len(consumers), [(c.error, c.completed) for c in consumers]
+    assert _generate_when_possible(service.grpc_url, "grpc") == before_text
+    print(
+        f"\nSIGSTOP: started again {restarted_after:.1f} s after, serving again "
+        f"{time.monotonic() - stopped_at:.1f} s after; {len(cut)} of {len(consumers)} "
+        "streams cut"
+    )
+    return len(cut)
+
+
 @pytest.mark.integration
 def test_a_silent_triton_or_gateway_is_killed_and_started_again(triton, artifacts, caplog):
     """A tritonserver stopped (SIGSTOP: alive, its sockets open, silent, as a deadlock would
@@ -284,36 +320,13 @@ def test_a_silent_triton_or_gateway_is_killed_and_started_again(triton, artifact
     logs = artifacts / "logs_liveness"
     with make_service(repository, logs, supervision={"liveness": rule}) as service:
         before_text = _generate_when_possible(service.grpc_url, "grpc")
-        old_pid = service.triton.process.pid
-        old_restarts = service.restarts
-        stubs = psutil.Process(old_pid).children(recursive=True)
-        consumers = _live_streams(service)
-        os.kill(old_pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        try:
-            assert wait_until(lambda: service.restarts > old_restarts, 120), (
-                "the stopped tritonserver was not started again"
-            )
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old_pid, signal.SIGCONT)  # if it was not killed: let it stop
-        restarted_after = time.monotonic() - stopped_at
-        assert service.triton.process.pid != old_pid
-        assert wait_until(lambda: not group_alive(old_pid), NOTHING_LEFT_S)
-        assert not _left(stubs)
-        for consumer in consumers:
-            consumer.join(60)
-        assert all(not c.is_alive() for c in consumers), "a stream waits on the stopped Triton"
-        cut = [c for c in consumers if isinstance(c.error, ClientError) and str(c.error)]
-        whole = [c for c in consumers if c.completed and c.result]
-        assert cut, "the stop cut no stream: every one had been generated in full before it"
-        assert len(cut) + len(whole) == len(consumers), [(c.error, c.completed) for c in consumers]
-        assert _generate_when_possible(service.grpc_url, "grpc") == before_text
-        print(
-            f"\nSIGSTOP: started again {restarted_after:.1f} s after, serving again "
-            f"{time.monotonic() - stopped_at:.1f} s after; {len(cut)} of {len(consumers)} "
-            "streams cut"
-        )
+        # On a busy machine the streams may all be generated in full between the check
+        # that they run and the stop: that stop cut nothing, and another is made.
+        for _ in range(3):
+            cut = _stop_triton_until_restarted(service, before_text)
+            if cut:
+                break
+        assert cut, "in 3 stops, the stop cut no stream: each was generated in full before it"
         assert "tritonserver (replica 0): it answered none of 2 liveness checks" in caplog.text
 
         gateway_pid = service.gateway.process.pid
