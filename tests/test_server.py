@@ -247,12 +247,9 @@ def _inputs(values):
     return inputs
 
 
-def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
-    # Streams of 256 tokens each, so that the 8 overlap even when a busy machine starts
-    # their threads some way apart (each opens its own channel after the barrier): with 96
-    # a CI run once counted 472 steps against the bar of 461.
-    params = GenerationParams(temperature=0, max_tokens=256, min_length=256)
-    solo = {p: grpc.generate(p, params).text for p in PROMPTS}
+def _concurrent_round(triton, params, solo):
+    """The 8 prompts streamed at once, each equal to its solo text; returns the engine
+    steps they took and the metrics once all 8 are counted as ended."""
     results: dict[str, str] = {}
     errors: list[Exception] = []
     barrier = threading.Barrier(len(PROMPTS), timeout=120)
@@ -282,8 +279,22 @@ def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
         return ended_requests(after) >= ended_requests(before) + len(PROMPTS)
 
     assert wait_until(all_ended, timeout=120), f"the 8 requests not counted in 120 s: {after}"
-    steps = after["gpt2_engine_steps_total"] - before["gpt2_engine_steps_total"]
-    # in-flight batching: the 8 streams shared steps instead of running one after another
+    return after["gpt2_engine_steps_total"] - before["gpt2_engine_steps_total"], after
+
+
+def test_concurrent_greedy_streams_each_equal_their_solo_output(triton, grpc):
+    # Streams of 256 tokens each, so that the 8 overlap even when a busy machine starts
+    # their threads some way apart (each opens its own channel after the barrier): with 96
+    # a CI run once counted 472 steps against the bar of 461. With 256 a CI run still
+    # counted 1538 against 1228 once: a round whose streams the machine kept apart is run
+    # again (at most 3); one after another, 8 streams always take 2048 steps.
+    params = GenerationParams(temperature=0, max_tokens=256, min_length=256)
+    solo = {p: grpc.generate(p, params).text for p in PROMPTS}
+    for _ in range(3):
+        steps, after = _concurrent_round(triton, params, solo)
+        # in-flight batching: the 8 streams shared steps instead of running one after another
+        if steps < len(PROMPTS) * params.max_tokens * 0.6:
+            break
     assert steps < len(PROMPTS) * params.max_tokens * 0.6, steps
     # the burst window's counter is published: a fresh loop's first idle start waits
     # (BURST_WINDOW_MS's default), whatever came before these 8
