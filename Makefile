@@ -95,8 +95,11 @@ UI_FLAGS := --host $(UI_HOST) --port $(UI_PORT) --triton-url $(CLIENT_HOST):$(GR
 
 COMPOSE ?= docker compose
 COMPOSE_PROFILE ?= gpu
-# TRITON_IMAGE: the Triton image docker/Dockerfile builds on (empty: its tested default)
+# TRITON_IMAGE: the Triton image docker/Dockerfile builds on (empty: the release its pins
+# are resolved for, docs/GPU.md)
 TRITON_IMAGE ?=
+# GPU_ENGINE: the compose gpu profile's engine, trt (empty: compose's default) or torch
+GPU_ENGINE ?=
 PRECISION ?= fp16
 # ONNX opset: 23 writes fused Attention nodes (fast on ONNX Runtime). TensorRT parses them
 # from 10.14 on and the softmax inside it has no Cast to keep it fp32, so the plan is built
@@ -198,8 +201,9 @@ demo: repo ## from nothing: set-up, build MODEL, serve it on Triton with the cha
 		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; done; \
 	$(PY) -m ui $(UI_FLAGS) & page=$$!; wait -n $$server $$page
 
-compose-up: ## docker compose: Triton (TensorRT) + the chat page; COMPOSE_PROFILE=cpu: ONNX
+compose-up: ## docker compose: Triton (TensorRT; GPU_ENGINE=torch: PyTorch on CUDA) + the chat page; COMPOSE_PROFILE=cpu: ONNX
 	MODEL=$(MODEL) MAX_SEQUENCES=$(MAX_SEQUENCES) $(if $(TRITON_IMAGE),TRITON_IMAGE=$(TRITON_IMAGE)) \
+		$(if $(GPU_ENGINE),GPU_ENGINE=$(GPU_ENGINE)) \
 		$(COMPOSE) --profile $(COMPOSE_PROFILE) up -d --build
 
 compose-down: ## stop the compose deployment

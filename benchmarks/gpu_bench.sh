@@ -15,9 +15,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${GPU_BUNDLE:-.gpu_bundle}
 dry_run=0
-for arg in "$@"; do [[ $arg == --dry-run ]] && dry_run=1; done
+for arg in "$@"; do [[ $arg == --dry-run || $arg == -h || $arg == --help ]] && dry_run=1; done
 
-if (( dry_run )); then
+if (( dry_run )); then  # (and --help: the machine's set-up below is no place for it)
   PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
   exec "$PY" -m benchmarks.gpu_bench --bundle "$BUNDLE" "$@"
 fi
@@ -48,6 +48,11 @@ if [[ ! -f $ENV_DIR/.complete ]]; then  # written last: a half-made one is made 
     done
   done < <("$PY" -c 'import site; print("\n".join(site.getsitepackages()))')
   printf '%s\n%s\n' "$PWD" "$PWD/src" >"$site/gpt2_triton.pth"  # this checkout's packages
+  "$ENV_DIR/bin/python" -c 'import numpy, torch' || {
+    rm -rf "$ENV_DIR"  # not reused by the next run
+    echo "error: the bundle's packages do not import beside this machine's (see above)" >&2
+    exit 1
+  }
   touch "$ENV_DIR/.complete"
 fi
 export PATH="$ENV_DIR/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -74,6 +74,29 @@ def test_the_dry_run_refuses_what_would_fail_there(tmp_path, problem, options, m
     assert done.returncode != 0 and message in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_options_and_sets_nothing_up(tmp_path, flag):
+    """--help is answered before the machine's set-up, which would build (and keep, as
+    complete) a virtual environment from a bundle made for another Python."""
+    env_dir = tmp_path / "env"
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), flag],
+        cwd=ROOT,
+        env={
+            "GPU_BUNDLE": str(tmp_path / "no-bundle"),
+            "GPU_BENCH_ENV": str(env_dir),
+            "PATH": "/usr/bin:/bin",
+            "PYTHON": sys.executable,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--dry-run" in done.stdout and "--engines" in done.stdout
+    assert not env_dir.exists()
+
+
 def test_pruning_keeps_the_machines_stub_and_drops_what_never_runs():
     def pruned(path):
         return gpu_bundle._pruned(Path(path), "3.12")

@@ -270,22 +270,38 @@ def test_compose_stops_triton_as_kubernetes_does(profile):
     assert server.get("stop_grace_period") == f"{_k8s_grace_period_s('triton.yaml')}s", server
 
 
-def _steps_run(command: list[str], model: str, tmp_path: Path) -> list[str]:
-    """The python3 modules a compose one-shot command runs for ``model``, in order: its
-    shell script run with a python3 that only writes down what it was asked to run."""
+def _run_recorded(
+    service: dict, model: str, tmp_path: Path, **env: str
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """A compose one-shot service's shell script, run for ``model`` in the service's
+    environment (``env`` on top) with a python3 that only writes down what it was asked
+    to run: the process, and each call's arguments ("-m module --flag ...") in order."""
     recorder = tmp_path / "bin" / "python3"
     recorder.parent.mkdir(exist_ok=True)
-    log = tmp_path / f"steps-{model}"
-    recorder.write_text(f'#!/bin/sh\necho "$2" >> {log}\n')
+    log = tmp_path / f"steps-{model}-{'-'.join(env.values())}"
+    log.write_text("")
+    recorder.write_text('#!/bin/sh\necho "$@" >> "$STEPS_LOG"\n')
     recorder.chmod(0o755)
-    shell, flag, script = command
-    env = {"PATH": f"{recorder.parent}:/usr/bin:/bin", "MODEL": model, "MAX_SEQUENCES": "16"}
+    shell, flag, script = service["command"]
+    env = {
+        **service.get("environment", {}),
+        "PATH": f"{recorder.parent}:/usr/bin:/bin",
+        "MODEL": model,
+        "STEPS_LOG": str(log),
+        **env,
+    }
     # compose passes "$$" on as "$"; the shell sees "$MODEL"
     out = subprocess.run(
         [shell, flag, script.replace("$$", "$")], env=env, capture_output=True, text=True
     )
+    return out, log.read_text().splitlines()
+
+
+def _steps_run(service: dict, model: str, tmp_path: Path, **env: str) -> list[str]:
+    """The python3 modules a compose one-shot service runs for ``model``, in order."""
+    out, calls = _run_recorded(service, model, tmp_path, **env)
     assert out.returncode == 0, out.stderr
-    return log.read_text().split()
+    return [call.split()[1] for call in calls]
 
 
 @pytest.mark.parametrize("service", ["build-engine", "prepare-cpu"])
@@ -293,12 +309,32 @@ def test_compose_builds_the_tiny_model_before_exporting_it(service, tmp_path):
     """MODEL=tiny on a fresh clone: export_onnx reads a built tiny model (it refuses
     otherwise), so the one-shot builds it first, as deploy/k8s's build-repository.sh."""
     profile = "gpu" if service == "build-engine" else "cpu"
-    command = yaml.safe_load(_compose("--profile", profile, "config"))["services"][service][
-        "command"
-    ]
-    tiny = _steps_run(command, "tiny", tmp_path)
+    one_shot = yaml.safe_load(_compose("--profile", profile, "config"))["services"][service]
+    tiny = _steps_run(one_shot, "tiny", tmp_path)
     assert tiny[:2] == ["build_scripts.build_tiny", "build_scripts.export_onnx"], tiny
-    assert "build_scripts.build_tiny" not in _steps_run(command, "gpt2", tmp_path)
+    assert "build_scripts.build_tiny" not in _steps_run(one_shot, "gpt2", tmp_path)
+
+
+def test_compose_gpu_engine_torch_renders_the_torch_engine_on_cuda_without_an_export(tmp_path):
+    """GPU_ENGINE=torch: the engine measured in docs/GPU.md (and k8s's gpu overlay) needs
+    no ONNX export and no TensorRT; anything else than trt or torch is refused."""
+    one_shot = yaml.safe_load(_compose("--profile", "gpu", "config"))["services"]["build-engine"]
+    assert one_shot["environment"]["GPU_ENGINE"] == "trt"  # the default
+    out, calls = _run_recorded(one_shot, "tiny", tmp_path, GPU_ENGINE="torch")
+    assert out.returncode == 0, out.stderr
+    assert [call.split()[1] for call in calls] == [
+        "build_scripts.build_tiny",
+        "build_scripts.build_repo",
+    ]
+    assert "--engine torch --device cuda --max-sequences 16" in calls[-1]
+    trt = _steps_run(one_shot, "gpt2", tmp_path)
+    assert trt == [
+        "build_scripts.export_onnx",
+        "build_scripts.build_engine",
+        "build_scripts.build_repo",
+    ]
+    out, calls = _run_recorded(one_shot, "gpt2", tmp_path, GPU_ENGINE="onnx")
+    assert out.returncode != 0 and "trt or torch" in out.stderr and calls == []
 
 
 def test_gpu_check_script_parses():

@@ -28,6 +28,7 @@ from conftest import wait_until
 
 from client import ClientError, GenerationParams, Gpt2Client
 from gpt2_triton.process import group_alive, stop_group
+from gpt2_triton.serve import BACKOFF_FIRST_S, BACKOFF_MAX_S, STABLE_AFTER_S, Backoff
 
 GREEDY = GenerationParams(temperature=0, max_tokens=24)
 LONG = GenerationParams(temperature=0, max_tokens=1000, min_length=1000)  # seconds of stream
@@ -46,6 +47,18 @@ def supervised(triton, artifacts):
 
     with service(triton.triton.model_repository, artifacts / "logs_supervision") as server:
         yield server
+
+
+def test_the_restart_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_run():
+    backoff = Backoff()
+    quick = [backoff.wait(up_for_s=0.5) for _ in range(8)]  # crash-looping
+    assert quick[:3] == [BACKOFF_FIRST_S, 2 * BACKOFF_FIRST_S, 4 * BACKOFF_FIRST_S]
+    assert max(quick) == quick[-1] == BACKOFF_MAX_S
+    # a process that never came up earns no fresh start; one that stayed up does
+    assert backoff.wait() == BACKOFF_MAX_S
+    assert backoff.wait(up_for_s=STABLE_AFTER_S + 1) == BACKOFF_FIRST_S
+    assert backoff.wait(up_for_s=STABLE_AFTER_S + 1) == BACKOFF_FIRST_S
+    assert backoff.wait(up_for_s=STABLE_AFTER_S - 1) == 2 * BACKOFF_FIRST_S
 
 
 def _running(process: psutil.Process) -> bool:

@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gpt2_triton import logs
@@ -43,6 +43,23 @@ BACKOFF_MAX_S = 30.0
 START_CRASH_RETRIES = 2
 START_CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)
 STABLE_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
+
+
+@dataclass
+class Backoff:
+    """How long to wait before a supervised process is started again: the wait doubles
+    with each exit, up to ``BACKOFF_MAX_S``, and starts over once the process has stayed
+    up ``STABLE_AFTER_S`` (a crash a day must not inherit last week's 30 s)."""
+
+    next_s: float = BACKOFF_FIRST_S
+
+    def wait(self, up_for_s: float | None = None) -> float:
+        """The wait before the next start; ``up_for_s``: how long the process that just
+        exited had been up (None: it never came up, so it earns no fresh start)."""
+        if up_for_s is not None and up_for_s > STABLE_AFTER_S:
+            self.next_s = BACKOFF_FIRST_S
+        wait, self.next_s = self.next_s, min(self.next_s * 2, BACKOFF_MAX_S)
+        return wait
 
 
 def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
@@ -78,7 +95,7 @@ class Replica:
     start_crashes: int = 0  # killed by a signal before it was ever ready (retried)
     failure: str = ""  # why the supervisor gave up on it ("" while it has not)
     restarts: int = 0
-    backoff: float = BACKOFF_FIRST_S
+    backoff: Backoff = field(default_factory=Backoff)
     up_since: float = 0.0
     restart_due: float | None = None  # when a dead one is started again
     ready_again: bool = True  # since its last restart (False until then seen ready)
@@ -166,6 +183,8 @@ class Service:
             if self.gateway
             else None
         )
+        self._gateway_backoff = Backoff()
+        self._gateway_up_since = 0.0
         self._stopping = threading.Event()
         self._started = threading.Event()  # the first Triton start was attempted
         self._supervisor: threading.Thread | None = None
@@ -326,6 +345,7 @@ class Service:
                 replica.up_since = time.monotonic()
             if self.gateway:
                 self.gateway.start()
+                self._gateway_up_since = time.monotonic()
         except BaseException as exc:  # handed to start(), which raises it
             self._start_error = exc
             for replica in self.replicas:
@@ -348,7 +368,7 @@ class Service:
                 replica.server.stop()
 
     def _watch(self) -> None:
-        gateway_due, gateway_backoff = 0.0, BACKOFF_FIRST_S
+        gateway_due: float | None = None  # when a dead gateway is started again
         while not self._stopping.wait(0.2):
             if self.gateway and self.gateway.alive() and self._gateway_liveness.silent():
                 _kill_group(
@@ -357,8 +377,12 @@ class Service:
                     f"the OpenAI gateway answered none of {self.liveness.describe()}: "
                     f"killing it (log: {self.gateway.log_file})",
                 )
-            if self.gateway and not self.gateway.alive() and time.monotonic() >= gateway_due:
-                gateway_due, gateway_backoff = self._restart_gateway(gateway_backoff)
+            if self.gateway and not self.gateway.alive():
+                if gateway_due is None:  # it has just exited
+                    gateway_due = time.monotonic() + self._gateway_wait()
+                elif time.monotonic() >= gateway_due:
+                    gateway_due = None
+                    self._restart_gateway()
             for replica in self.replicas:
                 if replica.failure:
                     continue
@@ -390,18 +414,18 @@ class Service:
             if not replica.ever_ready and crashed:
                 if replica.start_crashes < START_CRASH_RETRIES:
                     replica.start_crashes += 1
+                    wait = replica.backoff.wait()
                     log.warning(
                         "tritonserver (replica %d) %s while starting; starting it again in "
                         "%.0f s (%d of %d; log: %s)",
                         replica.index,
                         _describe_exit(code),
-                        replica.backoff,
+                        wait,
                         replica.start_crashes,
                         START_CRASH_RETRIES,
                         server.log_file,
                     )
-                    replica.restart_due = now + replica.backoff
-                    replica.backoff = min(replica.backoff * 2, BACKOFF_MAX_S)
+                    replica.restart_due = now + wait
                     return
             if not replica.ever_ready:
                 replica.failure = (
@@ -415,17 +439,15 @@ class Service:
                     replica.failure,
                 )
                 return
-            if now - replica.up_since > STABLE_AFTER_S:
-                replica.backoff = BACKOFF_FIRST_S
+            wait = replica.backoff.wait(up_for_s=now - replica.up_since)
             log.warning(
                 "tritonserver (replica %d) exited (%s); restarting in %.0f s (log: %s)",
                 replica.index,
                 f"killed: {replica.killed_why}" if replica.killed_why else _describe_exit(code),
-                replica.backoff,
+                wait,
                 server.log_file,
             )
-            replica.restart_due = now + replica.backoff
-            replica.backoff = min(replica.backoff * 2, BACKOFF_MAX_S)
+            replica.restart_due = now + wait
             return
         if now < replica.restart_due:
             return
@@ -440,7 +462,7 @@ class Service:
             if not replica.ever_ready:  # starting it is what fails: wait_ready reports it
                 replica.failure = "could not be started again"
                 return
-            replica.restart_due = now + replica.backoff
+            replica.restart_due = now + replica.backoff.wait()
             return
         replica.restarts += 1
         replica.up_since = now
@@ -456,20 +478,25 @@ class Service:
         )
         replica.killed_why = why
 
-    def _restart_gateway(self, backoff: float) -> tuple[float, float]:
-        """Restart the gateway; returns when it may be restarted next, and the backoff after."""
+    def _gateway_wait(self) -> float:
+        """The backoff before a gateway that has just exited is started again (logged)."""
+        wait = self._gateway_backoff.wait(up_for_s=time.monotonic() - self._gateway_up_since)
         log.warning(
-            "the OpenAI gateway exited (%s); restarting it (log: %s)",
+            "the OpenAI gateway exited (%s); restarting it in %.0f s (log: %s)",
             _describe_exit(self.gateway.process.returncode),
+            wait,
             self.gateway.log_file,
         )
+        return wait
+
+    def _restart_gateway(self) -> None:
         try:
             self.gateway.stop()
             self.gateway.start()
             self._gateway_liveness.reset()
         except Exception:  # the supervisor must outlive it: Triton is still served
             log.exception("could not restart the OpenAI gateway")
-        return time.monotonic() + backoff, min(backoff * 2, BACKOFF_MAX_S)
+        self._gateway_up_since = time.monotonic()
 
 
 def _kill_group(process, liveness: SilenceWatch, message: str) -> None:
