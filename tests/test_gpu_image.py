@@ -53,6 +53,30 @@ def test_the_dockerfile_installs_what_this_test_resolves():
     assert dockerfile_arg("TRITON_IMAGE") in (ROOT / "docs" / "GPU.md").read_text()
 
 
+# The project's dependencies the image leaves out, and why (any other one must be there:
+# the gateway ran without uvloop/httptools in the image, slower than it was measured here)
+NOT_IN_THE_IMAGE = {
+    "accelerate": "training",
+    "datasets": "training",
+    "pyarrow": "training (datasets)",
+    "nvidia-pytriton": "its tritonserver: the image is Triton's",
+}
+
+
+def test_the_image_installs_every_serving_dependency_of_the_project():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[\[=<>]", dep)[0].lower() for dep in project["dependencies"]}
+    lines = (ROOT / "docker" / "requirements.txt").read_text().splitlines()
+    image = {
+        re.split(r"[\[=<>]", line)[0].strip().lower()
+        for line in lines
+        if line.strip() and not line.startswith("#")
+    }
+    assert wanted - image == set(NOT_IN_THE_IMAGE), "add it to docker/requirements.txt"
+
+
 def test_image_constraints_replace_the_project_pins_they_override():
     sys.path.insert(0, str(ROOT / "docker"))
     try:
