@@ -50,6 +50,10 @@ ALLOW_STALE ?=
 # perf_analyzer and genai-perf read (bench-pa, bench-genai); closed by default
 OPEN_TRITON_STATISTICS ?=
 MAX_REQUEST_BYTES ?= 1048576
+# the front door's admission limits (empty: its defaults, 256 requests in flight per
+# protocol and 1000 a second; docs/API.md)
+MAX_CONCURRENT_REQUESTS ?=
+REQUESTS_PER_SECOND ?=
 # API_KEY: clients send "Authorization: Bearer <key>" (required when HOST is not loopback);
 # ADMIN_KEY opens the admin APIs to requests with "x-admin-key: <key>". Read from the
 # environment by the server, never put on its command line.
@@ -77,6 +81,8 @@ SERVE_FLAGS := --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) 
 	--metrics-port $(METRICS_PORT) --triton-http-port $(TRITON_HTTP_PORT) \
 	--triton-grpc-port $(TRITON_GRPC_PORT) --replicas $(REPLICAS) \
 	--max-request-bytes $(MAX_REQUEST_BYTES) --openai-port $(OPENAI_PORT) \
+	$(if $(MAX_CONCURRENT_REQUESTS),--max-concurrent-requests $(MAX_CONCURRENT_REQUESTS)) \
+	$(if $(REQUESTS_PER_SECOND),--requests-per-second $(REQUESTS_PER_SECOND)) \
 	$(if $(filter 1 yes true,$(NO_OPENAI)),--no-openai) \
 	$(if $(filter 1 yes true,$(OPEN_TRITON_STATISTICS)),--open-triton-statistics) \
 	$(if $(filter 1 yes true,$(ALLOW_STALE)),--allow-stale) \
@@ -227,7 +233,10 @@ bench: bench-model ## the benchmark harness -> docs/BENCHMARKS.md (several minut
 
 # make bench-peer: llama.cpp is built once, outside the repository (default
 # ${XDG_CACHE_HOME:-~/.cache}/gpt2-triton/llama.cpp-<version>; LLAMA_CPP_CACHE overrides);
-# BENCH_PEER_FLAGS go to the harness (e.g. --skip-hf --engines onnx onnx-int8).
+# BENCH_PEER_FLAGS go to the harness. The published docs/BENCHMARKS.md (its first line
+# names its command):
+#   make bench-peer BENCH_PEER_FLAGS="--sampling --engines onnx onnx-int8 --skip-hf \
+#     --prompt-tokens 32 128 --concurrency 1 16 --rounds 8"
 LLAMA_CPP_CACHE ?=
 BENCH_PEER_FLAGS ?=
 .PHONY: bench-peer

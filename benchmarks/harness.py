@@ -22,7 +22,7 @@ tokens per request (``min_length`` = ``max_tokens``; greedy). Ratios of (c) to (
 (temperature 0.8, top_p 0.95, seeded: ``triton-sampled:<engine>``), its waves taking
 turns with the greedy ones, and the report sets sampled against greedy tokens/s. Writes
 ``results.json`` and the report with plots. At each concurrency-1 point it also times a
-read of the weights' bytes (``benchmarks/bandwidth.py``): the memory-bandwidth floor of a
+read of the weights' bytes (``benchmarks/bandwidth.py``): the weights' read time of a
 decode step, of which the report gives every engine's inter-token latency as a multiple.
 """
 
@@ -490,7 +490,7 @@ def run(args) -> dict:
     peer_files = peer.prepare(args.model, args.peer_cache) if args.peer else None
     local = checkpoint.local_folder(spec)
     weight_bytes = bandwidth.streamed_weight_bytes(local) if local else 0
-    floors: list[dict] = []
+    bandwidths: list[dict] = []
 
     if not args.skip_hf:
         import torch
@@ -563,10 +563,10 @@ def run(args) -> dict:
         with server or contextlib.nullcontext(), llama or contextlib.nullcontext():
             for c, p in grid:
                 if c == 1 and weight_bytes:
-                    # the floor beside each single-stream point, so drift cannot fall
-                    # between an engine's ITL and the floor it is read against
+                    # the bandwidth beside each single-stream point, so drift cannot
+                    # fall between an engine's ITL and the read time it is set against
                     measured = bandwidth.measure(weight_bytes, threads)
-                    floors.append({"engine": kind, "prompt_tokens": p, **measured})
+                    bandwidths.append({"engine": kind, "prompt_tokens": p, **measured})
                     log.info("read bandwidth %.1f GB/s", measured["gb_per_s"])
                 if loop is not None:
                     log.info("%s c=%d prompt=%d", loop_system(kind), c, p)
@@ -618,7 +618,7 @@ def run(args) -> dict:
             else None
         ),
         "weight_bytes": weight_bytes,  # fp32 bytes a decode step reads (bandwidth.py)
-        "bandwidth": floors,
+        "bandwidth": bandwidths,
         "rows": [r.summary() for r in rows],
         "raw": [asdict(r) for r in rows] if args.raw else None,
     }

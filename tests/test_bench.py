@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks import harness
-from benchmarks.report import floor_rows, front_door_rows, peer_rows, ratio_rows, sampling_rows
+from benchmarks.report import (
+    front_door_rows,
+    peer_rows,
+    ratio_rows,
+    sampling_rows,
+    weight_read_rows,
+)
 from benchmarks.report import main as report_main
 
 
@@ -67,7 +73,7 @@ def test_harness_measures_every_system_and_writes_the_report(
             assert row["server_rss_mb"] > 0
             # shared pages shared out: below the RSS sum of tritonserver and its stubs
             assert 0 < row["server_pss_mb"] < row["server_rss_mb"]
-    # the bandwidth floor, timed beside each engine's concurrency-1 point
+    # the read bandwidth, timed beside each engine's concurrency-1 point
     assert {(f["engine"], f["prompt_tokens"]) for f in results["bandwidth"]} == {
         ("onnx", 8),
         ("onnx-int8", 8),
@@ -82,10 +88,10 @@ def test_harness_measures_every_system_and_writes_the_report(
     assert "| front-door:onnx | 2 | 8 |" in report and "front door's cost" in report
     assert "| openai:onnx | 2 | 8 |" in report
     assert "| triton-sampled:onnx | 2 | 8 |" in report and "Sampling against greedy" in report
-    # The in-process loop always sees its tokens one by one; a served path has a floor row
+    # The in-process loop always sees its tokens one by one; a served path has a read-time row
     # only if it has an ITL: on a busy machine a 6-token stream can come in one piece
     # (pieces that wait join, sending.py), and then it has none.
-    assert "memory-bandwidth floor" in report and "| onnxruntime-loop | 8 |" in report
+    assert "weights' read time" in report and "| onnxruntime-loop | 8 |" in report
     served_itl = by[("triton:onnx", 1)]["itl_ms_p50"]
     assert ("| triton:onnx | 8 |" in report) == (served_itl is not None)
     assert (tmp_path / "docs" / "bench" / "concurrency_prompt8.png").stat().st_size > 1000
@@ -212,12 +218,12 @@ def test_the_service_is_set_against_the_peer_of_its_precision_at_the_same_point(
     assert peer_rows({"rows": results["rows"][3:]}) == []  # a run without the peer
 
 
-def test_every_single_stream_itl_is_read_against_the_floor_measured_beside_it():
+def test_every_single_stream_itl_is_read_against_the_bandwidth_measured_beside_it():
     results = {
         "weight_bytes": 500_000_000,
         "bandwidth": [
-            {"engine": "onnx", "prompt_tokens": 32, "gb_per_s": 25.0},  # floor 20 ms
-            {"engine": "onnx-int8", "prompt_tokens": 32, "gb_per_s": 50.0},  # floor 10 ms
+            {"engine": "onnx", "prompt_tokens": 32, "gb_per_s": 25.0},  # read time 20 ms
+            {"engine": "onnx-int8", "prompt_tokens": 32, "gb_per_s": 50.0},  # read time 10 ms
         ],
         "rows": [
             row("hf-generate", 1, 45.0, 100.0, 20.0),
@@ -226,15 +232,15 @@ def test_every_single_stream_itl_is_read_against_the_floor_measured_beside_it():
             row("triton:onnx", 16, 40.0, 240.0, 480.0),  # not single-stream: left out
         ],
     }
-    lines = floor_rows(results)
+    lines = weight_read_rows(results)
     assert lines[2:] == [
-        # before any floor was measured: the run's median (the higher of two here)
+        # before any bandwidth was measured: the run's median (the higher of two here)
         "| hf-generate | 32 | 45.00 ms | 50.0 GB/s | 10.00 ms | 4.50x |",
-        # the peer beside the int8 engine, read against the floor timed there
+        # the peer beside the int8 engine, read against the bandwidth timed there
         "| llama:q8_0 | 32 | 5.00 ms | 50.0 GB/s | 10.00 ms | 0.50x |",
         "| triton:onnx | 32 | 16.00 ms | 25.0 GB/s | 20.00 ms | 0.80x |",
     ]
-    assert floor_rows({**results, "bandwidth": []}) == []
+    assert weight_read_rows({**results, "bandwidth": []}) == []
 
 
 def test_the_peer_client_reads_llama_server_events():

@@ -38,3 +38,25 @@ def test_device_reaches_make_repo_whatever_the_engine():
     with pytest.raises(Gpt2TritonError, match="--device cuda is for ENGINE=torch"):
         RepoSettings("tiny", "onnx", device="cuda")
     assert RepoSettings("tiny", "trt", device="cuda").device == "cuda"  # it is, anyway
+
+
+def test_make_serve_passes_each_front_door_and_supervisor_setting_given():
+    """Each documented make serve setting reaches gpt2_triton.serve, and only when given
+    (unset: serve's own defaults)."""
+    bare = make_n("serve")
+    for flag in ("--max-concurrent-requests", "--requests-per-second", "--no-liveness"):
+        assert flag not in bare
+    given = make_n(
+        "serve", "MAX_CONCURRENT_REQUESTS=8", "REQUESTS_PER_SECOND=50", "LIVENESS=0",
+        "ALLOW_STALE=1", "NO_OPENAI=1", "OPEN_TRITON_STATISTICS=1", "REPLICAS=2",
+    )  # fmt: skip
+    for flag in (
+        "--max-concurrent-requests 8",
+        "--requests-per-second 50",
+        "--no-liveness",
+        "--allow-stale",
+        "--no-openai",
+        "--open-triton-statistics",
+        "--replicas 2",
+    ):
+        assert flag in given, flag
