@@ -1180,6 +1180,50 @@ def test_requests_cancelled_while_waiting_cost_no_prefill_budget(engine, codec):
     assert [s.outputs[-1].finish_reason for s in sinks[1:]] == ["length", "length"]
 
 
+def test_requests_cancelled_while_every_slot_is_busy_leave_the_queue_at_the_next_step(
+    engine, codec
+):
+    """A full batch used to keep cancelled requests queued (no final response, their places
+    taken: QueueFullError for live ones) until a slot freed, a whole stream later."""
+    batcher = InflightBatcher(engine, codec, limits(engine, max_active=1, max_queue=2))
+    running = decoding_stream(batcher)
+    queued = [ListSink(), ListSink()]
+    for sink in queued:
+        batcher.submit(GenerationRequest("The cat", max_tokens=5, sampling=GREEDY), sink)
+    batcher.step()
+    with pytest.raises(QueueFullError):
+        batcher.submit(GenerationRequest("The cat", max_tokens=5, sampling=GREEDY), ListSink())
+    for sink in queued:
+        sink.cancelled = True
+    batcher.step()
+    assert [s.outputs[-1].finish_reason for s in queued] == ["cancelled", "cancelled"]
+    assert [s.finals for s in queued] == [1, 1] and not running.done
+    assert batcher.stats.waiting == 0 and batcher.stats.requests["cancelled"] == 2
+    late = ListSink()
+    batcher.submit(GenerationRequest("The cat", max_tokens=5, sampling=GREEDY), late)
+    running.cancelled = True
+    run_all(batcher, [running, late])
+    assert late.outputs[-1].finish_reason == "length" and [s.finals for s in queued] == [1, 1]
+
+
+def test_with_capped_checks_one_waiting_request_a_step_is_asked(engine, codec):
+    """Each check is a round trip the running streams wait on: the queue is swept one
+    request a step, longest unasked first, so three cancelled ones leave in three steps."""
+    settings = dict(max_active=1, max_queue=4, cancel_checks_per_step=4)
+    batcher = InflightBatcher(engine, codec, limits(engine, **settings))
+    running = decoding_stream(batcher)
+    queued = [ListSink() for _ in range(3)]
+    for sink in queued:
+        batcher.submit(GenerationRequest("The cat", max_tokens=5, sampling=GREEDY), sink)
+        sink.cancelled = True
+    ended = []
+    for _ in range(3):
+        batcher.step()
+        ended.append(sum(s.done for s in queued))
+    assert ended == [1, 2, 3] and [s.cancel_checks for s in queued] == [1, 1, 1]
+    assert batcher.stats.waiting == 0 and not running.done
+
+
 def test_a_prompt_longer_than_the_window_can_spell_is_refused_untokenized(batcher, codec):
     class CountingCodec:
         max_token_bytes = codec.max_token_bytes

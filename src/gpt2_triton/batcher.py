@@ -165,6 +165,12 @@ def default_burst_window_ms(engine: str, device: str) -> int:
     return GPU_BURST_WINDOW_MS if runs_on_gpu(engine, device) else CPU_BURST_WINDOW_MS
 
 
+# Waiting requests asked whether they were cancelled, a step, when the checks are capped
+# (``BatcherLimits.cancel_checks_per_step``): a queue of N cancelled requests empties
+# within N steps (plus the interval), at one round trip a step.
+WAITING_CANCEL_CHECKS_PER_STEP = 1
+
+
 @dataclass(frozen=True)
 class BatcherLimits:
     max_positions: int  # the model's context window
@@ -721,17 +727,36 @@ class InflightBatcher:
         return max(budget - sequence.chunk, 0)
 
     def _drop_cancelled(self) -> None:
-        cancelled = [s for s in self._due_for_cancel_check() if _is_gone(s)]
+        """End the cancelled requests: the running ones, and the waiting ones too, so that
+        a full batch does not leave a client's cancel unanswered (and its place in the
+        queue taken, where live requests get QueueFullError) until a slot frees."""
+        per_step = self.limits.cancel_checks_per_step
+        cancelled = [s for s in self._due_for_cancel_check(self._active, per_step) if _is_gone(s)]
         for sequence in cancelled:
             self._finish(sequence, names.FINISH_CANCELLED, "")
         self._retire(cancelled)
+        with self._wake:
+            waiting = list(self._waiting)
+        # One waiting request a step, where the checks are capped: each is a round trip
+        # that the running streams wait on, and a full queue is when they matter most.
+        waiting_per_step = min(per_step, WAITING_CANCEL_CHECKS_PER_STEP)
+        left = [s for s in self._due_for_cancel_check(waiting, waiting_per_step) if _is_gone(s)]
+        if left:
+            with self._wake:  # only this thread takes requests out of the queue
+                for sequence in left:
+                    self._waiting.remove(sequence)
+                self.stats.waiting = len(self._waiting)
+            for sequence in left:
+                self._finish(sequence, names.FINISH_CANCELLED, "")
 
-    def _due_for_cancel_check(self) -> list[_Sequence]:
-        interval, per_step = self.limits.cancel_check_interval_s, self.limits.cancel_checks_per_step
+    def _due_for_cancel_check(self, sequences: list[_Sequence], per_step: int) -> list[_Sequence]:
+        """Those of ``sequences`` to ask this step: not asked within the limits' interval,
+        at most ``per_step`` (0: no cap), those asked longest ago first."""
+        interval = self.limits.cancel_check_interval_s
         if not interval and not per_step:
-            return list(self._active)
+            return list(sequences)
         now = time.monotonic()
-        due = [s for s in self._active if now - s.cancel_checked_at >= interval]
+        due = [s for s in sequences if now - s.cancel_checked_at >= interval]
         if per_step:
             due = sorted(due, key=lambda s: s.cancel_checked_at)[:per_step]
         for sequence in due:
