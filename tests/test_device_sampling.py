@@ -200,3 +200,69 @@ def test_sampling_ahead_hands_the_tokens_over_before_reading_them():
     )
     want = device_sampling.sample_batch(torch.from_numpy(healthy), samplers_for(params))
     assert not launched and again == want.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-20, 1e-6])
+def test_a_vanishing_temperature_is_greedy_on_both_samplers(temperature):
+    """1 / t overflowed float32 below ~1e-38: the row had no finite maximum and the request
+    failed with an internal error. Below 1e-5 it is greedy, as in vLLM."""
+    logits = np.random.default_rng(2).normal(size=(2, VOCAB)).astype(np.float32)
+    params = [SamplingParams(temperature=temperature, seed=3)] * 2
+    assert params[0].greedy
+    host = sample_batch(logits, samplers_for(params))
+    device = device_sampling.sample_batch(torch.from_numpy(logits), samplers_for(params))
+    np.testing.assert_array_equal(host, logits.argmax(axis=1))
+    np.testing.assert_array_equal(device, host)
+    assert not SamplingParams(temperature=1e-5).greedy  # from there on, sampled
+
+
+@pytest.mark.parametrize("broken", [np.nan, np.inf, -np.inf])
+def test_a_greedy_row_with_no_finite_maximum_fails_as_a_sampled_one_does(broken):
+    """An all-NaN row came out as token 0 when greedy (end-of-text, or GPT-2's "!": a
+    wrong text, silently) and as an error when sampled: both fail now, on both samplers,
+    taking no draw for the other rows."""
+    logits = np.random.default_rng(4).normal(size=(3, VOCAB)).astype(np.float32)
+    logits[1] = broken
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0)]
+    params.append(SamplingParams(temperature=0.8, seed=6))
+    for sample in (sample_batch, device_sampling.sample_batch):
+        samplers = samplers_for(params)
+        before = samplers[2].rng.bit_generator.state
+        rows = logits if sample is sample_batch else torch.from_numpy(logits)
+        with pytest.raises(SamplingError, match="row 1"):
+            sample(rows, samplers)
+        assert samplers[2].rng.bit_generator.state == before
+        assert all(not s.counts.counts for s in samplers if s.counts is not None)
+
+
+def test_each_row_draws_in_its_own_order_whatever_its_neighbours_ask():
+    """A seeded temperature-only stream drew other tokens whenever a top-p request shared
+    its batch (the whole batch was walked sorted); a seeded top-k stream drew other tokens
+    than on the host (walked in id order there, likeliest first here). Each row now walks
+    in the host's order, so both equal the host's stream, with any neighbours."""
+    rng = np.random.default_rng(5)
+    steps = [rng.normal(size=(3, VOCAB)).astype(np.float32) for _ in range(40)]
+    neighbours = [
+        [],
+        [SamplingParams(temperature=1.0, top_p=0.9)],
+        [SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0)],
+    ]
+
+    def stream(params, others, sample):
+        mine = TokenSampler(params)
+        out = []
+        for logits in steps:
+            batch = logits[: 1 + len(others)].copy()
+            samplers = [mine, *(TokenSampler(p) for p in others)]
+            rows = batch if sample is sample_batch else torch.from_numpy(batch)
+            out.append(int(sample(rows, samplers)[0]))
+        return out
+
+    for params in (
+        SamplingParams(temperature=1.0, seed=99),
+        SamplingParams(temperature=0.7, top_k=20, seed=98),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=97),
+    ):
+        host = stream(params, [], sample_batch)
+        for others in neighbours:
+            assert stream(params, others, device_sampling.sample_batch) == host, (params, others)

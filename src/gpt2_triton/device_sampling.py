@@ -13,11 +13,13 @@ Seeded streams stay the host sampler's: each sampled row takes one number from i
 generator (``TokenSampler.rng``) per token, drawn on the host (a handful of nanoseconds)
 and sent with the step, so a seed gives the same stream whatever shares the batch, and a
 call that fails puts every generator back. The draw itself is an inverse-CDF search on the
-device: over the whole distribution (temperature, top-k), or over the nucleus sorted
-likeliest first (top-p; a stable sort, so ties go to the lower token id as on the host).
-Both keep exactly the k likeliest tokens (ties at the cut to the lower id) and the same
-nucleus; the host sampler reaches top-p by rejection, so for the same seed the two draw
-different tokens from the same distribution.
+device, each row in its own order whatever shares the batch, the host sampler's: over the
+whole distribution in token-id order (temperature alone), or sorted likeliest first with
+top-k or top-p (a stable sort, so ties go to the lower token id as on the host). Both keep
+exactly the k likeliest tokens (ties at the cut to the lower id) and the same nucleus, so
+a seed draws the host's tokens (up to rounding at a boundary), except with top-p and no
+top-k: the host reaches that nucleus by rejection, so the two draw different tokens from
+the same distribution.
 
 ``sampling.sample_batch`` sends logits here when they are a tensor on a GPU; the tests run
 this module on CPU tensors (the same operations).
@@ -46,7 +48,7 @@ def sample_batch(
 ) -> np.ndarray:
     """``sampling.sample_batch`` for a torch tensor of logits (B, vocab) on any device:
     the same contract (one token a row, observed by its sampler; SamplingError for a
-    sampled row with no finite maximum, with no draw taken and nothing observed)."""
+    row with no finite maximum, with no draw taken and nothing observed)."""
     suppressed, sampled = _rows(logits, samplers, suppressed)
     with _draws(samplers, sampled) as uniforms:
         tokens = _choose(logits, samplers, suppressed, sampled, uniforms).cpu().numpy()
@@ -111,14 +113,14 @@ def _draws(samplers, sampled: list[int]):
 
 
 def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarray):
-    """Each row's token (an int64 tensor on the logits' device), -1 for a sampled row with
-    no finite maximum."""
+    """Each row's token (an int64 tensor on the logits' device), -1 for a row with no
+    finite maximum."""
     import torch
 
     device = logits.device
     work = _adjusted(logits, samplers, suppressed)
     if not sampled:
-        return work.argmax(dim=1)
+        return _likeliest(work)
     greedy = sorted(set(range(len(samplers))) - set(sampled))
     params = [samplers[row].params for row in sampled]
     vocab = work.shape[1]
@@ -138,19 +140,36 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     if any(0 < p.top_k < vocab for p in params):  # top_k >= vocab keeps every token
         scaled = _keep_top_k(scaled, top_k.long(), min(max(p.top_k for p in params), vocab))
     probs = torch.softmax(scaled, dim=1).double()
-    if any(p.top_p < 1.0 for p in params):  # the nucleus, likeliest first
-        probs, order = probs.sort(dim=1, descending=True, stable=True)
-        ahead = probs.cumsum(dim=1) - probs  # the mass of the tokens before each
-        probs = probs * (ahead < top_p[:, None])
-        chosen = order.gather(1, _inverse_cdf(probs, uniform)[:, None])[:, 0]
+    # Each row walks its distribution in the host sampler's order, whatever else is in
+    # the batch: likeliest first with top-k or top-p (the host's top-k draw; top-p needs
+    # the sorted nucleus), in token-id order otherwise (the host's draw over the whole
+    # vocabulary). A row's token must not depend on its neighbours' parameters.
+    ranked = [0 < p.top_k < vocab or p.top_p < 1.0 for p in params]
+    if any(ranked):
+        sorted_probs, order = probs.sort(dim=1, descending=True, stable=True)
+        ahead = sorted_probs.cumsum(dim=1) - sorted_probs  # the mass of the tokens before each
+        sorted_probs = sorted_probs * (ahead < top_p[:, None])
+        chosen = order.gather(1, _inverse_cdf(sorted_probs, uniform)[:, None])[:, 0]
+        if not all(ranked):
+            by_id = to_device_without_wait(np.array(ranked) == 0, device)
+            chosen = torch.where(by_id, _inverse_cdf(probs, uniform), chosen)
     else:
         chosen = _inverse_cdf(probs, uniform)
     tokens = torch.empty(len(samplers), dtype=torch.int64, device=device)
     tokens[rows] = torch.where(finite, chosen, torch.full_like(chosen, -1))
     if greedy:
         at = to_device_without_wait(greedy, device)
-        tokens[at] = work[at].argmax(dim=1)
+        tokens[at] = _likeliest(work[at])
     return tokens
+
+
+def _likeliest(work):
+    """Each row's likeliest token (the lowest id of a tie), -1 where the row has no finite
+    maximum (max propagates a NaN, as the sampled rows' check sees it)."""
+    import torch
+
+    peak, token = work.max(dim=1)
+    return torch.where(torch.isfinite(peak), token, torch.full_like(token, -1))
 
 
 def _adjusted(logits, samplers, suppressed):

@@ -54,6 +54,11 @@ _NUCLEUS_TRIES = 4  # rejection tries before listing the nucleus (top_p 0.95: 6e
 _NUCLEUS_CANDIDATES = 1024  # the first candidate set when the nucleus is listed
 
 
+# A temperature this low is greedy in all but name; as vLLM does, it is taken as 0 (below
+# ~1e-38, 1 / t overflows float32 and the row could not be sampled at all).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class SamplingError(Gpt2TritonError):
     """A row cannot be sampled (logits that are NaN, +inf or all -inf)."""
 
@@ -71,6 +76,8 @@ class SamplingParams:
             raise RequestValidationError(
                 f"{names.TEMPERATURE} must be in [0, 100] (0 = greedy), got {self.temperature}"
             )
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:  # 1 / t would overflow float32
+            object.__setattr__(self, "temperature", 0.0)
         if self.top_k < 0:
             raise RequestValidationError(f"{names.TOP_K} must be >= 0 (0 = off), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
@@ -157,7 +164,7 @@ def sample_batch(
 
     ``suppressed[i]``, when not None, is a token row i must not produce (end-of-text before
     ``min_length``). Each sampler observes the token it produced. Raises SamplingError for
-    a sampled row whose logits have no finite maximum; a call that raises leaves every
+    a row, greedy or sampled, whose logits have no finite maximum; a call that raises leaves every
     sampler as it was (no draw taken, nothing observed). Logits that are a torch tensor
     on a GPU (the torch engine's) are sampled there (``device_sampling.py``); on the CPU
     they are read here as they are (a numpy view, no copy).
@@ -177,6 +184,8 @@ def sample_batch(
     for row, sampler in enumerate(samplers):
         if sampler.params.greedy:
             tokens[row] = _argmax(logits[row], sampler, suppressed[row])
+            if tokens[row] < 0:  # before any draw: nothing taken, nothing observed
+                raise SamplingError(f"row {row} of the logits has no finite maximum")
         else:
             sampled.append(row)
     if sampled:
@@ -237,11 +246,13 @@ def penalize_repeats(row: np.ndarray, seen: np.ndarray | Sequence[int], penalty:
 
 
 def _argmax(row: np.ndarray, sampler: TokenSampler, suppressed: int | None) -> int:
-    if sampler.counts is None and suppressed is None:
-        return int(np.argmax(row))
-    row = row.copy()  # one row (200 KB for GPT-2): the engine's logits stay as they came
-    _adjust(row, sampler, suppressed)
-    return int(np.argmax(row))
+    """The likeliest token; -1 where the row has no finite maximum (NaN, +inf, all -inf),
+    which fails a greedy row as it fails a sampled one, never passing for token 0."""
+    if sampler.counts is not None or suppressed is not None:
+        row = row.copy()  # one row (200 KB for GPT-2): the engine's logits stay as they came
+        _adjust(row, sampler, suppressed)
+    token = int(np.argmax(row))  # a NaN's own place, if there is one
+    return token if np.isfinite(row[token]) else -1
 
 
 def _adjust(row: np.ndarray, sampler: TokenSampler, suppressed: int | None) -> None:
