@@ -1388,6 +1388,19 @@ def test_a_forward_that_fails_in_the_engine_or_at_shutdown_is_answered_once(engi
         batcher.submit_forward([[5]], Replies())
 
 
+def test_a_row_the_engine_refuses_is_the_clients_error_named_by_its_own_row(engine, codec):
+    """Where the batcher does not check token ids (BLS: vocab_size 0) the engine refuses
+    them: that stays the engine's EngineError (the adapter's INVALID_ARG, not INTERNAL),
+    and names the forward's row 1, not the retried call's row 0."""
+    batcher = InflightBatcher(engine, codec, limits(engine))
+    failing = Replies()
+    batcher.submit_forward([[5], [10**6]], failing)
+    run_all_forwards(batcher, [failing])
+    logits, error = failing.answers[0]
+    assert logits is None and isinstance(error, EngineError), repr(error)
+    assert str(error).startswith("row 1: token id 1000000 outside the vocabulary"), error
+
+
 def run_all_forwards(batcher, replies, limit=100):
     for _ in range(limit):
         if all(r.answers for r in replies):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import re
 import secrets
 import threading
 import time
@@ -563,7 +564,7 @@ class InflightBatcher:
         ahead = self._decode_ahead and len(outcomes) == 1 and all(s.started for s in batch)
         for rows, logits in outcomes:
             if isinstance(logits, Exception):
-                finished += self._fail_rows(rows, f"engine error: {logits}")
+                finished += self._fail_rows(rows, f"engine error: {logits}", logits)
             else:
                 finished += self._advance_rows(rows, logits, now, ahead)
         self._retire(finished)
@@ -925,14 +926,16 @@ class InflightBatcher:
             _close(sequence)
 
     # -- failures and freeing caches ----------------------------------------------------------
-    def _fail_rows(self, rows: list[_Sequence], message: str) -> list[_Sequence]:
+    def _fail_rows(
+        self, rows: list[_Sequence], message: str, cause: Exception | None = None
+    ) -> list[_Sequence]:
         """Rows an engine step failed: each gets the error, and their caches are freed.
 
         The engine may hold a new row's cache all the same (a BLS call that failed after the
         step ran), so new rows are released too.
         """
         for sequence in rows:
-            self._end_with_error(sequence, message)
+            self._end_with_error(sequence, message, cause)
         self._to_release.update(s.sequence_id for s in rows if not s.started)
         return rows
 
@@ -970,13 +973,15 @@ class InflightBatcher:
             return
         self._to_release.difference_update(ids)
 
-    def _end_with_error(self, sequence: _Sequence, message: str) -> None:
+    def _end_with_error(
+        self, sequence: _Sequence, message: str, cause: Exception | None = None
+    ) -> None:
+        """``cause``: the engine's exception, where it failed the step."""
         if sequence.ended:
             return
         sequence.ended = True
         if sequence.job:
-            failure = ShuttingDownError if message == names.SHUTTING_DOWN else Gpt2TritonError
-            sequence.job.fail(failure(message))
+            sequence.job.fail(_forward_failure(sequence, message, cause))
             return
         self.stats.requests["error"] += 1
         try:
@@ -984,6 +989,19 @@ class InflightBatcher:
         except Exception:
             log.debug("error response for %d not delivered", sequence.sequence_id)
             _close(sequence)
+
+
+def _forward_failure(sequence: _Sequence, message: str, cause: Exception | None) -> Exception:
+    """What a forward's row failed with: an input the engine refused stays the client's
+    error (its type: the adapter answers INVALID_ARG), named by the forward's own row. A
+    row that fails goes to the engine alone (``_engine_step``), so the engine's own "row
+    0" is that row."""
+    if message == names.SHUTTING_DOWN:
+        return ShuttingDownError(message)
+    if isinstance(cause, (EngineError, RequestValidationError)):
+        detail = re.sub(r"^row \d+: ", "", str(cause))
+        return type(cause)(f"row {sequence.job_row}: {detail}")
+    return Gpt2TritonError(message)
 
 
 def _is_gone(sequence: _Sequence) -> bool:
