@@ -202,6 +202,9 @@ class TritonClient:
         self._live: dict[object, float] = {}
         self._ended_by_watch: set[object] = set()
         self._asking: asyncio.Future | None = None  # a check a request waits on, if any
+        # finished streams being drained: their own tasks, out of reach of the cancel that
+        # may end the caller's (a drain cancelled midway would cancel a finished request)
+        self._draining: set[asyncio.Task] = set()
 
     def own_headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -351,7 +354,7 @@ class TritonClient:
                 if piece.finish_reason:
                     finished = True
                     live.pop(call, None)  # finished: never the watch's to cancel
-                    await _drain(call)
+                    self._drain_apart(call)
                     yield piece
                     return
                 yield piece
@@ -377,6 +380,15 @@ class TritonClient:
             self._ended_by_watch.discard(call)
             if not finished:
                 call.cancel()
+
+    def _drain_apart(self, call) -> None:
+        """Drain a finished stream in a task of its own: a caller that leaves now (a client
+        gone, a sibling choice failed, the gateway's shutdown) cancels its own task, and a
+        drain cancelled inside it would cancel the call, a request after its final
+        response. The task holds the call until Triton closes it."""
+        task = asyncio.get_running_loop().create_task(_drain(call))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
 
 def _stopped_answering() -> TritonError:

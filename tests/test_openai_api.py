@@ -571,6 +571,51 @@ def test_a_client_that_disconnects_cancels_the_triton_requests(api, triton):
     pytest.fail(f"the hang-up did not cancel every choice: {outcomes}")
 
 
+def test_a_caller_gone_while_its_finished_stream_drains_cancels_nothing(triton, monkeypatch):
+    """A cancel (a client gone, a sibling choice failed) that landed while a finished
+    stream was drained cancelled the gRPC call inside the drain: a request cancelled after
+    its final response, which tritonserver 2.51 can leave "live" at shutdown (30 s of exit
+    timeout). The drain runs in a task of its own now; the caller's cancel lands here, as
+    it did in the review's run, and the call still ends OK."""
+    import asyncio
+    import contextlib
+
+    import grpc
+
+    from api import triton as gateway
+
+    real_drain, codes = gateway._drain, []
+
+    async def run() -> None:
+        draining = asyncio.Event()
+
+        async def drain_and_see(call) -> None:
+            draining.set()
+            await asyncio.sleep(0.2)  # where the caller's cancel lands
+            await real_drain(call)
+            codes.append(await call._grpc_call.code())
+
+        monkeypatch.setattr(gateway, "_drain", drain_and_see)
+        client = gateway.TritonClient(triton.grpc_url)
+        try:
+
+            async def caller() -> None:
+                async for _ in client.generate(gateway.Generation("The cat", True, 4)):
+                    pass
+
+            task = asyncio.create_task(caller())
+            await asyncio.wait_for(draining.wait(), DEADLINE_S)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.wait_for(asyncio.gather(*client._draining), DEADLINE_S)
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    assert codes == [grpc.StatusCode.OK]
+
+
 # --- the front door's key and Triton's queue ----------------------------------------------
 @pytest.fixture(scope="module")
 def small_service(tiny_export, artifacts):
