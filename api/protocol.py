@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from gpt2_triton import names
 from gpt2_triton.request import MAX_STOP_WORD_CHARS, MAX_STOP_WORDS
@@ -39,6 +47,21 @@ Text = Annotated[str, AfterValidator(_encodable)]  # what reaches the model as t
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's schema makes the optional fields nullable, and its SDK sends null for
+        an argument passed as None: a null optional field is its default (n, stream, echo,
+        min_tokens, ... as vLLM takes them); a required one stays an error."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -169,6 +192,21 @@ class ChatMessage(RequestModel):
     function_call: None = None
     audio: None = None
     annotations: list[Any] | None = Field(None, max_length=0)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            kinds = {p.get("type") for p in value if isinstance(p, dict)} - {"text"}
+            if kinds:  # named, rather than "Input should be a valid string"
+                raise ValueError(f"only text parts are supported, not {sorted(map(str, kinds))}")
+        return value
+
+    @model_validator(mode="after")
+    def _content_for_its_role(self):
+        if self.content is None and self.role != "assistant":  # (an assistant's: tool calls)
+            raise ValueError(f"a {self.role} message needs its content")
+        return self
 
     @property
     def text(self) -> str:

@@ -356,6 +356,13 @@ USER = [{"role": "user", "content": "Hi"}]
         (CHAT, {"messages": [{"role": "assistant", "content": "Hi"}]}, "messages"),
         (CHAT, {"messages": []}, "messages"),
         (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        (CHAT, {"messages": [{"role": "user"}]}, "messages[0]"),
+        (CHAT, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content",
+        ),
         # a lone surrogate ("\ud800" in JSON): no UTF-8 text holds one
         (COMPLETIONS, {"prompt": "The cat \ud800"}, "prompt"),
         (COMPLETIONS, {"prompt": ["ok", "\udfff"]}, "prompt[1]"),
@@ -375,6 +382,21 @@ def test_bad_values_are_400_naming_the_field(api, path, body, param):
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_null_for_an_optional_field_is_its_default(client, native):
+    """The SDK sends null for an argument passed as None (wrappers do it all the time);
+    OpenAI's schema allows it and vLLM takes it: n, stream, echo and min_tokens were 400."""
+    reference = native.generate("The cat", greedy(6))
+    nulls = dict(n=None, stream=None, stream_options=None, extra_body={"min_tokens": None})
+    reply = client.completions.create(
+        model=MODEL, prompt="The cat", max_tokens=6, temperature=0, echo=None, **nulls
+    )
+    assert [c.text for c in reply.choices] == [reference.text]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, temperature=0, **nulls
+    )
+    assert len(chat.choices) == 1 and chat.choices[0].finish_reason
 
 
 def test_bad_json_is_400(api):
