@@ -970,6 +970,8 @@ def test_api_key_is_needed_for_everything_but_health_over_http(guarded):
         {"Authorization": "Bearer wrong"},
         {"Authorization": API_KEY},  # no "Bearer "
         {"Authorization": f"bearer {API_KEY}x"},
+        {"Authorization": f"Bearer {API_KEY.upper()}"},  # the key itself is exact
+        {"Authorization": f"Bearer{API_KEY}"},
     ):
         reply = http_call(guarded.http_url, "POST", GENERATE, body, headers)
         assert reply.status == 401, (headers, reply)
@@ -989,6 +991,9 @@ def test_api_key_is_needed_for_everything_but_health_over_http(guarded):
     assert http_call(guarded.http_url, "POST", GENERATE, bad).status == 401
     assert http_call(guarded.http_url, "POST", GENERATE, bad, AUTH).status == 400
     assert generate_http(guarded, body, AUTH).startswith(PROMPT)
+    # the scheme is case-insensitive (RFC 7235), as are the spaces after it
+    for scheme in ("bearer ", "BEARER  "):
+        assert generate_http(guarded, body, {"Authorization": scheme + API_KEY}).startswith(PROMPT)
 
 
 def test_api_key_is_needed_for_everything_but_health_over_grpc(guarded):

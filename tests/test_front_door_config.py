@@ -57,6 +57,32 @@ def test_keys_cannot_break_out_of_the_config():
         FrontDoorSettings(api_key='k" }')
 
 
+def test_a_key_with_regex_characters_matches_itself_only(tmp_path):
+    """The key is matched within a regex (the scheme in any case): its own characters are
+    escaped, so "k.+" is no pattern that "kXYZ" passes."""
+    import re
+
+    key = "k.+*?(x)|[y]{2}^$"
+    settings = FrontDoorSettings(api_key=key, admin_socket=str(tmp_path / "admin.sock"))
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_config(settings))
+    envoy_validate(config)
+
+    def key_patterns(node):  # every header matcher on "authorization", wherever it is
+        if isinstance(node, dict):
+            if node.get("name") == "authorization":
+                yield node["string_match"]["safe_regex"]["regex"]
+            node = list(node.values())
+        if isinstance(node, list):
+            for item in node:
+                yield from key_patterns(item)
+
+    [pattern] = set(key_patterns(yaml.safe_load(config.read_text())))
+    assert re.fullmatch(pattern, f"Bearer {key}") and re.fullmatch(pattern, f"bearer  {key}")
+    for wrong in ("Bearer kXYZ(x)|[y]{2}^$", f"Bearer {key}x", "Bearer k", key):
+        assert not re.fullmatch(pattern, wrong), wrong
+
+
 def test_without_an_admin_key_the_admin_apis_are_closed_at_both_layers():
     closed = FrontDoorSettings(admin_socket="/tmp/admin.sock")
     other = FrontDoorSettings()

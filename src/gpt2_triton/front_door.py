@@ -12,6 +12,7 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -152,13 +153,16 @@ def render_config(settings: FrontDoorSettings, template: Path = TEMPLATE) -> str
     if not settings.admin_socket:
         raise FrontDoorError("admin_socket: the path of Envoy's admin socket is not set")
     # The route that refuses a request without the key: it matches when the header is not
-    # exactly "Bearer <key>" (missing counts as empty). Without a key it must match nothing:
-    # a method no HTTP client sends.
+    # "Bearer <key>" (missing counts as empty; the scheme in any case and spaces after it,
+    # RFC 7235; the key exact: RE2 matches the whole value, the key's own characters
+    # escaped). Without a key it must match nothing: a method no HTTP client sends.
     api_key_refusal_headers = (
         [
             {
                 "name": API_KEY_HEADER,
-                "string_match": {"exact": f"Bearer {settings.api_key}"},
+                "string_match": {
+                    "safe_regex": {"regex": f"(?i:bearer) +{re.escape(settings.api_key)}"}
+                },
                 "invert_match": True,
                 "treat_missing_header_as_empty": True,
             }
