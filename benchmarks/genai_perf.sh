@@ -18,7 +18,7 @@ PY=${PY:-.venv/bin/python}
 GENAI=${GENAI:-.venv-genai/bin/genai-perf}
 URL=${GRPC_URL:-127.0.0.1:8001}
 HTTP_URL=${HTTP_URL:-127.0.0.1:8000}  # the front door: /v1 is the OpenAI API
-OPENAI_ENDPOINTS=${OPENAI_ENDPOINTS:-completions chat}
+OPENAI_ENDPOINTS=${OPENAI_ENDPOINTS-completions chat}  # set empty: kserve only
 TOKENIZER=${TOKENIZER:-model_repository/gpt2/1/tokenizer}
 OUT=${GENAI_OUT:-artifacts/bench/genai}
 CONCURRENCY=${CONCURRENCY:-1 4 16}
@@ -32,14 +32,28 @@ cudart=$($PY -c "import nvidia.cuda_runtime, os; print(os.path.join(list(nvidia.
 export LD_LIBRARY_PATH="$cudart:${LD_LIBRARY_PATH:-}"
 export PATH="$(cd "$(dirname "$PY")" && pwd):$PATH"  # genai-perf runs `perf_analyzer`
 mkdir -p "$OUT"
+# profile NAME GENAI_ARGS...: one point into $OUT/NAME (and NAME.log). genai-perf 0.0.16
+# sometimes reads perf_analyzer's export before it is whole (seen here: 64 KiB or 0 bytes
+# of it, then a JSON error, at concurrency 4): a point without its results runs again,
+# at most 3 times, and is left out of the table after that.
+profile() {
+  local name=$1 try
+  shift
+  for try in 1 2 3; do
+    rm -rf "${OUT:?}/$name"
+    "$GENAI" profile "$@" --artifact-dir "$OUT/$name" >"$OUT/$name.log" 2>&1 || true
+    grep -v "^\[" "$OUT/$name.log" || true
+    if compgen -G "$OUT/$name/*/profile_export_genai_perf.json" >/dev/null; then return; fi
+    echo "genai-perf left no results for $name (try $try of 3; log: $OUT/$name.log)" >&2
+  done
+}
 for c in $CONCURRENCY; do
   echo "== genai-perf: gpt2, streaming, concurrency $c"
-  "$GENAI" profile -m gpt2 --backend tensorrtllm --endpoint-type kserve --streaming \
+  profile "c$c" -m gpt2 --backend tensorrtllm --endpoint-type kserve --streaming \
     -u "$URL" --tokenizer "$TOKENIZER" \
     --synthetic-input-tokens-mean 32 --synthetic-input-tokens-stddev 0 \
     --output-tokens-mean 64 --output-tokens-mean-deterministic \
-    --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c" \
-    --artifact-dir "$OUT/c$c" 2>&1 | tee "$OUT/c$c.log" | grep -v "^\[" || true
+    --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c"
 done
 if [ -n "$OPENAI_ENDPOINTS" ]; then
   # the model's id in the OpenAI API is the checkpoint's name, not the Triton model's
@@ -51,13 +65,12 @@ if [ -n "$OPENAI_ENDPOINTS" ]; then
   for endpoint in $OPENAI_ENDPOINTS; do
     for c in $CONCURRENCY; do
       echo "== genai-perf: OpenAI $endpoint ($model), streaming, concurrency $c"
-      "$GENAI" profile -m "$model" --endpoint-type "$endpoint" --streaming \
+      profile "$endpoint-c$c" -m "$model" --endpoint-type "$endpoint" --streaming \
         -u "http://$HTTP_URL" --tokenizer "$TOKENIZER" \
         ${API_KEY:+--header "Authorization: Bearer $API_KEY"} \
         --synthetic-input-tokens-mean 32 --synthetic-input-tokens-stddev 0 \
         --output-tokens-mean 64 --extra-inputs min_tokens:64 \
-        --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c" \
-        --artifact-dir "$OUT/$endpoint-c$c" 2>&1 | tee "$OUT/$endpoint-c$c.log" | grep -v "^\[" || true
+        --concurrency "$c" --request-count $((4 * c < 16 ? 16 : 4 * c)) --warmup-request-count "$c"
     done
   done
 fi
