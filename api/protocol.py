@@ -198,13 +198,16 @@ class ChatMessage(RequestModel):
     def _text_parts_only(cls, value):
         if isinstance(value, list):
             kinds = {p.get("type") for p in value if isinstance(p, dict)} - {"text"}
+            if None in kinds:
+                raise ValueError("each content part needs its type ('text')")
             if kinds:  # named, rather than "Input should be a valid string"
                 raise ValueError(f"only text parts are supported, not {sorted(map(str, kinds))}")
         return value
 
     @model_validator(mode="after")
     def _content_for_its_role(self):
-        if self.content is None and self.role != "assistant":  # (an assistant's: tool calls)
+        # an assistant's may be missing (tool calls); OpenAI refuses an empty list of parts
+        if self.role != "assistant" and (self.content is None or self.content == []):
             raise ValueError(f"a {self.role} message needs its content")
         return self
 

@@ -216,6 +216,10 @@ class TritonClient:
         return {"authorization": authorization} if authorization else {}
 
     async def close(self) -> None:
+        # Closing the channel cancels every call on it: the finished streams still being
+        # drained first (each ends once Triton closes it, within DRAIN_TIMEOUT_S).
+        if self._draining:
+            await asyncio.wait(list(self._draining), timeout=DRAIN_TIMEOUT_S)
         await self._client.close()
 
     async def is_ready(self) -> bool:

@@ -162,6 +162,7 @@ def template_values(
         "gpt2": {
             "model_name": model_name,
             "context_window": shape.max_positions,
+            "vocab_size": shape.vocab_size,  # a forward's token ids are checked on the way in
             "max_sequences": settings.max_sequences,
             "max_queue": settings.max_queue,
             "max_prefill_tokens": settings.max_prefill_tokens,

@@ -24,7 +24,7 @@ from gpt2_triton.batcher import (
     default_prefill_tokens,
 )
 from gpt2_triton.engines.factory import build_engine
-from gpt2_triton.errors import EngineError, RequestValidationError
+from gpt2_triton.errors import EngineError, Gpt2TritonError, RequestValidationError
 from gpt2_triton.names import SHUTTING_DOWN
 from gpt2_triton.request import GenerationRequest
 from gpt2_triton.sampling import SamplingParams
@@ -1388,17 +1388,17 @@ def test_a_forward_that_fails_in_the_engine_or_at_shutdown_is_answered_once(engi
         batcher.submit_forward([[5]], Replies())
 
 
-def test_a_row_the_engine_refuses_is_the_clients_error_named_by_its_own_row(engine, codec):
-    """Where the batcher does not check token ids (BLS: vocab_size 0) the engine refuses
-    them: that stays the engine's EngineError (the adapter's INVALID_ARG, not INTERNAL),
-    and names the forward's row 1, not the retried call's row 0."""
-    batcher = InflightBatcher(engine, codec, limits(engine))
+def test_a_forward_row_the_engine_fails_is_the_servers_error_named_by_its_own_row(engine, codec):
+    """An engine failure stays the server's (the adapter's INTERNAL: input is checked on
+    the way in, with the model's vocabulary in both placements), and names the forward's
+    row 1, not the retried call's row 0."""
+    batcher = InflightBatcher(engine, codec, limits(engine))  # vocab_size 0: not checked
     failing = Replies()
     batcher.submit_forward([[5], [10**6]], failing)
     run_all_forwards(batcher, [failing])
     logits, error = failing.answers[0]
-    assert logits is None and isinstance(error, EngineError), repr(error)
-    assert str(error).startswith("row 1: token id 1000000 outside the vocabulary"), error
+    assert logits is None and type(error) is Gpt2TritonError, repr(error)
+    assert str(error).startswith("row 1: engine error: token id 1000000 outside"), error
 
 
 def run_all_forwards(batcher, replies, limit=100):

@@ -57,6 +57,21 @@ def test_keys_cannot_break_out_of_the_config():
         FrontDoorSettings(api_key='k" }')
 
 
+def test_the_longest_key_allowed_is_one_envoy_accepts(tmp_path):
+    """The API key sits in an RE2 regex, which the template's program-size guard refuses
+    from ~990 characters: a longer key is refused here, with its reason, not by Envoy."""
+    from gpt2_triton.front_door import MAX_KEY_CHARS
+
+    longest = "k" * MAX_KEY_CHARS
+    settings = FrontDoorSettings(api_key=longest, admin_socket=str(tmp_path / "admin.sock"))
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render_config(settings))
+    envoy_validate(config)
+    for name in ("api_key", "admin_key"):
+        with pytest.raises(FrontDoorError, match=f"at most {MAX_KEY_CHARS} characters"):
+            FrontDoorSettings(**{name: longest + "k"})
+
+
 def test_a_key_with_regex_characters_matches_itself_only(tmp_path):
     """The key is matched within a regex (the scheme in any case): its own characters are
     escaped, so "k.+" is no pattern that "kXYZ" passes."""

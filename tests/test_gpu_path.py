@@ -216,16 +216,22 @@ def test_one_copy_of_the_engine_per_server(engine, device, placement, holder):
     assert settings.engine_holder == holder
 
 
+COMPOSE_SETTINGS = ("MODEL", "MAX_SEQUENCES", "GPU_ENGINE", "TRITON_IMAGE", "API_KEY", "ADMIN_KEY")
+
+
 def _compose(*args: str) -> str:
     if not shutil.which("docker-compose"):
         if os.environ.get("CI"):
             pytest.fail("docker-compose is missing: make test-tools installs it")
         pytest.skip("no docker-compose (apt-get install docker-compose)")
+    # the file's own defaults, not this shell's settings (GPU_ENGINE=torch make ...)
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SETTINGS}
     out = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=env,
         timeout=60,
     )
     assert out.returncode == 0, out.stderr

@@ -500,6 +500,11 @@ def test_gpt2_calling_the_engine_model_by_bls_generates_the_same_text(tiny_expor
         repository=artifacts / "model_repository_bls",
     )
     assert not (repository / "gpt2" / "1" / "engine").exists()  # no second copy
+    # gpt2 checks a forward's token ids itself here too (it loads only with the value)
+    assert (
+        'key: "vocab_size", value: { string_value: "'
+        in (repository / "gpt2" / "config.pbtxt").read_text()
+    )
     server = service(repository, artifacts / "logs_bls")
     expected = grpc.generate("The old man", GREEDY).text  # in process, the session server
     with server, Gpt2Client(server.grpc_url) as bls:

@@ -263,8 +263,8 @@ class _Sequence:
         return self.prompt_ids[self.prefilled : self.prefilled + self.chunk]
 
 
-# logits (rows, vocab) of a forward, or the exception that failed it (RequestValidationError
-# and EngineError: the request's fault; ShuttingDownError; anything else: internal)
+# logits (rows, vocab) of a forward, or the exception that failed it (ShuttingDownError;
+# anything else: internal; a bad input is refused by submit_forward, before it queues)
 ForwardReply = Callable[[np.ndarray | None, Exception | None], None]
 
 
@@ -992,15 +992,16 @@ class InflightBatcher:
 
 
 def _forward_failure(sequence: _Sequence, message: str, cause: Exception | None) -> Exception:
-    """What a forward's row failed with: an input the engine refused stays the client's
-    error (its type: the adapter answers INVALID_ARG), named by the forward's own row. A
-    row that fails goes to the engine alone (``_engine_step``), so the engine's own "row
-    0" is that row."""
+    """What a forward's row failed with, named by the forward's own row. The engine numbers
+    the rows of its call, and a row that fails goes to the engine alone (``_engine_step``),
+    so its "row 0" is that row. Still the server's failure (the adapter's INTERNAL): the
+    input was checked on the way in (``check_forward_rows``), and an EngineError here may
+    be anything from the engine's state to an engine model that is gone."""
     if message == names.SHUTTING_DOWN:
         return ShuttingDownError(message)
-    if isinstance(cause, (EngineError, RequestValidationError)):
+    if cause is not None:
         detail = re.sub(r"^row \d+: ", "", str(cause))
-        return type(cause)(f"row {sequence.job_row}: {detail}")
+        return Gpt2TritonError(f"row {sequence.job_row}: engine error: {detail}")
     return Gpt2TritonError(message)
 
 

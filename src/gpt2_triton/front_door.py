@@ -32,6 +32,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yam
 GENERATE_CHECK = TEMPLATE.with_name("generate_check.lua")
 GENERATION_MODEL = "gpt2"
 ADMIN_HEADER = "x-admin-key"
+MAX_KEY_CHARS = 256
 API_KEY_HEADER = "authorization"  # "Bearer <key>", as OpenAI-style clients send it
 
 # Triton's admin APIs: HTTP paths and gRPC methods. The same categories are restricted in
@@ -127,6 +128,10 @@ class FrontDoorSettings:
         for key, name in ((self.api_key, "API_KEY"), (self.admin_key, "ADMIN_KEY")):
             if key and (not key.isprintable() or '"' in key or "\\" in key or " " in key):
                 raise FrontDoorError(f"{name} must be printable, without spaces, quotes or '\\'")
+            # the API key is matched by a regex, which RE2 (at the template's program-size
+            # guard) refuses from ~990 characters: Envoy would not start
+            if len(key) > MAX_KEY_CHARS:
+                raise FrontDoorError(f"{name} must be at most {MAX_KEY_CHARS} characters")
 
     @property
     def triton_replicas(self) -> tuple[tuple[int, int], ...]:

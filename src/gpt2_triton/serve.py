@@ -185,6 +185,7 @@ class Service:
         )
         self._gateway_backoff = Backoff()
         self._gateway_up_since = 0.0
+        self._gateway_start_failed = False
         self._stopping = threading.Event()
         self._started = threading.Event()  # the first Triton start was attempted
         self._supervisor: threading.Thread | None = None
@@ -481,21 +482,28 @@ class Service:
     def _gateway_wait(self) -> float:
         """The backoff before a gateway that has just exited is started again (logged)."""
         wait = self._gateway_backoff.wait(up_for_s=time.monotonic() - self._gateway_up_since)
+        what = (
+            "could not be started"
+            if self._gateway_start_failed
+            else f"exited ({_describe_exit(self.gateway.process.returncode)})"
+        )
         log.warning(
-            "the OpenAI gateway exited (%s); restarting it in %.0f s (log: %s)",
-            _describe_exit(self.gateway.process.returncode),
+            "the OpenAI gateway %s; restarting it in %.0f s (log: %s)",
+            what,
             wait,
             self.gateway.log_file,
         )
         return wait
 
     def _restart_gateway(self) -> None:
+        self._gateway_start_failed = False
         try:
             self.gateway.stop()
             self.gateway.start()
             self._gateway_liveness.reset()
         except Exception:  # the supervisor must outlive it: Triton is still served
             log.exception("could not restart the OpenAI gateway")
+            self._gateway_start_failed = True  # (its process is still the one that exited)
         self._gateway_up_since = time.monotonic()
 
 

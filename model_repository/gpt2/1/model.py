@@ -64,7 +64,6 @@ class TritonPythonModel:
         codec = TextCodec(folder / model_config.require(params, "tokenizer_dir", "gpt2"))
         max_active = model_config.int_param(params, "max_active", "gpt2", minimum=1)
         self.engine, self.gauges = self._engine(params, folder, max_active)
-        shape = getattr(self.engine, "shape", None)  # in process; by BLS the engine checks
         limits = BatcherLimits(
             max_positions=model_config.int_param(params, "context_window", "gpt2", minimum=2),
             eos_token_id=codec.eos_token_id,
@@ -82,7 +81,9 @@ class TritonPythonModel:
             ),
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             cancel_checks_per_step=CANCEL_CHECKS_PER_STEP,
-            vocab_size=shape.vocab_size if shape else 0,
+            # both placements: by BLS the engine model would refuse a bad id as well, but
+            # its answer cannot tell a refused input from its own failure
+            vocab_size=model_config.int_param(params, "vocab_size", "gpt2", minimum=1),
             decode_ahead=self._decode_ahead(params, self.engine),
         )
         self.batcher = InflightBatcher(self.engine, codec, limits)
@@ -173,8 +174,6 @@ class TritonPythonModel:
             if error is None:
                 tensor = pb_utils.Tensor(names.LOGITS, logits[np.newaxis])
                 sink.sender.send(pb_utils.InferenceResponse([tensor]), flags=FINAL)
-            elif isinstance(error, (RequestValidationError, EngineError)):
-                sink.send_error(str(error), pb_utils.TritonError.INVALID_ARG)
             elif isinstance(error, ShuttingDownError):
                 sink.send_error(str(error), pb_utils.TritonError.UNAVAILABLE)
             else:
