@@ -81,9 +81,7 @@ class TritonPythonModel:
             ),
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             cancel_checks_per_step=CANCEL_CHECKS_PER_STEP,
-            # both placements: by BLS the engine model would refuse a bad id as well, but
-            # its answer cannot tell a refused input from its own failure
-            vocab_size=model_config.int_param(params, "vocab_size", "gpt2", minimum=1),
+            vocab_size=self._vocab_size(params),
             decode_ahead=self._decode_ahead(params, self.engine),
         )
         self.batcher = InflightBatcher(self.engine, codec, limits)
@@ -180,6 +178,17 @@ class TritonPythonModel:
                 sink.send_error(f"forward failed: {error}")
 
         self.batcher.submit_forward(tokens, reply)
+
+    def _vocab_size(self, params) -> int:
+        """What a forward's token ids are checked against, in both placements: by BLS the
+        engine model would refuse a bad id as well, but its answer cannot tell a refused
+        input from its own failure. A repository rendered before the parameter existed
+        falls back to the engine in process (by BLS: none, the engine checks)."""
+        if "vocab_size" in params:
+            return model_config.int_param(params, "vocab_size", "gpt2", minimum=1)
+        pb_utils.Logger.log_warn("gpt2: no vocab_size parameter (make repo renders it)")
+        shape = getattr(self.engine, "shape", None)
+        return shape.vocab_size if shape else 0
 
     def _run(self):
         try:
