@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
+import signal
 import socket
 import tempfile
 import threading
@@ -518,3 +520,79 @@ def test_the_front_door_drains_its_listeners_and_waits_for_what_is_in_flight(fro
 
 def test_the_drain_of_a_stopped_front_door_returns_at_once(tmp_path):
     assert drain.main(["envoy", "--admin-socket", str(tmp_path / "gone.sock")]) == 0
+
+
+def says_draining(port: int) -> bool:
+    """Whether the door's answer to a health request asks the client to reconnect
+    (``Connection: close``): what a drained listener tells HTTP/1 clients."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/v2/health/ready")
+        response = connection.getresponse()
+        response.read()
+        return (response.getheader("connection") or "").lower() == "close"
+    finally:
+        connection.close()
+
+
+@pytest.mark.integration
+def test_the_compose_front_door_drains_on_sigterm_then_stops(short_dir):
+    """compose has no preStop: `front_door --run --drain-seconds` runs the drain itself on
+    the SIGTERM of a stop, so a request in flight through the door is answered before
+    Envoy goes (before, Envoy was exec'd and ended at once, cutting it)."""
+    import subprocess
+    import sys
+
+    http_port, grpc_port, triton_http, triton_grpc, gateway = free_ports(5)
+    HeldUpstream.release.clear()
+    upstream = ThreadingHTTPServer(("127.0.0.1", triton_http), HeldUpstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    socket_path = str(short_dir / "admin.sock")
+    ports = {
+        "--http-port": http_port,
+        "--grpc-port": grpc_port,
+        "--triton-http-port": triton_http,
+        "--triton-grpc-port": triton_grpc,
+        "--gateway-port": gateway,
+    }
+    door = subprocess.Popen(
+        [sys.executable, "-m", "gpt2_triton.front_door", "--run", "--drain-seconds", "120",
+         "--out", str(short_dir / "envoy.yaml"), "--admin-socket", socket_path,
+         *[str(x) for pair in ports.items() for x in pair]],
+        start_new_session=True,
+    )  # fmt: skip
+    held: list[tuple[int, bytes]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the door listens and the upstream passed its health check
+            assert door.poll() is None, "the front door exited while starting"
+            try:
+                if call(http_port, "GET", "/v2/health/ready")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the front door never became ready"
+            time.sleep(0.2)
+        client = threading.Thread(target=lambda: held.append(call(http_port, "POST", "/v2/x")))
+        client.start()
+        while drain.envoy_in_flight(socket_path) != 1:
+            assert time.monotonic() < deadline, "the request never reached the upstream"
+            time.sleep(0.05)
+        assert not says_draining(http_port)  # before the stop: connections are kept
+        door.send_signal(signal.SIGTERM)
+        while not says_draining(http_port):  # the drain began; Envoy still serves
+            assert door.poll() is None, "the front door stopped without draining"
+            assert time.monotonic() < deadline + 60, "the drain never began"
+            time.sleep(0.1)
+        assert door.poll() is None and not held  # held: Envoy waits with it
+        HeldUpstream.release.set()
+        client.join(timeout=60)
+        assert held == [(200, b'{"held": "released"}')]  # answered, not cut
+        assert door.wait(timeout=60) == 0
+    finally:
+        HeldUpstream.release.set()
+        if door.poll() is None:
+            os.killpg(door.pid, signal.SIGKILL)
+            door.wait()
+        upstream.shutdown()
+        upstream.server_close()

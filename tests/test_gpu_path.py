@@ -269,11 +269,33 @@ def _k8s_grace_period_s(manifest: str) -> int:
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_compose_stops_triton_as_kubernetes_does(profile):
     """compose stop/down sends SIGKILL after stop_grace_period (10 s unless set): Triton
-    gets the time Kubernetes gives it. (Not the front door: Envoy exits at once on
-    SIGTERM, and compose has no drain step to give time to.)"""
+    gets the time Kubernetes gives it."""
     services = yaml.safe_load(_compose("--profile", profile, "config"))["services"]
     server = services["triton" if profile == "gpu" else "triton-cpu"]
     assert server.get("stop_grace_period") == f"{_k8s_grace_period_s('triton.yaml')}s", server
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_stops_the_front_door_first_and_it_drains(profile):
+    """compose has no preStop: the door's launcher drains on SIGTERM (--drain-seconds,
+    tests/test_drain.py), within its stop budget (Kubernetes' for the same pod), and the
+    door depends on its Triton and the gateway, so compose stops it before them: they
+    stop once nothing is in flight through it. One door per profile: a dependency on a
+    service of another profile is an error in compose."""
+    services = yaml.safe_load(_compose("--profile", profile, "config"))["services"]
+    door = services["front-door" if profile == "gpu" else "front-door-cpu"]
+    triton = "triton" if profile == "gpu" else "triton-cpu"
+    assert set(door["depends_on"]) == {triton, "openai"}
+    assert {profile} == set(door["profiles"])
+    for name in door["depends_on"]:
+        assert profile in services[name]["profiles"], name
+    command = door["command"]
+    drain_s = float(command[command.index("--drain-seconds") + 1])
+    budget_s = int(door["stop_grace_period"].removesuffix("s"))
+    assert budget_s == _k8s_grace_period_s("front-door.yaml")
+    assert 0 < drain_s <= budget_s - 30  # Envoy's own stop, and the interpreter's start
+    if profile == "cpu":  # reached by the name the gateway and the page use
+        assert "front-door" in door["networks"]["default"]["aliases"]
 
 
 def _run_recorded(

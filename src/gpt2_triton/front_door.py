@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -407,6 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=0, help="Envoy's worker threads (0: one a core)"
     )
     parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0.0,
+        help="with --run: on SIGTERM (or SIGINT), drain the listeners and wait up to this "
+        "long for what is in flight before Envoy stops, the drain Kubernetes' preStop runs "
+        "(for docker compose, which has none); 0: exec envoy, which stops at once",
+    )
+    parser.add_argument(
         "--public-without-key",
         action="store_true",
         help="bind off loopback without API_KEY: only where the published port is private",
@@ -443,7 +452,44 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--drain-strategy", "immediate"]
         if args.concurrency:
             command += ["--concurrency", str(args.concurrency)]
-        os.execv(binary, command)
+        if not args.drain_seconds:
+            os.execv(binary, command)
+        return run_draining_on_stop(command, args.admin_socket, args.drain_seconds)
+    return 0
+
+
+# With one front door and no DNS to leave (compose), a request routed before the drain
+# began is the last to come: a short quiet window catches one that raced the signal.
+COMPOSE_DRAIN_QUIET_S = 2.0
+
+
+def run_draining_on_stop(command: list[str], admin_socket: str, drain_seconds: float) -> int:
+    """Envoy as a child until it exits, or until SIGTERM/SIGINT: then its listeners drain
+    (``gpt2_triton.drain envoy``: clients are told to reconnect; what is in flight goes on)
+    for at most ``drain_seconds``, and Envoy is stopped. Returns Envoy's exit code (0
+    after a stop asked for)."""
+    from gpt2_triton import drain
+    from gpt2_triton.process import popen_dying_with_parent
+
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    envoy = popen_dying_with_parent(command)
+    while envoy.poll() is None and not stopping.wait(0.5):
+        pass
+    if envoy.poll() is not None:  # it ended by itself: its code is the answer
+        return envoy.returncode
+    quiet = min(COMPOSE_DRAIN_QUIET_S, drain_seconds)
+    drain.main(
+        ["--timeout", str(drain_seconds), "--quiet", str(quiet), "--interval", "0.5",
+         "envoy", "--admin-socket", admin_socket]
+    )  # fmt: skip
+    envoy.terminate()
+    try:
+        envoy.wait(10.0)  # Envoy ends at once on SIGTERM: this is for one that hangs
+    except subprocess.TimeoutExpired:
+        envoy.kill()
+        envoy.wait()
     return 0
 
 
