@@ -36,7 +36,7 @@ from api.serving_engine import (
 from api.triton import Piece
 from gpt2_triton import names
 from gpt2_triton.request import MAX_STOP_WORDS
-from gpt2_triton.transcript import CHAT_PREAMBLE, STOP_WORDS, chat_prompt
+from gpt2_triton.transcript import CHAT_PREAMBLE, STOP_WORDS, chat_prompt, without_a_begun_turn
 
 
 def transcript(request: ChatCompletionRequest) -> str:
@@ -68,12 +68,16 @@ def stop_words(request: ChatCompletionRequest) -> tuple[str, ...]:
 
 
 class _Reply:
-    """Drops a reply's leading whitespace, across pieces when streaming."""
+    """Drops a reply's leading whitespace, across pieces when streaming, and from its last
+    piece the start of a next turn (``without_a_begun_turn``: what the server held back as
+    a possible stop word comes out whole in that piece)."""
 
     def __init__(self) -> None:
         self.started = False
 
-    def __call__(self, text: str) -> str:
+    def __call__(self, text: str, last: bool = False) -> str:
+        if last:
+            text = without_a_begun_turn(text)
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
@@ -105,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
         finals: dict[int, Piece] = {}
         try:
             async for index, piece in choices:
-                texts[index] += replies[index](piece.text)
+                texts[index] += replies[index](piece.text, last=bool(piece.finish_reason))
                 if piece.finish_reason:
                     finals[index] = piece
         finally:
@@ -153,7 +157,7 @@ class OpenAIServingChat(OpenAIServing):
                 role = DeltaMessage(role="assistant", content="")
                 yield chunk([ChatStreamChoice(index=index, delta=role)])
             async for index, piece in choices:
-                text = replies[index](piece.text)
+                text = replies[index](piece.text, last=bool(piece.finish_reason))
                 if text:
                     yield text_chunk(index, text)
                 if piece.finish_reason:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,24 @@ def triton(tiny_export, artifacts):
     )
     with service(repository, artifacts / "logs") as server:
         yield server
+
+
+def cut_as_the_next_turn_begins(grpc_url: str, message: str) -> tuple[int, str]:
+    """A greedy chat reply's token limit that cuts it as the model begins the next turn
+    (its raw text ending "...\\nUser" or the like: the server held that back as a possible
+    stop word and let it out at the end), with that raw text. Found on the real server:
+    the greedy reply stops at the transcript's stop word after some tokens, and a limit
+    a token or two short of it falls inside the stop word."""
+    from client import GenerationParams, Gpt2Client
+    from gpt2_triton.transcript import STOP_WORDS, chat_prompt, without_a_begun_turn
+
+    prompt = chat_prompt([], message)
+    with Gpt2Client(grpc_url) as client:
+        params = GenerationParams(temperature=0, max_tokens=120, stop_words=STOP_WORDS)
+        whole = client.generate(prompt, params)
+        assert whole.finish_reason == "stop", "the greedy reply must end at a next turn"
+        for limit in range(whole.num_output_tokens - 1, 0, -1):
+            cut = client.generate(prompt, replace(params, max_tokens=limit))
+            if without_a_begun_turn(cut.text) != cut.text:
+                return limit, cut.text
+    raise AssertionError(f"no token limit cuts {message!r}'s reply inside its stop word")

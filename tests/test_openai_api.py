@@ -261,6 +261,26 @@ def test_greedy_chat_continues_the_ui_transcript(client, native):
     assert chat.object == "chat.completion"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_reply_cut_as_it_begins_the_next_turn_ends_before_it(client, triton, stream):
+    """The same cut as the chat page's (tests/test_ui_chat.py): "...\nUser" is not part
+    of the reply, streamed or whole."""
+    from conftest import cut_as_the_next_turn_begins
+
+    from gpt2_triton.transcript import without_a_begun_turn
+
+    message = "Where does the cat go?"
+    limit, raw = cut_as_the_next_turn_begins(triton.grpc_url, message)
+    request = dict(model=MODEL, messages=[{"role": "user", "content": message}])
+    request |= dict(max_tokens=limit, temperature=0, stream=stream)
+    reply = client.chat.completions.create(**request)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    else:
+        text = reply.choices[0].message.content
+    assert text == without_a_begun_turn(raw).lstrip() != raw.lstrip(), (text, raw)
+
+
 def test_system_message_replaces_the_preamble(client, native):
     system = "A short talk between two friends."
     reference = chat_reference(native, preamble=system)

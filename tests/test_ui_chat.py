@@ -8,7 +8,7 @@ import gradio as gr
 import pytest
 from conftest import gpt2_metrics, wait_until, wait_until_idle
 
-from gpt2_triton.transcript import render_turn
+from gpt2_triton.transcript import render_turn, without_a_begun_turn
 from ui.chat import (
     ChatService,
     PageLimits,
@@ -146,6 +146,20 @@ def test_chat_streams_a_reply_that_stops_at_the_next_user_turn(service):
     assert replies[-1].strip() and "User:" not in replies[-1]
     assert "tokens/s" in service.status_line("s1") and "tiny" in service.status_line("s1")
     assert "tokens/s" not in service.status_line("another user's session")
+
+
+def test_a_reply_cut_as_it_begins_the_next_turn_ends_before_it(service, triton):
+    """A reply whose token limit fell inside the next turn's "\nUser:" ended with
+    "\nUser": the server held it back as a possible stop word and let it out at the end."""
+    from conftest import cut_as_the_next_turn_begins
+
+    message = "Where does the cat go?"
+    limit, raw = cut_as_the_next_turn_begins(triton.grpc_url, message)
+    # the page's sampling off: the helper's greedy reply (no penalty, no top-k)
+    plain = dict(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    answers = list(service.chat(message, [], Settings(max_tokens=limit, **plain), "s-cut"))
+    content = answers[-1][0]["content"]
+    assert content == without_a_begun_turn(raw) != raw, (content, raw)
 
 
 def test_long_history_is_trimmed_by_the_servers_tokenizer(service, triton):

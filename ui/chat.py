@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from client import ClientError, GenerationParams, Gpt2Client, TextStream
-from gpt2_triton.transcript import STOP_WORDS, chat_prompt, render_turn
+from gpt2_triton.transcript import STOP_WORDS, chat_prompt, render_turn, without_a_begun_turn
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,10 @@ class ChatService:
                 params = settings.params(STOP_WORDS)
                 for text in self._stream(client, prompt, params, session, CHAT_TAB):
                     yield [reply(text)]
-                if not text:  # the model ended at once: the user still sees an answer
-                    yield [reply("")]
+                if not text or without_a_begun_turn(text) != text:
+                    # the model ended at once (the user still sees an answer), or its token
+                    # limit cut it as it began the next turn (held back till the end)
+                    yield [reply(without_a_begun_turn(text))]
                 return
             except (PromptTooLong, ReplyInterrupted) as exc:
                 problem = str(exc)

@@ -30,6 +30,24 @@ def chat_prompt(history: Iterable[Mapping], message: str, preamble: str = CHAT_P
     )
 
 
+def without_a_begun_turn(reply: str) -> str:
+    """``reply`` without the start of a next turn it ends with ("...\nUs"): a reply that
+    its token limit cut just as the model began a new ``User:`` or ``Assistant:`` line
+    (the server holds back a possible stop word until it is sure, and lets that text out
+    at the end). Only the newline-led stop words: a reply may well end in "Use"."""
+    begun = max(
+        (
+            n
+            for word in STOP_WORDS
+            if word.startswith("\n")
+            for n in range(1, len(word))
+            if reply.endswith(word[:n])
+        ),
+        default=0,
+    )
+    return reply[: len(reply) - begun]
+
+
 def render_turn(turn: Mapping) -> str:
     """One ``User: ...`` or ``Assistant: ...`` line of the transcript, newline included."""
     return TURN_TEMPLATE.format(
