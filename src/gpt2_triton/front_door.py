@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -466,19 +465,25 @@ COMPOSE_DRAIN_QUIET_S = 2.0
 def run_draining_on_stop(command: list[str], admin_socket: str, drain_seconds: float) -> int:
     """Envoy as a child until it exits, or until SIGTERM/SIGINT: then its listeners drain
     (``gpt2_triton.drain envoy``: clients are told to reconnect; what is in flight goes on)
-    for at most ``drain_seconds``, and Envoy is stopped. Returns Envoy's exit code (0
-    after a stop asked for)."""
+    for at most ``drain_seconds``, and Envoy is stopped. Returns Envoy's exit code as a
+    shell gives it (128 + the signal that killed it; 0 after a stop asked for)."""
     from gpt2_triton import drain
     from gpt2_triton.process import popen_dying_with_parent
 
-    stopping = threading.Event()
+    # The handler only sets a flag: one that took a lock (Event.set) could deadlock on the
+    # very lock the interrupted main thread holds (Event.wait).
+    asked: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    envoy = popen_dying_with_parent(command)
-    while envoy.poll() is None and not stopping.wait(0.5):
-        pass
-    if envoy.poll() is not None:  # it ended by itself: its code is the answer
-        return envoy.returncode
+        signal.signal(signum, lambda signum, _frame: asked.append(signum))
+    # its own process group: a terminal's Ctrl-C (to the whole group) reaches only this
+    # launcher, which drains, and not Envoy, which would stop at once
+    envoy = popen_dying_with_parent(command, process_group=0)
+    while not asked:
+        try:
+            code = envoy.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+        return 128 - code if code < 0 else code  # it ended by itself
     quiet = min(COMPOSE_DRAIN_QUIET_S, drain_seconds)
     drain.main(
         ["--timeout", str(drain_seconds), "--quiet", str(quiet), "--interval", "0.5",
