@@ -29,6 +29,7 @@ engine, a list that collects responses).
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import re
@@ -736,6 +737,8 @@ class InflightBatcher:
         for sequence in cancelled:
             self._finish(sequence, names.FINISH_CANCELLED, "")
         self._retire(cancelled)
+        if not self._waiting:  # (only this thread empties it; an arrival waits a step)
+            return
         with self._wake:
             waiting = list(self._waiting)
         # One waiting request a step, where the checks are capped: each is a round trip
@@ -759,7 +762,8 @@ class InflightBatcher:
         now = time.monotonic()
         due = [s for s in sequences if now - s.cancel_checked_at >= interval]
         if per_step:
-            due = sorted(due, key=lambda s: s.cancel_checked_at)[:per_step]
+            # (sorted()[:per_step] without sorting all: the queue may hold a thousand)
+            due = heapq.nsmallest(per_step, due, key=lambda s: s.cancel_checked_at)
         for sequence in due:
             sequence.cancel_checked_at = now
         return due

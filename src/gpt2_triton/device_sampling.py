@@ -144,17 +144,20 @@ def _choose(logits, samplers, suppressed, sampled: list[int], uniforms: np.ndarr
     # the batch: likeliest first with top-k or top-p (the host's top-k draw; top-p needs
     # the sorted nucleus), in token-id order otherwise (the host's draw over the whole
     # vocabulary). A row's token must not depend on its neighbours' parameters.
-    ranked = [0 < p.top_k < vocab or p.top_p < 1.0 for p in params]
-    if any(ranked):
-        sorted_probs, order = probs.sort(dim=1, descending=True, stable=True)
-        ahead = sorted_probs.cumsum(dim=1) - sorted_probs  # the mass of the tokens before each
-        sorted_probs = sorted_probs * (ahead < top_p[:, None])
-        chosen = order.gather(1, _inverse_cdf(sorted_probs, uniform)[:, None])[:, 0]
-        if not all(ranked):
-            by_id = to_device_without_wait(np.array(ranked) == 0, device)
-            chosen = torch.where(by_id, _inverse_cdf(probs, uniform), chosen)
-    else:
+    # Only the ranked rows are sorted (the sort is the step's costliest pass).
+    ranked = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    if len(ranked) < len(params):
         chosen = _inverse_cdf(probs, uniform)
+    if ranked:
+        at = to_device_without_wait(ranked, device) if len(ranked) < len(params) else slice(None)
+        sorted_probs, order = probs[at].sort(dim=1, descending=True, stable=True)
+        ahead = sorted_probs.cumsum(dim=1) - sorted_probs  # the mass of the tokens before each
+        sorted_probs = sorted_probs * (ahead < top_p[at][:, None])
+        by_rank = order.gather(1, _inverse_cdf(sorted_probs, uniform[at])[:, None])[:, 0]
+        if len(ranked) < len(params):
+            chosen[at] = by_rank
+        else:
+            chosen = by_rank
     tokens = torch.empty(len(samplers), dtype=torch.int64, device=device)
     tokens[rows] = torch.where(finite, chosen, torch.full_like(chosen, -1))
     if greedy:
