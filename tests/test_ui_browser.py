@@ -131,7 +131,26 @@ def cancelled_requests(triton) -> float:
     return finished_requests(triton, "cancelled")
 
 
+def set_sampling(page, **values: str) -> None:
+    """Set the sampling panel's controls (by elem_id, "_" for "-") through their number
+    boxes, opening the panel first."""
+    page.click("#sampling")
+    for name, value in values.items():
+        box = page.locator(f"#{name.replace('_', '-')} input[type='number']")
+        box.wait_for(state="visible")
+        deadline = time.monotonic() + 60  # the panel is still opening: set until it sticks
+        while True:
+            box.fill(value)
+            box.press("Tab")
+            if box.input_value() == value or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert box.input_value() == value, name
+
+
 def test_chat_reply_streams_into_the_page(page, artifacts):
+    # greedy: a sampled first draw can end the reply at once, and an empty one shows nothing
+    set_sampling(page, temperature="0")
     page.fill("#chat-input textarea", "Where does the cat go?")
     page.keyboard.press("Enter")
     bot = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").last
@@ -146,19 +165,8 @@ def test_chat_reply_streams_into_the_page(page, artifacts):
 
 
 def test_stop_cancels_generation_on_the_server(page, triton, tiny_tokenizer):
-    page.click("#sampling")  # open the sampling panel
     # 1000 tokens with no early end-of-text: still running when Stop is pressed
-    for control, value in (("#max-tokens", "1000"), ("#min-tokens", "1000")):
-        box = page.locator(f"{control} input[type='number']")
-        box.wait_for(state="visible")
-        deadline = time.monotonic() + 60  # the panel is still opening: set until it sticks
-        while True:
-            box.fill(value)
-            box.press("Tab")
-            if box.input_value() == value or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert box.input_value() == value
+    set_sampling(page, max_tokens="1000", min_tokens="1000")
     page.get_by_role("tab", name="Completion").click()
     # The page must press Stop while its request still generates; how fast the tiny model
     # runs relative to the browser depends on the machine's load. So each attempt ends in
@@ -301,6 +309,8 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
     shows nothing either way (the machine ran the server fast against the browser): the
     next attempt fills the batch again. Only a reading of 3 passes."""
     pages = [open_page(browser, ui_url) for _ in range(PAGES)]
+    for page in pages:  # greedy: a sampled reply can end at once and show no message
+        set_sampling(page, temperature="0")
     most_waiting: list[float | None] = []  # per attempt; None: the batch was never seen full
     shown = False
     for attempt in range(ATTEMPTS):
