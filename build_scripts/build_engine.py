@@ -140,8 +140,8 @@ def check_opset(export_dir: Path, tensorrt_version: str) -> None:
         raise EngineError(
             f"{export_dir} is an opset-{opset} export (fused Attention nodes), which TensorRT "
             f"{tensorrt_version} cannot parse (needs "
-            f"{'.'.join(map(str, TRT_FUSED_ATTENTION))}+): re-export with --opset 18 "
-            "(export_onnx --tensorrt does; make engine runs it)"
+            f"{'.'.join(map(str, TRT_FUSED_ATTENTION))}+): export it again at opset 18 with "
+            "'make engine ENGINE_OPSET=18' (a plain 'make engine' keeps the export's opset)"
         )
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -81,6 +82,8 @@ class RepoSettings:
             raise Gpt2TritonError(
                 f"unknown ENGINE={self.engine}; choose one of {', '.join(ENGINE_KINDS)}"
             )
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):  # before its defaults below
+            raise Gpt2TritonError(f"unknown DEVICE={self.device}; choose cpu, cuda or cuda:<index>")
         if self.max_prefill_tokens == 0:  # frozen: set once, here
             budget = default_prefill_tokens(self.engine, self.device)
             object.__setattr__(self, "max_prefill_tokens", budget)
@@ -259,6 +262,15 @@ def build(
             check_plan(export_dir)
             plan = json.loads((export_dir / ENGINE_SETTINGS).read_text())
             fingerprints[ONNX_FINGERPRINT] = plan.get(ONNX_FINGERPRINT)
+            built_for = plan.get("max_batch")
+            if built_for is not None and settings.max_sequences > built_for:
+                # the engine refuses it at load; say so here, before a server is started
+                raise Gpt2TritonError(
+                    f"the plan in {export_dir} was built for batches of at most {built_for}, "
+                    f"MAX_SEQUENCES is {settings.max_sequences}: rebuild it (make engine "
+                    f"MAX_SEQUENCES={settings.max_sequences}) or serve at most {built_for} "
+                    f"(MAX_SEQUENCES={built_for})"
+                )
         tokenizer_dir = export_dir / "tokenizer"
         if not (tokenizer_dir / "tokenizer_config.json").is_file():
             raise Gpt2TritonError(f"{tokenizer_dir} is missing or incomplete: {refresh}")

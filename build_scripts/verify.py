@@ -10,12 +10,15 @@ checked too: last-position logits (max abs difference, top-1 agreement), 32-toke
 generations (fewer where the window ends; alone, and all prompts batched together), and
 single-forward-pass latency, timed after a warm-up with the reference and every CPU engine
 on the same number of threads (``--threads``, default: the CPUs this process may use).
-Writes ``report.json`` and ``report.md``; exits 1 when fp32 ONNX misses its bar (top-1
-100%, every greedy sequence identical, max abs logit difference <= 1e-3). int8 and the
-fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here by ONNX
-Runtime on the CPU) are reported, never gated: both move logits by design. Those two,
-TensorRT's, are read from TensorRT's export (``artifacts/trt/<model>/``: ``make engine``, or
-``make verify FP16=1`` for the fp16 graph alone), the others from ONNX Runtime's.
+Writes ``report.json`` and ``report.md``; exits 1 when an engine misses its bar: fp32
+ONNX the exact one (top-1 100%, every greedy sequence identical, max abs logit difference
+<= 1e-3), a TensorRT plan a floor that fp16 rounding clears and a wrong plan does not
+(top-1 >= 90%, at least half the greedy sequences identical, alone and batched). int8
+and the fp16 export (``model.fp16.onnx``, the graph TensorRT 11 builds from, run here by
+ONNX Runtime on the CPU) are reported, never gated: both move logits by design. Those
+two, TensorRT's, are read from TensorRT's export (``artifacts/trt/<model>/``: ``make
+engine``, or ``make verify FP16=1`` for the fp16 graph alone), the others from ONNX
+Runtime's.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ from gpt2_triton.reference import greedy_ids
 log = logging.getLogger("build_scripts.verify")
 
 FP32_MAX_ABS_DIFF = 1e-3
+# The bars an engine's row is held to: EXACT for fp32 on ONNX Runtime; FLOOR for a
+# TensorRT plan, whose fp16 (or TF32) arithmetic moves logits, so near-ties flip and a
+# greedy sequence can part from the reference after one flip; a plan built or bound wrong
+# (a cache, a profile, a tensor) misses far more. fp16 on an H200 (torch, the tiny model):
+# top-1 100%, greedy 31/32 (docs/GPU.md).
+EXACT, FLOOR = "exact", "floor"
+FLOOR_TOP1 = 0.9
+FLOOR_GREEDY = 0.5  # of the prompts, alone and batched
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
@@ -112,6 +123,7 @@ class EngineReport:
     engine: str
     precision: str
     gated: bool
+    bar: str = ""  # EXACT, FLOOR, or "" (reported, not gated)
     prompt_latency_ms_p50: float = 0.0
     decode_latency_ms_p50: float = 0.0
     sample_top1_token: str = ""
@@ -190,16 +202,38 @@ def _greedy_batch(
             outputs[s].append(int(row.argmax()))
 
 
+def bar_failures(report: EngineReport) -> list[str]:
+    """What keeps ``report`` under its bar (nothing for a row that is not gated)."""
+    n, failures = report.prompts, []
+    alone, batched = report.greedy_identical, report.greedy_identical_batched
+    greedy = f"greedy sequences identical: {alone}/{n} alone, {batched}/{n} batched"
+    if report.bar == EXACT:
+        if report.top1_agreement < 1.0:
+            failures.append(f"top-1 agreement {report.top1_agreement:.1%} < 100%")
+        if alone < n or batched < n:
+            failures.append(greedy)
+        if report.max_abs_logit_diff > FP32_MAX_ABS_DIFF:
+            failures.append(
+                f"max abs logit diff {report.max_abs_logit_diff:.2e} > {FP32_MAX_ABS_DIFF:.0e}"
+            )
+    elif report.bar == FLOOR:
+        if report.top1_agreement < FLOOR_TOP1:
+            failures.append(f"top-1 agreement {report.top1_agreement:.1%} < {FLOOR_TOP1:.0%}")
+        if min(alone, batched) < FLOOR_GREEDY * n:
+            failures.append(f"{greedy} (the floor: {FLOOR_GREEDY:.0%})")
+    return failures
+
+
 def check_engine(
     name: str,
     precision: str,
-    gated: bool,
+    bar: str,
     engine: StatefulEngine | SlotEngine,
     ref: Reference,
     tokenizer,
     eos: int,
 ) -> EngineReport:
-    report = EngineReport(name, precision, gated, prompts=len(ref.prompt_ids))
+    report = EngineReport(name, precision, bool(bar), bar, prompts=len(ref.prompt_ids))
     # Warm-up, not timed: session set-up, first-call allocations, CUDA kernels loading.
     warm = len(ref.prompt_ids) + 1
     row = host_logits(engine.step([ref.prompt_ids[0]], [warm], [True]))[0]
@@ -228,19 +262,7 @@ def check_engine(
     report.prompt_latency_ms_p50 = 1e3 * statistics.median(prompt_times)
     report.decode_latency_ms_p50 = 1e3 * statistics.median(decode_times) if decode_times else 0
     report.sample_top1_token = tokenizer.decode([int(got[0].argmax())])
-    if gated:
-        n = report.prompts
-        if report.top1_agreement < 1.0:
-            report.failures.append(f"top-1 agreement {report.top1_agreement:.1%} < 100%")
-        if report.greedy_identical < n or report.greedy_identical_batched < n:
-            report.failures.append(
-                f"greedy sequences identical: {report.greedy_identical}/{n} alone, "
-                f"{report.greedy_identical_batched}/{n} batched"
-            )
-        if report.max_abs_logit_diff > FP32_MAX_ABS_DIFF:
-            report.failures.append(
-                f"max abs logit diff {report.max_abs_logit_diff:.2e} > {FP32_MAX_ABS_DIFF:.0e}"
-            )
+    report.failures = bar_failures(report)
     return report
 
 
@@ -265,11 +287,12 @@ def markdown(
         f"{tokenizer.decode([int(ref.last_logits[0].argmax())])!r} | - | - | - | - |",
     ]
     for r in reports:
-        verdict = (
-            ("pass" if r.passed else "FAIL: " + "; ".join(r.failures))
-            if r.gated
-            else "reported, not gated"
-        )
+        if not r.gated:
+            verdict = "reported, not gated"
+        else:
+            verdict = "pass" if r.passed else "FAIL: " + "; ".join(r.failures)
+            if r.bar == FLOOR:
+                verdict += f" (floor: top-1 >= {FLOOR_TOP1:.0%}, greedy >= {FLOOR_GREEDY:.0%})"
         lines.append(
             f"| {r.engine} | {r.precision} | {r.prompt_latency_ms_p50:.2f} ms | "
             f"{r.decode_latency_ms_p50:.2f} ms | {r.sample_top1_token!r} | "
@@ -279,13 +302,13 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-ENGINES = [  # name, kind, precision, device, gated
-    ("onnxruntime", "onnx", "fp32", "cpu", True),
-    ("onnxruntime", "onnx-int8", "int8 weights, int8 compute", "cpu", False),
-    ("torch engine", "torch", "fp32", "cpu", False),
-    ("torch engine", "torch", "fp16 (cuda), CUDA graphs", "cuda", False),
-    ("onnxruntime", "onnx-fp16", "fp16 export, LayerNorm/softmax fp32 (CPU)", "cpu", False),
-    ("tensorrt", "trt", "see engine_settings.json", "cuda", False),
+ENGINES = [  # name, kind, precision, device, bar ("": reported, not gated)
+    ("onnxruntime", "onnx", "fp32", "cpu", EXACT),
+    ("onnxruntime", "onnx-int8", "int8 weights, int8 compute", "cpu", ""),
+    ("torch engine", "torch", "fp32", "cpu", ""),
+    ("torch engine", "torch", "fp16 (cuda), CUDA graphs", "cuda", ""),
+    ("onnxruntime", "onnx-fp16", "fp16 export, LayerNorm/softmax fp32 (CPU)", "cpu", ""),
+    ("tensorrt", "trt", "see engine_settings.json", "cuda", FLOOR),
 ]
 # the kinds read from TensorRT's export (the graph a plan is built from, and the plan)
 TENSORRT_KINDS = ("onnx-fp16", "trt")
@@ -346,7 +369,7 @@ def run(
     budgets = [token_budget(len(p), new_tokens, window) for p in prompt_ids]
     ref = reference(model, prompt_ids, budgets, eos)
     reports = []
-    for name, kind, precision, device, gated in ENGINES:
+    for name, kind, precision, device, bar in ENGINES:
         folder = engine_dir if kind in TENSORRT_KINDS else export_dir
         if kind in TENSORRT_KINDS and not has_engine_export:
             log.info(
@@ -368,7 +391,7 @@ def run(
                 model=copy.deepcopy(model) if kind == "torch" else None,
             )
         except EngineError as exc:
-            if gated:
+            if bar == EXACT:  # the fp32 reference engine must run; a plan may be absent
                 raise
             log.info("skipping %s (%s): %s", name, precision, exc)
             continue
@@ -391,7 +414,7 @@ def run(
         else:
             engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         log.info("checking %s %s", name, precision)
-        reports.append(check_engine(name, precision, gated, engine, ref, tokenizer, eos))
+        reports.append(check_engine(name, precision, bar, engine, ref, tokenizer, eos))
     with atomic_dir(output) as tmp:
         write_json(
             tmp / "report.json",

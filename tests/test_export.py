@@ -462,6 +462,17 @@ def test_the_response_lanes_setting_reaches_gpt2s_config(tiny_export, tmp_path):
             RepoSettings("tiny", "onnx", response_lanes=lanes)
 
 
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:x", ""])
+def test_an_unknown_device_is_refused_when_the_repository_is_rendered(device):
+    from build_scripts.build_repo import RepoSettings
+    from gpt2_triton.errors import Gpt2TritonError
+
+    with pytest.raises(Gpt2TritonError, match=f"unknown DEVICE={device};"):
+        RepoSettings("tiny", "torch", device=device)
+    for known in ("cpu", "cuda", "cuda:1"):
+        assert RepoSettings("tiny", "torch", device=known).device == known
+
+
 def test_the_burst_window_reaches_gpt2s_config(tiny_export, tmp_path):
     from build_scripts.build_repo import RepoSettings, build
     from gpt2_triton.batcher import MAX_BURST_WINDOW_MS

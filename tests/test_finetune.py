@@ -75,6 +75,16 @@ def test_missing_checkpoint_and_unknown_option(tmp_path, capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("option", [["--block-size", "1"], ["--block-size", "-1"]])
+def test_a_block_with_nothing_to_predict_is_refused_before_loading(tmp_path, capsys, option):
+    out = tmp_path / "ft"
+    assert (
+        finetune.main(["--model", str(tmp_path / "nope"), "--output-dir", str(out), *option]) == 2
+    )
+    assert "--block-size must be 0 (the model's context) or >= 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_too_little_text_for_one_block(tiny_model, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("The cat.\n")
     code = finetune.main(

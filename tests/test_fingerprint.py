@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from gpt2_triton import checkpoint, fingerprint
-from gpt2_triton.errors import EngineError
+from gpt2_triton.errors import EngineError, Gpt2TritonError
 
 
 def write(folder, files: dict[str, bytes]):
@@ -94,6 +94,18 @@ def test_plan_is_refused_once_its_onnx_changed(tmp_path):
     assert "changed: model.onnx.data" in plan_stale_reason(export)
     with pytest.raises(EngineError, match="built from another model.onnx.*make engine"):
         check_plan(export)
+
+
+def test_trt_repository_refuses_more_sequences_than_the_plan_s_batch(tiny_export, tmp_path):
+    from build_scripts.build_repo import RepoSettings, build
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    fake_plan(export, max_batch=16)
+    with pytest.raises(Gpt2TritonError, match="at most 16, MAX_SEQUENCES is 64"):
+        build(RepoSettings("tiny", "trt", max_sequences=64), export, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    build(RepoSettings("tiny", "trt", max_sequences=16), export, tmp_path / "repo")
 
 
 def test_plan_without_a_record_cannot_be_checked_and_is_let_through(tmp_path):

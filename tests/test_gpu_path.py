@@ -378,5 +378,5 @@ def test_engine_build_refuses_an_export_its_tensorrt_cannot_parse(tiny_export):
     from gpt2_triton.errors import EngineError
 
     check_opset(tiny_export, "10.14.1")  # reads Attention: no error
-    with pytest.raises(EngineError, match="--opset 18"):
+    with pytest.raises(EngineError, match="make engine ENGINE_OPSET=18"):
         check_opset(tiny_export, "10.5.0")

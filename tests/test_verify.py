@@ -77,6 +77,29 @@ def test_report_records_threads_and_positions(tiny_export, tmp_path):
     assert fp32.passed, fp32.failures
 
 
+def test_a_tensorrt_row_is_held_to_the_floor_and_fp32_onnx_to_the_exact_bar():
+    def row(bar, top1=1.0, alone=32, batched=32, diff=0.0):
+        return verify.EngineReport(
+            "e", "p", bool(bar), bar, top1_agreement=top1, greedy_identical=alone,
+            greedy_identical_batched=batched, max_abs_logit_diff=diff, prompts=32,
+        )  # fmt: skip
+
+    # what fp16 rounding does (one flipped near-tie): under the exact bar, over the floor
+    rounded = {"top1": 31 / 32, "alone": 31, "batched": 30, "diff": 5.6e-3}
+    assert verify.bar_failures(row(verify.FLOOR, **rounded)) == []
+    assert len(verify.bar_failures(row(verify.EXACT, **rounded))) == 3
+    assert verify.bar_failures(row("", top1=0.0, alone=0, batched=0)) == []  # reported only
+    # a plan that is wrong somewhere: a broken cache (the decode steps), a wrong graph
+    assert "greedy" in " ".join(verify.bar_failures(row(verify.FLOOR, batched=15)))
+    assert "greedy" in " ".join(verify.bar_failures(row(verify.FLOOR, alone=15)))
+    assert verify.bar_failures(row(verify.FLOOR, alone=16, batched=16)) == []
+    assert verify.bar_failures(row(verify.FLOOR, top1=0.875)) == ["top-1 agreement 87.5% < 90%"]
+    assert verify.bar_failures(row(verify.FLOOR, diff=50.0)) == []  # logits: fp16's own scale
+    bars = {kind: bar for _, kind, _, device, bar in verify.ENGINES if device != "cuda"}
+    assert (bars["onnx"], bars["onnx-int8"]) == (verify.EXACT, "")
+    assert {kind: bar for _, kind, *_, bar in verify.ENGINES}["trt"] == verify.FLOOR
+
+
 def test_batched_greedy_runs_in_batches_the_engine_takes(tiny_export, tiny_tokenizer):
     """A TensorRT plan takes at most the batch it was built for: the batched check then
     runs prompts in batches of that size, with the same greedy tokens."""

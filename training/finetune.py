@@ -101,8 +101,11 @@ class FinetuneArgs:
             raise DataError("--max-steps must be a positive number of steps")
         if self.epochs is not None and self.epochs <= 0:
             raise DataError("--epochs must be > 0")
-        if self.block_size < 0 or self.batch_size <= 0:
-            raise DataError("--block-size must be >= 0 and --batch-size > 0")
+        if self.block_size < 0 or self.block_size == 1 or self.batch_size <= 0:
+            # a 1-token block has nothing to predict: its loss and perplexity are 0/0
+            raise DataError(
+                "--block-size must be 0 (the model's context) or >= 2, and --batch-size > 0"
+            )
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise DataError("--learning-rate must be > 0")
         if self.lr_scheduler is not None and self.lr_scheduler not in SCHEDULES:
