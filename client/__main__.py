@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         stop_words=tuple(args.stop),
         min_length=args.min_tokens,
     )
-    with Gpt2Client(args.url, args.protocol, args.model) as client:
+    try:
+        client = Gpt2Client(args.url, args.protocol, args.model)
+    except ClientError as exc:  # the address or $API_KEY: a usage error, as argparse's
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             if args.wait:
                 client.wait_until_ready(args.wait)

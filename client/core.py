@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import queue
+import socket
 import threading
 import time
 import urllib.error
@@ -19,6 +21,11 @@ from tritonclient.utils import triton_to_np_dtype
 from gpt2_triton import names
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# wait_until_ready asks again after answers that waiting can change: a server down,
+# starting or restarting, or silent; every RETRY_EVERY_S, no check shorter than MIN_CHECK_S
+WORTH_WAITING = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+RETRY_EVERY_S = 0.5
+MIN_CHECK_S = 0.1
 
 
 class ClientError(Exception):
@@ -68,6 +75,34 @@ class GenerationParams:
             out[names.STOP_WORDS] = [checked_text(names.STOP_WORDS, w) for w in self.stop_words]
         out[names.EXCLUDE_INPUT_IN_OUTPUT] = self.exclude_input_in_output
         return out
+
+
+def check_address(url: str) -> None:
+    """``url`` is host:port, as both transports take it; raises ClientError otherwise (a
+    port past 65535 reached another port over gRPC, a scheme broke every HTTP call)."""
+    host, sep, port = url.rpartition(":")
+    if "://" in url:
+        problem = "give host:port, without a scheme"
+    elif not sep or not host or any(c.isspace() for c in url):
+        problem = "expected host:port"
+    elif not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        problem = "the port must be a number from 1 to 65535"
+    elif host.startswith("[") != host.endswith("]"):
+        problem = "an IPv6 host goes in brackets, as [::1]:8001"
+    else:
+        return
+    raise ClientError(f"url {url!r}: {problem}", "INVALID_ARG")
+
+
+def check_api_key(key: str) -> None:
+    """The key goes in a header: printable ASCII with no spaces, as the front door takes
+    it. A key read from a file often ends with a newline, which no header can carry."""
+    if not key or not all("!" <= c <= "~" for c in key):
+        raise ClientError(
+            "the API key must be printable ASCII without spaces or line breaks (read "
+            "from a file? strip its trailing newline)",
+            "INVALID_ARG",
+        )
 
 
 def checked_text(name: str, text: str) -> str:
@@ -236,15 +271,18 @@ class Gpt2Client:
         if self.protocol not in DEFAULT_URLS:
             raise ClientError(f"protocol must be grpc or http, got {self.protocol!r}")
         self.url = self.url or DEFAULT_URLS[self.protocol]
+        check_address(self.url)
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
     @property
     def headers(self) -> dict[str, str]:
         """Sent with every request: gRPC metadata or HTTP headers."""
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _get(self, path: str):
+    def _get(self, path: str, timeout_s: float | None = None):
         request = urllib.request.Request(f"http://{self.url}{path}", headers=self.headers)
-        return urllib.request.urlopen(request, timeout=self.request_timeout_s)
+        return urllib.request.urlopen(request, timeout=timeout_s or self.request_timeout_s)
 
     def _no_answer(self, what: str, timeout_s: float) -> ClientError:
         return ClientError(
@@ -252,14 +290,17 @@ class Gpt2Client:
             "DEADLINE_EXCEEDED",
         )
 
-    def _unary_error(self, exc: Exception, what: str) -> ClientError:
+    def _unary_error(
+        self, exc: Exception, what: str, timeout_s: float | None = None
+    ) -> ClientError:
         """The ClientError for a failed unary call; a timeout says what went unanswered."""
+        timeout_s = timeout_s or self.request_timeout_s
         if isinstance(exc, ClientError):
             return exc
         if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, TimeoutError):
             exc = exc.reason
         if isinstance(exc, TimeoutError):
-            return self._no_answer(what, self.request_timeout_s)
+            return self._no_answer(what, timeout_s)
         if isinstance(exc, urllib.error.HTTPError):
             return _http_error(exc)
         if isinstance(exc, OSError):  # URLError and a refused or reset connection
@@ -269,7 +310,7 @@ class Gpt2Client:
             return ClientError(exc.message(), _HTTP_STATUSES.get(http_code, str(http_code)))
         error = _client_error(exc)
         if error.status == "DEADLINE_EXCEEDED":
-            return self._no_answer(what, self.request_timeout_s)
+            return self._no_answer(what, timeout_s)
         return error
 
     # -- public API -------------------------------------------------------------------------
@@ -372,15 +413,16 @@ class Gpt2Client:
             raise self._unary_error(exc, f"asked for the configuration of {model}") from None
         return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
-    def check_ready(self) -> None:
+    def check_ready(self, timeout_s: float | None = None) -> None:
         """Return if the server and the model are ready; else raise a ClientError that
-        says why: UNAVAILABLE (down, starting, model not loaded) or DEADLINE_EXCEEDED
-        (no answer within ``request_timeout_s``)."""
+        says why: UNAVAILABLE (down, starting, model not loaded), DEADLINE_EXCEEDED (no
+        answer within ``timeout_s``, default ``request_timeout_s``), or the refusal the
+        server answered with (UNAUTHENTICATED: the front door wants the API key)."""
+        timeout = timeout_s or self.request_timeout_s
         try:
             if self.protocol == "grpc":
                 client = self._grpc()
                 try:
-                    timeout = self.request_timeout_s
                     ready = client.is_server_ready(
                         headers=self.headers, client_timeout=timeout
                     ) and client.is_model_ready(
@@ -389,14 +431,14 @@ class Gpt2Client:
                 finally:
                     client.close()
             else:
-                with self._get(f"/v2/models/{self.model}/ready") as response:
+                with self._get(f"/v2/models/{self.model}/ready", timeout) as response:
                     ready = response.status == 200
         except urllib.error.HTTPError as exc:
             if exc.code != 400:  # Triton's answer while the model is not ready
                 raise _http_error(exc) from None
             ready = False
         except Exception as exc:
-            raise self._unary_error(exc, "asked whether it is ready") from None
+            raise self._unary_error(exc, "asked whether it is ready", timeout) from None
         if not ready:
             raise ClientError(
                 f"Triton at {self.url} is up but {self.model} is not ready", "UNAVAILABLE"
@@ -410,13 +452,25 @@ class Gpt2Client:
             return False
 
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
+        """Return once the server and the model are ready, asking again while the answer
+        is one that waiting can change (down, starting, silent); raise any other at once
+        (a refused API key, an unknown model), and after ``timeout_s`` the last reason.
+        No check waits past the deadline."""
         deadline = time.monotonic() + timeout_s
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise ClientError(
-                    f"Triton at {self.url} is not ready after {timeout_s:.0f} s", "UNAVAILABLE"
-                )
-            time.sleep(0.5)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                self.check_ready(max(min(self.request_timeout_s, left), MIN_CHECK_S))
+                return
+            except ClientError as exc:
+                if exc.status not in WORTH_WAITING:
+                    raise
+                if time.monotonic() + RETRY_EVERY_S > deadline:
+                    raise ClientError(
+                        f"Triton at {self.url} is not ready after {timeout_s:g} s: {exc}",
+                        "UNAVAILABLE",
+                    ) from None
+            time.sleep(RETRY_EVERY_S)
 
     def close(self) -> None:
         for client in self._grpc_clients:
@@ -458,8 +512,15 @@ class Gpt2Client:
         try:
             client.start_stream(callback=callback, headers=self.headers)
             cancel.add(lambda: client.stop_stream(cancel_requests=True))
+            if cancel.requested.is_set():  # cancelled before its hook was in: send nothing
+                client.stop_stream(cancel_requests=False)
+                client.close()
+                return
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
         except InferenceServerException as exc:
+            if cancel.requested.is_set():  # our own cancel stopped the stream meanwhile
+                client.close()
+                return
             # When the stream broke at once (server down), its callback holds the cause.
             try:
                 exc = responses.get(timeout=1.0)[1] or exc
@@ -524,7 +585,7 @@ class Gpt2Client:
             if isinstance(getattr(exc, "reason", None), TimeoutError):
                 raise self._no_answer("connecting", self.timeout_s) from None
             raise ClientError(f"cannot reach Triton at {self.url}: {exc}", "UNAVAILABLE") from None
-        cancel.add(response.close)  # closing the connection cancels the request
+        cancel.add(_closer(response))  # closing the connection cancels the request
         with response:
             if cancel.requested.is_set():  # cancelled while the response was on its way
                 return
@@ -533,7 +594,18 @@ class Gpt2Client:
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
-                data = json.loads(line[5:])
+                try:
+                    data = json.loads(line[5:])
+                except ValueError:  # not Triton's: a proxy's page, a cut line
+                    raise ClientError(
+                        f"the stream from {self.url} sent an event that is not JSON: {line[:80]!r}",
+                        "UNAVAILABLE",
+                    ) from None
+                if not isinstance(data, dict):
+                    raise ClientError(
+                        f"the stream sent an event that is not an object: {line[:80]!r}",
+                        "UNAVAILABLE",
+                    )
                 if "error" in data:
                     raise _stream_error(data)
                 chunk = _http_chunk(data, final=bool(data.get(names.FINISH_REASON)))
@@ -544,6 +616,22 @@ class Gpt2Client:
             # text is cut short (server or proxy gone), which must not pass as a result.
             if not cancel.requested.is_set():
                 raise _incomplete()
+
+
+def _closer(response):
+    """How to close ``response`` from another thread than the one reading it (a Stop
+    button's): ``close()`` alone waits for the reader's lock, held by a read that waits
+    for the server's next piece, up to ``timeout_s``. Shutting the socket down ends that
+    read at once, and the server sees the connection go."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+
+    def close() -> None:
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
+        response.close()
+
+    return close
 
 
 def _incomplete() -> ClientError:
@@ -644,14 +732,19 @@ def _client_error(exc) -> ClientError:
 
 
 def _http_error(exc: urllib.error.HTTPError) -> ClientError:
+    """The ClientError of an HTTP error answer. Triton's HTTP frontend sends one code for
+    many statuses (a full queue is a 503, as a server shutting down): where the message
+    says which it is, that is the status, as over gRPC; else the code's."""
+    status = _HTTP_STATUSES.get(exc.code, str(exc.code))
     try:
         body = exc.read().decode("utf-8").strip()
         # generate_stream sends an error in its first event as SSE: "data: {...}"
         body = body.removeprefix("data:")
-        message = json.loads(body).get("error", str(exc))
+        message = str(json.loads(body)["error"])
     except Exception:
-        message = str(exc)
-    return ClientError(message, _HTTP_STATUSES.get(exc.code, str(exc.code)))
+        return ClientError(str(exc), status)
+    said = _status_of_message(message)
+    return ClientError(message, said if said != "INTERNAL" else status)
 
 
 # ClientError.status of an HTTP error status, the same for every call
@@ -662,7 +755,10 @@ _HTTP_STATUSES = {
     404: "NOT_FOUND",
     413: "RESOURCE_EXHAUSTED",  # the front door's size limit
     429: "RESOURCE_EXHAUSTED",  # its concurrency or rate limit
+    500: "INTERNAL",
+    502: "UNAVAILABLE",  # a proxy's: the server behind it failed
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import wait_until
 
 from client import __main__ as cli
 from client.core import ClientError, Gpt2Client
@@ -35,7 +36,7 @@ TWO_EVENTS = [event(" walks"), event(" to")]  # no finish_reason: the stream is 
 class Script:
     """What the server answers to every request."""
 
-    events: list[dict]
+    events: list[dict | bytes]
     chunked: bool = False  # Transfer-Encoding: chunked (as Triton), cut before the last chunk
     status: int = 200
     then_silent: bool = False  # after the events, keep the connection open and say nothing
@@ -60,8 +61,9 @@ def sse_server(script: Script) -> Iterator[str]:
             if script.chunked:
                 self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for data in script.events:
-                body = f"data: {json.dumps(data)}\n\n".encode()
+            for data in script.events:  # bytes: sent as they are
+                raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+                body = b"data: " + raw + b"\n\n"
                 if script.chunked:
                     body = f"{len(body):x}\r\n".encode() + body + b"\r\n"
                 self.wfile.write(body)
@@ -104,6 +106,33 @@ def test_cli_exits_non_zero_on_a_cut_stream(capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert " walks to" in captured.out and "ended before its final response" in captured.err
+
+
+def test_a_cancel_from_another_thread_ends_a_silent_stream_at_once():
+    """A Stop cancels from another thread than the one reading. Closing the response
+    waited for the reader's lock, held by a read that waited for the server's next
+    piece: here the server says nothing more until the test ends, so the cancel and the
+    read would both wait for it."""
+    with sse_server(Script(TWO_EVENTS, then_silent=True)) as url:
+        stream = Gpt2Client(url, "http", timeout_s=120).stream("The cat")
+        pieces, rest, errors = iter(stream), [], []
+        assert next(pieces) == " walks"
+
+        def read() -> None:
+            try:
+                rest.extend(pieces)
+            except Exception as exc:
+                errors.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert wait_until(lambda: rest == [" to"], 60)  # then it waits for a third piece
+        canceller = threading.Thread(target=stream.cancel, daemon=True)
+        canceller.start()
+        canceller.join(60)  # a hang guard: the server stays silent
+        reader.join(60)
+        assert not canceller.is_alive() and not reader.is_alive()
+    assert rest == [" to"] and not errors and stream.result is None  # cancelled: it ends
 
 
 def test_complete_stream_still_ends_with_a_result():
@@ -237,3 +266,40 @@ def test_what_no_request_can_carry_is_refused_before_sending(capsys, protocol, a
     err = capsys.readouterr().err
     assert code == 1 and words in err and "Traceback" not in err, err
     assert script.posted == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "environment", "words"),
+    [
+        (["--url", "127.0.0.1:abc"], {}, "the port must be a number from 1 to 65535"),
+        (["--url", "127.0.0.1:99999"], {}, "the port must be"),  # gRPC: another port
+        (["--url", "http://127.0.0.1:8000"], {}, "without a scheme"),
+        (["--url", "[::1:8000"], {}, "an IPv6 host goes in brackets"),
+        (["--url", "localhost"], {}, "expected host:port"),
+        ([], {"API_KEY": "secret\r"}, "strip its trailing newline"),  # a CRLF key file
+        ([], {"API_KEY": "sécret"}, "must be printable ASCII"),
+    ],
+)
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_address_or_key_no_call_can_use_is_a_usage_error(
+    capsys, monkeypatch, protocol, argv, environment, words
+):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["x", "--protocol", protocol, *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    for good in ("127.0.0.1:8001", "[::1]:8001", "triton.internal:443"):
+        Gpt2Client(good, protocol, api_key="k3y-from_a.file")  # no error
+
+
+@pytest.mark.parametrize(
+    "line, words", [(b"<html>bad gateway", "is not JSON"), (b'"walks"', "not an object")]
+)
+def test_an_event_that_is_not_triton_s_is_a_broken_stream_not_a_traceback(line, words):
+    """A proxy's page or a cut line in place of Triton's event."""
+    with sse_server(Script([event(" walks"), line])) as url:
+        stream = Gpt2Client(url, "http", timeout_s=10).stream("The cat")
+        with pytest.raises(ClientError, match=words) as broken:
+            list(stream)
+    assert broken.value.status == "UNAVAILABLE"

@@ -4,7 +4,12 @@ says what went unanswered, over both transports."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -52,3 +57,92 @@ def test_defaults_suit_a_script_and_the_page_passes_shorter_ones():
     assert (client.timeout_s, client.request_timeout_s) == (300.0, 30.0)
     page = ChatService("127.0.0.1:8001", limits=PageLimits()).client()
     assert (page.timeout_s, page.request_timeout_s) == (30.0, 5.0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_waiting_for_a_silent_server_ends_at_its_deadline_not_a_check_s(silent_server, protocol):
+    """Each readiness check gets at most the time left: a check of its own 30 s went past
+    a 1 s ``--wait`` by 20-30 s."""
+    client = Gpt2Client(silent_server, protocol, request_timeout_s=300)
+    started = time.monotonic()
+    with client, pytest.raises(ClientError, match=r"is not ready after 1 s: .*did not answer"):
+        client.wait_until_ready(1)
+    assert time.monotonic() - started < 60  # a hang guard: one check alone waited 300 s
+
+
+@contextmanager
+def answering(status: int, error: str) -> Iterator[str]:
+    """host:port of an HTTP server that answers every request with ``status`` and
+    Triton's JSON error body (a front door without the API key, a restarting server)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            body = json.dumps({"error": error}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer  # noqa: N815 (http.server's naming)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_waiting_stops_at_an_answer_that_waiting_cannot_change(capsys):
+    """A front door that wants the API key answers 401 at once; waiting for it to be
+    ready hid that for the whole wait (make chat: 60 s), then said "not ready"."""
+    from client import __main__ as cli
+
+    with answering(401, "missing or wrong API key") as url:
+        with Gpt2Client(url, "http") as client, pytest.raises(ClientError) as refused:
+            client.wait_until_ready(30)  # the first answer ends it, not the deadline
+        assert refused.value.status == "UNAUTHENTICATED"
+        assert "missing or wrong API key" in str(refused.value)
+        code = cli.main(["The cat", "--protocol", "http", "--url", url, "--wait", "30"])
+    assert code == 1 and "missing or wrong API key" in capsys.readouterr().err
+
+
+def test_waiting_for_a_server_that_stays_down_says_its_last_answer():
+    with answering(503, "Server is shutting down") as url:
+        with Gpt2Client(url, "http") as client, pytest.raises(ClientError) as down:
+            client.wait_until_ready(1)
+    assert down.value.status == "UNAVAILABLE"
+    assert "is not ready after 1 s: Server is shutting down" in str(down.value)
+
+
+@pytest.mark.parametrize(
+    "status, error, words",
+    [
+        (500, "internal error while queueing the request", "INTERNAL"),
+        (503, "1024 requests are already waiting; retry later", "RESOURCE_EXHAUSTED"),
+        (503, "no healthy upstream", "UNAVAILABLE"),
+        (400, "top_p must be in (0, 1], got 5.0", "INVALID_ARG"),
+        (401, "missing or wrong API key", "UNAUTHENTICATED"),
+    ],
+)
+def test_an_http_error_has_the_status_grpc_gives_the_same_message(status, error, words):
+    """Triton's HTTP frontend sends 503 for a full queue as for a server going away; its
+    message says which, as over gRPC (docs/API.md: a full queue is RESOURCE_EXHAUSTED)."""
+    with answering(status, error) as url:
+        with Gpt2Client(url, "http") as client, pytest.raises(ClientError) as failed:
+            client.generate("The cat")
+    assert failed.value.status == words and str(failed.value) == error
+
+
+def test_the_page_says_what_the_server_answered_when_it_refuses_the_check():
+    from ui.chat import ChatService
+
+    with answering(401, "missing or wrong API key") as url:
+        line = ChatService(url, protocol="http").status_line()
+    assert "missing or wrong API key" in line and "not reachable" not in line

@@ -38,9 +38,11 @@ class CountingTokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.characters = 0
+        self.largest_call = 0  # characters
 
     def __call__(self, texts: list[str]) -> list[int]:
         self.characters += sum(len(t) for t in texts)
+        self.largest_call = max(self.largest_call, sum(len(t) for t in texts))
         return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
 
 
@@ -57,9 +59,15 @@ def test_chat_prompt_is_the_documented_transcript():
     )
 
 
-def test_history_is_trimmed_by_whole_exchanges_oldest_first_to_fit(count_tokens):
+@pytest.mark.parametrize("call_chars", [None, 1], ids=["one-call", "a-call-an-exchange"])
+def test_history_is_trimmed_by_whole_exchanges_oldest_first_to_fit(
+    count_tokens, monkeypatch, call_chars
+):
     """For every budget, the kept turns are the longest run of recent exchanges whose
-    whole prompt (counted by the real tokenizer) fits; a reply never opens it alone."""
+    whole prompt (counted by the real tokenizer) fits; a reply never opens it alone.
+    The same whether the turns are counted in one call or an exchange a call."""
+    if call_chars is not None:
+        monkeypatch.setattr("ui.chat.COUNT_CALL_CHARS", call_chars)
     history = [
         {"role": "assistant", "content": "Welcome! Ask me anything."},  # no question before it
         *HISTORY,
@@ -93,6 +101,24 @@ def test_trimming_counts_each_turn_once(count_tokens):
     # The frame and each turn once, then the kept prompt once: at most about twice the
     # whole prompt. Counting every candidate transcript, as before, was ~120 times it.
     assert count_tokens.characters <= 2 * len(prompt) + len(chat_prompt([], "Hi"))
+
+
+def test_a_long_conversation_is_counted_newest_first_in_calls_of_bounded_size(count_tokens):
+    """A conversation of megabytes (a day of pasted text): counting it whole in one call
+    passed the front door's 1 MiB limit and failed every message after it. Only what
+    can fit is counted, newest first, a bounded call at a time."""
+    from ui.chat import COUNT_CALL_CHARS
+
+    pasted = "The cat walks to the river and back again. " * 500  # ~22 KB a message
+    long_history = [{"role": "user", "content": pasted}, reply("Yes.")] * 60  # ~1.3 MB
+    long_history += HISTORY
+    assert sum(len(m["content"]) for m in long_history) > 1024 * 1024
+    kept = fit_history(long_history, "Hi", 1024 - 64, count_tokens)
+    assert kept == HISTORY  # the pasted exchanges do not fit beside the reply
+    assert count_tokens.largest_call <= COUNT_CALL_CHARS
+    assert count_tokens.characters < 4 * COUNT_CALL_CHARS  # not the whole conversation
+    # and a conversation that fits whole is still kept whole, at any call size
+    assert fit_history(HISTORY * 3, "Hi", 1024 - 64, count_tokens) == HISTORY * 3
 
 
 def test_a_prompt_counts_as_its_frame_plus_its_turns(count_tokens):
@@ -233,6 +259,17 @@ def test_a_server_that_never_answers_gets_a_timeout_notice_quickly(silent_server
     assert time.monotonic() - started < 15
 
 
+def test_a_completion_cut_by_a_silent_server_keeps_what_streamed_before_the_notice():
+    """As a chat reply does: the words that arrived stay on the page, the reason after."""
+    from test_client_http import TWO_EVENTS, Script, sse_server
+
+    with sse_server(Script(TWO_EVENTS, then_silent=True)) as url:
+        limits = PageLimits(stream_timeout_s=1)
+        service = ChatService(url, protocol="http", limits=limits)
+        *_, last = service.complete("The cat", Settings(), "s")
+    assert last.startswith("The cat walks to\n\n") and "did not answer within 1 s" in last
+
+
 def test_a_silent_server_ties_up_one_status_probe_not_one_per_page(silent_server):
     """Every open page asks for the status every few seconds. While one probe waits on a
     silent server, the other pages get the last known status at once instead of waiting
@@ -305,6 +342,36 @@ def test_a_reply_cut_by_another_request_says_so(service, triton):
             assert reasons["cancelled"] == 2, reasons
             return
     pytest.fail("in 4 attempts the first or the third always ran to its end")
+
+
+def test_clear_stops_the_streaming_reply_that_would_write_the_conversation_back(unused_port):
+    """Clear while a reply streams: the reply's next piece carried the whole conversation
+    from before the Clear back onto the page, and it ran on for nobody on the server. The
+    Clear cancels the chat event and stops that session's chat request, nothing else."""
+
+    from client import Gpt2Client
+    from ui.app import build
+    from ui.chat import _Reply
+
+    service = ChatService(f"127.0.0.1:{unused_port}")
+    page = build(service)
+    dependencies = page.get_config_file()["dependencies"]
+    (chat,) = [d for d in dependencies if d["api_name"] == "chat"]
+    (clear,) = [d for d in dependencies if d["api_name"] == "clear_chat"]
+    # Gradio runs a cancel as an event of its own, on the same trigger
+    cancelling = [d for d in dependencies if d["targets"] == clear["targets"] and d["cancels"]]
+    assert [d["cancels"] for d in cancelling] == [[chat["id"]]]
+    # the Clear's function stops the session's streaming chat reply (a stream not yet
+    # sent: cancelled, it never leaves), and leaves its completion and other sessions be
+    streams = {
+        key: Gpt2Client(f"127.0.0.1:{unused_port}").stream("x")
+        for key in [("s1", "chat"), ("s1", "completion"), ("s2", "chat")]
+    }
+    service._active.update({key: _Reply(stream) for key, stream in streams.items()})
+    request = gr.Request(session_hash="s1")
+    assert page.fns[clear["id"]].fn(request) == []
+    cancelled = {key for key, stream in streams.items() if stream._cancel.requested.is_set()}
+    assert cancelled == {("s1", "chat")}
 
 
 def test_enter_and_send_are_one_event_that_runs_once_at_a_time(unused_port):

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from client.core import ClientError
 from gpt2_triton import logs
 from ui.chat import ChatService, PageLimits
 
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m ui", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=env("GPT2_UI_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("GPT2_UI_PORT", "7860")))
+    # the defaults are strings: argparse converts them as it does a flag's value, so a bad
+    # environment variable is a usage error that names the flag, not a traceback
+    parser.add_argument("--port", type=int, default=env("GPT2_UI_PORT", "7860"))
     parser.add_argument(
         "--triton-url", default=env("TRITON_URL", "127.0.0.1:8001"), help="Triton gRPC address"
     )
@@ -33,25 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=int(env("GPT2_UI_CONCURRENCY", defaults.concurrency)),
+        default=env("GPT2_UI_CONCURRENCY", str(defaults.concurrency)),
         help="replies streaming at once, all users together",
     )
     parser.add_argument(
         "--request-timeout",
         type=float,
-        default=float(env("GPT2_UI_REQUEST_TIMEOUT", defaults.request_timeout_s)),
+        default=env("GPT2_UI_REQUEST_TIMEOUT", str(defaults.request_timeout_s)),
         help="seconds to wait for readiness, model configuration and token counts",
     )
     parser.add_argument(
         "--stream-timeout",
         type=float,
-        default=float(env("GPT2_UI_STREAM_TIMEOUT", defaults.stream_timeout_s)),
+        default=env("GPT2_UI_STREAM_TIMEOUT", str(defaults.stream_timeout_s)),
         help="seconds to wait for the first or the next piece of a reply",
     )
     args = parser.parse_args(argv)
     try:
         limits = PageLimits(args.concurrency, args.request_timeout, args.stream_timeout)
-    except ValueError as exc:
+        ChatService(args.triton_url, limits=limits).client()  # the address, $API_KEY
+    except (ValueError, ClientError) as exc:
         parser.error(str(exc))
     auth = None
     if args.auth:

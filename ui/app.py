@@ -134,6 +134,12 @@ def build(service: ChatService) -> gr.Blocks:
         def halt_completion(request: gr.Request):
             service.stop(request.session_hash, COMPLETION_TAB)
 
+        def clear_chat(request: gr.Request):
+            # a reply still streaming would write the cleared conversation back with its
+            # next piece: it is stopped (on the server too) with the conversation
+            service.stop(request.session_hash, CHAT_TAB)
+            return []
+
         def status_line(request: gr.Request):
             return service.status_line(request.session_hash)
 
@@ -155,7 +161,7 @@ def build(service: ChatService) -> gr.Blocks:
         stop.click(halt_chat, None, None, cancels=[chat_event], **at_once)
         complete_event = complete.click(completion, [prompt, *controls], output, **replies)
         stop_completion.click(halt_completion, None, None, cancels=[complete_event], **at_once)
-        clear.click(lambda: [], None, chatbot, **at_once)
+        clear.click(clear_chat, None, chatbot, cancels=[chat_event], **at_once)
 
         page.load(status_line, None, status, **at_once)
         gr.Timer(STATUS_EVERY_S).tick(status_line, None, status, **at_once)

@@ -11,6 +11,7 @@ the conversation as a notice and never sent to the model.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 STATUS_REUSE_S = 1.0
 # Sessions whose last reply the status line remembers (oldest forgotten first).
 REMEMBERED_SESSIONS = 1024
+# The most characters of history one token-count call sends (the front door refuses a
+# request over 1 MiB): a 1024-token window holds a few thousand characters of it.
+COUNT_CALL_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ class PageLimits:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         for name in ("request_timeout_s", "stream_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # an infinite one breaks every call
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,12 @@ def fit_history(
 
     Drops whole exchanges (a user turn and the replies after it), oldest first, so the
     transcript never opens with a reply to a question that was dropped. Each turn is
-    counted once, in one call with the prompt's frame: the prompt is the frame plus its
-    turns (``chat_prompt``), so the kept part is found in linear time. One more count of
-    the chosen prompt guards against a tokenizer that merges across turns.
+    counted at most once: the prompt is the frame plus its turns (``chat_prompt``), so
+    the kept part is found in linear time. Turns are counted newest first, in calls of at
+    most COUNT_CALL_CHARS characters, until the budget is spent: the oldest turns of a
+    long conversation cannot fit, and sending them all in one call would one day pass
+    the front door's limit on a request (1 MiB) and fail every message after it. One more
+    count of the chosen prompt guards against a tokenizer that merges across turns.
     """
     exchanges: list[list[dict]] = []
     for turn in history:
@@ -122,13 +129,29 @@ def fit_history(
     if exchanges and exchanges[0][0]["role"] != "user":
         exchanges.pop(0)  # replies with no question before them: an orphan, never sent
 
-    frame, *turn_counts = count_tokens(
-        [chat_prompt([], message)] + [render_turn(t) for e in exchanges for t in e]
-    )
-    if frame > budget:
-        raise PromptTooLong(frame, budget)
-    counts = iter(turn_counts)
-    exchange_counts = [sum(next(counts) for _ in exchange) for exchange in exchanges]
+    calls: list[list[int]] = [[]]  # exchange indices, newest first, a call's worth each
+    size = len(chat_prompt([], message))  # the first call carries the frame too
+    for i in reversed(range(len(exchanges))):
+        chars = sum(len(render_turn(t)) for t in exchanges[i])
+        if calls[-1] and size + chars > COUNT_CALL_CHARS:
+            calls.append([])
+            size = 0
+        calls[-1].append(i)
+        size += chars
+    exchange_counts = [0] * len(exchanges)  # 0: never counted (older than what fits)
+    frame = total = -1
+    for call in calls:
+        texts = [render_turn(t) for i in call for t in exchanges[i]]
+        counts = iter(count_tokens(([chat_prompt([], message)] if frame < 0 else []) + texts))
+        if frame < 0:
+            frame = total = next(counts)
+            if frame > budget:
+                raise PromptTooLong(frame, budget)
+        for i in call:
+            exchange_counts[i] = sum(next(counts) for _ in exchanges[i])
+            total += exchange_counts[i]
+        if total > budget:  # the older exchanges cannot be kept: not counted
+            break
 
     start, total = len(exchanges), frame
     while start > 0 and total + exchange_counts[start - 1] <= budget:
@@ -240,9 +263,9 @@ class ChatService:
 
     def complete(self, prompt: str, settings: Settings, session: str) -> Iterator[str]:
         """Completion mode: yield the prompt followed by its continuation so far."""
+        text = ""  # what streamed before a failure stays, the reason after it (as in chat)
         with self.client() as client:
             try:
-                text = ""
                 for text in self._stream(
                     client, prompt, settings.params(), session, COMPLETION_TAB
                 ):
@@ -250,10 +273,10 @@ class ChatService:
             except ReplyInterrupted as exc:
                 yield prompt + text + "\n\n" + str(exc)
             except ClientError as exc:
-                yield prompt + "\n\n" + self.explain(exc)
+                yield prompt + text + "\n\n" + self.explain(exc)
             except Exception:
                 log.exception("completion failed")
-                yield prompt + "\n\nSomething went wrong on the page's side; see the log."
+                yield prompt + text + "\n\nSomething went wrong on the page's side; see the log."
 
     def stop(self, session: str, tab: str) -> None:
         """Cancel this session's running request in ``tab`` on the server (its Stop)."""
@@ -344,6 +367,8 @@ class ChatService:
                         f"**Triton is not answering**: {exc}. This page checks again soon.",
                         False,
                     )
+                if exc.status != "UNAVAILABLE":  # an answer: a key refused, an unknown model
+                    return f"**Triton refused the page's check** ({exc.status}): {exc}", False
                 return (
                     f"**Triton is not reachable** at {self.url}. It may be starting or "
                     "restarting; this page checks again every few seconds."
