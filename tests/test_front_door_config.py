@@ -55,6 +55,9 @@ def test_a_public_address_needs_an_api_key():
 def test_keys_cannot_break_out_of_the_config():
     with pytest.raises(FrontDoorError, match="quotes"):
         FrontDoorSettings(api_key='k" }')
+    for key in ("sécret", "k\tey", "key\n"):  # what no client can send as it is
+        with pytest.raises(FrontDoorError, match="printable ASCII"):
+            FrontDoorSettings(api_key=key)
 
 
 def test_the_longest_key_allowed_is_one_envoy_accepts(tmp_path):

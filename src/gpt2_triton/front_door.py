@@ -126,8 +126,14 @@ class FrontDoorSettings:
         if len(set(ports)) != len(ports):
             raise FrontDoorError(f"the front door's and the replicas' ports overlap: {ports}")
         for key, name in ((self.api_key, "API_KEY"), (self.admin_key, "ADMIN_KEY")):
-            if key and (not key.isprintable() or '"' in key or "\\" in key or " " in key):
-                raise FrontDoorError(f"{name} must be printable, without spaces, quotes or '\\'")
+            # ASCII: a gRPC client cannot send anything else in metadata, nor urllib in a
+            # header as the same bytes
+            if key and (
+                not (key.isascii() and key.isprintable()) or any(c in key for c in '"\\ ')
+            ):
+                raise FrontDoorError(
+                    f"{name} must be printable ASCII, without spaces, quotes or '\\'"
+                )
             # the API key is matched by a regex, which RE2 (at the template's program-size
             # guard) refuses from ~990 characters: Envoy would not start
             if len(key) > MAX_KEY_CHARS:
