@@ -230,7 +230,12 @@ def build(export_dir: Path, settings: EngineSettings) -> Path:
 
     cache_path = export_dir / TIMING_CACHE
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # another GPU's or TensorRT's (a shared artifacts folder): its timings would not
+        # hold here; a new cache, written over it after the build
+        log.warning("%s is from another GPU or TensorRT: building without it", cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
 
     log.info(
         "building a %s plan from %s with TensorRT %s (%d layers pinned to fp32)",
