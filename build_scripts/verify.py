@@ -380,16 +380,19 @@ def run(
                 engine_dir,
             )
             continue
+        rows = len(prompt_ids) + 1
+        # the torch engine moves (and casts) its model: give it a copy of the reference
+        given = {"threads": threads, "device": device}
+        given["model"] = copy.deepcopy(model) if kind == "torch" else None
         try:
-            # the torch engine moves (and casts) its model: give it a copy of the reference
-            forward = _forward(
-                kind,
-                folder,
-                shape,
-                threads=threads,
-                device=device,
-                model=copy.deepcopy(model) if kind == "torch" else None,
-            )
+            if kind in IN_PLACE_KINDS:  # what the server runs: the cache written in place
+                engine = build_engine(kind, export_dir, max_sequences=rows, **given)
+            else:
+                forward = _forward(kind, folder, shape, **given)
+                # A TensorRT plan takes at most the batch it was built for: the batched
+                # check then runs in batches of that size.
+                limit = getattr(forward, "max_batch", None) or rows
+                engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         except EngineError as exc:
             if bar == EXACT:  # the fp32 reference engine must run; a plan may be absent
                 raise
@@ -398,21 +401,6 @@ def run(
         if kind == "trt":
             check_plan(folder)  # only where TensorRT runs: elsewhere it was skipped
             precision = json.loads((folder / "engine_settings.json").read_text())["precision"]
-        # A TensorRT plan takes at most the batch it was built for: the batched check then
-        # runs in batches of that size.
-        rows = len(prompt_ids) + 1
-        limit = getattr(forward, "max_batch", None) or rows
-        if kind in IN_PLACE_KINDS:  # what the server runs: the cache written in place
-            engine = build_engine(
-                kind,
-                export_dir,
-                max_sequences=rows,
-                threads=threads,
-                device=device,
-                model=copy.deepcopy(model) if kind == "torch" else None,
-            )
-        else:
-            engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         log.info("checking %s %s", name, precision)
         reports.append(check_engine(name, precision, bar, engine, ref, tokenizer, eos))
     with atomic_dir(output) as tmp:
