@@ -128,9 +128,8 @@ class FrontDoorSettings:
         for key, name in ((self.api_key, "API_KEY"), (self.admin_key, "ADMIN_KEY")):
             # ASCII: a gRPC client cannot send anything else in metadata, nor urllib in a
             # header as the same bytes
-            if key and (
-                not (key.isascii() and key.isprintable()) or any(c in key for c in '"\\ ')
-            ):
+            printable_ascii = key.isascii() and key.isprintable()
+            if key and (not printable_ascii or any(c in key for c in '"\\ ')):
                 raise FrontDoorError(
                     f"{name} must be printable ASCII, without spaces, quotes or '\\'"
                 )
