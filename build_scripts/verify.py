@@ -314,6 +314,24 @@ ENGINES = [  # name, kind, precision, device, bar ("": reported, not gated)
 TENSORRT_KINDS = ("onnx-fp16", "trt")
 
 
+def plan_cannot_run_here(folder: Path) -> str:
+    """Why the TensorRT plan in ``folder`` cannot be checked on this machine ("" if it
+    can): then its row is skipped; a plan that could run and does not load fails."""
+    import importlib.util
+
+    from build_scripts.build_engine import PLAN
+
+    if not (folder / PLAN).is_file():
+        return f"no plan in {folder} ('make engine' builds one)"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed here"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    return ""
+
+
 def _forward(kind: str, export_dir: Path, shape, **kwargs):
     """``build_forward``, plus the fp16 export on ONNX Runtime: a check of the graph that
     TensorRT 11 builds from, not an engine the server offers (on a CPU it is slower)."""
@@ -380,6 +398,9 @@ def run(
                 engine_dir,
             )
             continue
+        if kind == "trt" and (unable := plan_cannot_run_here(folder)):
+            log.info("skipping %s: %s", name, unable)
+            continue
         rows = len(prompt_ids) + 1
         # the torch engine moves (and casts) its model: give it a copy of the reference
         given = {"threads": threads, "device": device}
@@ -394,8 +415,13 @@ def run(
                 limit = getattr(forward, "max_batch", None) or rows
                 engine = StatefulEngine(forward, shape, max_sequences=min(rows, limit))
         except EngineError as exc:
-            if bar == EXACT:  # the fp32 reference engine must run; a plan may be absent
+            if bar == EXACT:  # the fp32 reference engine must run
                 raise
+            if bar == FLOOR:  # a plan that could run here and does not load: its failure
+                failed = EngineReport(name, precision, True, bar, prompts=len(prompt_ids))
+                failed.failures.append(f"the plan does not load: {exc}")
+                reports.append(failed)
+                continue
             log.info("skipping %s (%s): %s", name, precision, exc)
             continue
         if kind == "trt":

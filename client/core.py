@@ -272,7 +272,7 @@ class Gpt2Client:
             raise ClientError(f"protocol must be grpc or http, got {self.protocol!r}")
         self.url = self.url or DEFAULT_URLS[self.protocol]
         check_address(self.url)
-        if self.api_key is not None:
+        if self.api_key:  # "" sends none (and overrides $API_KEY)
             check_api_key(self.api_key)
 
     @property
@@ -454,7 +454,8 @@ class Gpt2Client:
     def wait_until_ready(self, timeout_s: float = 120.0) -> None:
         """Return once the server and the model are ready, asking again while the answer
         is one that waiting can change (down, starting, silent); raise any other at once
-        (a refused API key, an unknown model), and after ``timeout_s`` the last reason.
+        (a refused API key), and after ``timeout_s`` the last reason. (An unknown model
+        reads as not ready: Triton answers so, and waiting may see it loaded.)
         No check waits past the deadline."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -509,14 +510,27 @@ class Gpt2Client:
         def callback(result, error):
             responses.put((result, error))
 
+        # tritonclient's stream is not safe to stop from one thread while another sends on
+        # it or stops it (a Stop's cancel runs on the page's thread, the reader's on its
+        # own): a send and every stop take this lock, and a cancel that came first wins
+        stream_lock = threading.Lock()
+
+        def stop(cancel_requests: bool = True) -> None:
+            with stream_lock:
+                client.stop_stream(cancel_requests=cancel_requests)
+
         try:
             client.start_stream(callback=callback, headers=self.headers)
-            cancel.add(lambda: client.stop_stream(cancel_requests=True))
-            if cancel.requested.is_set():  # cancelled before its hook was in: send nothing
-                client.stop_stream(cancel_requests=False)
+            cancel.add(stop)
+            with stream_lock:
+                if not cancel.requested.is_set():  # else cancelled first: nothing is sent
+                    client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            if cancel.requested.is_set():
+                # (cancel_requests=True also when nothing was sent: without it, stopping
+                # waits for the server to close the stream, 20 s from a silent one)
+                stop()
                 client.close()
                 return
-            client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
         except InferenceServerException as exc:
             if cancel.requested.is_set():  # our own cancel stopped the stream meanwhile
                 client.close()
@@ -551,7 +565,7 @@ class Gpt2Client:
                         return
         finally:
             try:
-                client.stop_stream(cancel_requests=not finished)
+                stop(cancel_requests=not finished)
             finally:
                 client.close()
 

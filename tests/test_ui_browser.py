@@ -133,8 +133,9 @@ def cancelled_requests(triton) -> float:
 
 def set_sampling(page, **values: str) -> None:
     """Set the sampling panel's controls (by elem_id, "_" for "-") through their number
-    boxes, opening the panel first."""
-    page.click("#sampling")
+    boxes, opening the panel first if it is closed (a click on an open one lands inside)."""
+    if not page.locator("#max-tokens input[type='number']").is_visible():
+        page.click("#sampling")
     for name, value in values.items():
         box = page.locator(f"#{name.replace('_', '-')} input[type='number']")
         box.wait_for(state="visible")

@@ -100,6 +100,17 @@ def test_a_tensorrt_row_is_held_to_the_floor_and_fp32_onnx_to_the_exact_bar():
     assert {kind: bar for _, kind, *_, bar in verify.ENGINES}["trt"] == verify.FLOOR
 
 
+def test_a_plan_is_skipped_only_where_it_cannot_run(tmp_path):
+    """Absent, or no TensorRT or GPU here: skipped. A plan that could run and does not
+    load is that row's failure (run() records it), never a skip that exits 0."""
+    import importlib.util
+
+    assert "no plan in" in verify.plan_cannot_run_here(tmp_path)
+    (tmp_path / "model.plan").write_bytes(b"placeholder, not a TensorRT plan")
+    if importlib.util.find_spec("tensorrt") is None:
+        assert verify.plan_cannot_run_here(tmp_path) == "TensorRT is not installed here"
+
+
 def test_batched_greedy_runs_in_batches_the_engine_takes(tiny_export, tiny_tokenizer):
     """A TensorRT plan takes at most the batch it was built for: the batched check then
     runs prompts in batches of that size, with the same greedy tokens."""

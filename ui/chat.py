@@ -367,7 +367,7 @@ class ChatService:
                         f"**Triton is not answering**: {exc}. This page checks again soon.",
                         False,
                     )
-                if exc.status != "UNAVAILABLE":  # an answer: a key refused, an unknown model
+                if exc.status != "UNAVAILABLE":  # an answer: a key refused
                     return f"**Triton refused the page's check** ({exc.status}): {exc}", False
                 return (
                     f"**Triton is not reachable** at {self.url}. It may be starting or "
