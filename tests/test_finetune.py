@@ -101,7 +101,7 @@ def test_too_little_text_for_one_block(tiny_model, tmp_path, capsys):
             "1",
         ]
     )
-    assert code == 2 and "shorter than one block" in capsys.readouterr().err
+    assert code == 2 and "gives no whole block of" in capsys.readouterr().err
 
 
 def hand_perplexity(model_dir, text_file, block_size: int) -> float:

@@ -189,6 +189,10 @@ def load_texts(args: FinetuneArgs):
     return DatasetDict(train=raw["train"], validation=raw["validation"])
 
 
+# Lines tokenized, joined and cut into blocks together; each group's remainder is dropped
+BLOCK_GROUP_LINES = 2000
+
+
 def group_into_blocks(texts, tokenizer, block_size: int):
     """Tokenize the raw lines and cut the concatenation into ``block_size`` blocks."""
 
@@ -203,13 +207,17 @@ def group_into_blocks(texts, tokenizer, block_size: int):
 
     tokenized = texts.map(tokenize, batched=True, remove_columns=["text"])
     grouped = tokenized.map(
-        group, batched=True, batch_size=2000, remove_columns=tokenized["train"].column_names
+        group,
+        batched=True,
+        batch_size=BLOCK_GROUP_LINES,
+        remove_columns=tokenized["train"].column_names,
     )
     for split in ("train", "validation"):
         if len(grouped[split]) == 0:
             raise DataError(
-                f"the {split} text is shorter than one block of {block_size} tokens; "
-                "give more text or a smaller --block-size"
+                f"the {split} text gives no whole block of {block_size} tokens (blocks are "
+                f"cut from every {BLOCK_GROUP_LINES} lines, as run_clm does); give more text "
+                "or a smaller --block-size"
             )
     return grouped
 
