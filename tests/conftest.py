@@ -10,9 +10,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,30 @@ def _free_port_block(count: int) -> int:
 def unused_port_block() -> int:
     """The first of eight consecutive free ports (``benchmarks.harness --port``)."""
     return _free_port_block(8)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A scripted HTTP server's handler that keeps the test output clean."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler], before_stop=None) -> Iterator[str]:
+    """host:port of a threading HTTP server on loopback running ``handler``; stopped (after
+    ``before_stop``, which can end the requests it holds) when the block ends."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        if before_stop is not None:
+            before_stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture()

@@ -8,10 +8,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import wait_until
+from conftest import QuietHandler, http_server, wait_until
 
 from client import __main__ as cli
 from client.core import ClientError, Gpt2Client
@@ -49,7 +48,7 @@ class Script:
 def sse_server(script: Script) -> Iterator[str]:
     released = threading.Event()  # ends a silent response when the test is done
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         protocol_version = "HTTP/1.1" if script.chunked else "HTTP/1.0"
 
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -72,19 +71,8 @@ def sse_server(script: Script) -> Iterator[str]:
                 released.wait()
             self.close_connection = True  # and never the terminating 0-length chunk
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        released.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with http_server(Handler, before_stop=released.set) as url:
+        yield url
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["close-delimited", "chunked"])

@@ -5,13 +5,12 @@ says what went unanswered, over both transports."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import QuietHandler, http_server
 
 from client import ClientError, GenerationParams, Gpt2Client
 
@@ -75,7 +74,7 @@ def answering(status: int, error: str) -> Iterator[str]:
     """host:port of an HTTP server that answers every request with ``status`` and
     Triton's JSON error body (a front door without the API key, a restarting server)."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def answer(self) -> None:
             body = json.dumps({"error": error}).encode()
             self.send_response(status)
@@ -86,17 +85,8 @@ def answering(status: int, error: str) -> Iterator[str]:
 
         do_GET = do_POST = answer  # noqa: N815 (http.server's naming)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        yield url
 
 
 def test_waiting_stops_at_an_answer_that_waiting_cannot_change(capsys):
