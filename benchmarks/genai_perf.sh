@@ -35,7 +35,8 @@ mkdir -p "$OUT"
 # profile NAME GENAI_ARGS...: one point into $OUT/NAME (and NAME.log). genai-perf 0.0.16
 # sometimes reads perf_analyzer's export before it is whole (seen here: 64 KiB or 0 bytes
 # of it, then a JSON error, at concurrency 4): a point without its results runs again,
-# at most 3 times, and is left out of the table after that.
+# at most 3 times, and is left out of the table after that (and the run exits 1).
+missing=""
 profile() {
   local name=$1 try
   shift
@@ -46,6 +47,7 @@ profile() {
     if compgen -G "$OUT/$name/*/profile_export_genai_perf.json" >/dev/null; then return; fi
     echo "genai-perf left no results for $name (try $try of 3; log: $OUT/$name.log)" >&2
   done
+  missing="$missing $name"
 }
 for c in $CONCURRENCY; do
   echo "== genai-perf: gpt2, streaming, concurrency $c"
@@ -74,4 +76,8 @@ if [ -n "$OPENAI_ENDPOINTS" ]; then
     done
   done
 fi
-"$PY" -m benchmarks.genai_summary "$OUT"
+"$PY" -m benchmarks.genai_summary "$OUT" || exit
+if [ -n "$missing" ]; then
+  echo "error: no results for:$missing (left out of the table above)" >&2
+  exit 1
+fi

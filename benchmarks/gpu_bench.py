@@ -788,6 +788,8 @@ def genai_perf() -> dict:
 
 # -- the report -----------------------------------------------------------------------------
 def _find(rows, system, c, p, n=None):
+    """The measured row of that point; None when it was not measured, or when some of its
+    requests failed (its numbers then describe the ones that did not: no verdict)."""
     for r in rows:
         if (
             r.get("system") == system
@@ -795,9 +797,22 @@ def _find(rows, system, c, p, n=None):
             and r.get("prompt_tokens") == p
             and (n is None or r.get("new_tokens") == n)
             and r.get("tokens_per_s")
+            and not r.get("failed")
         ):
             return r
     return None
+
+
+def incomplete(results: dict) -> list[str]:
+    """The served points that failed, lost requests or were not run: a run with any of
+    them exits 1, whatever its verdicts say."""
+    return [
+        f"{r.get('system')} c{r.get('concurrency', '?')} p{r.get('prompt_tokens', '?')}: "
+        + (r.get("error") or f"skipped ({r['skipped']})" if "error" in r or "skipped" in r
+           else f"{r['failed']} request(s) failed: {r.get('first_failure')}")
+        for r in results.get("triton") or []
+        if "error" in r or "skipped" in r or r.get("failed")
+    ]  # fmt: skip
 
 
 def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
@@ -836,13 +851,16 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
         elif base:
             lines.append((target, "-", "not judged: generate() gave no ITL"))
         top = _find(served, system, max(args.concurrency), p, args.new_tokens)
+        target = f"tokens/s c{max(args.concurrency)} / c1, p{p} >= {TARGET_SCALING:.0f}x"
         if top and max(args.concurrency) > 1:
             scaling = top["tokens_per_s"] / one["tokens_per_s"]
-            lines.append(
-                (f"tokens/s c{max(args.concurrency)} / c1, p{p} >= {TARGET_SCALING:.0f}x",
-                 f"{scaling:.1f}x", _met(scaling >= TARGET_SCALING))
-            )  # fmt: skip
+            lines.append((target, f"{scaling:.1f}x", _met(scaling >= TARGET_SCALING)))
+        elif max(args.concurrency) > 1:  # said, not left out: a missing line reads as none
+            lines.append((target, "-", NOT_MEASURED))
     return lines
+
+
+NOT_MEASURED = "not judged: the point failed, lost requests or was not run"
 
 
 def _met(ok: bool) -> str:
@@ -1055,8 +1073,9 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
         write(results, args)
     print(markdown(results, args))
-    failed = results["errors"] or any("error" in r for r in results["triton"])
-    return 1 if failed else 0
+    for point in incomplete(results):
+        print(f"incomplete: {point}", file=sys.stderr)
+    return 1 if results["errors"] or incomplete(results) else 0
 
 
 if __name__ == "__main__":

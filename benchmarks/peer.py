@@ -58,8 +58,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=ON",
 )
 TARGETS = ("llama-server", "llama-quantize")
-# The GGUF each Triton engine is set against: the same precision class (int8 weights,
-# fp32 activations on both sides for the quantized pair).
+# The GGUF each Triton engine is set against: the same precision class. The quantized
+# pair: int8 weights and int8 dot products on both sides, in blocks of 256 (the service's
+# MatMulNBits) against q8_0's 32.
 QUANT_FOR_ENGINE = {"onnx": "f32", "onnx-int8": "q8_0"}
 
 

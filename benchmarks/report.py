@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from gpt2_triton.export import INT8_ACCURACY_LEVEL, INT8_BLOCK
+
 
 def _fmt(value, spec=".1f") -> str:
     return "-" if value is None else format(value, spec)
@@ -329,6 +331,10 @@ def _systems(results: dict) -> str:
             "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`. "
             "The peer's waves take turns with the service's in a fixed order: peer, "
             "`triton-http`, `triton`, then the others. "
+            f"The int8 pair: both int8 weights and int8 dot products (ONNX Runtime's "
+            f"`MatMulNBits` at accuracy level {INT8_ACCURACY_LEVEL}; `q8_0` quantizes the "
+            f"activations too), in blocks of {INT8_BLOCK} weights for the service and 32 "
+            "for `q8_0` (finer: more scales to read, closer to fp32). "
         )
     return text
 
@@ -364,8 +370,15 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         _systems(results)
         + "Server RSS and PSS: at rest, 16 s after the grid point's waves (the service "
         "gives freed heap back after 15 s idle), summed over "
-        "the server's processes (tritonserver and every backend stub; llama-server is one); "
-        "PSS shares out pages that several processes map, so it is the one to compare. "
+        "the server's processes (tritonserver and every backend stub; llama-server is one"
+        + (
+            "; the `front-door:` rows add Envoy, the `openai:` rows Envoy and the gateway); "
+            if results.get("door_memory_counted")
+            else "; the `front-door:` and `openai:` rows count the same processes: this run "
+            "did not measure Envoy and the OpenAI gateway, which `make serve` runs beside "
+            "them); "
+        )
+        + "PSS shares out pages that several processes map, so it is the one to compare. "
         "Server peak RSS: the most each process held at once since it started (VmHWM), "
         "summed: an upper bound of the server's peak (a page several processes share "
         "counts once per process), what a memory limit must allow.",

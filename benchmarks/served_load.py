@@ -136,8 +136,8 @@ class ServedLoad:
             cpu += seconds
             row.wall_s += wall
             for sent, stamps, tokens, error in results:
-                if error or not stamps:
-                    failed.append(error or "no tokens")
+                if error or not stamps or tokens != new_tokens:  # min_length holds EOS off
+                    failed.append(error or f"{tokens} tokens of {new_tokens}")
                     continue
                 row.ttft_ms.append(1e3 * (stamps[0] - sent))
                 itl = stream_itl_ms(stamps, tokens)  # gaps: between pieces, not tokens

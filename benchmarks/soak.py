@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 
 from client import ClientError, GenerationParams, Gpt2Client
+from client.core import check_address
 from gpt2_triton import logs
 from gpt2_triton.front_door import is_loopback
 from gpt2_triton.process import shared_memory_files
@@ -284,8 +285,13 @@ def summarize(soak: Soak, args, wall_s: float, before: dict, after: dict) -> dic
         "samples": [asdict(s) for s in samples],
     }
     failures = []
+    if not outcomes:
+        failures.append("no request was sent")
     if errors:
         failures.append(f"{sum(errors.values())} request(s) failed")
+    counted = summary["server"]["requests_counted"]
+    if counted < len(outcomes):  # after main's wait for the count: some never reached it
+        failures.append(f"the server counted {counted} of the {len(outcomes)} requests sent")
     if any(s.rss_bytes is None for s in samples):
         failures.append("tritonserver exited during the soak")
     if growth is not None and growth >= MAX_RSS_GROWTH_PCT:
@@ -356,6 +362,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(
                 f"--{name.replace('_', '-')}: the soak only loads a service on this machine"
             )
+    for name in ("http_url", "grpc_url"):  # what the clients take: host:port
+        try:
+            check_address(getattr(args, name))
+        except ClientError as exc:
+            parser.error(f"--{name.replace('_', '-')}: {exc}")
     return args
 
 

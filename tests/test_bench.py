@@ -73,6 +73,14 @@ def test_harness_measures_every_system_and_writes_the_report(
             assert row["server_rss_mb"] > 0
             # shared pages shared out: below the RSS sum of tritonserver and its stubs
             assert 0 < row["server_pss_mb"] < row["server_rss_mb"]
+    # the front door's rows count Envoy too, the OpenAI API's Envoy and the gateway: read
+    # at the same moment as Triton's, so strictly more
+    by_system = {(r["system"], r["concurrency"]): r for r in results["rows"]}
+    for c in (1, 2):
+        triton, door = by_system["triton:onnx", c], by_system["front-door:onnx", c]
+        gateway = by_system["openai:onnx", c]
+        assert triton["server_pss_mb"] < door["server_pss_mb"] < gateway["server_pss_mb"]
+    assert results["door_memory_counted"]
     # the read bandwidth, timed beside each engine's concurrency-1 point
     assert {(f["engine"], f["prompt_tokens"]) for f in results["bandwidth"]} == {
         ("onnx", 8),

@@ -285,6 +285,33 @@ def test_a_stream_that_came_in_one_piece_leaves_the_verdicts_standing():
     ]
 
 
+def test_a_point_with_failed_requests_is_not_judged_and_fails_the_run():
+    """Its tokens/s is that of the requests that did not fail: it was judged "met", and
+    the run exited 0. A point skipped by the deadline left its verdict out silently."""
+    args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1", "64"])
+    args.prompt_tokens, args.new_tokens = [8], 6
+
+    def row(concurrency, **extra):
+        return {
+            "system": "triton:torch-static", "concurrency": concurrency, "prompt_tokens": 8,
+            "new_tokens": 6, "tokens_per_s": 10.0 * concurrency, "itl_ms_p50": 1.0,
+            "ttft_ms_p50": 1.0, "failed": 0, **extra,
+        }  # fmt: skip
+
+    clean = {"triton": [row(1), row(64)], "hf": []}
+    assert gpu_bench.verdicts(clean, args)[-1][2] == "met" and not gpu_bench.incomplete(clean)
+    for top in (row(64, failed=40, first_failure="UNAVAILABLE: gone"),
+                {"system": "triton:torch-static", "skipped": "deadline"}):  # fmt: skip
+        results = {"triton": [row(1), top], "hf": []}
+        assert gpu_bench.verdicts(results, args)[-1] == (
+            "tokens/s c64 / c1, p8 >= 20x",
+            "-",
+            gpu_bench.NOT_MEASURED,
+        )
+        (point,) = gpu_bench.incomplete(results)
+        assert "UNAVAILABLE: gone" in point or "skipped (deadline)" in point
+
+
 def test_the_per_token_target_is_judged_against_the_faster_generate():
     args = gpu_bench.parse_args(["--device", "cpu", "--concurrency", "1"])
     args.prompt_tokens, args.new_tokens = [8], 6

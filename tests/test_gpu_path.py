@@ -380,3 +380,19 @@ def test_engine_build_refuses_an_export_its_tensorrt_cannot_parse(tiny_export):
     check_opset(tiny_export, "10.14.1")  # reads Attention: no error
     with pytest.raises(EngineError, match="make engine ENGINE_OPSET=18"):
         check_opset(tiny_export, "10.5.0")
+
+
+def test_the_gpu_check_fails_on_errors_or_greedy_text_below_the_floor():
+    """It always exited 0: gpu_check.sh's `|| status=1` never saw a failed check."""
+    from benchmarks.gpu_check import check_failures
+
+    def result(greedy=8, concurrent=8, errors=()):
+        load = [{"concurrency": 1, "errors": []}, {"concurrency": 8, "errors": list(errors)}]
+        return {"prompts": 8, "greedy_equal_to_hf_cpu_fp32": greedy,
+                "concurrent_equal_to_solo": concurrent, "load": load}  # fmt: skip
+
+    assert check_failures(result()) == []
+    assert check_failures(result(greedy=7, concurrent=4)) == []  # fp16 near-ties flip
+    assert check_failures(result(greedy=3))[0].startswith("greedy text equal to HF fp32: 3/8")
+    assert "concurrent streams" in check_failures(result(concurrent=0))[0]
+    assert check_failures(result(errors=["UNAVAILABLE: gone"])) == ["c8: UNAVAILABLE: gone"]

@@ -51,3 +51,26 @@ def test_a_minute_of_mixed_load_has_no_error_and_no_memory_growth(triton, tmp_pa
     assert rss["growth_after_warmup_pct"] is not None
     assert rss["growth_after_warmup_pct"] < soak.MAX_RSS_GROWTH_PCT, summary["samples"]
     assert code == 0, summary["failures"]
+
+
+def _summary(outcomes: list, counted: int) -> dict:
+    run = soak.Soak(outcomes=outcomes, samples=[soak.Sample(0.0, 2**30, 3, 0, 0)] * 2)
+    args = soak.parse_args(["--seconds", "60"])
+    counter = 'gpt2_requests_total{finish_reason="length"}'
+    return soak.summarize(run, args, 60.0, {counter: 5.0}, {counter: 5.0 + counted})
+
+
+def test_a_soak_that_sent_nothing_or_lost_requests_fails():
+    """No request sent (every client failed to start) was a pass; so was a server that
+    counted fewer requests than were sent."""
+    sent = [soak.Outcome("grpc", True, 1.0, 0.1, tokens=8) for _ in range(10)]
+    assert _summary(sent, 10)["ok"]
+    assert _summary([], 0)["failures"] == ["no request was sent"]
+    lost = _summary(sent, 3)
+    assert not lost["ok"] and "the server counted 3 of the 10 requests sent" in lost["failures"]
+
+
+def test_the_soak_takes_the_addresses_its_clients_take(capsys):
+    with pytest.raises(SystemExit):
+        soak.parse_args(["--http-url", "http://127.0.0.1:8000"])
+    assert "without a scheme" in capsys.readouterr().err
