@@ -265,7 +265,8 @@ SOAK_SECONDS ?= 600
 soak: setup ## N clients, random valid requests, through the front door of a running server
 	$(PY) -m benchmarks.soak --http-url $(CLIENT_HOST):$(HTTP_PORT) \
 		--grpc-url $(CLIENT_HOST):$(GRPC_PORT) \
-		--metrics-url http://127.0.0.1:$(METRICS_PORT)/metrics \
+		$$(for i in $$(seq 0 $$(($(REPLICAS) - 1))); do \
+			echo --metrics-url http://127.0.0.1:$$(($(METRICS_PORT) + 10 * i))/metrics; done) \
 		--clients $(SOAK_CLIENTS) --seconds $(SOAK_SECONDS) --out $(GPT2_TRITON_ARTIFACTS)/soak.json
 
 # perf_analyzer and genai-perf read Triton's statistics API, which the front door keeps

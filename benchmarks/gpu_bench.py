@@ -824,8 +824,14 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
     hf = results.get("hf") or []
     lines = []
     published = _find(served, system, 1, PUBLISHED["prompt_tokens"], PUBLISHED["new_tokens"])
+    where = f"c1 p{PUBLISHED['prompt_tokens']} n{PUBLISHED['new_tokens']}"
+    if published is None:  # always in the grid: it failed or was not reached
+        for target in (
+            f"ITL {where} <= {TARGET_ITL_MS} ms",
+            f"TTFT {where} <= {TARGET_TTFT_MS} ms",
+        ):
+            lines.append((target, "-", NOT_MEASURED))
     if published:
-        where = f"c1 p{PUBLISHED['prompt_tokens']} n{PUBLISHED['new_tokens']}"
         itl, ttft = published["itl_ms_p50"], published["ttft_ms_p50"]
         target = f"ITL {where} <= {TARGET_ITL_MS} ms"
         if itl is None:  # every stream came in one piece: nothing streamed
@@ -837,7 +843,12 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
         )
     for p in args.prompt_tokens:
         one = _find(served, system, 1, p, args.new_tokens)
-        if one is None:
+        if one is None:  # nothing to set the others against: each target said unjudged
+            lines.append((f"per token vs HF generate() fp16, p{p} >= {TARGET_HF_SPEEDUP:.0f}x",
+                          "-", NOT_MEASURED))  # fmt: skip
+            if max(args.concurrency) > 1:
+                lines.append((f"tokens/s c{max(args.concurrency)} / c1, p{p} >= "
+                              f"{TARGET_SCALING:.0f}x", "-", NOT_MEASURED))  # fmt: skip
             continue
         bases = [b for b in (_find(hf, "hf-generate", 1, p), _find(hf, HF_NO_CUDNN, 1, p)) if b]
         base = min(bases, key=lambda b: b["itl_ms_p50"] or np.inf, default=None)  # the faster

@@ -1,8 +1,9 @@
 """The GPU check's client half (run by gpu_check.sh against a running server).
 
 Talks to the torch engine on CUDA through Triton: greedy agreement with Hugging Face on
-the CPU (fp32 reference vs fp16 engine: reported, not gated), concurrent streams against
-their solo output, and time to first token / tokens/s at concurrency 1 and 8.
+the CPU (fp32 reference vs fp16 engine) and of concurrent streams with their solo output,
+each held to verify's floor (half the prompts: fp16 near-ties flip some, a wrong engine
+all), and time to first token / tokens/s at concurrency 1 and 8 (exit 1 on any error).
 """
 
 from __future__ import annotations

@@ -465,8 +465,11 @@ def server_memory_mb(*pids: int) -> tuple[float, float, float]:
 
     processes = []
     for pid in pids:
-        process = psutil.Process(pid)
-        processes += [process, *process.children(recursive=True)]
+        try:
+            process = psutil.Process(pid)
+            processes += [process, *process.children(recursive=True)]
+        except psutil.NoSuchProcess:  # restarted by its supervisor since: not counted
+            log.warning("process %d is gone: its memory is not in this row", pid)
     rss = pss = peak = 0
     for p in processes:
         try:

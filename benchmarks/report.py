@@ -331,11 +331,14 @@ def _systems(results: dict) -> str:
             "HTTP with the service's prompt token ids, greedy (top-1), `cache_prompt: false`. "
             "The peer's waves take turns with the service's in a fixed order: peer, "
             "`triton-http`, `triton`, then the others. "
-            f"The int8 pair: both int8 weights and int8 dot products (ONNX Runtime's "
-            f"`MatMulNBits` at accuracy level {INT8_ACCURACY_LEVEL}; `q8_0` quantizes the "
-            f"activations too), in blocks of {INT8_BLOCK} weights for the service and 32 "
-            "for `q8_0` (finer: more scales to read, closer to fp32). "
         )
+        if any(r["system"] == "llama:q8_0" for r in results["rows"]):
+            text += (
+                f"The int8 pair: both int8 weights and int8 dot products (ONNX Runtime's "
+                f"`MatMulNBits` at accuracy level {INT8_ACCURACY_LEVEL}; `q8_0` quantizes "
+                f"the activations too), in blocks of {INT8_BLOCK} weights for the service "
+                "and 32 for `q8_0` (finer: more scales to read, closer to fp32). "
+            )
     return text
 
 
@@ -347,6 +350,18 @@ def _rank(item, order) -> int:
 def _make_target(results: dict) -> str:
     """What made a run that did not record its command (before 2026-11-29)."""
     return f"make {'bench-peer' if results.get('peer') else 'bench'}"
+
+
+def _door_memory(results: dict) -> str:
+    """What the front door's and the OpenAI API's rows count in their memory columns."""
+    if not any(r["system"].startswith(("front-door:", "openai:")) for r in results["rows"]):
+        return "); "
+    if results.get("door_memory_counted"):
+        return "; the `front-door:` rows add Envoy, the `openai:` rows Envoy and the gateway); "
+    return (
+        "; the `front-door:` and `openai:` rows count the same processes: this run did not "
+        "measure Envoy and the OpenAI gateway, which `make serve` runs beside them); "
+    )
 
 
 def write_report(results: dict, path: Path, plot_folder: Path) -> None:
@@ -371,13 +386,7 @@ def write_report(results: dict, path: Path, plot_folder: Path) -> None:
         + "Server RSS and PSS: at rest, 16 s after the grid point's waves (the service "
         "gives freed heap back after 15 s idle), summed over "
         "the server's processes (tritonserver and every backend stub; llama-server is one"
-        + (
-            "; the `front-door:` rows add Envoy, the `openai:` rows Envoy and the gateway); "
-            if results.get("door_memory_counted")
-            else "; the `front-door:` and `openai:` rows count the same processes: this run "
-            "did not measure Envoy and the OpenAI gateway, which `make serve` runs beside "
-            "them); "
-        )
+        + _door_memory(results)
         + "PSS shares out pages that several processes map, so it is the one to compare. "
         "Server peak RSS: the most each process held at once since it started (VmHWM), "
         "summed: an upper bound of the server's peak (a page several processes share "

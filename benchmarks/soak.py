@@ -200,15 +200,19 @@ def sampler(server: psutil.Process, soak: Soak, began: float, stop: threading.Ev
             return
 
 
-def server_metrics(url: str) -> dict[str, float]:
-    """The ``gpt2_`` lines of Triton's metrics page, by full name (labels included)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("gpt2_")
-    }
+def server_metrics(urls: list[str]) -> dict[str, float]:
+    """The ``gpt2_`` lines of Triton's metrics pages, by full name (labels included),
+    summed over the pages: one per replica (``make serve REPLICAS=N``), whose share of
+    the requests each one counts."""
+    summed: dict[str, float] = {}
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line.startswith("gpt2_"):
+                name, value = line.rsplit(" ", 1)
+                summed[name] = summed.get(name, 0.0) + float(value)
+    return summed
 
 
 def requests_counted(metrics: dict[str, float]) -> int:
@@ -290,8 +294,10 @@ def summarize(soak: Soak, args, wall_s: float, before: dict, after: dict) -> dic
     if errors:
         failures.append(f"{sum(errors.values())} request(s) failed")
     counted = summary["server"]["requests_counted"]
-    if counted < len(outcomes):  # after main's wait for the count: some never reached it
-        failures.append(f"the server counted {counted} of the {len(outcomes)} requests sent")
+    if counted < len(done):  # after main's wait for the count: answered, yet not counted
+        failures.append(
+            f"the server counted {counted} requests, fewer than the {len(done)} answered"
+        )
     if any(s.rss_bytes is None for s in samples):
         failures.append("tritonserver exited during the soak")
     if growth is not None and growth >= MAX_RSS_GROWTH_PCT:
@@ -338,7 +344,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--http-url", default="127.0.0.1:8000", help="the front door, HTTP")
     parser.add_argument("--grpc-url", default="127.0.0.1:8001", help="the front door, gRPC")
-    parser.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
+    parser.add_argument(
+        "--metrics-url",
+        action="append",
+        help="Triton's metrics page (default http://127.0.0.1:8002/metrics); once per "
+        "replica: requests are counted on all, memory is watched on the first's server",
+    )
     parser.add_argument("--clients", type=int, default=8, help=f"1 to {MAX_CLIENTS} threads")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the load runs")
     parser.add_argument(
@@ -357,8 +368,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--clients must be 1 to {MAX_CLIENTS}")
     if not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--seconds must be in (0, {MAX_SECONDS}]")
-    for name in ("http_url", "grpc_url", "metrics_url"):
-        if not _loopback(getattr(args, name)):
+    args.metrics_url = args.metrics_url or ["http://127.0.0.1:8002/metrics"]
+    for name, value in [("http_url", args.http_url), ("grpc_url", args.grpc_url)] + [
+        ("metrics_url", url) for url in args.metrics_url
+    ]:
+        if not _loopback(value):
             parser.error(
                 f"--{name.replace('_', '-')}: the soak only loads a service on this machine"
             )
@@ -373,7 +387,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup()
-    server = psutil.Process(args.triton_pid) if args.triton_pid else find_triton(args.metrics_url)
+    server = (
+        psutil.Process(args.triton_pid) if args.triton_pid else find_triton(args.metrics_url[0])
+    )
     before = server_metrics(args.metrics_url)
     soak, stop, stop_sampler = Soak(), threading.Event(), threading.Event()
     began = time.perf_counter()
@@ -399,11 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     sampling.join(30)
     # The model publishes its metrics every half second: give the last requests a moment
     # to be counted and their sequences to be let go (the deadline only bounds a hang).
-    sent, deadline = len(soak.outcomes), time.monotonic() + 60
+    # (a request that failed may never have reached the server: the ones that did not)
+    succeeded, deadline = sum(not o.error for o in soak.outcomes), time.monotonic() + 60
     after = server_metrics(args.metrics_url)
     while time.monotonic() < deadline and (
         any(sequences_held(after).values())
-        or requests_counted(after) - requests_counted(before) < sent
+        or requests_counted(after) - requests_counted(before) < succeeded
     ):
         time.sleep(0.5)
         after = server_metrics(args.metrics_url)
