@@ -313,7 +313,7 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
     for page in pages:  # greedy: a sampled reply can end at once and show no message
         set_sampling(page, temperature="0")
     most_waiting: list[float | None] = []  # per attempt; None: the batch was never seen full
-    shown = False
+    shown, broken = False, []  # broken: attempts whose background batch failed (void)
     for attempt in range(ATTEMPTS):
         wait_until_idle(triton.metrics_url, timeout=600)  # a baseline after every earlier end
         ended_before = ended_requests(triton)
@@ -340,9 +340,8 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
                 "a full batch",
                 timeout_s=600,
             )
-            assert not background.errors, f"a background request failed: {background.errors[0]}"
             most = None
-            if batch_left_full():
+            if batch_left_full() and not background.errors:
                 for page in pages:
                     page.keyboard.press("Enter")
                 most, deadline = 0.0, time.monotonic() + 600  # a hang guard only
@@ -352,12 +351,19 @@ def test_several_pages_chatting_at_once_reach_the_server_at_once(browser, ui_url
                     most = max(most, waiting)
                     shown = waiting >= PAGES
                     time.sleep(0.1)
-            assert not background.errors, f"a background request failed: {background.errors[0]}"
             most_waiting.append(most)
         finally:
             background.cancel()
+        if background.errors:
+            # The batch is this test's scaffolding: a broken one shows nothing either way.
+            # Seen once in CI (c4e3826): every stream of its one connection through the
+            # door reset at once (docs/RELIABILITY.md); again, at most ATTEMPTS times.
+            broken.append(str(background.errors[0]))
+            shown = False
+            continue
         if shown:
             break
+    assert len(broken) < ATTEMPTS, f"the background batch failed in every attempt: {broken}"
     shown_on_pages = [page.inner_text("#chatbot")[-300:] for page in pages]
     assert shown, (
         f"in {ATTEMPTS} attempts, while the batch was full, at most {most_waiting} of the "
