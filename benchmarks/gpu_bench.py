@@ -806,13 +806,16 @@ def _find(rows, system, c, p, n=None):
 def incomplete(results: dict) -> list[str]:
     """The served points that failed, lost requests or were not run: a run with any of
     them exits 1, whatever its verdicts say."""
-    return [
-        f"{r.get('system')} c{r.get('concurrency', '?')} p{r.get('prompt_tokens', '?')}: "
-        + (r.get("error") or f"skipped ({r['skipped']})" if "error" in r or "skipped" in r
-           else f"{r['failed']} request(s) failed: {r.get('first_failure')}")
-        for r in results.get("triton") or []
-        if "error" in r or "skipped" in r or r.get("failed")
-    ]  # fmt: skip
+    points = []
+    for r in results.get("triton") or []:
+        where = f"{r.get('system')} c{r.get('concurrency', '?')} p{r.get('prompt_tokens', '?')}"
+        if "error" in r:
+            points.append(f"{where}: {r['error']}")
+        elif "skipped" in r:
+            points.append(f"{where}: skipped ({r['skipped']})")
+        elif r.get("failed"):
+            points.append(f"{where}: {r['failed']} request(s) failed: {r.get('first_failure')}")
+    return points
 
 
 def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
@@ -825,49 +828,48 @@ def verdicts(results: dict, args) -> list[tuple[str, str, str]]:
     lines = []
     published = _find(served, system, 1, PUBLISHED["prompt_tokens"], PUBLISHED["new_tokens"])
     where = f"c1 p{PUBLISHED['prompt_tokens']} n{PUBLISHED['new_tokens']}"
+    itl_target, ttft_target = (
+        f"ITL {where} <= {TARGET_ITL_MS} ms",
+        f"TTFT {where} <= {TARGET_TTFT_MS} ms",
+    )
     if published is None:  # always in the grid: it failed or was not reached
-        for target in (
-            f"ITL {where} <= {TARGET_ITL_MS} ms",
-            f"TTFT {where} <= {TARGET_TTFT_MS} ms",
-        ):
-            lines.append((target, "-", NOT_MEASURED))
-    if published:
+        lines += [(itl_target, "-", NOT_MEASURED), (ttft_target, "-", NOT_MEASURED)]
+    else:
         itl, ttft = published["itl_ms_p50"], published["ttft_ms_p50"]
-        target = f"ITL {where} <= {TARGET_ITL_MS} ms"
         if itl is None:  # every stream came in one piece: nothing streamed
-            lines.append((target, "-", ONE_PIECE))
+            lines.append((itl_target, "-", ONE_PIECE))
         else:
-            lines.append((target, f"{itl:.2f} ms", _met(itl <= TARGET_ITL_MS)))
-        lines.append(
-            (f"TTFT {where} <= {TARGET_TTFT_MS} ms", f"{ttft:.2f} ms", _met(ttft <= TARGET_TTFT_MS))
-        )
+            lines.append((itl_target, f"{itl:.2f} ms", _met(itl <= TARGET_ITL_MS)))
+        lines.append((ttft_target, f"{ttft:.2f} ms", _met(ttft <= TARGET_TTFT_MS)))
+    top_c = max(args.concurrency)
     for p in args.prompt_tokens:
+        hf_target = f"per token vs HF generate() fp16, p{p} >= {TARGET_HF_SPEEDUP:.0f}x"
+        scaling_target = f"tokens/s c{top_c} / c1, p{p} >= {TARGET_SCALING:.0f}x"
         one = _find(served, system, 1, p, args.new_tokens)
         if one is None:  # nothing to set the others against: each target said unjudged
-            lines.append((f"per token vs HF generate() fp16, p{p} >= {TARGET_HF_SPEEDUP:.0f}x",
-                          "-", NOT_MEASURED))  # fmt: skip
-            if max(args.concurrency) > 1:
-                lines.append((f"tokens/s c{max(args.concurrency)} / c1, p{p} >= "
-                              f"{TARGET_SCALING:.0f}x", "-", NOT_MEASURED))  # fmt: skip
+            lines.append((hf_target, "-", NOT_MEASURED))
+            if top_c > 1:
+                lines.append((scaling_target, "-", NOT_MEASURED))
             continue
         bases = [b for b in (_find(hf, "hf-generate", 1, p), _find(hf, HF_NO_CUDNN, 1, p)) if b]
         base = min(bases, key=lambda b: b["itl_ms_p50"] or np.inf, default=None)  # the faster
-        target = f"per token vs HF generate() fp16, p{p} >= {TARGET_HF_SPEEDUP:.0f}x"
         if base and base["itl_ms_p50"] and one["itl_ms_p50"]:
             speedup = base["itl_ms_p50"] / one["itl_ms_p50"]
             against = f" (vs {base['system']})" if len(bases) > 1 else ""
-            lines.append((target, f"{speedup:.1f}x{against}", _met(speedup >= TARGET_HF_SPEEDUP)))
+            lines.append(
+                (hf_target, f"{speedup:.1f}x{against}", _met(speedup >= TARGET_HF_SPEEDUP))
+            )
         elif base and base["itl_ms_p50"]:  # no ITL: the streams came in one piece each
-            lines.append((target, "-", ONE_PIECE))
+            lines.append((hf_target, "-", ONE_PIECE))
         elif base:
-            lines.append((target, "-", "not judged: generate() gave no ITL"))
-        top = _find(served, system, max(args.concurrency), p, args.new_tokens)
-        target = f"tokens/s c{max(args.concurrency)} / c1, p{p} >= {TARGET_SCALING:.0f}x"
-        if top and max(args.concurrency) > 1:
-            scaling = top["tokens_per_s"] / one["tokens_per_s"]
-            lines.append((target, f"{scaling:.1f}x", _met(scaling >= TARGET_SCALING)))
-        elif max(args.concurrency) > 1:  # said, not left out: a missing line reads as none
-            lines.append((target, "-", NOT_MEASURED))
+            lines.append((hf_target, "-", "not judged: generate() gave no ITL"))
+        if top_c > 1:  # a missing point is said, not left out: a missing line reads as none
+            top = _find(served, system, top_c, p, args.new_tokens)
+            if top:
+                scaling = top["tokens_per_s"] / one["tokens_per_s"]
+                lines.append((scaling_target, f"{scaling:.1f}x", _met(scaling >= TARGET_SCALING)))
+            else:
+                lines.append((scaling_target, "-", NOT_MEASURED))
     return lines
 
 
@@ -1084,9 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
         write(results, args)
     print(markdown(results, args))
-    for point in incomplete(results):
+    unfinished = incomplete(results)
+    for point in unfinished:
         print(f"incomplete: {point}", file=sys.stderr)
-    return 1 if results["errors"] or incomplete(results) else 0
+    return 1 if results["errors"] or unfinished else 0
 
 
 if __name__ == "__main__":

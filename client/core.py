@@ -523,14 +523,11 @@ class Gpt2Client:
             client.start_stream(callback=callback, headers=self.headers)
             cancel.add(stop)
             with stream_lock:
-                if not cancel.requested.is_set():  # else cancelled first: nothing is sent
+                # cancelled first: nothing is sent, and the loop below is skipped; its
+                # stop cancels (with cancel_requests also when nothing was sent: without
+                # it, stopping waits for the server to close the stream, 20 s if silent)
+                if not cancel.requested.is_set():
                     client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
-            if cancel.requested.is_set():
-                # (cancel_requests=True also when nothing was sent: without it, stopping
-                # waits for the server to close the stream, 20 s from a silent one)
-                stop()
-                client.close()
-                return
         except InferenceServerException as exc:
             if cancel.requested.is_set():  # our own cancel stopped the stream meanwhile
                 client.close()

@@ -129,10 +129,12 @@ def fit_history(
     if exchanges and exchanges[0][0]["role"] != "user":
         exchanges.pop(0)  # replies with no question before them: an orphan, never sent
 
+    rendered = [[render_turn(turn) for turn in exchange] for exchange in exchanges]
+    frame_text = chat_prompt([], message)
     calls: list[list[int]] = [[]]  # exchange indices, newest first, a call's worth each
-    size = len(chat_prompt([], message))  # the first call carries the frame too
+    size = len(frame_text)  # the first call carries the frame too
     for i in reversed(range(len(exchanges))):
-        chars = sum(len(render_turn(t)) for t in exchanges[i])
+        chars = sum(map(len, rendered[i]))
         if calls[-1] and size + chars > COUNT_CALL_CHARS:
             calls.append([])
             size = 0
@@ -141,14 +143,14 @@ def fit_history(
     exchange_counts = [0] * len(exchanges)  # 0: never counted (older than what fits)
     frame = total = -1
     for call in calls:
-        texts = [render_turn(t) for i in call for t in exchanges[i]]
-        counts = iter(count_tokens(([chat_prompt([], message)] if frame < 0 else []) + texts))
+        texts = [text for i in call for text in rendered[i]]
+        counts = iter(count_tokens(([frame_text] if frame < 0 else []) + texts))
         if frame < 0:
             frame = total = next(counts)
             if frame > budget:
                 raise PromptTooLong(frame, budget)
         for i in call:
-            exchange_counts[i] = sum(next(counts) for _ in exchanges[i])
+            exchange_counts[i] = sum(next(counts) for _ in rendered[i])
             total += exchange_counts[i]
         if total > budget:  # the older exchanges cannot be kept: not counted
             break
