@@ -249,10 +249,11 @@ class ChatService:
                 params = settings.params(STOP_WORDS)
                 for text in self._stream(client, prompt, params, session, CHAT_TAB):
                     yield [reply(text)]
-                if not text or without_a_begun_turn(text) != text:
+                trimmed = without_a_begun_turn(text)
+                if not text or trimmed != text:
                     # the model ended at once (the user still sees an answer), or its token
                     # limit cut it as it began the next turn (held back till the end)
-                    yield [reply(without_a_begun_turn(text))]
+                    yield [reply(trimmed)]
                 return
             except (PromptTooLong, ReplyInterrupted) as exc:
                 problem = str(exc)

@@ -36,7 +36,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -739,12 +739,12 @@ class InflightBatcher:
         self._retire(cancelled)
         if not self._waiting:  # (only this thread empties it; an arrival waits a step)
             return
-        with self._wake:
-            waiting = list(self._waiting)
         # One waiting request a step, where the checks are capped: each is a round trip
         # that the running streams wait on, and a full queue is when they matter most.
         waiting_per_step = min(per_step, WAITING_CANCEL_CHECKS_PER_STEP)
-        left = [s for s in self._due_for_cancel_check(waiting, waiting_per_step) if _is_gone(s)]
+        with self._wake:  # picked in one pass over the queue, not a copy of it
+            due = self._due_for_cancel_check(self._waiting, waiting_per_step)
+        left = [s for s in due if _is_gone(s)]  # (the round trips outside the lock)
         if left:
             with self._wake:  # only this thread takes requests out of the queue
                 for sequence in left:
@@ -753,17 +753,20 @@ class InflightBatcher:
             for sequence in left:
                 self._finish(sequence, names.FINISH_CANCELLED, "")
 
-    def _due_for_cancel_check(self, sequences: list[_Sequence], per_step: int) -> list[_Sequence]:
+    def _due_for_cancel_check(
+        self, sequences: Iterable[_Sequence], per_step: int
+    ) -> list[_Sequence]:
         """Those of ``sequences`` to ask this step: not asked within the limits' interval,
         at most ``per_step`` (0: no cap), those asked longest ago first."""
         interval = self.limits.cancel_check_interval_s
         if not interval and not per_step:
             return list(sequences)
         now = time.monotonic()
-        due = [s for s in sequences if now - s.cancel_checked_at >= interval]
         if per_step:
-            # (sorted()[:per_step] without sorting all: the queue may hold a thousand)
-            due = heapq.nsmallest(per_step, due, key=lambda s: s.cancel_checked_at)
+            # the ones asked longest ago, then those of them due: the due ones are the first
+            # in that order (sorted()[:per_step] without sorting: the queue may hold 1000s)
+            sequences = heapq.nsmallest(per_step, sequences, key=lambda s: s.cancel_checked_at)
+        due = [s for s in sequences if now - s.cancel_checked_at >= interval]
         for sequence in due:
             sequence.cancel_checked_at = now
         return due

@@ -66,13 +66,13 @@ class IncrementalDetokenizer:
             self._pending = ""
             self.text += buffer[:cut]
             return buffer[:cut]
-        hold = _longest_stop_prefix(buffer, self._stop_words)
+        hold = longest_stop_prefix(buffer, self._stop_words)
         out, self._pending = buffer[: len(buffer) - hold], buffer[len(buffer) - hold :]
         self.text += out
         return out
 
 
-def _longest_stop_prefix(text: str, stop_words: Sequence[str]) -> int:
+def longest_stop_prefix(text: str, stop_words: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that a stop word starts with."""
     best = 0
     for word in stop_words:

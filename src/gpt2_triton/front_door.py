@@ -307,17 +307,7 @@ class EnvoyProxy:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = popen_dying_with_parent(
-                [
-                    str(envoy_binary()),
-                    "--config-path",
-                    str(self.config_file),
-                    "--log-level",
-                    "warn",
-                    # several front doors may run on one machine (tests beside `make serve`)
-                    "--disable-hot-restart",
-                    "--concurrency",
-                    "2",
-                ],
+                envoy_command(self.config_file, concurrency=2),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -448,21 +438,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.run:
-        binary = str(envoy_binary())
-        command = [binary, "--config-path", str(args.out), "--log-level", "warn"]
-        # no hot restart (nothing here uses it), as make serve's: its shared memory (base
-        # id 0) would stop a second one on the same host
-        command += ["--disable-hot-restart"]
         # A drain (Kubernetes' preStop: /drain_listeners?graceful) tells every client at
         # once to take its next request elsewhere (Connection: close, GOAWAY); the default,
         # gradual strategy leaves some connections reused until the pod is gone.
-        command += ["--drain-strategy", "immediate"]
-        if args.concurrency:
-            command += ["--concurrency", str(args.concurrency)]
+        command = envoy_command(args.out, args.concurrency) + ["--drain-strategy", "immediate"]
         if args.drain_seconds:
             return run_draining_on_stop(command, args.admin_socket, args.drain_seconds)
-        os.execv(binary, command)  # (returns only where a test stands in for it)
+        os.execv(command[0], command)  # (returns only where a test stands in for it)
     return 0
+
+
+def envoy_command(config: Path, concurrency: int = 0) -> list[str]:
+    """Envoy on ``config``, for make serve and for a container alike. No hot restart
+    (nothing here uses it): its shared memory (base id 0) would stop a second Envoy on the
+    same host (tests beside `make serve`). ``concurrency`` 0: a worker per hardware thread."""
+    command = [str(envoy_binary()), "--config-path", str(config), "--log-level", "warn"]
+    command += ["--disable-hot-restart"]
+    return command + (["--concurrency", str(concurrency)] if concurrency else [])
 
 
 # With one front door and no DNS to leave (compose), a request routed before the drain
@@ -476,7 +468,6 @@ def run_draining_on_stop(command: list[str], admin_socket: str, drain_seconds: f
     for at most ``drain_seconds``, and Envoy is stopped. Returns Envoy's exit code as a
     shell gives it (128 + the signal that killed it; 0 after a stop asked for)."""
     from gpt2_triton import drain
-    from gpt2_triton.process import popen_dying_with_parent
 
     # The handler only sets a flag: one that took a lock (Event.set) could deadlock on the
     # very lock the interrupted main thread holds (Event.wait).
@@ -497,12 +488,7 @@ def run_draining_on_stop(command: list[str], admin_socket: str, drain_seconds: f
         ["--timeout", str(drain_seconds), "--quiet", str(quiet), "--interval", "0.5",
          "envoy", "--admin-socket", admin_socket]
     )  # fmt: skip
-    envoy.terminate()
-    try:
-        envoy.wait(10.0)  # Envoy ends at once on SIGTERM: this is for one that hangs
-    except subprocess.TimeoutExpired:
-        envoy.kill()
-        envoy.wait()
+    stop_group(envoy)  # Envoy ends at once on SIGTERM; one that hangs is killed in 10 s
     return 0
 
 

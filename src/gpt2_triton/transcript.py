@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from gpt2_triton.detokenizer import longest_stop_prefix
+
 CHAT_PREAMBLE = "A conversation between a curious User and a helpful Assistant."
 CHAT_TEMPLATE = "{preamble}\n\n{turns}User: {message}\nAssistant:"
 TURN_TEMPLATE = "{role}: {content}\n"
 STOP_WORDS = ("\nUser:", "\nAssistant:", "User:")
+# the stop words that begin a new line of the transcript: the start of a next turn
+TURN_STARTS = tuple(word for word in STOP_WORDS if word.startswith("\n"))
 
 
 def chat_prompt(history: Iterable[Mapping], message: str, preamble: str = CHAT_PREAMBLE) -> str:
@@ -35,16 +39,7 @@ def without_a_begun_turn(reply: str) -> str:
     its token limit cut just as the model began a new ``User:`` or ``Assistant:`` line
     (the server holds back a possible stop word until it is sure, and lets that text out
     at the end). Only the newline-led stop words: a reply may well end in "Use"."""
-    begun = max(
-        (
-            n
-            for word in STOP_WORDS
-            if word.startswith("\n")
-            for n in range(1, len(word))
-            if reply.endswith(word[:n])
-        ),
-        default=0,
-    )
+    begun = longest_stop_prefix(reply, TURN_STARTS)
     return reply[: len(reply) - begun]
 
 
